@@ -1,0 +1,136 @@
+"""Layer-by-layer calibration: capture decoder inputs, run one layer at a time, accumulate input norms.
+
+Introduced in 02-Prune. Wanda needs, for every linear sublayer, the squared L2 norm of each input feature
+over all calibration tokens: ``sum_t x_tj**2`` for feature ``j``. The model is never run end to end: the
+hidden states entering the first decoder layer are captured once, then each layer is run on them and its
+outputs become the next layer's inputs.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import check_positive_int
+from .errors import LabError
+from .models import find_decoder_layers, find_linears
+
+
+@dataclass
+class LayerInputs:
+    """Hidden states entering the current decoder layer, one tensor (batch, seq, hidden) per batch, and the
+    keyword arguments each decoder layer receives for that batch (attention mask, ``position_embeddings``,
+    …), exactly as the model's own forward passes them."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[list[dict]] = field(default_factory=list)  # [batch][layer] -> kwargs
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer: remembers what it was called with and passes the hidden states on."""
+
+    def __init__(self, layer: nn.Module, sink: list[dict]):
+        super().__init__()
+        self.sink = sink
+        if hasattr(layer, "attention_type"):  # some models read this to choose the mask
+            self.attention_type = layer.attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.sink.append((hidden_states, dict(kwargs)))
+        return hidden_states
+
+
+@contextlib.contextmanager
+def _layers_replaced(model: nn.Module, replacement: nn.ModuleList):
+    base = getattr(model, "model", model)
+    original = base.layers
+    base.layers = replacement
+    try:
+        yield
+    finally:
+        base.layers = original
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, tokens: torch.Tensor, batch_size: int,
+                         device: torch.device | None = None) -> LayerInputs:
+    """Run only the embeddings of ``model`` on ``tokens`` (n, seqlen) in batches and return what the decoder
+    layers receive. Every decoder layer is temporarily replaced by a recorder, so no layer computes."""
+    check_positive_int("batch_size", batch_size)
+    layers = find_decoder_layers(model)
+    device = device or next(model.parameters()).device
+    base = getattr(model, "model", model)
+    captured = LayerInputs(hidden=[])
+    for batch in tokens.split(batch_size):
+        calls: list[tuple[torch.Tensor, dict]] = []
+        recorders = nn.ModuleList(_Recorder(layer, calls) for layer in layers)
+        with _layers_replaced(model, recorders):
+            base(input_ids=batch.to(device), use_cache=False)
+        if len(calls) != len(layers):
+            raise LabError(f"{type(model).__name__} called {len(calls)} of its {len(layers)} decoder layers; "
+                           "layer-by-layer calibration needs every layer called once per forward pass")
+        captured.hidden.append(calls[0][0])
+        captured.kwargs.append([kwargs for _, kwargs in calls])
+    return captured
+
+
+def run_layer(layer: nn.Module, layer_index: int, inputs: LayerInputs) -> list[torch.Tensor]:
+    """Outputs of one decoder layer for every batch of ``inputs``; same shapes as ``inputs.hidden``."""
+    outputs = []
+    with torch.no_grad():
+        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+            out = layer(hidden, **kwargs[layer_index])
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+    return outputs
+
+
+class InputNormAccumulator:
+    """Forward hooks on linears that sum squared inputs per input feature over all tokens, in float32.
+
+    ``sq_norms[name]`` has shape (in_features,): ``sum over tokens t of x[t, j]**2``.
+    """
+
+    def __init__(self, linears: dict[str, nn.Linear]):
+        self.sq_norms = {name: torch.zeros(lin.in_features, dtype=torch.float32, device=lin.weight.device)
+                         for name, lin in linears.items()}
+        self.tokens = 0
+        self._handles = [lin.register_forward_hook(self._hook(name)) for name, lin in linears.items()]
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            self.sq_norms[name].add_(x.float().pow(2).sum(dim=0))
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+@torch.no_grad()
+def collect_input_norms(model: nn.Module, tokens: torch.Tensor, layer_index: int, batch_size: int = 8
+                        ) -> dict[str, torch.Tensor]:
+    """Input feature norms ``sqrt(sum_t x_tj**2)`` of every linear in decoder layer ``layer_index`` of the
+    unpruned model (02-Prune plots them). Returns name -> tensor (in_features,) on the CPU."""
+    layers = find_decoder_layers(model)
+    if not 0 <= layer_index < len(layers):
+        raise IndexError(f"layer_index {layer_index} out of range; the model has {len(layers)} decoder layers (0..{len(layers) - 1})")
+    inputs = capture_layer_inputs(model, tokens, batch_size)
+    for i in range(layer_index):
+        inputs.hidden = run_layer(layers[i], i, inputs)
+    with InputNormAccumulator(find_linears(layers[layer_index])) as acc:
+        run_layer(layers[layer_index], layer_index, inputs)
+    return {name: sq.sqrt().cpu() for name, sq in acc.sq_norms.items()}

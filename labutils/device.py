@@ -1,0 +1,107 @@
+"""Device, seeding and hardware facts (introduced in 01-Setup)."""
+from __future__ import annotations
+
+import os
+import platform
+import random
+
+import numpy as np
+import torch
+
+from .errors import LabError
+
+
+def get_device(prefer: str | None = None) -> torch.device:
+    """The best device here: cuda, then mps, then cpu. ``prefer`` forces one (and checks it exists)."""
+    if prefer is not None:
+        device = torch.device(prefer)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise LabError(f"device {prefer!r} asked for, but this machine has no CUDA GPU that torch can use "
+                           f"(torch {torch.__version__}, CUDA build: {torch.version.cuda})")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise LabError(f"device {prefer!r} asked for, but MPS is not available here")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def require_cuda(what: str) -> None:
+    """Raise a clear error if ``what`` (e.g. a profile) needs CUDA and there is none."""
+    if not torch.cuda.is_available():
+        raise LabError(f"{what} needs a CUDA GPU, and this machine has none "
+                       f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none, a CPU build'}). "
+                       "Run the default profile 'smollm2-135m' here, or move to a machine with an NVIDIA GPU.")
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) so sampling and random init repeat."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def cuda_capability(device: torch.device | None = None) -> tuple[int, int] | None:
+    """(major, minor) compute capability of the CUDA device, or None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def semi_structured_support() -> tuple[bool, str]:
+    """Whether 2:4 semi-structured sparse kernels really run here, and why (not).
+
+    Needs CUDA with compute capability ≥ 8.0; then a tiny 2:4 matmul through
+    ``torch.sparse.to_sparse_semi_structured`` is run and compared with the dense product.
+    """
+    capability = cuda_capability()
+    if capability is None:
+        return False, "no CUDA GPU: 2:4 sparse tensor-core kernels exist only on NVIDIA GPUs (compute capability ≥ 8.0)"
+    if capability < (8, 0):
+        return False, f"compute capability {capability[0]}.{capability[1]} < 8.0: no sparse tensor cores"
+    try:
+        from torch.sparse import to_sparse_semi_structured
+
+        weight = torch.randn(128, 128, dtype=torch.float16, device="cuda")
+        keep = torch.tensor([1, 1, 0, 0], dtype=torch.bool, device="cuda").tile(128, 32)
+        weight = weight * keep
+        x = torch.randn(128, 64, dtype=torch.float16, device="cuda")
+        sparse_out = torch.mm(to_sparse_semi_structured(weight), x)
+        dense_out = torch.mm(weight, x)
+        err = (sparse_out - dense_out).abs().max().item()
+    except (RuntimeError, NotImplementedError) as exc:  # no cuSPARSELt / CUTLASS kernel for this GPU or build
+        return False, f"to_sparse_semi_structured failed on compute capability {capability[0]}.{capability[1]}: {exc}"
+    if err > 1e-1:
+        return False, f"2:4 matmul ran but differs from dense by {err:.3g}"
+    return True, f"2:4 matmul ran on compute capability {capability[0]}.{capability[1]} (max |sparse - dense| = {err:.2g})"
+
+
+def device_summary(device: torch.device) -> dict[str, str]:
+    """Facts about the machine and device, for 01-Setup's table."""
+    info = {
+        "device": str(device),
+        "platform": platform.platform(terse=True),
+        "cpu cores (torch threads)": f"{os.cpu_count()} ({torch.get_num_threads()})",
+        "ram total": _fmt_bytes(_ram_total()),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = props.name
+        info["gpu memory"] = _fmt_bytes(props.total_memory)
+        info["compute capability"] = f"{props.major}.{props.minor}"
+    return info
+
+
+def _ram_total() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not available on every OS
+        return None
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "unknown"
+    return f"{n / 2**30:.1f} GiB"

