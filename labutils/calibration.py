@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import check_positive_int
-from .errors import LabError
+from .errors import BadInput, LabError
 from .models import find_decoder_layers, find_linears
 
 
@@ -127,7 +127,7 @@ def collect_input_norms(model: nn.Module, tokens: torch.Tensor, layer_index: int
     unpruned model (02-Prune plots them). Returns name -> tensor (in_features,) on the CPU."""
     layers = find_decoder_layers(model)
     if not 0 <= layer_index < len(layers):
-        raise IndexError(f"layer_index {layer_index} out of range; the model has {len(layers)} decoder layers (0..{len(layers) - 1})")
+        raise BadInput(f"layer_index {layer_index} out of range; the model has {len(layers)} decoder layers (0..{len(layers) - 1})")
     inputs = capture_layer_inputs(model, tokens, batch_size)
     for i in range(layer_index):
         inputs.hidden = run_layer(layers[i], i, inputs)

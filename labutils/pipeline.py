@@ -19,7 +19,7 @@ from .device import get_device, require_cuda, set_seed
 from .errors import BadInput
 from .evaluation import perplexity
 from .models import load_model, max_sequence_length
-from .pruning import METHODS, PruneReport, SparsityTarget, check_prunable, prune_model
+from .pruning import METHODS, NEEDS_CALIBRATION, PruneReport, SparsityTarget, check_prunable, prune_model
 from .sparsity import model_sparsity
 
 
@@ -112,7 +112,9 @@ def run_prune_job(job: PruneJob, progress: bool = True) -> dict:
     check_prunable(model, target)
     vocab = model.config.vocab_size
     test = data.test_tokens(profile, tokenizer, profile.eval_tokens, vocab_size=vocab, seed=job.seed)
-    calib = data.calibration_data(profile, tokenizer, profile.nsamples, profile.seqlen, job.seed, vocab_size=vocab)
+    calib = None
+    if NEEDS_CALIBRATION[job.method]:
+        calib = data.calibration_data(profile, tokenizer, profile.nsamples, profile.seqlen, job.seed, vocab_size=vocab)
     seconds["load"] = _lap(clock)
 
     clock = time.perf_counter()

