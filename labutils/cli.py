@@ -20,6 +20,15 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--profile", choices=list(PROFILES), default=None,
                        help=f"lab profile (default: $LAB_PROFILE or {DEFAULT_PROFILE})")
     prune.add_argument("--method", default="wanda", help=f"one of {', '.join(METHODS)} (default: wanda)")
+    prune.add_argument("--true-sequential", action="store_true",
+                       help="re-collect o_proj and down_proj statistics after the sublayers before them are pruned")
+    prune.add_argument("--owl", action="store_true", help="OWL: per-layer sparsity from outlier ratios (unstructured)")
+    prune.add_argument("--owl-m", type=float, default=None, help="OWL outlier threshold, × layer mean (default 5)")
+    prune.add_argument("--owl-lambda", type=float, default=None, help="OWL sparsity spread λ (default 0.08)")
+    prune.add_argument("--alpha", type=float, default=None, help="RIA: exponent of the activation norm (default 0.5)")
+    prune.add_argument("--dampening", type=float, default=None,
+                       help="SparseGPT: share of the mean Hessian diagonal added to it (default 0.01)")
+    prune.add_argument("--blocksize", type=int, default=None, help="SparseGPT: columns per block (default 128)")
     target = prune.add_mutually_exclusive_group()
     target.add_argument("--sparsity", type=float, default=None, help="unstructured sparsity in [0, 1) (default 0.5)")
     target.add_argument("--nm", default=None, help="N:M semi-structured pattern, e.g. 2:4 or 4:8")
@@ -40,8 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _prune(args: argparse.Namespace) -> None:
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "json")}
-    report = run_prune_job(PruneJob(**options))
+    method_params = ("alpha", "dampening", "blocksize")
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "json", *method_params)}
+    params = {k: getattr(args, k) for k in method_params if getattr(args, k) is not None}
+    report = run_prune_job(PruneJob(**options, params=params))
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return

@@ -94,7 +94,8 @@ def random_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int) 
     check_positive_int("nsamples", nsamples)
     check_positive_int("seqlen", seqlen)
     if tokens.numel() <= seqlen:
-        raise BadInput(f"seqlen {seqlen} is too long for a text of {tokens.numel()} tokens; allowed: < {tokens.numel()}")
+        raise BadInput(f"seqlen {seqlen} is too long for a text of {tokens.numel()} tokens; "
+                       f"allowed: < {tokens.numel()}")
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, tokens.numel() - seqlen, (nsamples,), generator=generator)
     return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
@@ -174,5 +175,6 @@ def c4_calibration(tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Te
 
 def wikitext2_test(tokenizer) -> torch.Tensor:
     """WikiText-2 raw test split joined with blank lines, as in the paper's evaluation; shape (N,)."""
-    rows = _hub_dataset("WikiText-2 (wikitext-2-raw-v1, test)", "Salesforce/wikitext", "wikitext-2-raw-v1", split="test")
+    rows = _hub_dataset("WikiText-2 (wikitext-2-raw-v1, test)", "Salesforce/wikitext", "wikitext-2-raw-v1",
+                        split="test")
     return torch.tensor(tokenizer("\n\n".join(rows["text"]), verbose=False)["input_ids"], dtype=torch.long)

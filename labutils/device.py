@@ -43,6 +43,12 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a wall-clock time covers it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def cuda_capability(device: torch.device | None = None) -> tuple[int, int] | None:
     """(major, minor) compute capability of the CUDA device, or None without CUDA."""
     if not torch.cuda.is_available():
@@ -71,11 +77,12 @@ def semi_structured_support() -> tuple[bool, str]:
         sparse_out = torch.mm(to_sparse_semi_structured(weight), x)
         dense_out = torch.mm(weight, x)
         err = (sparse_out - dense_out).abs().max().item()
-    except (RuntimeError, NotImplementedError, ValueError) as exc:  # no cuSPARSELt / CUTLASS kernel for this GPU or build
+    except (RuntimeError, NotImplementedError, ValueError) as exc:  # no cuSPARSELt / CUTLASS kernel here
         return False, f"to_sparse_semi_structured failed on compute capability {capability[0]}.{capability[1]}: {exc}"
     if err > 1e-1:
         return False, f"2:4 matmul ran but differs from dense by {err:.3g}"
-    return True, f"2:4 matmul ran on compute capability {capability[0]}.{capability[1]} (max |sparse - dense| = {err:.2g})"
+    return True, (f"2:4 matmul ran on compute capability {capability[0]}.{capability[1]} "
+                  f"(max |sparse - dense| = {err:.2g})")
 
 
 def device_summary(device: torch.device) -> dict[str, str]:

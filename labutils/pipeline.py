@@ -19,7 +19,10 @@ from .device import get_device, require_cuda, set_seed
 from .errors import BadInput
 from .evaluation import perplexity
 from .models import load_model, max_sequence_length
-from .pruning import METHODS, NEEDS_CALIBRATION, PruneReport, SparsityTarget, check_prunable, prune_model
+from .masks import SparsityTarget
+from .methods import get_method
+from .owl import OwlConfig
+from .pruning import PruneReport, check_prunable, prune_model
 from .sparsity import model_sparsity
 
 
@@ -40,6 +43,11 @@ class PruneJob:
     out: str | None = None
     model_path: str | None = None
     device: str | None = None
+    params: dict | None = None  # the method's own parameters, e.g. {"alpha": 0.5} for RIA
+    true_sequential: bool = False
+    owl: bool = False
+    owl_m: float | None = None
+    owl_lambda: float | None = None
 
     def target(self) -> SparsityTarget:
         if self.sparsity is None and self.nm is None:
@@ -50,10 +58,20 @@ class PruneJob:
         return get_profile(self.profile, nsamples=self.nsamples, seqlen=self.seqlen, eval_tokens=self.eval_tokens,
                            eval_seqlen=self.eval_seqlen, batch_size=self.batch_size)
 
+    def owl_config(self) -> OwlConfig | None:
+        if not self.owl:
+            if self.owl_m is not None or self.owl_lambda is not None:
+                raise BadInput("--owl-m and --owl-lambda set OWL's parameters; add --owl to use OWL")
+            return None
+        defaults = OwlConfig()
+        return OwlConfig(m=defaults.m if self.owl_m is None else self.owl_m,
+                         lam=defaults.lam if self.owl_lambda is None else self.owl_lambda)
+
     def output_dir(self, profile: Profile) -> Path:
         if self.out is not None:
             return Path(self.out)
-        return default_output_dir(profile, self.method, self.target())
+        variant = self.method + ("-ts" if self.true_sequential else "") + ("-owl" if self.owl else "")
+        return default_output_dir(profile, variant, self.target())
 
 
 def default_output_dir(profile: Profile, method: str, target: SparsityTarget) -> Path:
@@ -65,8 +83,12 @@ def validate_job(job: PruneJob) -> tuple[Profile, SparsityTarget, Path]:
     """Every check that needs no model, so bad input fails at once and writes nothing."""
     profile = job.resolved_profile()
     target = job.target()
-    if job.method not in METHODS:
-        raise BadInput(f"unknown method {job.method!r}; allowed: {', '.join(METHODS)}")
+    method = get_method(job.method)
+    method.resolve(job.params)
+    if job.true_sequential and not method.needs_calibration:
+        raise BadInput(f"true-sequential mode re-collects calibration statistics; method {job.method!r} uses none")
+    if job.owl_config() is not None and target.is_nm:
+        raise BadInput(f"OWL sets a different sparsity per layer and needs --sparsity, not --nm {target.label}")
     out = check_output_dir(job.output_dir(profile))
     if profile.needs_cuda:
         require_cuda(f"profile {profile.name!r}")
@@ -86,14 +108,16 @@ def build_report(profile: Profile, model, prune: PruneReport, perplexities: dict
     """The report.json of a pruned model: what was done, what it measured, and with which versions."""
     return {
         "profile": profile.name, "model": model_label or profile.model_id, "method": prune.method,
-        "target": prune.target, "target_sparsity": prune.target_sparsity,
+        "label": prune.label, "params": prune.params, "true_sequential": prune.true_sequential,
+        "owl": prune.owl, "layer_sparsity": prune.layer_sparsity, "target": prune.target,
+        "target_sparsity": prune.target_sparsity,
         "nm": None if prune.nm is None else f"{prune.nm[0]}:{prune.nm[1]}",
         "measured_sparsity": prune.measured_sparsity, **model_sparsity(model),
         "perplexity": perplexities, "mask_sha256": prune.mask_sha256,
         "nsamples": prune.nsamples, "seqlen": prune.seqlen, "seed": seed,
         "eval_tokens": eval_tokens, "eval_seqlen": profile.eval_seqlen, "batch_size": profile.batch_size,
         "device": str(device), "dtype": profile.dtype,
-        "seconds": {**(seconds or {}), "prune": round(prune.seconds, 3)},
+        "seconds": {**(seconds or {}), "prune": round(prune.seconds, 3), "method": round(prune.method_seconds, 3)},
         "versions": versions(), "quality_warning": profile.quality_warning,
         "sublayers": prune.to_frame().to_dict(orient="records"),
     }
@@ -113,14 +137,15 @@ def run_prune_job(job: PruneJob, progress: bool = True) -> dict:
     vocab = model.config.vocab_size
     test = data.test_tokens(profile, tokenizer, profile.eval_tokens, vocab_size=vocab, seed=job.seed)
     calib = None
-    if NEEDS_CALIBRATION[job.method]:
+    if get_method(job.method).needs_calibration or job.owl:
         calib = data.calibration_data(profile, tokenizer, profile.nsamples, profile.seqlen, job.seed, vocab_size=vocab)
     seconds["load"] = _lap(clock)
 
     clock = time.perf_counter()
     dense_ppl = perplexity(model, test, profile.eval_seqlen, profile.batch_size, progress, desc="dense perplexity")
     seconds["dense_eval"] = _lap(clock)
-    prune = prune_model(model, job.method, target, calib, profile.batch_size, progress)
+    prune = prune_model(model, job.method, target, calib, profile.batch_size, progress, params=job.params,
+                        true_sequential=job.true_sequential, owl=job.owl_config())
     clock = time.perf_counter()
     pruned_ppl = perplexity(model, test, profile.eval_seqlen, profile.batch_size, progress, desc="pruned perplexity")
     seconds["pruned_eval"] = _lap(clock)
@@ -139,7 +164,7 @@ def summary_table(report: dict) -> pd.DataFrame:
     """The table the CLI prints: dense and pruned perplexity with their sparsity."""
     rows = [
         {"model": "dense", "sparsity": 0.0, "perplexity": report["perplexity"]["dense"]},
-        {"model": f"{report['method']} {report['target']}", "sparsity": report["measured_sparsity"],
+        {"model": report["label"], "sparsity": report["measured_sparsity"],
          "perplexity": report["perplexity"]["pruned"]},
     ]
     return pd.DataFrame(rows).set_index("model")

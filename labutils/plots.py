@@ -58,3 +58,55 @@ def plot_perplexity(table: pd.DataFrame, title: str = "Test perplexity after pru
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def plot_method_comparison(table: pd.DataFrame, title: str = "Pruning methods compared"):
+    """Two panels from ``compare_methods``' table: perplexity (log) and pruning time per method, grouped by
+    target; the dense model's perplexity is the dashed line."""
+    pruned = table[table["method"] != "dense"]
+    targets = list(dict.fromkeys(pruned["target"]))
+    methods = list(dict.fromkeys(pruned["method"]))
+    colors = {m: plt.get_cmap("tab10")(k % 10) for k, m in enumerate(methods)}
+    width = 0.8 / max(pruned.groupby("target").size())
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    for i, target in enumerate(targets):
+        group = pruned[pruned["target"] == target]
+        for k, (method, row) in enumerate(zip(group["method"], group.itertuples())):
+            x = i + (k - (len(group) - 1) / 2) * width
+            for ax, value in zip(axes, (row.perplexity, row.seconds)):
+                ax.bar(x, value, width, color=colors[method], label=method)
+    if "dense" in table.index:
+        axes[0].axhline(table.loc["dense", "perplexity"], color="black", ls="--", lw=1, label="dense")
+    _plain_log_axis(axes[0], "y")
+    axes[0].set_ylabel("test perplexity (log scale, lower is better)")
+    axes[1].set_ylabel("pruning time (s, calibration passes included)")
+    for ax, name in zip(axes, ("Perplexity", "Pruning time")):
+        ax.set_xticks(range(len(targets)), targets)
+        ax.set_xlabel("sparsity target")
+        ax.set_title(f"{title}: {name.lower()}")
+    handles, labels = axes[0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles))  # one legend entry per method
+    axes[0].legend(unique.values(), unique.keys(), fontsize=8, ncols=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_layer_sparsity(layer_sparsity: list[float], outlier_ratios: list[float], target: float):
+    """OWL's per-layer sparsities (bars) next to the layers' outlier ratios (line)."""
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    layers = range(len(layer_sparsity))
+    ax.bar(layers, layer_sparsity, color="tab:blue", label="OWL sparsity (left axis)")
+    ax.axhline(target, color="black", ls="--", lw=1, label=f"uniform {target:.0%}")
+    ax.set_ylim(min(layer_sparsity) - 0.05, max(layer_sparsity) + 0.08)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("sparsity (share removed)")
+    twin = ax.twinx()
+    twin.plot(layers, [100 * r for r in outlier_ratios], color="tab:red", marker=".",
+              label="outlier ratio (right axis)")
+    twin.set_ylabel("outlier ratio (% of scores)")
+    twin.set_ylim(bottom=0)
+    ax.set_title("OWL: layers whose |W|·‖X‖ scores hold more outliers are pruned less")
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], loc="upper left", fontsize=8, ncols=3)
+    fig.tight_layout()
+    return fig

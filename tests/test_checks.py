@@ -17,6 +17,17 @@ def test_check_wanda_score_passes_a_right_answer_and_fails_wrong_ones(capsys):
     assert "expected a tensor of shape (6, 16), got (16,)" in capsys.readouterr().out
 
 
+def test_check_ria_score(capsys):
+    def ria(w, x, a):
+        w = w.abs()
+        return (w / w.sum(1, keepdim=True) + w / w.sum(0, keepdim=True)) * x.norm(dim=0) ** a
+
+    lu.check_ria_score(ria)
+    assert capsys.readouterr().out.startswith("PASS: RIA score")
+    lu.check_ria_score(lambda w, x, a: ria(w, x, a) * 1.01)
+    assert capsys.readouterr().out.startswith("FAIL: RIA score")
+
+
 def test_check_close(capsys):
     lu.check_close("ppl", 10.0005, 10.0)
     assert capsys.readouterr().out.startswith("PASS: ppl")

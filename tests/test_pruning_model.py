@@ -36,7 +36,7 @@ def test_norm_hooks_match_direct_sum_of_squares(tiny_model, calib_tokens):
     for name in linears:
         x = torch.cat([t.reshape(-1, t.shape[-1]) for t in seen[name]])
         assert x.shape[0] == calib_tokens.numel()
-        torch.testing.assert_close(acc.sq_norms[name], x.pow(2).sum(0))
+        torch.testing.assert_close(acc.stats[name], x.pow(2).sum(0))
 
 
 def slow_sequential_wanda(model, tokens, mask_fn):
@@ -72,7 +72,7 @@ def test_driver_matches_slow_reference(calib_tokens, target, mask_fn):
         assert torch.equal(a.weight, b.weight), name
 
 
-@pytest.mark.parametrize("method", lu.METHODS)
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "ria"])  # the per-row methods; SparseGPT is per block
 @pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.8])
 def test_exact_per_row_sparsity_and_untouched_embeddings(method, sparsity, calib_tokens):
     model = make_tiny()
@@ -85,9 +85,9 @@ def test_exact_per_row_sparsity_and_untouched_embeddings(method, sparsity, calib
     assert torch.equal(model.model.embed_tokens.weight, embed) and torch.equal(model.lm_head.weight, lm_head)
     assert all(torch.equal(a, p) for a, p in zip(norms, (p for n, p in model.named_parameters() if "norm" in n)))
     assert len(report.sublayers) == 2 * 7
-    assert report.measured_sparsity == pytest.approx(sum(int(l.in_features * sparsity) * l.out_features
-                                                         for l in lu.prunable_linears(model).values())
-                                                     / sum(l.weight.numel() for l in lu.prunable_linears(model).values()))
+    linears = lu.prunable_linears(model).values()
+    expected = sum(int(lin.in_features * sparsity) * lin.out_features for lin in linears)
+    assert report.measured_sparsity == pytest.approx(expected / sum(lin.weight.numel() for lin in linears))
 
 
 @pytest.mark.parametrize("nm", ["2:4", "4:8", "1:4"])
@@ -108,7 +108,9 @@ def test_batched_and_one_sample_calibration_agree(calib_tokens):
 
 
 def test_same_seed_same_mask_other_seed_other_mask():
-    tokens = lambda seed: torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(seed))
+    def tokens(seed):
+        return torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(seed))
+
     hashes = []
     for seed in (0, 0, 1):
         model = make_tiny()
@@ -136,7 +138,8 @@ def test_other_llama_family_models(config_cls, model_cls, calib_tokens):
 
 def test_unsupported_architecture_names_what_was_found():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(lu.BadInput, match=r"unsupported architecture GPT2LMHeadModel \(model_type='gpt2'\).*transformer, lm_head"):
+    found = r"unsupported architecture GPT2LMHeadModel \(model_type='gpt2'\).*transformer, lm_head"
+    with pytest.raises(lu.BadInput, match=found):
         lu.find_decoder_layers(model)
 
 

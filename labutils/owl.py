@@ -1,0 +1,63 @@
+"""OWL — outlier-weighted layer-wise sparsity (Yin et al., ICML 2024, arXiv 2310.05175).
+
+Layers whose Wanda scores |W|·‖X‖ hold more outliers (scores above M × the layer's mean) matter more, so they
+are pruned less. Each layer's outlier ratio D_l is min-max normalised to [0, 1] and layer l gets sparsity
+S − 2λ·(D̂_l − mean D̂): the spread between the least and most pruned layer is 2λ and the average stays S.
+Composes with any unstructured method (Wanda, magnitude, …).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .calibration import INPUT_NORMS, capture_layer_inputs, collect_statistics
+from .errors import BadInput
+from .methods.base import check_number
+from .methods.wanda import wanda_score
+from .models import find_decoder_layers, find_linears
+
+
+@dataclass(frozen=True)
+class OwlConfig:
+    """OWL's two hyper-parameters: the outlier threshold M (× layer mean) and the sparsity spread λ."""
+
+    m: float = 5.0
+    lam: float = 0.08
+
+    def __post_init__(self):
+        check_number("OWL M", self.m, 0, 1e6, low_open=True, allowed="a number > 0 (the paper uses 5)")
+        check_number("OWL lambda", self.lam, 0, 1, allowed="a number in [0, 1) that keeps every layer's sparsity "
+                                                           "in [0, 1) (the paper uses 0.08)")
+
+
+@torch.no_grad()
+def layer_outlier_ratios(model, tokens: torch.Tensor, batch_size: int, m: float, progress: bool = True) -> list[float]:
+    """Share of each decoder layer's Wanda scores (over all its linears) above ``m`` × their mean, measured on the
+    dense model with one pass per layer: the hooks collect input norms while the layer makes its outputs."""
+    layers = find_decoder_layers(model)
+    inputs = capture_layer_inputs(model, tokens, batch_size)
+    ratios = []
+    for i, layer in enumerate(tqdm(layers, desc="OWL outlier ratios", unit="layer", disable=not progress)):
+        linears = find_linears(layer)
+        stats, outputs = collect_statistics(layer, i, inputs, linears, INPUT_NORMS)
+        scores = torch.cat([wanda_score(lin.weight, stats[name]).flatten() for name, lin in linears.items()])
+        ratios.append(float((scores > m * scores.mean()).float().mean()))
+        inputs.hidden = outputs
+    return ratios
+
+
+def owl_sparsities(ratios: list[float], sparsity: float, lam: float) -> list[float]:
+    """Per-layer sparsities whose mean is ``sparsity``: layers with more outliers get less (spread 2λ)."""
+    r = torch.tensor(ratios, dtype=torch.float64)
+    if len(ratios) < 2 or float(r.max() - r.min()) == 0.0:
+        return [float(sparsity)] * len(ratios)
+    normed = (r - r.min()) / (r.max() - r.min())
+    mean = float(normed.mean())
+    # sparsity − 2λ(1 − mean) ≥ 0 for the layer with the most outliers, sparsity + 2λ·mean < 1 for the fewest.
+    lam_max = min(sparsity / (2 * (1 - mean)), (1 - sparsity) / (2 * mean))
+    if not 0 <= lam < lam_max:
+        raise BadInput(f"OWL lambda {lam!r} moves some layer's sparsity out of [0, 1) at target {sparsity:.0%}; "
+                       f"allowed here: 0 ≤ lambda < {lam_max:.4f}")
+    return (sparsity - 2 * lam * (normed - mean)).tolist()
