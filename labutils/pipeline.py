@@ -22,7 +22,7 @@ from .models import load_model, max_sequence_length
 from .masks import SparsityTarget
 from .methods import get_method
 from .owl import OwlConfig
-from .pruning import PruneReport, check_prunable, prune_model
+from .pruning import PruneReport, check_options, check_prunable, prune_model
 from .sparsity import model_sparsity
 
 
@@ -83,12 +83,7 @@ def validate_job(job: PruneJob) -> tuple[Profile, SparsityTarget, Path]:
     """Every check that needs no model, so bad input fails at once and writes nothing."""
     profile = job.resolved_profile()
     target = job.target()
-    method = get_method(job.method)
-    method.resolve(job.params)
-    if job.true_sequential and not method.needs_calibration:
-        raise BadInput(f"true-sequential mode re-collects calibration statistics; method {job.method!r} uses none")
-    if job.owl_config() is not None and target.is_nm:
-        raise BadInput(f"OWL sets a different sparsity per layer and needs --sparsity, not --nm {target.label}")
+    check_options(job.method, target, job.params, job.true_sequential, job.owl_config())
     out = check_output_dir(job.output_dir(profile))
     if profile.needs_cuda:
         require_cuda(f"profile {profile.name!r}")

@@ -104,6 +104,18 @@ def calibration_stages(names: Sequence[str], true_sequential: bool) -> list[list
     return [first] + [[n] for n in TRUE_SEQUENTIAL_LATER if n in names]
 
 
+def check_options(method: str, target: SparsityTarget, params: dict | None, true_sequential: bool,
+                  owl: OwlConfig | None) -> tuple[Method, dict]:
+    """The method and its validated parameters, or BadInput for a combination the driver cannot run."""
+    meth = get_method(method)
+    resolved = meth.resolve(params)
+    if true_sequential and not meth.needs_calibration:
+        raise BadInput(f"true-sequential mode re-collects calibration statistics; method {method!r} uses none")
+    if owl is not None and target.is_nm:
+        raise BadInput(f"OWL sets a different sparsity per layer and needs an unstructured target; got {target.label}")
+    return meth, resolved
+
+
 def prune_model(model: nn.Module, method: str, target: SparsityTarget, tokens: torch.Tensor | None = None,
                 batch_size: int = 8, progress: bool = True, *, params: dict | None = None,
                 true_sequential: bool = False, owl: OwlConfig | None = None) -> PruneReport:
@@ -114,16 +126,11 @@ def prune_model(model: nn.Module, method: str, target: SparsityTarget, tokens: t
     statistics of o_proj and down_proj after the sublayers before them are pruned. owl: give each layer its
     own sparsity from its outlier ratio (unstructured targets only).
     """
-    meth = get_method(method)
-    resolved = meth.resolve(params)
+    meth, resolved = check_options(method, target, params, true_sequential, owl)
     needs_tokens = meth.needs_calibration or owl is not None
     if needs_tokens and (tokens is None or tokens.ndim != 2 or tokens.numel() == 0):
         raise BadInput(f"method {method!r}{' with OWL' if owl else ''} needs calibration tokens of shape "
                        f"(nsamples, seqlen); got {None if tokens is None else tuple(tokens.shape)}")
-    if true_sequential and not meth.needs_calibration:
-        raise BadInput(f"true-sequential mode re-collects calibration statistics; method {method!r} uses none")
-    if owl is not None and target.is_nm:
-        raise BadInput(f"OWL sets a different sparsity per layer and needs an unstructured target; got {target.label}")
     check_positive_int("batch_size", batch_size)
     check_prunable(model, target)
     try:

@@ -237,7 +237,7 @@ def test_registry_is_the_single_source_of_methods():
 @pytest.mark.parametrize("argv,message", [
     (["--method", "sparsegpt", "--dampening", "-1"], "SparseGPT dampening must be"),
     (["--method", "wanda", "--alpha", "0.5"], "method 'wanda' does not take alpha"),
-    (["--owl", "--nm", "2:4"], "needs --sparsity, not --nm 2:4"),
+    (["--owl", "--nm", "2:4"], "needs an unstructured target; got 2:4"),
     (["--owl-lambda", "0.1"], "add --owl to use OWL"),
     (["--owl", "--owl-lambda", "1.5"], "OWL lambda must be"),
     (["--method", "magnitude", "--true-sequential"], "'magnitude' uses none"),
