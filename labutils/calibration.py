@@ -27,10 +27,6 @@ class LayerInputs:
     hidden: list[torch.Tensor]
     kwargs: list[list[dict]] = field(default_factory=list)  # [batch][layer] -> kwargs
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
-
 
 class _Recorder(nn.Module):
     """Stands in for a decoder layer: remembers what it was called with and passes the hidden states on."""

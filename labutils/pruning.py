@@ -78,12 +78,6 @@ class PruneReport:
     def to_frame(self) -> pd.DataFrame:
         return pd.DataFrame([asdict(s) for s in self.sublayers])
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["measured_sparsity"] = self.measured_sparsity
-        d["nm"] = None if self.nm is None else f"{self.nm[0]}:{self.nm[1]}"
-        return d
-
 
 def check_prunable(model: nn.Module, target: SparsityTarget) -> None:
     """Refuse an N:M target that some linear's input size cannot take, before anything is changed."""
