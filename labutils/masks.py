@@ -96,3 +96,11 @@ def select_mask(score: torch.Tensor, target: SparsityTarget) -> torch.Tensor:
 def apply_mask(linear: nn.Linear, mask: torch.Tensor) -> None:
     """Zero the masked weights in place."""
     linear.weight.masked_fill_(mask.to(linear.weight.device), 0)
+
+
+def prune_by_score(linear: nn.Linear, score: torch.Tensor, target: SparsityTarget) -> torch.Tensor:
+    """Zero the lowest-scoring weights of ``linear`` under ``target`` and return the mask: the whole ``prune``
+    step of every method that only scores and masks (magnitude, Wanda, RIA)."""
+    mask = select_mask(score, target)
+    apply_mask(linear, mask)
+    return mask

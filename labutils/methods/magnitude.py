@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from ..masks import SparsityTarget, apply_mask, select_mask
+from ..masks import SparsityTarget, prune_by_score
 from .base import NO_STATISTIC, Method
 
 
@@ -12,9 +12,7 @@ def magnitude_score(weight: torch.Tensor) -> torch.Tensor:
 
 
 def prune(linear: nn.Linear, statistic: None, target: SparsityTarget) -> torch.Tensor:
-    mask = select_mask(magnitude_score(linear.weight), target)
-    apply_mask(linear, mask)
-    return mask
+    return prune_by_score(linear, magnitude_score(linear.weight), target)
 
 
 METHOD = Method("magnitude", NO_STATISTIC, prune, "|W|: the smallest weights of each row go")

@@ -6,14 +6,14 @@ weights of its output row and of its input column, so no row or column is emptie
 import torch
 from torch import nn
 
-from ..masks import SparsityTarget, apply_mask, select_mask
+from ..masks import SparsityTarget, prune_by_score
 from .base import INPUT_NORMS, Method, check_number
-from .wanda import wanda_score
+from .wanda import check_norm_shape
 
 
 def ria_score(weight: torch.Tensor, sq_norm: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     """RIA importance in float32. weight: (out, in); sq_norm: (in,) sums of x_j² over calibration tokens."""
-    wanda_score(weight, sq_norm)  # same shape rules as Wanda
+    check_norm_shape(weight, sq_norm)
     a = weight.detach().abs().float()
     tiny = torch.finfo(torch.float32).tiny  # an all-zero row or column has relative importance 0, not NaN
     relative = a / a.sum(dim=1, keepdim=True).clamp_min(tiny) + a / a.sum(dim=0, keepdim=True).clamp_min(tiny)
@@ -21,9 +21,7 @@ def ria_score(weight: torch.Tensor, sq_norm: torch.Tensor, alpha: float = 0.5) -
 
 
 def prune(linear: nn.Linear, sq_norm: torch.Tensor, target: SparsityTarget, alpha: float) -> torch.Tensor:
-    mask = select_mask(ria_score(linear.weight, sq_norm, alpha), target)
-    apply_mask(linear, mask)
-    return mask
+    return prune_by_score(linear, ria_score(linear.weight, sq_norm, alpha), target)
 
 
 def check(params: dict) -> None:

@@ -3,8 +3,15 @@ import torch
 from torch import nn
 
 from ..errors import BadInput
-from ..masks import SparsityTarget, apply_mask, select_mask
+from ..masks import SparsityTarget, prune_by_score
 from .base import INPUT_NORMS, Method
+
+
+def check_norm_shape(weight: torch.Tensor, sq_norm: torch.Tensor) -> None:
+    """BadInput unless ``sq_norm`` holds one value per input of ``weight``: (in,) for (out, in)."""
+    if sq_norm.shape != (weight.shape[1],):
+        raise BadInput(f"sq_norm must have shape ({weight.shape[1]},) to match weight {tuple(weight.shape)}; "
+                       f"got {tuple(sq_norm.shape)}")
 
 
 def wanda_score(weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
@@ -12,16 +19,12 @@ def wanda_score(weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
 
     weight: (out, in); sq_norm: (in,) — the sum over calibration tokens of x_j², so ‖X_j‖₂ = sqrt(sq_norm).
     """
-    if sq_norm.shape != (weight.shape[1],):
-        raise BadInput(f"sq_norm must have shape ({weight.shape[1]},) to match weight {tuple(weight.shape)}; "
-                       f"got {tuple(sq_norm.shape)}")
+    check_norm_shape(weight, sq_norm)
     return weight.detach().abs().float() * sq_norm.float().sqrt().to(weight.device).unsqueeze(0)
 
 
 def prune(linear: nn.Linear, sq_norm: torch.Tensor, target: SparsityTarget) -> torch.Tensor:
-    mask = select_mask(wanda_score(linear.weight, sq_norm), target)
-    apply_mask(linear, mask)
-    return mask
+    return prune_by_score(linear, wanda_score(linear.weight, sq_norm), target)
 
 
 METHOD = Method("wanda", INPUT_NORMS, prune, "|W|·‖X‖: weights times input norms, per row")
