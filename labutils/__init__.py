@@ -9,7 +9,7 @@ from .device import (cuda_capability, device_summary, get_device, require_cuda, 
                      synchronize)
 from .models import (embedded_gguf_path, embedded_model_dir, find_decoder_layers, find_linears, load_model,
                      load_pretrained, random_model, tiny_llama_config)
-from .data import calibration_data, corpus_path, corpus_split, split_tokens, test_tokens
+from .data import calibration_data, corpus_path, corpus_split, heldout_tokens, split_tokens, test_tokens
 from .calibration import (HessianAccumulator, InputNormAccumulator, LayerInputs, capture_layer_inputs,
                           collect_input_norms, collect_statistics, run_layer)
 from .masks import SparsityTarget, apply_mask, nm_mask, parse_nm, prune_by_score, select_mask, unstructured_mask
@@ -20,11 +20,21 @@ from .pruning import METHODS, PruneReport, calibration_stages, prune_model
 from .sparsity import mask_sha256, model_sparsity, nm_violations, prunable_linears, sparsity_table
 from .evaluation import perplexity
 from .checkpoint import check_output_dir, is_lab_output, load_pruned, load_report, save_pruned
-from .pipeline import PruneJob, build_report, default_output_dir, run_prune_job, summary_table
-from .compare import Comparison, Variant, compare_methods, standard_variants, write_results
-from .checks import (check_close, check_layer_sparsity, check_ria_score, check_wanda_score, data_sources,
+from .pipeline import PruneJob, build_report, default_output_dir, ensure_pruned, run_prune_job, summary_table
+from .inference import (PROMPTS, Prompt, degeneration_table, drift_table, greedy_generate, mean_kl, passage_starts,
+                        prompt_text, repeated_ngram_ratio, side_by_side, top1_agreement)
+from .compare import Comparison, Variant, compare_methods, standard_variants, sweep_variants, write_results
+from .checks import (check_close, check_layer_sparsity, check_ria_score, check_top1_agreement, check_wanda_score,
+                     data_sources,
                      model_summary, versions, versions_table)
-from .plots import (outlier_summary, plot_input_norms, plot_layer_sparsity, plot_method_comparison,
-                    plot_perplexity)
+from .benchmark import (TimingStats, decode_throughput, latency_table, memory_table, prefill_latency, random_prompt,
+                        time_calls, time_interleaved, zeros_matmul_table)
+from .semistructured import prefill_speedup_table, semi_structured_ready, to_semi_structured, verify_semi_structured
+from .cudagraphs import graphed_forward
+from .zeroshot import LOCAL_TASKS, PAPER_TASKS, profile_tasks, task_examples, zero_shot, zero_shot_table
+from .zeroshot_tasks import write_tasks
+from .summary import benchmark_summary, plot_benchmark_summary
+from .plots import (outlier_summary, plot_drift, plot_input_norms, plot_layer_sparsity, plot_method_comparison,
+                    plot_perplexity, plot_sparsity_sweep)
 
 __all__ = [name for name in dir() if not name.startswith("_")]

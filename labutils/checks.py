@@ -77,6 +77,25 @@ def check_ria_score(student_fn: Callable[[torch.Tensor, torch.Tensor, float], to
     _check_tensor("RIA score", student_fn(weight, inputs, alpha), ria_score(weight, inputs.pow(2).sum(dim=0), alpha))
 
 
+def check_top1_agreement(student_fn: Callable[[torch.Tensor, torch.Tensor], float], seed: int = 0) -> None:
+    """Compare ``student_fn(dense_logits, sparse_logits)`` with the package's top-1 agreement (03's exercise).
+
+    Both logits: (batch, positions, vocab). Expected: the share of positions whose argmax tokens are equal.
+    """
+    from .inference import top1_agreement
+
+    generator = torch.Generator().manual_seed(seed)
+    dense = torch.randn(3, 50, 40, generator=generator)
+    sparse = dense + 0.5 * torch.randn(dense.shape, generator=generator)  # half the argmaxes survive
+    got = student_fn(dense, sparse)
+    if isinstance(got, torch.Tensor) and got.numel() == 1:
+        got = got.item()
+    if not isinstance(got, (int, float)):
+        _report("top-1 agreement", False, f"expected one number, got {type(got).__name__}")
+        return
+    check_close("top-1 agreement", float(got), top1_agreement(dense, sparse), rtol=1e-6)
+
+
 def check_layer_sparsity(model: torch.nn.Module, sparsity: float) -> None:
     """Every output row of every prunable linear has exactly ⌊in·sparsity⌋ zeros or more (02-Prune)."""
     short = []

@@ -5,19 +5,21 @@ the same test tokens; pruning times are measured in the same run, so ratios to W
 """
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
+from torch import nn
 
 from .config import Profile
 from .evaluation import perplexity
 from .masks import SparsityTarget
 from .models import load_model
 from .owl import OwlConfig
-from .pruning import PruneReport, prune_model
+from .pruning import PruneReport, prune_model, variant_label
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,17 @@ class Variant:
     params: dict | None = None
     true_sequential: bool = False
     owl: OwlConfig | None = None
+
+    @property
+    def label(self) -> str:
+        """The row name, the same as the PruneReport's label: e.g. "wanda (true-sequential) 50%"."""
+        return variant_label(self.method, self.target.label, self.true_sequential, self.owl is not None)
+
+
+def sweep_variants(methods: tuple[str, ...] = ("magnitude", "wanda"),
+                   sparsities: tuple[float, ...] = (0.2, 0.4, 0.5, 0.6, 0.7, 0.8)) -> list[Variant]:
+    """Every method at every unstructured sparsity: the perplexity-against-sparsity curves of 04-Benchmark."""
+    return [Variant(method, SparsityTarget.of(sparsity=s)) for method in methods for s in sparsities]
 
 
 def standard_variants(sparsity: float = 0.5, nm: str = "2:4", owl_sparsity: float = 0.7) -> list[Variant]:
@@ -53,21 +66,27 @@ class Comparison:
 
 
 def compare_methods(profile: Profile, variants: list[Variant], device: torch.device, calib: torch.Tensor,
-                    test: torch.Tensor, progress: bool = True, model_path: str | None = None) -> Comparison:
+                    test: torch.Tensor, progress: bool = True, model_path: str | None = None,
+                    dense: nn.Module | None = None) -> Comparison:
     """Prune a fresh dense model with every variant and measure it.
 
     Table columns: target, method, measured sparsity, seconds (the whole pruning run), method seconds (score,
     mask and weight update only, without forward passes), perplexity, and both times as a multiple of
     Wanda's at the same target. ``model_path`` replaces the profile's model (a local folder or hub id).
+    A variant listed twice (same label) is measured once, so several comparisons can share one run.
+    ``dense``: the dense model already in memory, copied for every variant and never modified (None: load it).
     """
-    model, _ = load_model(profile, device, model_path)
+    unique: dict[str, Variant] = {}
+    for v in variants:
+        unique.setdefault(v.label, v)
+    if dense is None:
+        dense, _ = load_model(profile, device, model_path)
     rows = [{"variant": "dense", "target": "-", "method": "dense", "sparsity": 0.0, "seconds": 0.0,
              "method seconds": 0.0,
-             "perplexity": perplexity(model, test, profile.eval_seqlen, profile.batch_size, progress, "dense")}]
-    del model
+             "perplexity": perplexity(dense, test, profile.eval_seqlen, profile.batch_size, progress, "dense")}]
     reports = {}
-    for v in variants:
-        model, _ = load_model(profile, device, model_path)
+    for v in unique.values():
+        model = copy.deepcopy(dense)  # a fresh dense copy; faster than reloading it from disk
         report = prune_model(model, v.method, v.target, calib, profile.batch_size, progress, params=v.params,
                              true_sequential=v.true_sequential, owl=v.owl)
         rows.append({"variant": report.label, "target": v.target.label, "method": report.label.rsplit(" ", 1)[0],

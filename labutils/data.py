@@ -137,6 +137,22 @@ def test_tokens(profile: Profile, tokenizer, n_tokens: int | None, vocab_size: i
     return tokens if n_tokens is None else tokens[:n_tokens]
 
 
+def heldout_tokens(profile: Profile, tokenizer, n_tokens: int, vocab_size: int | None = None,
+                   seed: int = 0) -> torch.Tensor:
+    """``n_tokens`` tokens of text no calibration or test window comes from, shape (N,) (03-Inference).
+
+    The embedded corpus's validation split, for every real profile (it is installed with the lab, so this
+    works offline with any tokenizer); random tokens for the random profile.
+    """
+    check_positive_int("n_tokens", n_tokens)
+    if profile.evaluation == "random":
+        return random_tokens(_need_vocab(vocab_size, profile), (n_tokens,), seed + 2)
+    tokens = split_tokens(tokenizer, "validation")
+    if tokens.numel() < n_tokens:
+        raise BadInput(f"asked for {n_tokens} held-out tokens; the validation split has {tokens.numel()}")
+    return tokens[:n_tokens]
+
+
 def _need_vocab(vocab_size: int | None, profile: Profile) -> int:
     if vocab_size is None:
         raise BadInput(f"profile {profile.name!r} draws random tokens: pass vocab_size (model.config.vocab_size)")

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 
 from . import data
-from .checkpoint import check_output_dir, save_pruned
+from .checkpoint import check_output_dir, is_lab_output, load_report, save_pruned
 from .checks import versions
 from .config import Profile, get_profile
 from .device import get_device, require_cuda, set_seed
@@ -74,9 +74,13 @@ class PruneJob:
         return default_output_dir(profile, variant, self.target())
 
 
-def default_output_dir(profile: Profile, method: str, target: SparsityTarget) -> Path:
-    """outputs/<profile>-<method>-<target>, e.g. outputs/smollm2-135m-wanda-50 or …-wanda-2-4."""
-    return Path("outputs") / f"{profile.name}-{method}-{target.label.replace(':', '-').rstrip('%')}"
+def default_output_dir(profile: Profile, method: str, target: SparsityTarget | str) -> Path:
+    """outputs/<profile>-<method>-<target>, e.g. outputs/smollm2-135m-wanda-50 or …-wanda-2-4.
+
+    ``target``: a SparsityTarget or its label ("50%", "2:4"), as a PruneReport records it.
+    """
+    label = target if isinstance(target, str) else target.label
+    return Path("outputs") / f"{profile.name}-{method}-{label.replace(':', '-').rstrip('%')}"
 
 
 def validate_job(job: PruneJob) -> tuple[Profile, SparsityTarget, Path]:
@@ -149,6 +153,35 @@ def run_prune_job(job: PruneJob, progress: bool = True) -> dict:
                           device=device, eval_tokens=int(test.numel()), model_label=job.model_path, seconds=seconds)
     report["output"] = str(save_pruned(model, tokenizer, report, out))
     return report
+
+
+def ensure_pruned(profile: Profile, method: str, target: SparsityTarget, device: torch.device | str | None = None,
+                  *, seed: int = 0, progress: bool = True) -> tuple[Path, str]:
+    """The folder of a pruned lab model (03, 04): the one 02-Prune saved if it matches, else made now.
+
+    A saved model matches when its report has the same profile, method, target, calibration sizes and seed
+    (plain method: no true-sequential, no OWL). Otherwise the main job (``run_prune_job``) prunes and saves
+    it, which also measures its perplexity. Returns the folder and one sentence saying which happened.
+    """
+    out = default_output_dir(profile, method, target)
+    wanted = {"profile": profile.name, "method": method, "target": target.label, "true_sequential": False,
+              "owl": None}
+    if get_method(method).needs_calibration:
+        wanted.update(nsamples=profile.nsamples, seqlen=profile.seqlen, seed=seed)
+    if is_lab_output(out):
+        saved = load_report(out)
+        differs = [key for key, value in wanted.items() if saved.get(key) != value]
+        if not differs:
+            return out, f"found {out} (saved by an earlier run)"
+        reason = f"{out} was made with other settings ({', '.join(differs)}); pruning again"
+    else:
+        reason = f"{out} is missing; pruning it now with the package (as 02-Prune would)"
+    job = PruneJob(profile=profile.name, method=method, sparsity=target.sparsity,
+                   nm=f"{target.n}:{target.m}" if target.is_nm else None, nsamples=profile.nsamples,
+                   seqlen=profile.seqlen, eval_tokens=profile.eval_tokens, eval_seqlen=profile.eval_seqlen,
+                   batch_size=profile.batch_size, seed=seed, device=None if device is None else str(device))
+    report = run_prune_job(job, progress)
+    return Path(report["output"]), reason
 
 
 def _lap(start: float) -> float:

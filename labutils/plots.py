@@ -110,3 +110,50 @@ def plot_layer_sparsity(layer_sparsity: list[float], outlier_ratios: list[float]
     ax.legend(handles, [h.get_label() for h in handles], loc="upper left", fontsize=8, ncols=3)
     fig.tight_layout()
     return fig
+
+
+def plot_drift(drift: pd.DataFrame, degeneration: pd.DataFrame, title: str = "How far the sparse models drifted"):
+    """03-Inference: top-1 agreement with dense, KL(dense ‖ model) and the repeated 3-gram ratio, one panel each.
+
+    ``drift``: ``drift_table``'s output; ``degeneration``: ``degeneration_table``'s (same model names).
+    """
+    panels = [(drift["top-1 agreement"], "top-1 agreement with dense (share of positions)", (0, 1.18)),
+              (drift["KL(dense ‖ model)"], "mean KL(dense ‖ model) (nats per token)",
+               (0, 1.18 * max(drift["KL(dense ‖ model)"].max(), 1e-6))),
+              (degeneration.iloc[:, 0], f"{degeneration.columns[0]} (share of n-grams)", (0, 1.18))]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 1.4 + 0.4 * len(drift)), sharey=True)
+    for ax, (values, label, limits) in zip(axes, panels):
+        values = values.reindex(drift.index)
+        ax.barh(values.index[::-1], values[::-1], color="tab:blue")
+        for y, value in enumerate(values[::-1]):
+            ax.text(value, y, f" {value:.2f}", va="center")
+        ax.set_xlim(*limits)  # room for the value labels
+        ax.set_xlabel(label)
+    axes[0].set_ylabel("model")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_sparsity_sweep(table: pd.DataFrame, methods: tuple[str, ...] = ("magnitude", "wanda"),
+                        title: str = "Perplexity against sparsity"):
+    """04-Benchmark: one line per method through its unstructured rows of ``compare_methods``' table, starting
+    from the dense model at 0 %; perplexity on a log scale."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    dense = table.loc["dense", "perplexity"] if "dense" in table.index else None
+    for method in methods:
+        rows = table[(table["method"] == method) & table["target"].str.endswith("%")].sort_values("sparsity")
+        x, y = list(100 * rows["sparsity"]), list(rows["perplexity"])
+        if dense is not None:
+            x, y = [0.0, *x], [dense, *y]
+        ax.plot(x, y, marker="o", label=method)
+    if dense is not None:
+        ax.axhline(dense, color="black", ls="--", lw=1, label="dense")
+    _plain_log_axis(ax, "y")
+    ax.set_xlabel("sparsity of the decoder linears (%)")
+    ax.set_ylabel("test perplexity (log scale, lower is better)")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3, which="major")
+    fig.tight_layout()
+    return fig

@@ -33,6 +33,12 @@ METHODS = tuple(REGISTRY)
 TRUE_SEQUENTIAL_LATER = ("self_attn.o_proj", "mlp.down_proj")
 
 
+def variant_label(method: str, target: str, true_sequential: bool = False, owl: bool = False) -> str:
+    """The name of a pruned model in tables: method, its options, then the target label ("50%", "2:4")."""
+    variant = method + (" (true-sequential)" if true_sequential else "") + (" + OWL" if owl else "")
+    return f"{variant} {target}"
+
+
 @dataclass
 class SublayerReport:
     layer: int
@@ -66,8 +72,7 @@ class PruneReport:
     @property
     def label(self) -> str:
         """e.g. "wanda 50%", "wanda (true-sequential) 50%", "magnitude + OWL 70%"."""
-        variant = self.method + (" (true-sequential)" if self.true_sequential else "") + (" + OWL" if self.owl else "")
-        return f"{variant} {self.target}"
+        return variant_label(self.method, self.target, self.true_sequential, bool(self.owl))
 
     @property
     def measured_sparsity(self) -> float:

@@ -293,3 +293,32 @@ def test_comparison_harness_on_a_tiny_model(tmp_path):
     fig = lu.plot_method_comparison(table)
     assert [ax.get_ylabel() for ax in fig.axes][:2] == ["test perplexity (log scale, lower is better)",
                                                          "pruning time (s, calibration passes included)"]
+
+
+def test_comparison_measures_a_repeated_variant_once_and_leaves_dense_alone():
+    dense = make_tiny()
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    profile = lu.get_profile("smollm2-135m", eval_seqlen=32, batch_size=4)
+    calib = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    test = torch.randint(0, 256, (128,), generator=torch.Generator().manual_seed(1))
+    sweep = lu.sweep_variants(("magnitude", "wanda"), (0.3, 0.6))
+    variants = sweep + [lu.Variant("wanda", lu.SparsityTarget.of(sparsity=0.6)),
+                        lu.Variant("wanda", lu.SparsityTarget.of(nm="2:4"))]
+    result = lu.compare_methods(profile, variants, torch.device("cpu"), calib, test, progress=False, dense=dense)
+    assert list(result.table.index) == ["dense", "magnitude 30%", "magnitude 60%", "wanda 30%", "wanda 60%",
+                                        "wanda 2:4"]
+    assert [v.label for v in sweep] == list(result.table.index[1:5])
+    assert all(torch.equal(before[k], v) for k, v in dense.state_dict().items())  # copied, never pruned
+    assert result.table.loc["dense", "perplexity"] == pytest.approx(lu.perplexity(dense, test, 32, progress=False))
+    assert result.table["sparsity"].tolist() == pytest.approx([0.0, 0.3, 0.6, 0.3, 0.6, 0.5], abs=0.02)
+    fig = lu.plot_sparsity_sweep(result.table, ("magnitude", "wanda"))
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert list(lines["wanda"].get_xdata()) == pytest.approx([0, 30, 60], abs=1)  # dense, then the sweep
+    assert fig.axes[0].get_xlabel() == "sparsity of the decoder linears (%)"
+
+
+def test_variant_labels_match_prune_report_labels():
+    target = lu.SparsityTarget.of(sparsity=0.7)
+    assert lu.Variant("wanda", target, true_sequential=True).label == "wanda (true-sequential) 70%"
+    assert lu.Variant("magnitude", target, owl=lu.OwlConfig()).label == "magnitude + OWL 70%"
+    assert lu.Variant("ria", lu.SparsityTarget.of(nm="4:8")).label == "ria 4:8"

@@ -1,0 +1,221 @@
+"""2:4 compression: clean refusals everywhere (CPU included), and on a GPU with 2:4 kernels, real conversion."""
+import copy
+
+import pytest
+import torch
+from conftest import make_tiny
+
+import labutils as lu
+from labutils.benchmark import memory_table
+from labutils.cudagraphs import graphed_forward
+from labutils.semistructured import (
+    SemiStructuredReport,
+    prefill_speedup_table,
+    semi_structured_ready,
+    to_semi_structured,
+    verify_semi_structured,
+)
+
+HAS_CUDA = torch.cuda.is_available()
+KERNELS_OK, KERNELS_REASON = lu.semi_structured_support()
+needs_2_4_kernels = pytest.mark.skipif(not KERNELS_OK, reason=f"needs 2:4 sparse kernels: {KERNELS_REASON}")
+# On a machine without CUDA the reason names the missing GPU; with CUDA, a CPU model is refused for being on the CPU.
+CPU_REFUSAL = "the model is on cpu" if HAS_CUDA else r"CPU: 2:4 sparse kernels need an NVIDIA GPU with compute " \
+                                                     r"capability ≥ 8.0"
+
+
+def prune_2_4(model):
+    target = lu.SparsityTarget.of(nm="2:4")
+    for linear in lu.prunable_linears(model).values():
+        lu.prune_by_score(linear, lu.magnitude_score(linear.weight), target)
+    return model
+
+
+def weights_snapshot(model):
+    return {name: lin.weight.detach().clone() for name, lin in lu.prunable_linears(model).items()}
+
+
+def assert_unchanged(model, snapshot):
+    for name, lin in lu.prunable_linears(model).items():
+        assert type(lin.weight) is torch.nn.Parameter, name
+        assert torch.equal(lin.weight, snapshot[name]), name
+
+
+# ---- refusals that hold on any machine --------------------------------------------------------------------------
+
+def test_not_ready_on_cpu_with_reason(tiny_model):
+    ready, reason = semi_structured_ready(tiny_model)
+    assert ready is False
+    assert reason.startswith("CPU: 2:4 sparse kernels need an NVIDIA GPU") or "the model is on cpu" in reason
+
+
+def test_pruned_model_on_cpu_raises_lab_error():
+    model = prune_2_4(make_tiny())
+    snapshot = weights_snapshot(model)
+    with pytest.raises(lu.LabError, match=CPU_REFUSAL) as info:
+        to_semi_structured(model)
+    assert not isinstance(info.value, lu.BadInput)  # an environment problem, not a bad argument
+    assert_unchanged(model, snapshot)
+
+
+def test_unpruned_weights_named_with_violation_count(tiny_model):
+    q_proj = lu.prunable_linears(tiny_model)["layers.0.self_attn.q_proj"].weight
+    violations = lu.nm_violations(q_proj, 2, 4)
+    assert violations == 64 * 16  # random weights: every group of 4 has 4 non-zeros
+    with pytest.raises(lu.BadInput, match=rf"14 of 14 linears cannot become 2:4 weights: layers.0.self_attn.q_proj "
+                                          rf"breaks 2:4 in {violations} of 1024 groups"):
+        to_semi_structured(tiny_model)
+
+
+def test_one_broken_group_is_found_and_nothing_changes():
+    model = prune_2_4(make_tiny())
+    down = lu.prunable_linears(model)["layers.1.mlp.down_proj"].weight
+    with torch.no_grad():
+        down[3, 4:8] = 1.0  # one group of 4 with 4 non-zeros
+    snapshot = weights_snapshot(model)
+    with pytest.raises(lu.BadInput, match=r"1 of 14 linears .*: layers.1.mlp.down_proj breaks 2:4 in 1 of"):
+        to_semi_structured(model)
+    assert_unchanged(model, snapshot)
+
+
+def test_shape_not_a_kernel_multiple_is_named():
+    model = prune_2_4(make_tiny(hidden_size=72, intermediate_size=136))  # multiples of 4, not of 16
+    with pytest.raises(lu.BadInput, match=r"layers.0.self_attn.q_proj has shape \(out, in\) = \(72, 72\); the kernels "
+                                          r"need out a multiple of 16 and in a multiple of 16"):
+        to_semi_structured(model)
+
+
+def test_subset_checks_only_the_selection(tiny_model):
+    up = lu.prunable_linears(tiny_model)["layers.0.mlp.up_proj"]
+    lu.prune_by_score(up, lu.magnitude_score(up.weight), lu.SparsityTarget.of(nm="2:4"))
+    # the other 13 linears break 2:4, but only up_proj is asked for: the device is the only obstacle left
+    with pytest.raises(lu.LabError, match=CPU_REFUSAL):
+        to_semi_structured(tiny_model, linears=["layers.0.mlp.up_proj"])
+
+
+@pytest.mark.parametrize("linears,message", [
+    (["layers.0.mlp.up"], r"unknown linear\(s\) \['layers.0.mlp.up'\]; allowed: .*layers.0.self_attn.q_proj"),
+    ([], "non-empty list of names"),
+    ("layers.0.mlp.up_proj", "non-empty list of names"),
+])
+def test_bad_linear_names(tiny_model, linears, message):
+    with pytest.raises(lu.BadInput, match=message):
+        to_semi_structured(tiny_model, linears=linears)
+
+
+def test_graphs_and_speed_table_refuse_on_cpu(tiny_model):
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    with pytest.raises(lu.LabError, match="CUDA graphs need the model on a CUDA GPU; it is on cpu"):
+        graphed_forward(tiny_model, ids)
+    with pytest.raises(lu.LabError, match=f"cannot time 2:4 kernels \\(dense_model\\): {CPU_REFUSAL}"):
+        prefill_speedup_table(tiny_model, tiny_model, (16,))
+    with pytest.raises(lu.BadInput, match=r"lengths must be a non-empty sequence of positive integers; got \(0,\)"):
+        prefill_speedup_table(tiny_model, tiny_model, (0,))
+
+
+def test_report_compression_ratio():
+    report = SemiStructuredReport(converted=("a",), dense_mib=32.0, compressed_mib=18.0)
+    assert report.compression == pytest.approx(0.5625)
+
+
+# ---- the comparison itself runs anywhere ------------------------------------------------------------------------
+
+def test_verify_identical_models_pass(tiny_model, calib_tokens):
+    check = verify_semi_structured(tiny_model, copy.deepcopy(tiny_model), calib_tokens)
+    assert check.passed and check.max_abs_diff == 0.0 and check.top1_agreement == 1.0
+    assert check.tolerance == pytest.approx(5e-2 + 1e-2 * check.max_abs_reference)
+
+
+def test_verify_detects_a_different_model(tiny_model, calib_tokens):
+    other = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(3.0)
+    check = verify_semi_structured(tiny_model, other, calib_tokens, atol=1e-3, rtol=1e-3)
+    assert not check.passed and check.max_abs_diff > check.tolerance
+
+
+@pytest.mark.parametrize("tokens,kwargs,message", [
+    (torch.zeros(2, 4), {}, "tokens must be a .batch, seq. integer tensor"),
+    (torch.zeros(8, dtype=torch.long), {}, "tokens must be a .batch, seq. integer tensor"),
+    (torch.full((1, 4), 256), {}, r"token ids must lie in 0..255 .*; got 4 ids in 256..256"),
+    (torch.zeros(1, 4, dtype=torch.long), {"atol": -1.0}, "atol must be a number ≥ 0; got -1.0"),
+])
+def test_verify_bad_input(tiny_model, tokens, kwargs, message):
+    with pytest.raises(lu.BadInput, match=message):
+        verify_semi_structured(tiny_model, tiny_model, tokens, **kwargs)
+
+
+# ---- on a GPU with 2:4 kernels ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def gpu_pair():
+    """A tiny fp16 Llama with kernel-friendly dims (multiples of 64 / 128), pruned 2:4, and a compressed copy."""
+    config = lu.tiny_llama_config(vocab_size=512, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                                  num_key_value_heads=4, max_position_embeddings=256)
+    dense = prune_2_4(lu.random_model(config, torch.float16, torch.device("cuda"), seed=0))
+    sparse = copy.deepcopy(dense)
+    return dense, sparse, to_semi_structured(sparse)
+
+
+@needs_2_4_kernels
+def test_gpu_convert_and_verify(gpu_pair):
+    dense, sparse, report = gpu_pair
+    assert semi_structured_ready(dense)[0]
+    assert len(report.converted) == 14 and report.compression < 0.7
+    assert all(isinstance(lin.weight, torch.sparse.SparseSemiStructuredTensor)
+               for lin in lu.prunable_linears(sparse).values())
+    tokens = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
+    check = verify_semi_structured(dense, sparse, tokens, atol=1e-2, rtol=1e-2)
+    assert check.passed and check.top1_agreement > 0.98, check
+    memory = memory_table({"dense": dense, "2:4": sparse}, prompt_len=64)
+    assert memory.loc["2:4", "parameters"] == memory.loc["dense", "parameters"]
+    assert memory.loc["2:4", "MiB (params + buffers)"] < memory.loc["dense", "MiB (params + buffers)"]
+    assert memory["peak prefill MiB (CUDA)"].gt(0).all()
+
+
+@needs_2_4_kernels
+def test_gpu_graphed_forward_matches_eager(gpu_pair):
+    _, sparse, _ = gpu_pair
+    generator = torch.Generator().manual_seed(1)
+    first, second = (torch.randint(0, 512, (1, 32), generator=generator).cuda() for _ in range(2))
+    graphed = graphed_forward(sparse, first)
+    with torch.inference_mode():
+        eager = sparse(input_ids=second, use_cache=False).logits
+    replayed = graphed(second).clone()
+    torch.testing.assert_close(replayed, eager, atol=1e-2, rtol=1e-2)
+    with pytest.raises(lu.BadInput, match=r"input_ids must be \(1, 32\); got \(1, 16\)"):
+        graphed(second[:, :16])
+    graphed.release()
+
+
+@needs_2_4_kernels
+def test_gpu_speed_table(gpu_pair):
+    dense, sparse, _ = gpu_pair
+    table = prefill_speedup_table(dense, sparse, (64, 128, 512), warmup=1, repeats=2, decode_prompt_len=16,
+                                  decode_tokens=4, decode_repeats=1, progress=False)
+    assert list(table.index) == [("prefill", 64), ("prefill", 128), ("prefill", 512), ("decode", 4)]
+    assert "exceed the models' 256 positions" in table.loc[("prefill", 512), "note"]
+    timed = table.loc[[("prefill", 64), ("prefill", 128)], ["dense eager ms", "2:4 eager ms", "dense graphed ms",
+                                                              "2:4 graphed ms"]]
+    assert (timed > 0).all().all()
+    assert table.loc[("decode", 4), "2:4 eager ms"] > 0
+
+
+@needs_2_4_kernels
+def test_gpu_algorithm_search(gpu_pair):
+    dense, _, _ = gpu_pair
+    searched = copy.deepcopy(dense)
+    report = to_semi_structured(searched, alg_search_tokens=64)
+    assert all(isinstance(a, int) and a >= 0 for a in report.alg_ids.values())
+    tokens = torch.randint(0, 512, (1, 64), generator=torch.Generator().manual_seed(2))
+    assert verify_semi_structured(dense, searched, tokens).passed
+
+
+@needs_2_4_kernels
+def test_gpu_float32_model_is_refused():
+    model = prune_2_4(lu.random_model(lu.tiny_llama_config(hidden_size=128, intermediate_size=256), torch.float32,
+                                      torch.device("cuda")))
+    assert "take float16 or bfloat16" in semi_structured_ready(model)[1]
+    message = r"float16 or bfloat16 weights; got layers.0.self_attn.q_proj \(torch.float32\)"
+    with pytest.raises(lu.BadInput, match=message):
+        to_semi_structured(model)
