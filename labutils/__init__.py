@@ -33,8 +33,8 @@ from .semistructured import prefill_speedup_table, semi_structured_ready, to_sem
 from .cudagraphs import graphed_forward
 from .zeroshot import LOCAL_TASKS, PAPER_TASKS, profile_tasks, task_examples, zero_shot, zero_shot_table
 from .zeroshot_tasks import write_tasks
-from .summary import benchmark_summary, plot_benchmark_summary
-from .plots import (outlier_summary, plot_drift, plot_input_norms, plot_layer_sparsity, plot_method_comparison,
-                    plot_perplexity, plot_sparsity_sweep)
+from .summary import benchmark_summary
+from .plots import (outlier_summary, plot_benchmark_summary, plot_drift, plot_input_norms, plot_layer_sparsity,
+                    plot_method_comparison, plot_perplexity, plot_sparsity_sweep)
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -22,7 +22,7 @@ from .config import check_positive_int
 from .device import synchronize
 from .errors import BadInput
 from .masks import unstructured_mask
-from .models import max_sequence_length
+from .models import max_sequence_length, model_device
 
 Clock = Callable[[], float]
 
@@ -113,20 +113,13 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]], *, warmup: int, re
     return {name: TimingStats.of(times[name]) for name in names}
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    param = next(iter(model.parameters()), None)
-    if param is None:
-        raise BadInput(f"model {type(model).__name__} has no parameters, so it has no device to time on")
-    return param.device
-
-
 def random_prompt(model: nn.Module, prompt_len: int, batch_size: int = 1, seed: int = 0) -> torch.Tensor:
     """Fixed random token ids for timing, on the model's device: (batch_size, prompt_len) int64."""
     check_positive_int("prompt_len", prompt_len)
     check_positive_int("batch_size", batch_size)
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), generator=generator)
-    return ids.to(_model_device(model))
+    return ids.to(model_device(model))
 
 
 def _check_length(model: nn.Module, tokens: int, what: str) -> None:
@@ -222,7 +215,7 @@ def latency_table(models: dict[str, nn.Module], *, prompt_len: int, new_tokens: 
         _check_length(model, prompt_len + new_tokens, f"model {name!r}: prompt_len + new_tokens")
     prefills = {name: prefill_fn(m, random_prompt(m, prompt_len, 1, seed)) for name, m in models.items()}
     prefill = time_interleaved(prefills,
-                               warmup=warmup, repeats=repeats, device=_model_device(next(iter(models.values()))),
+                               warmup=warmup, repeats=repeats, device=model_device(next(iter(models.values()))),
                                progress=progress)
     decode = decode_interleaved(models, prompt_len, new_tokens, warmup=warmup, repeats=repeats, seed=seed,
                                 progress=progress)
@@ -236,7 +229,7 @@ def latency_table(models: dict[str, nn.Module], *, prompt_len: int, new_tokens: 
     table["prefill × dense"] = first["prefill ms P50"] / table["prefill ms P50"]
     table["decode × dense"] = table["decode tokens/s P50"] / first["decode tokens/s P50"]
     table.attrs.update(prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
-                       device=str(_model_device(next(iter(models.values())))))
+                       device=str(model_device(next(iter(models.values())))))
     return table
 
 
@@ -277,7 +270,7 @@ def memory_table(models: dict[str, nn.Module], *, prompt_len: int = 128, seed: i
 
 
 def _peak_prefill_mib(model: nn.Module, prompt_len: int, seed: int) -> float:
-    device = _model_device(model)
+    device = model_device(model)
     if device.type != "cuda":
         return math.nan
     _check_length(model, prompt_len, "prompt_len")

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .errors import BadInput, LabError
+from .models import model_device
 
 
 class GraphedForward:
@@ -48,7 +49,7 @@ def graphed_forward(model: nn.Module, example_input_ids: torch.Tensor, *, warmup
     cuBLAS / cuSPARSELt workspaces, kernel choices happen outside the capture), then once under
     ``torch.cuda.graph``. ``logits_to_keep=1`` keeps only the last position's logits, as ``generate()`` does.
     """
-    device = next(iter(model.parameters())).device
+    device = model_device(model)
     if device.type != "cuda":
         raise LabError(f"CUDA graphs need the model on a CUDA GPU; it is on {device}"
                        + ("" if torch.cuda.is_available() else " and this machine has no CUDA GPU torch can use"))

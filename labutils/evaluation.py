@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from .config import check_positive_int
 from .errors import BadInput
-from .models import max_sequence_length
+from .models import check_seqlen, model_device
 
 
 @torch.no_grad()
@@ -23,16 +23,14 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, batch_size: 
     """
     check_positive_int("seqlen", seqlen)
     check_positive_int("batch_size", batch_size)
-    limit = max_sequence_length(model)
-    if seqlen > limit:
-        raise BadInput(f"seqlen {seqlen} exceeds the model's maximum sequence length; allowed: 1..{limit}")
+    check_seqlen(model, "seqlen", seqlen)
     if seqlen < 2:
         raise BadInput(f"seqlen must be at least 2 to predict anything; got {seqlen}")
     n_windows = tokens.numel() // seqlen
     if n_windows == 0:
         raise BadInput(f"need at least seqlen={seqlen} test tokens; got {tokens.numel()}")
     windows = tokens[: n_windows * seqlen].reshape(n_windows, seqlen)
-    device = next(model.parameters()).device
+    device = model_device(model)
     total_nll, total_count = 0.0, 0
     for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch", disable=not progress):
         batch = batch.to(device)

@@ -9,6 +9,8 @@ Three measurements, all against the dense model on the same input:
 """
 from __future__ import annotations
 
+import math
+from collections import Counter
 from dataclasses import dataclass
 
 import pandas as pd
@@ -20,6 +22,7 @@ from transformers import GenerationConfig
 
 from .config import check_positive_int
 from .errors import BadInput
+from .models import model_device
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ def greedy_generate(model: nn.Module, tokenizer, texts: list[str], max_new_token
     check_positive_int("max_new_tokens", max_new_tokens)
     if not texts:
         raise BadInput("need at least one prompt text; got an empty list")
-    device = next(model.parameters()).device
+    device = model_device(model)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
         batch = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
@@ -97,12 +100,13 @@ def top1_agreement(reference_logits: torch.Tensor, logits: torch.Tensor) -> floa
 def mean_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
     """Mean over positions of KL(p_ref ‖ p) = Σ_v p_ref(v) (log p_ref(v) − log p(v)), in nats. Both (..., vocab)."""
     _check_logits(reference_logits, logits)
-    return _kl_per_position(reference_logits, logits).mean().item()
+    return _kl_per_position(F.log_softmax(reference_logits.float(), dim=-1), logits).mean().item()
 
 
-def _kl_per_position(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    ref = F.log_softmax(reference_logits.float(), dim=-1)
-    return (ref.exp() * (ref - F.log_softmax(logits.float(), dim=-1))).sum(-1)
+def _kl_per_position(reference_logprobs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_ref ‖ p) at every position, from the reference's log-probabilities (computed once by callers that
+    compare several models with it) and the other model's logits."""
+    return (reference_logprobs.exp() * (reference_logprobs - F.log_softmax(logits.float(), dim=-1))).sum(-1)
 
 
 def _check_logits(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -121,8 +125,7 @@ def repeated_ngram_ratio(sequences: list[list[int]], n: int = 3) -> float:
     repeats = total = 0
     for seq in sequences:
         seen = set()
-        for i in range(len(seq) - n + 1):
-            gram = tuple(seq[i : i + n])
+        for gram in _ngrams(seq, n):
             repeats += gram in seen
             seen.add(gram)
             total += 1
@@ -148,19 +151,20 @@ def drift_table(dense: nn.Module, models: dict[str, nn.Module], tokens: torch.Te
     names = ["dense", *models]
     sums = {name: {"agree": 0.0, "kl": 0.0, "nll": 0.0} for name in names}
     count = 0
-    device = next(dense.parameters()).device
+    device = model_device(dense)
     for batch in tqdm(windows.split(batch_size), desc="drift", unit="batch", disable=not progress):
         batch = batch.to(device)
         ref = dense(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        ref_top, ref_logprobs = ref.argmax(-1), F.log_softmax(ref, dim=-1)  # shared by every model's comparison
         targets = batch[:, 1:]
         for name in names:
             logits = ref if name == "dense" else models[name](input_ids=batch, use_cache=False).logits[:, :-1].float()
-            sums[name]["agree"] += (ref.argmax(-1) == logits.argmax(-1)).sum().item()
-            sums[name]["kl"] += _kl_per_position(ref, logits).sum().item()
+            sums[name]["agree"] += (ref_top == logits.argmax(-1)).sum().item()
+            sums[name]["kl"] += _kl_per_position(ref_logprobs, logits).sum().item()
             sums[name]["nll"] += F.cross_entropy(logits.transpose(1, 2), targets, reduction="sum").item()
         count += targets.numel()
     rows = {name: {"top-1 agreement": s["agree"] / count, "KL(dense ‖ model)": s["kl"] / count,
-                   "perplexity": torch.tensor(s["nll"] / count).exp().item()} for name, s in sums.items()}
+                   "perplexity": math.exp(s["nll"] / count)} for name, s in sums.items()}
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("model")
 
 
@@ -180,12 +184,13 @@ def degeneration_table(models: dict[str, nn.Module], tokenizer, prompts: list[st
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("model")
 
 
+def _ngrams(seq: list[int], n: int):
+    """The n-grams of ``seq`` in order, as tuples."""
+    return (tuple(seq[i : i + n]) for i in range(len(seq) - n + 1))
+
+
 def _max_ngram_count(seq: list[int], n: int) -> int:
-    counts: dict[tuple[int, ...], int] = {}
-    for i in range(len(seq) - n + 1):
-        gram = tuple(seq[i : i + n])
-        counts[gram] = counts.get(gram, 0) + 1
-    return max(counts.values(), default=0)
+    return max(Counter(_ngrams(seq, n)).values(), default=0)
 
 
 def passage_starts(articles, n_prompts: int, words: int = 24) -> list[str]:

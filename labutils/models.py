@@ -147,3 +147,18 @@ def max_sequence_length(model: nn.Module) -> int:
     """The longest sequence the model's position embeddings were built for."""
     return int(getattr(model.config, "max_position_embeddings", 2048))
 
+
+def check_seqlen(model: nn.Module, name: str, seqlen: int) -> None:
+    """Refuse windows longer than the model's position embeddings."""
+    limit = max_sequence_length(model)
+    if seqlen > limit:
+        raise BadInput(f"{name} {seqlen} exceeds the model's maximum sequence length; allowed: 1..{limit}")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's parameters; BadInput for a model without any."""
+    param = next(iter(model.parameters()), None)
+    if param is None:
+        raise BadInput(f"model {type(model).__name__} has no parameters, so it has no device")
+    return param.device
+

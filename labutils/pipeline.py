@@ -18,7 +18,7 @@ from .config import Profile, get_profile
 from .device import get_device, require_cuda, set_seed
 from .errors import BadInput
 from .evaluation import perplexity
-from .models import load_model, max_sequence_length
+from .models import check_seqlen, load_model
 from .masks import SparsityTarget
 from .methods import get_method
 from .owl import OwlConfig
@@ -92,13 +92,6 @@ def validate_job(job: PruneJob) -> tuple[Profile, SparsityTarget, Path]:
     if profile.needs_cuda:
         require_cuda(f"profile {profile.name!r}")
     return profile, target, out
-
-
-def check_seqlen(model, name: str, seqlen: int) -> None:
-    """Refuse windows longer than the model's position embeddings."""
-    limit = max_sequence_length(model)
-    if seqlen > limit:
-        raise BadInput(f"{name} {seqlen} exceeds the model's maximum sequence length; allowed: 1..{limit}")
 
 
 def build_report(profile: Profile, model, prune: PruneReport, perplexities: dict[str, float], *, seed: int,

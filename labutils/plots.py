@@ -157,3 +157,53 @@ def plot_sparsity_sweep(table: pd.DataFrame, methods: tuple[str, ...] = ("magnit
     ax.grid(alpha=0.3, which="major")
     fig.tight_layout()
     return fig
+
+
+def plot_benchmark_summary(summary: pd.DataFrame, title: str = "Quality and cost"):
+    """Four panels from ``benchmark_summary``: perplexity (log), zero-shot accuracy per task, speed relative to
+    dense (prefill and decode), and memory with the share of non-zero parameters."""
+    models = list(summary.index)
+    colors = [plt.get_cmap("tab10")(k % 10) for k in range(len(models))]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2 + 0.25 * len(models)))
+    y = range(len(models))[::-1]
+
+    axes[0].barh(y, summary["perplexity"], color=colors)
+    _plain_log_axis(axes[0], "x")
+    axes[0].set_xlim(left=1)  # perplexity is at least 1: bars start from a perfect model
+    axes[0].set_xlabel("test perplexity (log scale, lower is better)")
+
+    tasks = [c for c in summary.columns if c.endswith(" acc")]
+    height = 0.8 / max(len(tasks), 1)
+    for k, task in enumerate(tasks):
+        offsets = [v + (k - (len(tasks) - 1) / 2) * height for v in y]
+        axes[1].barh(offsets, summary[task], height, label=task.removesuffix(" acc"), alpha=0.85)
+    axes[1].set_xlim(0, 1.6)  # room on the right for the legend
+    axes[1].set_xticks([0, 0.25, 0.5, 0.75, 1])
+    axes[1].set_xlabel("zero-shot accuracy (share correct, higher is better)")
+    if tasks:
+        axes[1].legend(fontsize=8, loc="lower right")
+
+    for k, column in enumerate(("prefill × dense", "decode × dense")):
+        offsets = [v + (k - 0.5) * 0.4 for v in y]
+        axes[2].barh(offsets, summary[column], 0.4, label=column.removesuffix(" × dense"))
+    axes[2].axvline(1, color="black", ls="--", lw=1)
+    axes[2].set_xlim(0, 1.6 * max(1.0, summary[["prefill × dense", "decode × dense"]].max().max()))
+    axes[2].set_xlabel("speed relative to dense (× , higher is faster)")
+    axes[2].legend(fontsize=8, loc="lower right")
+
+    axes[3].barh(y, summary["MiB (params + buffers)"], color=colors)
+    for v, (mib, nonzero) in zip(y, zip(summary["MiB (params + buffers)"], summary["non-zero parameters"])):
+        axes[3].text(mib, v, f" {nonzero / 1e6:.0f} M non-zero", va="center", fontsize=8)
+    axes[3].set_xlim(0, 1.6 * summary["MiB (params + buffers)"].max())
+    axes[3].set_xlabel("memory of the weights (MiB)")
+
+    for ax, name in zip(axes, ("quality: perplexity", "quality: zero-shot accuracy", "cost: speed",
+                               "cost: memory")):
+        ax.set_title(name)
+        ax.set_yticks(list(y), models)
+    for ax in axes[1:]:
+        ax.tick_params(labelleft=False)
+    axes[0].set_ylabel("model")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

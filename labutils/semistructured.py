@@ -29,7 +29,7 @@ from .config import check_positive_int
 from .cudagraphs import GraphedForward, graphed_forward
 from .device import cuda_capability, get_device, semi_structured_support
 from .errors import BadInput, LabError
-from .models import max_sequence_length
+from .models import max_sequence_length, model_device
 from .sparsity import nm_violations, prunable_linears
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -64,19 +64,12 @@ def _device_problem(device: torch.device) -> str | None:
     return None if ok else reason
 
 
-def _weight_device(model: nn.Module) -> torch.device:
-    param = next(iter(model.parameters()), None)
-    if param is None:
-        raise BadInput(f"model {type(model).__name__} has no parameters to convert")
-    return param.device
-
-
 def semi_structured_ready(model: nn.Module) -> tuple[bool, str]:
     """(True, what will be used) if ``model``'s decoder linears can become cuSPARSELt 2:4 weights here, else
     (False, why not) — notebooks print the reason when they skip the GPU-only cells. Needs CUDA, compute capability
     ≥ 8.0, a torch with cuSPARSELt, the model on the GPU and float16 / bfloat16 weights. The 2:4 pattern itself
     is checked by ``to_semi_structured``."""
-    device = _weight_device(model)
+    device = model_device(model)
     problem = _device_problem(device)
     if problem is not None:
         return False, problem
@@ -155,7 +148,7 @@ def to_semi_structured(model: nn.Module, *, linears: Sequence[str] | None = None
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise BadInput(f"{len(problems)} of {len(selected)} linears cannot become 2:4 weights: "
                        + "; ".join(problems[:5]) + more)
-    problem = _device_problem(_weight_device(model))
+    problem = _device_problem(model_device(model))
     if problem is not None:
         raise LabError(f"cannot convert to 2:4 sparse weights: {problem}")
     wrong = [f"{name} ({lin.weight.dtype})" for name, lin in selected.items()
@@ -232,8 +225,8 @@ def verify_semi_structured(dense_masked_model: nn.Module, sparse_model: nn.Modul
     for name, value in (("atol", atol), ("rtol", rtol)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             raise BadInput(f"{name} must be a number ≥ 0; got {value!r}")
-    reference = dense_masked_model(input_ids=tokens.to(_weight_device(dense_masked_model)), use_cache=False).logits
-    logits = sparse_model(input_ids=tokens.to(_weight_device(sparse_model)), use_cache=False).logits
+    reference = dense_masked_model(input_ids=tokens.to(model_device(dense_masked_model)), use_cache=False).logits
+    logits = sparse_model(input_ids=tokens.to(model_device(sparse_model)), use_cache=False).logits
     reference, logits = reference.float(), logits.float().to(reference.device)
     max_diff = float((logits - reference).abs().max())
     max_ref = float(reference.abs().max())
@@ -261,7 +254,7 @@ def prefill_speedup_table(dense_model: nn.Module, sparse_model: nn.Module,
         raise BadInput(f"lengths must be a non-empty sequence of positive integers; got {lengths!r}")
     check_positive_int("decode_repeats", decode_repeats)
     for name, model in (("dense_model", dense_model), ("sparse_model", sparse_model)):
-        problem = _device_problem(_weight_device(model))
+        problem = _device_problem(model_device(model))
         if problem is not None:
             raise LabError(f"cannot time 2:4 kernels ({name}): {problem}")
     limit = min(max_sequence_length(dense_model), max_sequence_length(sparse_model))
@@ -269,7 +262,7 @@ def prefill_speedup_table(dense_model: nn.Module, sparse_model: nn.Module,
             for n in tqdm(lengths, desc="prefill lengths", unit="length", disable=not progress)]
     rows.append(_decode_row(dense_model, sparse_model, decode_prompt_len, decode_tokens, decode_repeats, seed))
     table = pd.DataFrame(rows).set_index(["phase", "tokens"])
-    table.attrs.update(warmup=warmup, repeats=repeats, device=torch.cuda.get_device_name(_weight_device(dense_model)))
+    table.attrs.update(warmup=warmup, repeats=repeats, device=torch.cuda.get_device_name(model_device(dense_model)))
     return table
 
 

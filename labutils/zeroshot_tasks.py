@@ -168,15 +168,23 @@ def lastword_items(n_items: int = N_ITEMS, seed: int = SEED) -> list[dict]:
     (≤ 40 + 1 words) with its final punctuation dropped; the model must continue ``context`` with ``" " + target``.
     """
     check_positive_int("n_items", n_items)
-    items = []
-    for article in corpus_split("test"):
-        item = _lastword_item(article, random.Random(f"wiki_lastword:{seed}:{article.title}"))
-        if item is not None and all(item["context"] != other["context"] for other in items):
-            items.append({"id": len(items), **item})
+    candidates = (_lastword_item(article, random.Random(f"wiki_lastword:{seed}:{article.title}"))
+                  for article in corpus_split("test"))
+    return _first_items(candidates, n_items, "wiki_lastword")
+
+
+def _first_items(candidates, n_items: int, task: str) -> list[dict]:
+    """The first ``n_items`` candidates (None = the article gave no item) whose context is new, numbered by
+    "id"; BadInput if the test split yields fewer."""
+    items, contexts = [], set()
+    for item in candidates:
+        if item is None or item["context"] in contexts:
+            continue
+        contexts.add(item["context"])
+        items.append({"id": len(items), **item})
         if len(items) == n_items:
             return items
-    raise BadInput(f"n_items={n_items} is more than the test split yields; "
-                   f"allowed: 1..{len(items)} wiki_lastword items")
+    raise BadInput(f"n_items={n_items} is more than the test split yields; allowed: 1..{len(items)} {task} items")
 
 
 def _distractor_pool(articles: tuple[Article, ...]) -> list[tuple[str, str]]:
@@ -214,27 +222,27 @@ def nextsentence_items(n_items: int = N_ITEMS, seed: int = SEED) -> list[dict]:
     check_positive_int("n_items", n_items)
     articles = corpus_split("test")
     pool = _distractor_pool(articles)
-    items = []
-    for article in articles:
-        rng = random.Random(f"wiki_nextsentence:{seed}:{article.title}")
-        sentences = split_sentences(article.text)
-        pairs = [(a, b) for a, b in itertools.pairwise(sentences)
-                 if MIN_SENTENCE_WORDS <= _n_words(a) <= NEXT_MAX_CONTEXT_WORDS
-                 and MIN_SENTENCE_WORDS <= _n_words(b) <= NEXT_MAX_CHOICE_WORDS]
-        if not pairs:
-            continue
-        context, true = rng.choice(pairs)
-        distractors = _distractors(true, article.title, pool, rng)
-        if distractors is None or any(context == other["context"] for other in items):
-            continue
-        label = rng.randrange(N_CHOICES)
-        choices = distractors[:label] + [true] + distractors[label:]
-        items.append({"id": len(items), "title": article.title, "context": context, "choices": choices,
-                      "label": label})
-        if len(items) == n_items:
-            return items
-    raise BadInput(f"n_items={n_items} is more than the test split yields; allowed: 1..{len(items)} "
-                   "wiki_nextsentence items")
+    candidates = (_nextsentence_item(article, pool, random.Random(f"wiki_nextsentence:{seed}:{article.title}"))
+                  for article in articles)
+    return _first_items(candidates, n_items, "wiki_nextsentence")
+
+
+def _nextsentence_item(article: Article, pool: list[tuple[str, str]], rng: random.Random) -> dict | None:
+    """A sentence of the article, its true next sentence and three distractors in a random order; None if the
+    article has no usable pair of sentences or no distractors fit."""
+    sentences = split_sentences(article.text)
+    pairs = [(a, b) for a, b in itertools.pairwise(sentences)
+             if MIN_SENTENCE_WORDS <= _n_words(a) <= NEXT_MAX_CONTEXT_WORDS
+             and MIN_SENTENCE_WORDS <= _n_words(b) <= NEXT_MAX_CHOICE_WORDS]
+    if not pairs:
+        return None
+    context, true = rng.choice(pairs)
+    distractors = _distractors(true, article.title, pool, rng)
+    if distractors is None:
+        return None
+    label = rng.randrange(N_CHOICES)
+    choices = distractors[:label] + [true] + distractors[label:]
+    return {"title": article.title, "context": context, "choices": choices, "label": label}
 
 
 def _jsonl(items: list[dict]) -> str:
