@@ -29,6 +29,7 @@ import torch
 from transformers import LlamaConfig
 
 from labutils.benchmark import latency_table, memory_table, random_prompt
+from labutils.compare import table_records
 from labutils.config import get_profile
 from labutils.device import device_summary, get_device, require_cuda, set_seed
 from labutils.errors import LabError
@@ -87,11 +88,6 @@ def prune_2_4(model) -> int:
     return sum(nm_violations(linear.weight, 2, 4) for linear in prunable_linears(model).values())
 
 
-def records(table: pd.DataFrame) -> list[dict]:
-    """Rows as JSON-safe dicts (NaN → null, NumPy numbers → plain numbers)."""
-    return json.loads(table.reset_index().to_json(orient="records"))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
@@ -119,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         dense_only = latency_table({"dense (2:4 masked)": dense}, prompt_len=64, new_tokens=8, warmup=1, repeats=3,
                                    progress=False)
         print(dense_only.round(2).to_string())
-        result["dense_latency"] = records(dense_only)
+        result["dense_latency"] = table_records(dense_only)
     out = args.out or (None if args.tiny else Path("results/gpu_semistructured.json"))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -151,8 +147,8 @@ def run_sparse(dense, args: argparse.Namespace, step) -> dict:
     step("timed prefill and decode")
     return {"conversion": {"converted": len(report.converted), "dense_mib": report.dense_mib,
                            "compressed_mib": report.compressed_mib, "alg_ids": sorted(set(report.alg_ids.values()))},
-            "verify": asdict(check), "memory": records(memory),
-            "speed": records(table)}
+            "verify": asdict(check), "memory": table_records(memory),
+            "speed": table_records(table)}
 
 
 if __name__ == "__main__":

@@ -113,6 +113,11 @@ def write_results(table: pd.DataFrame, name: str, profile: Profile, folder: str 
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / f"{profile.name}-{name}"
     table.to_csv(stem.with_suffix(".csv"))
-    records = json.loads(table.reset_index().to_json(orient="records"))
-    stem.with_suffix(".json").write_text(json.dumps({"profile": profile.name, "rows": records}, indent=2) + "\n")
+    payload = {"profile": profile.name, "rows": table_records(table)}
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     return stem.with_suffix(".csv")
+
+
+def table_records(table: pd.DataFrame) -> list[dict]:
+    """A table's rows, index included, as JSON-safe dicts (NaN → null, NumPy numbers → plain numbers)."""
+    return json.loads(table.reset_index().to_json(orient="records"))
