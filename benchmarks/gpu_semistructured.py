@@ -4,6 +4,9 @@ Builds the ``llama2-7b-random`` profile's model (random init directly on the GPU
 linear to 2:4 by magnitude (cheap; quality means nothing with random weights), compresses a copy to cuSPARSELt 2:4
 weights, checks its logits against the masked dense model, and times prefill (eager and CUDA-graphed) at
 512–8192 tokens and batch-1 decode. Prints the tables and writes them as JSON. About 3 minutes on an H200.
+First every weight shape is timed alone (dense vs 2:4 with cuSPARSELt's default and searched algorithm), then
+the whole model for each of ``--kernels``: ``lab`` (default; the lab's ``SparseLinear24``, one direct cuSPARSELt
+call per linear: see ``labutils/sparse24.py``) and/or ``stock`` (torch's ``SparseSemiStructuredTensor`` weights).
 
     python benchmarks/gpu_semistructured.py            # the GPU run; writes results/gpu_semistructured.json
     python benchmarks/gpu_semistructured.py --tiny     # a tiny model, any machine: smoke test; on a CPU it
@@ -42,6 +45,7 @@ from labutils.semistructured import (
     to_semi_structured,
     verify_semi_structured,
 )
+from labutils.sparsebench import linear_shapes, linear_speedup_table
 from labutils.sparsity import nm_violations, prunable_linears
 
 PROFILE = "llama2-7b-random"
@@ -59,6 +63,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--decode-repeats", type=int, default=2)
     parser.add_argument("--alg-search-tokens", type=int, default=None,
                         help="run cuSPARSELt's algorithm search per weight shape for this many tokens (off by default)")
+    parser.add_argument("--kernels", nargs="+", choices=("lab", "stock"), default=["lab"],
+                        help="lab: SparseLinear24 modules (default); stock: torch's SparseSemiStructuredTensor weights;"
+                             " both: one table each")
+    parser.add_argument("--linear-lengths", type=int, nargs="+", default=None,
+                        help="token counts of the per-linear timing (default 512 2048 4096 8192; tiny: 64 256)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON file (default results/gpu_semistructured.json; none with --tiny)")
@@ -105,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model": description, "dtype": str(dtype), "device": device_summary(device),
               "semi_structured_ready": ready, "reason": reason}
     if ready:
-        result.update(run_sparse(dense, args, step))
+        result["linears"] = run_linears(dense, args, step)
+        for kernel in args.kernels:
+            result[kernel] = run_sparse(dense, args, step, kernel)
     else:
         step(f"2:4 sparse kernels skipped: {reason}")
         try:
@@ -125,12 +136,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_sparse(dense, args: argparse.Namespace, step) -> dict:
+def run_linears(dense, args: argparse.Namespace, step) -> list[dict]:
+    """Each weight shape alone: dense vs 2:4 (algorithm 0 and searched) at several token counts."""
+    shapes = linear_shapes(dense)
+    lengths = tuple(args.linear_lengths or ((64, 256) if args.tiny else (512, 2048, 4096, 8192)))
+    table = linear_speedup_table(list(shapes), lengths, dtype=next(dense.parameters()).dtype, progress=False)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(table.round(3).to_string(), flush=True)
+    step("timed each linear shape alone (" + "; ".join(f"{o}×{i}: {', '.join(n)}" for (o, i), n in shapes.items())
+         + ")")
+    return table_records(table)
+
+
+def run_sparse(dense, args: argparse.Namespace, step, kernel: str) -> dict:
     """Compress a copy, verify it, and time it against the masked dense model."""
     sparse = copy.deepcopy(dense)
-    report = to_semi_structured(sparse, alg_search_tokens=args.alg_search_tokens)
-    step(f"compressed {len(report.converted)} linears with {report.backend}: {report.dense_mib:.0f} MiB → "
-         f"{report.compressed_mib:.0f} MiB ({report.compression:.2f}); alg ids {sorted(set(report.alg_ids.values()))}")
+    report = to_semi_structured(sparse, alg_search_tokens=args.alg_search_tokens, kernel=kernel)
+    step(f"compressed {len(report.converted)} linears with {report.backend} ({report.kernel} kernel): "
+         f"{report.dense_mib:.0f} MiB → {report.compressed_mib:.0f} MiB ({report.compression:.2f}); "
+         f"alg ids {sorted(set(report.alg_ids.values()))}")
     check = verify_semi_structured(dense, sparse, random_prompt(dense, 256, 1, args.seed))
     step(f"logits vs masked dense: max |diff| {check.max_abs_diff:.3g} (tolerance {check.tolerance:.3g}, "
          f"max |logit| {check.max_abs_reference:.3g}), top-1 agreement {check.top1_agreement:.1%}: "
@@ -144,8 +168,10 @@ def run_sparse(dense, args: argparse.Namespace, step) -> dict:
                                   progress=False)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table.round(3).to_string(), flush=True)
-    step("timed prefill and decode")
-    return {"conversion": {"converted": len(report.converted), "dense_mib": report.dense_mib,
+    step(f"timed prefill and decode ({kernel} kernel)")
+    del sparse
+    torch.cuda.empty_cache()
+    return {"conversion": {"kernel": report.kernel, "converted": len(report.converted), "dense_mib": report.dense_mib,
                            "compressed_mib": report.compressed_mib, "alg_ids": sorted(set(report.alg_ids.values()))},
             "verify": asdict(check), "memory": table_records(memory),
             "speed": table_records(table)}

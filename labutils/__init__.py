@@ -31,6 +31,9 @@ from .benchmark import (TimingStats, decode_throughput, latency_table, memory_ta
                         time_calls, time_interleaved, zeros_matmul_table)
 from .semistructured import prefill_speedup_table, semi_structured_ready, to_semi_structured, verify_semi_structured
 from .cudagraphs import graphed_forward
+from .sparse24 import SparseLinear24
+from .sparsebench import linear_shapes, linear_speedup_table
+from .prunebench import bench_prune, bench_setup, forward_floor, saved_bench_results
 from .zeroshot import LOCAL_TASKS, PAPER_TASKS, profile_tasks, task_examples, zero_shot, zero_shot_table
 from .zeroshot_tasks import write_tasks
 from .summary import benchmark_summary

@@ -23,6 +23,7 @@ from .device import synchronize
 from .errors import BadInput
 from .masks import unstructured_mask
 from .models import max_sequence_length, model_device
+from .sparse24 import SparseLinear24
 
 Clock = Callable[[], float]
 
@@ -260,8 +261,10 @@ def memory_table(models: dict[str, nn.Module], *, prompt_len: int = 128, seed: i
     for name, model in models.items():
         params = list({id(p): p for p in model.parameters()}.values())
         buffers = list({id(b): b for b in model.buffers()}.values())
-        total = sum(p.numel() for p in params)
-        nonzero = sum(_count_nonzero(p) for p in params)
+        compressed = [m for m in model.modules() if isinstance(m, SparseLinear24)]  # weights held as buffers
+        total = sum(p.numel() for p in params) + sum(m.out_features * m.in_features for m in compressed)
+        nonzero = (sum(_count_nonzero(p) for p in params)
+                   + sum(int(m.packed[:m.out_features * m.in_features // 2].count_nonzero()) for m in compressed))
         rows.append({"model": name, "parameters": total, "non-zero parameters": nonzero,
                      "zero share": 1 - nonzero / total if total else math.nan,
                      "MiB (params + buffers)": sum(_tensor_bytes(t) for t in params + buffers) / 2**20,

@@ -27,6 +27,21 @@ class LayerInputs:
     hidden: list[torch.Tensor]
     kwargs: list[list[dict]] = field(default_factory=list)  # [batch][layer] -> kwargs
 
+    def add_batch(self, hidden: torch.Tensor, layer_kwargs: list[dict]) -> None:
+        """Keep one captured batch: its hidden states and every layer's keyword arguments."""
+        self.hidden.append(hidden)
+        self.kwargs.append(layer_kwargs)
+
+    def run(self, layer: nn.Module, layer_index: int, advance: bool) -> None:
+        """Run ``layer`` on every batch (hooks on its linears see every input); ``advance``: its outputs become
+        the inputs of the next layer. With ``advance=False`` no outputs are kept at all."""
+        outputs = run_layer(layer, layer_index, self, keep=advance)
+        if advance:
+            self.hidden = outputs
+
+    def finish(self) -> None:
+        """Wait for pending copies (none here; ``streaming.StreamedInputs`` has some)."""
+
 
 class _Recorder(nn.Module):
     """Stands in for a decoder layer: remembers what it was called with and passes the hidden states on."""
@@ -53,36 +68,64 @@ def _layers_replaced(model: nn.Module, replacement: nn.ModuleList):
         base.layers = original
 
 
+@contextlib.contextmanager
+def _outer_modules_on(model: nn.Module, device: torch.device):
+    """Embeddings, final norm and rotary embedding on ``device`` for the duration (the decoder layers stay put)."""
+    base = getattr(model, "model", model)
+    outer = [child for name, child in base.named_children() if name != "layers"]
+    homes = [next(iter(m.parameters()), next(iter(m.buffers()), None)) for m in outer]
+    homes = [device if t is None else t.device for t in homes]
+    for module in outer:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module, home in zip(outer, homes):
+            module.to(home)
+
+
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, tokens: torch.Tensor, batch_size: int,
-                         device: torch.device | None = None) -> LayerInputs:
+                         device: torch.device | None = None, into: LayerInputs | None = None) -> LayerInputs:
     """Run only the embeddings of ``model`` on ``tokens`` (n, seqlen) in batches and return what the decoder
-    layers receive. Every decoder layer is temporarily replaced by a recorder, so no layer computes."""
+    layers receive. Every decoder layer is temporarily replaced by a recorder, so no layer computes.
+
+    ``device``: where the embeddings run (default: the model's device; the embeddings move there for the
+    duration). ``into``: the store that keeps the batches (default: a new ``LayerInputs`` on the device; the
+    low-memory mode passes a ``streaming.StreamedInputs`` that keeps them in CPU memory).
+    """
     check_positive_int("batch_size", batch_size)
     layers = find_decoder_layers(model)
     device = device or next(model.parameters()).device
     base = getattr(model, "model", model)
-    captured = LayerInputs(hidden=[])
-    for batch in tokens.split(batch_size):
-        calls: list[tuple[torch.Tensor, dict]] = []
-        recorders = nn.ModuleList(_Recorder(layer, calls) for layer in layers)
-        with _layers_replaced(model, recorders):
-            base(input_ids=batch.to(device), use_cache=False)
-        if len(calls) != len(layers):
-            raise LabError(f"{type(model).__name__} called {len(calls)} of its {len(layers)} decoder layers; "
-                           "layer-by-layer calibration needs every layer called once per forward pass")
-        captured.hidden.append(calls[0][0])
-        captured.kwargs.append([kwargs for _, kwargs in calls])
+    captured = LayerInputs(hidden=[]) if into is None else into
+    with _outer_modules_on(model, device):
+        for batch in tokens.split(batch_size):
+            calls: list[tuple[torch.Tensor, dict]] = []
+            recorders = nn.ModuleList(_Recorder(layer, calls) for layer in layers)
+            with _layers_replaced(model, recorders):
+                base(input_ids=batch.to(device), use_cache=False)
+            if len(calls) != len(layers):
+                raise LabError(f"{type(model).__name__} called {len(calls)} of its {len(layers)} decoder layers; "
+                               "layer-by-layer calibration needs every layer called once per forward pass")
+            captured.add_batch(calls[0][0], [kwargs for _, kwargs in calls])
     return captured
 
 
-def run_layer(layer: nn.Module, layer_index: int, inputs: LayerInputs) -> list[torch.Tensor]:
-    """Outputs of one decoder layer for every batch of ``inputs``; same shapes as ``inputs.hidden``."""
+def layer_output(out) -> torch.Tensor:
+    """The hidden states a decoder layer returns (older transformers return a tuple)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def run_layer(layer: nn.Module, layer_index: int, inputs: LayerInputs, keep: bool = True) -> list[torch.Tensor]:
+    """Outputs of one decoder layer for every batch of ``inputs``; same shapes as ``inputs.hidden``.
+    ``keep=False`` drops each output as soon as it is made (a statistics-only pass) and returns []."""
     outputs = []
     with torch.no_grad():
         for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
-            out = layer(hidden, **kwargs[layer_index])
-            outputs.append(out[0] if isinstance(out, tuple) else out)
+            out = layer_output(layer(hidden, **kwargs[layer_index]))
+            if keep:
+                outputs.append(out)
     return outputs
 
 
@@ -101,7 +144,12 @@ class _InputHooks:
         def hook(module, args, output):
             x = args[0]
             if self._last is None or self._last[0] is not x:
-                self._last = (x, self._term(x.detach().reshape(-1, x.shape[-1]).float()))
+                flat = x.detach().reshape(-1, x.shape[-1])
+                term_16bit = getattr(self, "_term_16bit", None)
+                if term_16bit is not None and flat.dtype in (torch.float16, torch.bfloat16):
+                    self._last = (x, term_16bit(flat))
+                else:
+                    self._last = (x, self._term(flat.float()))
             self.stats[name].add_(self._last[1])
         return hook
 
@@ -126,8 +174,14 @@ class InputNormAccumulator(_InputHooks):
         return torch.zeros(lin.in_features, dtype=torch.float32, device=lin.weight.device)
 
     @staticmethod
-    def _term(x: torch.Tensor) -> torch.Tensor:  # x: (tokens, in)
+    def _term(x: torch.Tensor) -> torch.Tensor:  # x: (tokens, in), already float32 (see _hook)
         return x.pow(2).sum(dim=0)
+
+    @staticmethod
+    def _term_16bit(x: torch.Tensor) -> torch.Tensor:  # x: (tokens, in) in float16 / bfloat16
+        # The reduction accumulates in float32 without a float32 copy of x (1.4 GiB for one batch of 8 × 4096
+        # tokens into Llama-2-7B's down_proj); squaring in 16 bits instead would overflow above 256.
+        return torch.linalg.vector_norm(x, 2, dim=0, dtype=torch.float32).square()
 
 
 class HessianAccumulator(_InputHooks):
@@ -153,6 +207,15 @@ def collect_statistics(layer: nn.Module, layer_index: int, inputs: LayerInputs, 
     with ACCUMULATORS[statistic](linears) as acc:
         outputs = run_layer(layer, layer_index, inputs)
     return acc.stats, outputs
+
+
+def layer_statistics(layer: nn.Module, layer_index: int, inputs: LayerInputs, linears: dict[str, nn.Linear],
+                     statistic: str, advance: bool = False) -> dict[str, torch.Tensor]:
+    """``collect_statistics`` through the store's own ``run`` (resident or streamed): the statistics only, and
+    with ``advance`` the layer's outputs become the inputs of the next layer."""
+    with ACCUMULATORS[statistic](linears) as acc:
+        inputs.run(layer, layer_index, advance)
+    return acc.stats
 
 
 @torch.no_grad()

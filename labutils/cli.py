@@ -1,13 +1,16 @@
-"""Command line: ``python -m labutils prune …`` (the main job) and ``python -m labutils prepare``."""
+"""Command line: ``python -m labutils prune …`` (the main job), ``prepare`` and ``bench-prune`` (04-Benchmark)."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
+import pandas as pd
+
 from .config import DEFAULT_PROFILE, PROFILES
 from .errors import LabError
 from .pipeline import PruneJob, run_prune_job, summary_table
+from .prunebench import MODES, TARGETS, bench_prune, bench_setup, default_json_path, write_json
 from .pruning import METHODS
 
 
@@ -42,9 +45,25 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--model", dest="model_path", default=None,
                        help="local folder or hub id replacing the profile's model")
     prune.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    prune.add_argument("--low-memory", action="store_true",
+                       help="keep the model in CPU memory while pruning; one layer at a time visits the GPU")
     prune.add_argument("--json", action="store_true", help="print the whole report as JSON instead of a table")
 
     sub.add_parser("prepare", help="convert the embedded model once and check the corpus (setup runs this)")
+
+    bench = sub.add_parser("bench-prune", help="time pruning against the two-pass forward floor, default and "
+                                               "low-memory mode (Llama-2-7B shapes on a GPU, or --tiny anywhere)")
+    bench.add_argument("--tiny", action="store_true", help="a 4-layer tiny Llama on any device (what the tests run)")
+    bench.add_argument("--device", default=None, help="cuda or cpu (default: best available; the 7B needs cuda)")
+    bench.add_argument("--nsamples", type=int, default=None, help="calibration windows (7B: 128, tiny: 8)")
+    bench.add_argument("--seqlen", type=int, default=None, help="tokens per window (7B: 4096, tiny: 64)")
+    bench.add_argument("--batch-size", type=int, default=None, help="windows per pass (7B: 4, tiny: 2)")
+    bench.add_argument("--method", default="wanda", help=f"one of {', '.join(METHODS)} (default: wanda)")
+    bench.add_argument("--targets", nargs="+", default=list(TARGETS), help="e.g. 50%% 2:4 (default)")
+    bench.add_argument("--modes", nargs="+", default=list(MODES), help="default and/or low-memory (default: both)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--json", dest="json_path", default=None,
+                       help="where to write the JSON (default results/bench-prune-<setup>-<date>.json)")
     return parser
 
 
@@ -74,11 +93,28 @@ def _prepare() -> None:
     print(f"corpus articles per split: {sizes}")
 
 
+def _bench_prune(args: argparse.Namespace) -> None:
+    setup = bench_setup(args.tiny, device=args.device, nsamples=args.nsamples, seqlen=args.seqlen,
+                        batch_size=args.batch_size, method=args.method, targets=args.targets, modes=args.modes,
+                        seed=args.seed)
+    print(f"bench-prune {setup.describe()}", flush=True)
+    result = bench_prune(setup)
+    table = result.table()
+    table["mask sha256"] = table["mask sha256"].str[:12]  # the JSON keeps the whole hash
+    with pd.option_context("display.width", 200, "display.max_columns", 10):
+        print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    for goal, met in result.goals().items():
+        print(f"{'met' if met else 'NOT met'}: {goal}")
+    print(f"wrote {write_json(result, args.json_path or default_json_path(setup))}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "prune":
             _prune(args)
+        elif args.command == "bench-prune":
+            _bench_prune(args)
         else:
             _prepare()
     except LabError as exc:

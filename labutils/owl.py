@@ -12,11 +12,12 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .calibration import INPUT_NORMS, capture_layer_inputs, collect_statistics
+from .calibration import INPUT_NORMS, layer_statistics
 from .errors import BadInput
 from .methods.base import check_number
 from .methods.wanda import wanda_score
-from .models import find_decoder_layers, find_linears
+from .models import find_decoder_layers, find_linears, model_device
+from .streaming import calibration_inputs, layer_placement
 
 
 @dataclass(frozen=True)
@@ -33,19 +34,26 @@ class OwlConfig:
 
 
 @torch.no_grad()
-def layer_outlier_ratios(model, tokens: torch.Tensor, batch_size: int, m: float, progress: bool = True) -> list[float]:
+def layer_outlier_ratios(model, tokens: torch.Tensor, batch_size: int, m: float, progress: bool = True, *,
+                         device: torch.device | None = None, low_memory: bool = False) -> list[float]:
     """Share of each decoder layer's Wanda scores (over all its linears) above ``m`` × their mean, measured on the
-    dense model with one pass per layer: the hooks collect input norms while the layer makes its outputs."""
+    dense model with one pass per layer: the hooks collect input norms while the layer makes its outputs.
+    ``device`` / ``low_memory``: as in ``prune_model`` (the default: where the model is)."""
     layers = find_decoder_layers(model)
-    inputs = capture_layer_inputs(model, tokens, batch_size)
+    device = device or model_device(model)
+    inputs = calibration_inputs(model, tokens, batch_size, device, low_memory)
     ratios = []
-    for i, layer in enumerate(tqdm(layers, desc="OWL outlier ratios", unit="layer", disable=not progress)):
-        linears = find_linears(layer)
-        stats, outputs = collect_statistics(layer, i, inputs, linears, INPUT_NORMS)
-        scores = torch.cat([wanda_score(lin.weight, stats[name]).flatten() for name, lin in linears.items()])
-        ratios.append(float((scores > m * scores.mean()).float().mean()))
-        inputs.hidden = outputs
-    return ratios
+    with layer_placement(layers, device, low_memory) as placement:
+        for i in tqdm(range(len(layers)), desc="OWL outlier ratios", unit="layer", disable=not progress):
+            layer = placement.attach(i)
+            placement.prefetch(i + 1)
+            linears = find_linears(layer)
+            stats = layer_statistics(layer, i, inputs, linears, INPUT_NORMS, advance=True)
+            scores = torch.cat([wanda_score(lin.weight, stats[name]).flatten() for name, lin in linears.items()])
+            ratios.append((scores > m * scores.mean()).float().mean())
+            placement.release(i)
+    inputs.finish()
+    return torch.stack(ratios).tolist()
 
 
 def owl_sparsities(ratios: list[float], sparsity: float, lam: float) -> list[float]:

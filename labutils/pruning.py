@@ -17,15 +17,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import capture_layer_inputs, collect_statistics, run_layer
+from .calibration import layer_statistics
 from .config import check_positive_int
-from .device import synchronize
+from .device import SectionTimer, get_device, synchronize
 from .errors import BadInput, LabError
 from .masks import SparsityTarget
 from .methods import REGISTRY, Method, get_method
-from .models import find_decoder_layers, find_linears
+from .models import find_decoder_layers, find_linears, model_device
 from .owl import OwlConfig, layer_outlier_ratios, owl_sparsities
 from .sparsity import mask_sha256
+from .streaming import calibration_inputs, layer_placement
 
 METHODS = tuple(REGISTRY)
 # True-sequential mode re-collects statistics for the sublayers that read other sublayers' outputs directly,
@@ -63,9 +64,11 @@ class PruneReport:
     true_sequential: bool = False
     owl: dict | None = None
     layer_sparsity: list[float] | None = None
-    seconds: float = 0.0
+    low_memory: bool = False  # the model stayed in CPU memory; layers and activations visited ``device``
+    device: str = ""  # where the layers computed
+    seconds: float = 0.0  # wall time of the whole call
     method_seconds: float = 0.0  # time inside the method's score / mask / update, without forward passes
-    layer_seconds: list[float] = field(default_factory=list)
+    layer_seconds: list[float] = field(default_factory=list)  # each layer's passes and pruning (GPU time on CUDA)
     sublayers: list[SublayerReport] = field(default_factory=list)
     mask_sha256: str = ""
 
@@ -115,15 +118,34 @@ def check_options(method: str, target: SparsityTarget, params: dict | None, true
     return meth, resolved
 
 
+def resolve_device(model: nn.Module, device: torch.device | str | None, low_memory: bool) -> torch.device:
+    """Where the layers compute. Default mode: where the model is. Low-memory mode: the model must be in CPU
+    memory and the layers visit ``device`` (default: the best one here, ``get_device``)."""
+    home = model_device(model)
+    if low_memory:
+        if home.type != "cpu":
+            raise BadInput(f"low_memory keeps the model in CPU memory and moves one layer at a time to the GPU; the "
+                           f"model is on {home}: load it on the CPU (or move it with model.to('cpu')) first")
+        return get_device(None if device is None else str(device))
+    if device is not None and torch.device(device).type != home.type:
+        raise BadInput(f"the model is on {home} and the default mode prunes where the model is; got device={device!r}."
+                       " Move the model there first, or pass low_memory=True to stream it from CPU memory")
+    return home
+
+
 def prune_model(model: nn.Module, method: str, target: SparsityTarget, tokens: torch.Tensor | None = None,
                 batch_size: int = 8, progress: bool = True, *, params: dict | None = None,
-                true_sequential: bool = False, owl: OwlConfig | None = None) -> PruneReport:
+                true_sequential: bool = False, owl: OwlConfig | None = None,
+                device: torch.device | str | None = None, low_memory: bool = False) -> PruneReport:
     """Prune every linear of every decoder layer in place (embeddings and lm_head are never touched).
 
     tokens: (nsamples, seqlen) calibration token ids, needed by every method but magnitude and by OWL.
     params: the method's parameters (``lu.get_method(name).params`` lists them). true_sequential: re-collect
     statistics of o_proj and down_proj after the sublayers before them are pruned. owl: give each layer its
     own sparsity from its outlier ratio (unstructured targets only).
+    low_memory: the model stays in CPU memory; each decoder layer, and each batch of calibration activations
+    (kept in pinned CPU memory), is copied to ``device`` while the previous one computes (``streaming``). Same
+    masks as the default mode for the same ``batch_size``; GPU memory holds a few layers and batches, not a model.
     """
     meth, resolved = check_options(method, target, params, true_sequential, owl)
     needs_tokens = meth.needs_calibration or owl is not None
@@ -132,55 +154,69 @@ def prune_model(model: nn.Module, method: str, target: SparsityTarget, tokens: t
                        f"(nsamples, seqlen); got {None if tokens is None else tuple(tokens.shape)}")
     check_positive_int("batch_size", batch_size)
     check_prunable(model, target)
+    compute = resolve_device(model, device, low_memory)
     try:
         return _prune_layers(model, meth, resolved, target, tokens if needs_tokens else None, batch_size,
-                             progress, true_sequential, owl)
+                             progress, true_sequential, owl, compute, low_memory)
     except torch.OutOfMemoryError as exc:
+        advice = "" if low_memory else ", or prune with low_memory=True (--low-memory)"
         raise LabError(f"out of GPU memory while pruning with {method} {target.label}: use fewer calibration "
-                       "samples (--nsamples), shorter windows (--seqlen) or a smaller --batch-size") from exc
+                       f"samples (--nsamples), shorter windows (--seqlen) or a smaller --batch-size{advice}") from exc
 
 
-def _layer_targets(model, target, tokens, batch_size, progress, owl, report) -> list[SparsityTarget]:
+def _layer_targets(model, target, tokens, batch_size, progress, owl, report, device, low_memory
+                   ) -> list[SparsityTarget]:
     layers = find_decoder_layers(model)
     if owl is None:
         return [target] * len(layers)
-    ratios = layer_outlier_ratios(model, tokens, batch_size, owl.m, progress)
+    ratios = layer_outlier_ratios(model, tokens, batch_size, owl.m, progress, device=device, low_memory=low_memory)
     report.layer_sparsity = owl_sparsities(ratios, target.sparsity, owl.lam)
     report.owl = {"M": owl.m, "lambda": owl.lam, "outlier_ratios": ratios}
     return [SparsityTarget(sparsity=s) for s in report.layer_sparsity]
 
 
 @torch.no_grad()
-def _prune_layers(model, meth: Method, params, target, tokens, batch_size, progress, true_sequential, owl):
+def _prune_layers(model, meth: Method, params, target, tokens, batch_size, progress, true_sequential, owl,
+                  device: torch.device, low_memory: bool):
+    # No host-device syncs inside the layer loop: times are CUDA events read at the end, pruned counts stay on
+    # the GPU until then. The host runs ahead and the GPU never waits for Python.
+    synchronize(device)
     start = time.perf_counter()
     layers = find_decoder_layers(model)
-    device = next(model.parameters()).device
     report = PruneReport(method=meth.name, target=target.label, target_sparsity=target.fraction,
                          nm=(target.n, target.m) if target.is_nm else None,
                          nsamples=0 if tokens is None else tokens.shape[0],
                          seqlen=0 if tokens is None else tokens.shape[1], params=params,
-                         true_sequential=true_sequential)
-    targets = _layer_targets(model, target, tokens, batch_size, progress, owl, report)
-    inputs = capture_layer_inputs(model, tokens, batch_size) if meth.needs_calibration else None
-    for i, layer in enumerate(tqdm(layers, desc=report.label, unit="layer", disable=not progress)):
-        layer_start = time.perf_counter()
-        linears = find_linears(layer)
-        for stage in calibration_stages(list(linears), true_sequential):
-            stats = {}
-            if inputs is not None:
-                stats, _ = collect_statistics(layer, i, inputs, {n: linears[n] for n in stage}, meth.statistic)
-            for name in stage:
-                synchronize(device)
-                method_start = time.perf_counter()
-                mask = meth.apply(linears[name], stats.get(name), targets[i], params)
-                synchronize(device)
-                report.method_seconds += time.perf_counter() - method_start
-                report.sublayers.append(SublayerReport(i, name, *mask.shape, int(mask.sum()),
-                                                       float(mask.float().mean())))
-        if inputs is not None and i + 1 < len(layers):
-            inputs.hidden = run_layer(layer, i, inputs)
-        report.layer_seconds.append(time.perf_counter() - layer_start)
+                         true_sequential=true_sequential, low_memory=low_memory, device=str(device))
+    targets = _layer_targets(model, target, tokens, batch_size, progress, owl, report, device, low_memory)
+    inputs = calibration_inputs(model, tokens, batch_size, device, low_memory) if meth.needs_calibration else None
+    method_timer, layer_timer = SectionTimer(device), SectionTimer(device)
+    pruned: list[tuple[int, str, torch.Size, torch.Tensor]] = []
+    with layer_placement(layers, device, low_memory) as placement:
+        for i in tqdm(range(len(layers)), desc=report.label, unit="layer", disable=not progress):
+            layer = placement.attach(i)
+            placement.prefetch(i + 1)
+            with layer_timer.section():
+                linears = find_linears(layer)
+                for stage in calibration_stages(list(linears), true_sequential):
+                    stats = {}
+                    if inputs is not None:
+                        stats = layer_statistics(layer, i, inputs, {n: linears[n] for n in stage}, meth.statistic)
+                    for name in stage:
+                        with method_timer.section():
+                            mask = meth.apply(linears[name], stats.get(name), targets[i], params)
+                        pruned.append((i, name, mask.shape, mask.sum()))
+                if inputs is not None and i + 1 < len(layers):
+                    inputs.run(layer, i, advance=True)
+            placement.release(i)
+    if inputs is not None:
+        inputs.finish()
     synchronize(device)
     report.seconds = time.perf_counter() - start
+    counts = torch.stack([count.to(device) for *_, count in pruned]).tolist()
+    report.sublayers = [SublayerReport(i, name, *shape, n, n / shape.numel())
+                        for (i, name, shape, _), n in zip(pruned, counts)]
+    report.method_seconds = sum(method_timer.seconds())
+    report.layer_seconds = layer_timer.seconds()
     report.mask_sha256 = mask_sha256(model)
     return report

@@ -14,7 +14,6 @@ linear sparse, while single linears alone ran 1.22–1.47× at 4096 tokens; deco
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,11 +28,13 @@ from .config import check_positive_int
 from .cudagraphs import GraphedForward, graphed_forward
 from .device import cuda_capability, get_device, semi_structured_support
 from .errors import BadInput, LabError
-from .models import max_sequence_length, model_device
+from .models import find_decoder_layers, max_sequence_length, model_device
+from .sparse24 import SparseLinear24, check_against_dense, search_alg_id
 from .sparsity import nm_violations, prunable_linears
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 _FALLBACK_MIN_SHAPE = (16, 16)  # torch 2.13's cuSPARSELt multiples for 16-bit weights, if its private table moves
+_FALLBACK_DENSE_MIN_SHAPE = (8, 8)  # … and for the dense operand
 NO_GPU = "2:4 sparse kernels need an NVIDIA GPU with compute capability ≥ 8.0, and torch sees no CUDA GPU here"
 
 
@@ -41,11 +42,14 @@ def _backend() -> type:
     return torch.sparse.SparseSemiStructuredTensorCUSPARSELT
 
 
-def _min_shape(dtype: torch.dtype) -> tuple[int, int]:
-    """(rows, cols) that a weight's (out, in) must be multiples of, from torch's own table for this dtype."""
+def _min_shape(dtype: torch.dtype, dense: bool = False) -> tuple[int, int]:
+    """(rows, cols) that a weight's (out, in) must be multiples of (``dense``: the dense operand's), from torch's
+    own table for this dtype."""
     table = getattr(_backend(), "_DTYPE_SHAPE_CONSTRAINTS", {})
     config = table.get(dtype) or table.get(torch.float16)
-    return (config.sparse_min_rows, config.sparse_min_cols) if config else _FALLBACK_MIN_SHAPE
+    if config is None:
+        return _FALLBACK_DENSE_MIN_SHAPE if dense else _FALLBACK_MIN_SHAPE
+    return (config.dense_min_rows, config.dense_min_cols) if dense else (config.sparse_min_rows, config.sparse_min_cols)
 
 
 def _device_problem(device: torch.device) -> str | None:
@@ -92,6 +96,7 @@ class SemiStructuredReport:
     compressed_mib: float
     alg_ids: dict[str, int] = field(default_factory=dict)
     backend: str = "cuSPARSELt"
+    kernel: str = "lab"  # "lab": SparseLinear24 modules; "stock": torch's SparseSemiStructuredTensor weights
 
     @property
     def compression(self) -> float:
@@ -115,6 +120,9 @@ def _select(model: nn.Module, linears: Sequence[str] | None) -> dict[str, nn.Lin
 def _pattern_and_shape_problems(selected: dict[str, nn.Linear]) -> list[str]:
     problems = []
     for name, lin in selected.items():
+        if isinstance(lin, SparseLinear24):
+            problems.append(f"{name} is already a 2:4 compressed linear")
+            continue
         weight = lin.weight
         if isinstance(weight, torch.sparse.SparseSemiStructuredTensor):
             problems.append(f"{name} is already a 2:4 compressed weight")
@@ -132,16 +140,24 @@ def _pattern_and_shape_problems(selected: dict[str, nn.Linear]) -> list[str]:
     return problems
 
 
+KERNELS = ("lab", "stock")
+
+
 def to_semi_structured(model: nn.Module, *, linears: Sequence[str] | None = None,
-                       alg_search_tokens: int | None = None, progress: bool = False) -> SemiStructuredReport:
-    """Replace, in place, the weight (out, in) of every prunable decoder linear (or of ``linears``, names as in
-    ``prunable_linears``) with its cuSPARSELt 2:4 compressed form; ``nn.Linear`` then runs the sparse kernel.
+                       alg_search_tokens: int | None = None, kernel: str = "lab",
+                       progress: bool = False) -> SemiStructuredReport:
+    """Make every prunable decoder linear (or ``linears``, names as in ``prunable_linears``) run on its 2:4
+    compressed weight, in place. ``kernel="lab"`` (default) replaces each ``nn.Linear`` by a ``SparseLinear24``
+    (one cuSPARSELt call, transpose fused, row-major output: see ``labutils.sparse24`` for why); ``"stock"``
+    keeps the ``nn.Linear`` and swaps its weight for torch's ``SparseSemiStructuredTensor`` (for comparison).
 
     Nothing is changed unless every selected weight passes first: exactly 2:4 (BadInput naming each layer and its
     violating groups), shape multiples of the kernel's tile (BadInput), a device that can run it (LabError saying
     why), float16 / bfloat16 (BadInput). ``alg_search_tokens`` runs cuSPARSELt's algorithm search once per weight
     shape for inputs of that many tokens (slower conversion, sometimes faster matmuls); None keeps algorithm 0.
     """
+    if kernel not in KERNELS:
+        raise BadInput(f"kernel must be one of {', '.join(KERNELS)}; got {kernel!r}")
     selected = _select(model, linears)
     problems = _pattern_and_shape_problems(selected)
     if problems:
@@ -158,42 +174,46 @@ def to_semi_structured(model: nn.Module, *, linears: Sequence[str] | None = None
                        f"{' …' if len(wrong) > 3 else ''}: convert the model with model.half() first")
     if alg_search_tokens is not None:
         check_positive_int("alg_search_tokens", alg_search_tokens)
-    return _convert(selected, alg_search_tokens, progress)
+    return _convert(model, selected, alg_search_tokens, kernel, progress)
 
 
 @torch.no_grad()
-def _convert(selected: dict[str, nn.Linear], alg_search_tokens: int | None, progress: bool) -> SemiStructuredReport:
+def _convert(model: nn.Module, selected: dict[str, nn.Linear], alg_search_tokens: int | None, kernel: str,
+             progress: bool) -> SemiStructuredReport:
     dense_bytes = compressed_bytes = 0
     alg_ids: dict[str, int] = {}
     by_shape: dict[tuple[int, int], int] = {}
+    checked: set[tuple[int, int]] = set()
+    layers = find_decoder_layers(model)
     for name, lin in tqdm(selected.items(), desc="2:4 compress", unit="linear", disable=not progress):
         weight = lin.weight.detach().contiguous()
         try:
-            alg_id = 0
-            if alg_search_tokens is not None:
-                if weight.shape not in by_shape:
-                    by_shape[weight.shape] = _search_alg_id(weight, alg_search_tokens)
-                alg_id = by_shape[weight.shape]
-            sparse = _backend().from_dense(weight, alg_id=alg_id)
+            if weight.shape not in by_shape:
+                by_shape[weight.shape] = 0 if alg_search_tokens is None else search_alg_id(
+                    torch._cslt_compress(weight), weight.shape[1], alg_search_tokens, weight.dtype, weight.device)
+            alg_id = by_shape[weight.shape]
+            if kernel == "lab":
+                module = SparseLinear24.from_linear(lin, pad_to=_min_shape(weight.dtype, dense=True)[0])
+                module.alg_id = alg_id
+                if weight.shape not in checked:  # one check per shape catches a wrong layout at once
+                    check_against_dense(module, weight, lin.bias, name)
+                    checked.add(weight.shape)
+                _, index, path = name.split(".", 2)
+                parent, _, attr = path.rpartition(".")
+                setattr(layers[int(index)].get_submodule(parent), attr, module)
+                packed = module.packed
+            else:
+                sparse = _backend().from_dense(weight, alg_id=alg_id)
+                lin.weight = nn.Parameter(sparse, requires_grad=False)
+                packed = sparse.packed
         except RuntimeError as exc:  # a cuSPARSELt failure: say where, and that earlier layers are converted
             raise LabError(f"cuSPARSELt could not compress {name} {tuple(weight.shape)} {weight.dtype}: {exc}. "
                            f"{len(alg_ids)} linears before it are already converted; rebuild the model.") from exc
         dense_bytes += weight.numel() * weight.element_size()
-        compressed_bytes += sparse.packed.numel() * sparse.packed.element_size()
-        lin.weight = nn.Parameter(sparse, requires_grad=False)
+        compressed_bytes += packed.numel() * packed.element_size()
         alg_ids[name] = alg_id
     return SemiStructuredReport(converted=tuple(alg_ids), dense_mib=dense_bytes / 2**20,
-                                compressed_mib=compressed_bytes / 2**20, alg_ids=alg_ids)
-
-
-def _search_alg_id(weight: torch.Tensor, tokens: int) -> int:
-    """cuSPARSELt's fastest algorithm id for weight (out, in) times inputs of ``tokens`` rows, searched with the
-    same operand layout ``nn.Linear`` uses on the subclass: dense operand xᵀ (in, tokens), transposed result."""
-    packed = torch._cslt_compress(weight)
-    x = torch.randn(tokens, weight.shape[1], dtype=weight.dtype, device=weight.device)
-    with warnings.catch_warnings():  # newer torch marks the search as deprecated; it still answers
-        warnings.filterwarnings("ignore", message=".*_cslt_sparse_mm_search.*")
-        return int(torch._cslt_sparse_mm_search(packed, x.t(), transpose_result=True))
+                                compressed_mib=compressed_bytes / 2**20, alg_ids=alg_ids, kernel=kernel)
 
 
 @dataclass(frozen=True)

@@ -134,7 +134,7 @@ def test_out_of_memory_is_reraised_with_advice(tiny_model, calib_tokens, monkeyp
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("labutils.pruning.run_layer", oom)
+    monkeypatch.setattr("labutils.calibration.run_layer", oom)
     with pytest.raises(lu.LabError, match="out of GPU memory.*fewer calibration samples.*--seqlen"):
         lu.prune_model(tiny_model, "wanda", lu.SparsityTarget.of(sparsity=0.5), calib_tokens)
 

@@ -8,6 +8,7 @@ from conftest import make_tiny
 import labutils as lu
 from labutils.benchmark import memory_table
 from labutils.cudagraphs import graphed_forward
+from labutils.sparse24 import SparseLinear24
 from labutils.semistructured import (
     SemiStructuredReport,
     prefill_speedup_table,
@@ -147,14 +148,15 @@ def test_verify_bad_input(tiny_model, tokens, kwargs, message):
 
 # ---- on a GPU with 2:4 kernels ----------------------------------------------------------------------------------
 
-@pytest.fixture
-def gpu_pair():
-    """A tiny fp16 Llama with kernel-friendly dims (multiples of 64 / 128), pruned 2:4, and a compressed copy."""
+@pytest.fixture(params=["lab", "stock"])
+def gpu_pair(request):
+    """A tiny fp16 Llama with kernel-friendly dims (multiples of 64 / 128), pruned 2:4, and a compressed copy
+    (the lab's SparseLinear24 modules, or torch's stock subclass weights)."""
     config = lu.tiny_llama_config(vocab_size=512, hidden_size=128, intermediate_size=256, num_attention_heads=4,
                                   num_key_value_heads=4, max_position_embeddings=256)
     dense = prune_2_4(lu.random_model(config, torch.float16, torch.device("cuda"), seed=0))
     sparse = copy.deepcopy(dense)
-    return dense, sparse, to_semi_structured(sparse)
+    return dense, sparse, to_semi_structured(sparse, kernel=request.param)
 
 
 @needs_2_4_kernels
@@ -162,8 +164,11 @@ def test_gpu_convert_and_verify(gpu_pair):
     dense, sparse, report = gpu_pair
     assert semi_structured_ready(dense)[0]
     assert len(report.converted) == 14 and report.compression < 0.7
-    assert all(isinstance(lin.weight, torch.sparse.SparseSemiStructuredTensor)
-               for lin in lu.prunable_linears(sparse).values())
+    if report.kernel == "lab":
+        assert all(isinstance(lin, SparseLinear24) for lin in lu.prunable_linears(sparse).values())
+    else:
+        assert all(isinstance(lin.weight, torch.sparse.SparseSemiStructuredTensor)
+                   for lin in lu.prunable_linears(sparse).values())
     tokens = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
     check = verify_semi_structured(dense, sparse, tokens, atol=1e-2, rtol=1e-2)
     assert check.passed and check.top1_agreement > 0.98, check
@@ -219,3 +224,85 @@ def test_gpu_float32_model_is_refused():
     message = r"float16 or bfloat16 weights; got layers.0.self_attn.q_proj \(torch.float32\)"
     with pytest.raises(lu.BadInput, match=message):
         to_semi_structured(model)
+
+
+# ---- the lab's 2:4 linear, with cuSPARSELt emulated on the CPU ----------------------------------------------------
+
+def emulated_cslt(packed, dense_t, *, bias, transpose_result, alg_id):
+    """torch._cslt_sparse_mm's contract with ``packed`` = the dense 2:4 weight: W · B, transposed if asked."""
+    out = packed @ dense_t
+    if bias is not None:
+        out = out + bias[:, None]
+    return out.t().contiguous() if transpose_result else out
+
+
+def emulated_module(linear, **kwargs):
+    return SparseLinear24.from_linear(linear, compress=lambda w: w.clone(), mm=emulated_cslt, **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(2, 37), (1, 1), (3, 8), (16,)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_sparse_linear_matches_linear_on_any_token_count(shape, bias):
+    """Padding to multiples of 8 tokens, the transposed operand and the fused transpose give F.linear exactly."""
+    torch.manual_seed(0)
+    linear = prune_2_4_linear(torch.nn.Linear(32, 48, bias=bias))
+    module = emulated_module(linear)
+    x = torch.randn(*shape, 32)
+    y = module(x)
+    assert y.shape == (*shape, 48) and y.is_contiguous()
+    torch.testing.assert_close(y, linear(x))
+    lu.find_linears(torch.nn.Sequential(module))  # recognised as a linear sublayer
+
+
+def prune_2_4_linear(linear):
+    lu.prune_by_score(linear, lu.magnitude_score(linear.weight), lu.SparsityTarget.of(nm="2:4"))
+    return linear
+
+
+def test_sparse_linear_layout_check_catches_an_untransposed_result():
+    from labutils.sparse24 import check_against_dense
+
+    linear = prune_2_4_linear(torch.nn.Linear(32, 48, bias=False))
+    good = emulated_module(linear)
+    check_against_dense(good, linear.weight, None, "ok")
+    wrong_layout = SparseLinear24(linear.weight.clone(), 48, 32, mm=lambda p, d, **kw: (p @ d).contiguous())
+    with pytest.raises(lu.LabError, match="2:4 kernel for layers.0.mlp.up_proj"):
+        check_against_dense(wrong_layout, linear.weight, None, "layers.0.mlp.up_proj")
+
+
+def test_sparse_linear_algorithm_search_is_used():
+    linear = prune_2_4_linear(torch.nn.Linear(32, 48, bias=False))
+    seen = {}
+
+    def search(packed, in_features, tokens, dtype, device):
+        seen.update(in_features=in_features, tokens=tokens)
+        return 3
+
+    module = emulated_module(linear, alg_search_tokens=64, search=search)
+    assert module.alg_id == 3 and seen == {"in_features": 32, "tokens": 64}
+    assert "alg_id=3" in repr(module)
+
+
+def test_unknown_kernel_is_refused(tiny_model):
+    with pytest.raises(lu.BadInput, match="kernel must be one of lab, stock; got 'fast'"):
+        to_semi_structured(prune_2_4(tiny_model), kernel="fast")
+
+
+def test_linear_shapes_lists_each_shape_once(tiny_model):
+    shapes = lu.linear_shapes(tiny_model)
+    assert shapes == {(64, 64): ["self_attn.q_proj", "self_attn.o_proj"], (32, 64): ["self_attn.k_proj",
+                      "self_attn.v_proj"], (128, 64): ["mlp.gate_proj", "mlp.up_proj"], (64, 128): ["mlp.down_proj"]}
+
+
+def test_linear_speedup_table_refuses_without_kernels_and_bad_input():
+    with pytest.raises(lu.BadInput, match="positive integer token counts"):
+        lu.linear_speedup_table([(64, 64)], [0])
+    with pytest.raises(lu.LabError, match=CPU_REFUSAL if not HAS_CUDA else "cannot time 2:4 kernels"):
+        lu.linear_speedup_table([(64, 64)], [64], device="cpu")
+
+
+@needs_2_4_kernels
+def test_gpu_linear_speedup_table():
+    table = lu.linear_speedup_table([(128, 256)], [64, 100], warmup=1, repeats=2, progress=False)
+    assert list(table.index) == [("128×256", 64), ("128×256", 100)]
+    assert (table[["dense ms", "2:4 alg 0 ms", "2:4 searched ms"]] > 0).all().all()

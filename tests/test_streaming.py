@@ -1,0 +1,197 @@
+"""Low-memory mode (weights and activations streamed from CPU memory) and the bench-prune benchmark, on the CPU."""
+import copy
+import json
+
+import pytest
+import torch
+from conftest import make_tiny
+
+import labutils as lu
+from labutils.cli import main
+from labutils.device import SectionTimer
+from labutils.prunebench import bench_prune, bench_setup, forward_floor
+from labutils.streaming import OffloadedLayers, StreamedInputs, calibration_inputs, tree_to
+
+TARGETS = {"50%": lu.SparsityTarget.of(sparsity=0.5), "2:4": lu.SparsityTarget.of(nm="2:4"),
+           "60%": lu.SparsityTarget.of(sparsity=0.6)}
+
+
+@pytest.mark.parametrize("method, target, options", [
+    ("wanda", "50%", {}), ("wanda", "2:4", {}), ("magnitude", "50%", {}), ("sparsegpt", "2:4", {}),
+    ("ria", "50%", {}), ("wanda", "50%", {"true_sequential": True}), ("wanda", "60%", {"owl": lu.OwlConfig()}),
+])
+def test_low_memory_mode_gives_the_default_modes_weights(method, target, options, calib_tokens):
+    model = make_tiny(num_hidden_layers=3)
+    default, low = copy.deepcopy(model), copy.deepcopy(model)
+    a = lu.prune_model(default, method, TARGETS[target], calib_tokens, batch_size=4, progress=False, **options)
+    b = lu.prune_model(low, method, TARGETS[target], calib_tokens, batch_size=4, progress=False, device="cpu",
+                       low_memory=True, **options)
+    assert b.low_memory and not a.low_memory
+    assert a.mask_sha256 == b.mask_sha256
+    for (name, x), y in zip(default.state_dict().items(), low.state_dict().values()):
+        assert torch.equal(x, y), name  # not only the masks: SparseGPT's updated weights too
+    assert [s.pruned for s in a.sublayers] == [s.pruned for s in b.sublayers]
+    assert a.layer_sparsity == b.layer_sparsity
+
+
+def test_streamed_inputs_copy_every_batch_and_match_resident_inputs(tiny_model, calib_tokens):
+    resident = calibration_inputs(tiny_model, calib_tokens, 4, torch.device("cpu"), low_memory=False)
+    streamed = calibration_inputs(tiny_model, calib_tokens, 4, torch.device("cpu"), low_memory=True)
+    assert isinstance(streamed, StreamedInputs) and len(streamed.hidden) == 2
+    layers = lu.find_decoder_layers(tiny_model)
+    for i, layer in enumerate(layers):
+        produced = []
+        handle = layer.register_forward_hook(lambda m, a, out: produced.append(out))
+        resident.run(layer, i, advance=True)
+        streamed.run(layer, i, advance=True)
+        handle.remove()
+        for r, s in zip(resident.hidden, streamed.hidden):
+            torch.testing.assert_close(s, r, rtol=0, atol=0)
+        # the streamed store holds its own copies, never the tensors the layer returned
+        own = {t.data_ptr() for t in streamed.hidden}
+        assert not own & {(o[0] if isinstance(o, tuple) else o).data_ptr() for o in produced}
+    streamed.finish()
+
+
+def test_statistics_pass_keeps_no_outputs(tiny_model, calib_tokens):
+    inputs = calibration_inputs(tiny_model, calib_tokens, 4, torch.device("cpu"), low_memory=False)
+    before = [t.clone() for t in inputs.hidden]
+    layer = lu.find_decoder_layers(tiny_model)[0]
+    assert lu.run_layer(layer, 0, inputs, keep=False) == []
+    inputs.run(layer, 0, advance=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, inputs.hidden))
+
+
+def test_tree_to_copies_shared_tensors_once():
+    t = torch.arange(4.0)
+    copied = tree_to({"a": t, "b": (t, 3, None), "c": [t * 2]}, torch.device("cpu"))
+    assert copied["a"] is copied["b"][0] and copied["a"].data_ptr() != t.data_ptr()
+    assert copied["b"][1:] == (3, None) and torch.equal(copied["c"][0], t * 2)
+
+
+def test_offloaded_layers_visit_and_return(tiny_model):
+    layers = lu.find_decoder_layers(tiny_model)
+    with OffloadedLayers(layers, torch.device("cpu")) as placement:
+        for i in range(len(layers)):
+            assert placement.attach(i) is layers[i]
+            placement.prefetch(i + 1)
+            placement.release(i)
+    assert all(p.device.type == "cpu" for p in tiny_model.parameters())
+
+
+def test_low_memory_needs_the_model_in_cpu_memory(tiny_model, calib_tokens):
+    target = TARGETS["50%"]
+    with pytest.raises(lu.BadInput, match="low_memory keeps the model in CPU memory.*the model is on meta"):
+        lu.prune_model(tiny_model.to("meta"), "wanda", target, calib_tokens, low_memory=True)
+
+
+def test_default_mode_prunes_where_the_model_is(tiny_model, calib_tokens):
+    with pytest.raises(lu.BadInput, match="the model is on cpu and the default mode prunes where the model is"):
+        lu.prune_model(tiny_model, "wanda", TARGETS["50%"], calib_tokens, device="meta")
+
+
+def test_section_timer_on_cpu_times_each_section():
+    timer = SectionTimer(torch.device("cpu"))
+    for _ in range(3):
+        with timer.section():
+            sum(range(1000))
+    seconds = timer.seconds()
+    assert len(seconds) == 3 and all(0 <= s < 1 for s in seconds)
+
+
+def test_forward_floor_runs_each_layer_twice_but_the_last(tiny_model, calib_tokens):
+    calls = []
+    for i, layer in enumerate(lu.find_decoder_layers(tiny_model)):
+        layer.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+    forward_floor(tiny_model, calib_tokens, 3)
+    assert calls == [0] * 4 + [1] * 2  # 2 batches: layer 0 twice, the last layer once
+
+
+def test_bench_prune_tiny_measures_floor_modes_and_masks(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench-prune", "--tiny", "--device", "cpu", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "floor: 2 passes / layer" in printed and f"wrote {out}" in printed
+    record = json.loads(out.read_text())
+    assert record["setup"]["layers"] == 4 and record["setup"]["nsamples"] == 8
+    rows = record["rows"]
+    assert [(r["mode"], r["target"]) for r in rows] == [("default", "50%"), ("default", "2:4"),
+                                                       ("low-memory", "50%"), ("low-memory", "2:4")]
+    floor = record["floor"]["seconds"]
+    assert floor > 0 and record["floor"]["peak_gib"] is None  # no GPU memory to measure on a CPU
+    for row in rows:
+        assert row["× floor"] == pytest.approx(row["seconds"] / floor)
+    assert rows[0]["mask sha256"] == rows[2]["mask sha256"] != rows[1]["mask sha256"] == rows[3]["mask sha256"]
+    assert record["goals"]["low-memory 2:4 same masks as default"] is True
+    assert record["environment"]["device"] == "cpu" and record["environment"]["torch"]
+
+
+def test_bench_prune_result_table_and_goals():
+    setup = bench_setup(tiny=True, device="cpu", nsamples=4, seqlen=32, targets=["2:4"], modes=["low-memory"])
+    result = bench_prune(setup, progress=False)
+    table = result.table()
+    assert list(table.index) == [("floor: 2 passes / layer", ""), ("low-memory", "2:4")]
+    assert set(result.goals()) == {"low-memory 2:4 ≤ 1.15× floor"}  # nothing to compare masks with
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--modes", "fast"], "unknown mode 'fast'; allowed: default, low-memory"),
+    (["--targets", "5:4"], "N:M pattern needs 1 ≤ N < M; got N=5, M=4"),
+    (["--targets", "half"], "target must look like '50%', '0.5' or '2:4'; got 'half'"),
+    (["--nsamples", "0"], "nsamples must be a positive integer"),
+    (["--seqlen", "4096"], "seqlen 4096 exceeds the model's 256 positions"),
+    (["--method", "obs"], "unknown method 'obs'"),
+])
+def test_bench_prune_bad_input(argv, message, capsys):
+    assert main(["bench-prune", "--tiny", "--device", "cpu", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_bench_prune_at_7b_scale_needs_cuda(capsys):
+    assert main(["bench-prune"]) == 2
+    err = capsys.readouterr().err
+    assert "bench-prune at Llama-2-7B scale" in err and "needs a CUDA GPU" in err and "--tiny runs anywhere" in err
+
+
+def test_main_job_low_memory_gives_the_same_model(tmp_path):
+    """`python -m labutils prune --low-memory` on the default profile: same masks and perplexities as the default."""
+    sizes = dict(nsamples=4, seqlen=64, eval_tokens=512, batch_size=2, device="cpu")
+    default = lu.run_prune_job(lu.PruneJob(out=str(tmp_path / "default"), **sizes), progress=False)
+    low = lu.run_prune_job(lu.PruneJob(out=str(tmp_path / "low"), low_memory=True, **sizes), progress=False)
+    assert low["mask_sha256"] == default["mask_sha256"]
+    assert low["perplexity"] == default["perplexity"]
+    assert lu.is_lab_output(tmp_path / "low")
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: streams, pinned memory")
+
+
+@needs_cuda
+@pytest.mark.parametrize("target", ["50%", "2:4"])
+def test_gpu_low_memory_same_weights_less_memory(target):
+    """On a GPU: streamed from pinned CPU memory on copy streams, the weights still match the default mode's."""
+    config = lu.tiny_llama_config(num_hidden_layers=4, hidden_size=256, intermediate_size=512,
+                                  max_position_embeddings=256)
+    tokens = torch.randint(0, 256, (8, 128), generator=torch.Generator().manual_seed(0))
+    on_gpu = lu.random_model(config, torch.float16, torch.device("cuda"), seed=0)
+    on_cpu = copy.deepcopy(on_gpu).to("cpu")
+    torch.cuda.reset_peak_memory_stats()
+    a = lu.prune_model(on_gpu, "wanda", TARGETS[target], tokens, batch_size=2, progress=False)
+    default_peak = torch.cuda.max_memory_allocated()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    b = lu.prune_model(on_cpu, "wanda", TARGETS[target], tokens, batch_size=2, progress=False, device="cuda",
+                       low_memory=True)
+    assert torch.cuda.max_memory_allocated() - base < default_peak
+    assert a.mask_sha256 == b.mask_sha256 and all(p.device.type == "cpu" for p in on_cpu.parameters())
+    for x, y in zip(on_gpu.state_dict().values(), on_cpu.state_dict().values()):
+        assert torch.equal(x.cpu(), y)
+
+
+@needs_cuda
+def test_gpu_bench_prune_tiny_reports_peak_memory():
+    result = bench_prune(bench_setup(tiny=True, device="cuda"), progress=False)
+    assert result.floor.peak_gib > 0 and all(row["peak GPU GiB"] > 0 for row in result.rows)
+    assert all(v for k, v in result.goals().items() if "same masks" in k)
