@@ -277,12 +277,31 @@ def _peak_prefill_mib(model: nn.Module, prompt_len: int, seed: int) -> float:
     if device.type != "cuda":
         return math.nan
     _check_length(model, prompt_len, "prompt_len")
-    run = prefill_fn(model, random_prompt(model, prompt_len, 1, seed))
+    return measure(device, prefill_fn(model, random_prompt(model, prompt_len, 1, seed))).peak_gib * 1024
+
+
+@dataclass
+class Measured:
+    """One ``measure`` call: wall seconds, peak GPU GiB and what the function returned."""
+
+    seconds: float
+    peak_gib: float  # peak GPU memory allocated by torch; NaN off CUDA
+    result: object = None
+
+
+def measure(device: torch.device, fn: Callable[[], object]) -> Measured:
+    """Wall time of ``fn()`` with the device idle before and after, and the peak GPU memory it allocated."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    run()
+    start = time.perf_counter()
+    result = fn()
     synchronize(device)
-    return torch.cuda.max_memory_allocated(device) / 2**20
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else math.nan
+    return Measured(seconds, peak, result)
 
 
 @torch.inference_mode()

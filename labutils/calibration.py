@@ -144,12 +144,7 @@ class _InputHooks:
         def hook(module, args, output):
             x = args[0]
             if self._last is None or self._last[0] is not x:
-                flat = x.detach().reshape(-1, x.shape[-1])
-                term_16bit = getattr(self, "_term_16bit", None)
-                if term_16bit is not None and flat.dtype in (torch.float16, torch.bfloat16):
-                    self._last = (x, term_16bit(flat))
-                else:
-                    self._last = (x, self._term(flat.float()))
+                self._last = (x, self._term(x.detach().reshape(-1, x.shape[-1])))
             self.stats[name].add_(self._last[1])
         return hook
 
@@ -174,14 +169,12 @@ class InputNormAccumulator(_InputHooks):
         return torch.zeros(lin.in_features, dtype=torch.float32, device=lin.weight.device)
 
     @staticmethod
-    def _term(x: torch.Tensor) -> torch.Tensor:  # x: (tokens, in), already float32 (see _hook)
-        return x.pow(2).sum(dim=0)
-
-    @staticmethod
-    def _term_16bit(x: torch.Tensor) -> torch.Tensor:  # x: (tokens, in) in float16 / bfloat16
-        # The reduction accumulates in float32 without a float32 copy of x (1.4 GiB for one batch of 8 × 4096
-        # tokens into Llama-2-7B's down_proj); squaring in 16 bits instead would overflow above 256.
-        return torch.linalg.vector_norm(x, 2, dim=0, dtype=torch.float32).square()
+    def _term(x: torch.Tensor) -> torch.Tensor:  # x: (tokens, in), the layer's dtype
+        if x.dtype in (torch.float16, torch.bfloat16):
+            # Accumulate in float32 without a float32 copy of x (1.4 GiB for one batch of 8 × 4096 tokens into
+            # Llama-2-7B's down_proj); squaring in 16 bits instead would overflow above 256.
+            return torch.linalg.vector_norm(x, 2, dim=0, dtype=torch.float32).square()
+        return x.float().pow(2).sum(dim=0)
 
 
 class HessianAccumulator(_InputHooks):
@@ -192,7 +185,8 @@ class HessianAccumulator(_InputHooks):
         return torch.zeros(lin.in_features, lin.in_features, dtype=torch.float32, device=lin.weight.device)
 
     @staticmethod
-    def _term(x: torch.Tensor) -> torch.Tensor:
+    def _term(x: torch.Tensor) -> torch.Tensor:  # x: (tokens, in), the layer's dtype
+        x = x.float()
         return 2 * x.T @ x
 
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from .calibration import INPUT_NORMS, layer_statistics
 from .errors import BadInput
 from .methods.base import check_number
 from .methods.wanda import wanda_score
 from .models import find_decoder_layers, find_linears, model_device
-from .streaming import calibration_inputs, layer_placement
+from .streaming import calibration_inputs, layer_visits
 
 
 @dataclass(frozen=True)
@@ -43,15 +42,12 @@ def layer_outlier_ratios(model, tokens: torch.Tensor, batch_size: int, m: float,
     device = device or model_device(model)
     inputs = calibration_inputs(model, tokens, batch_size, device, low_memory)
     ratios = []
-    with layer_placement(layers, device, low_memory) as placement:
-        for i in tqdm(range(len(layers)), desc="OWL outlier ratios", unit="layer", disable=not progress):
-            layer = placement.attach(i)
-            placement.prefetch(i + 1)
+    with layer_visits(layers, device, low_memory, "OWL outlier ratios", progress) as visits:
+        for i, layer in visits:
             linears = find_linears(layer)
             stats = layer_statistics(layer, i, inputs, linears, INPUT_NORMS, advance=True)
             scores = torch.cat([wanda_score(lin.weight, stats[name]).flatten() for name, lin in linears.items()])
             ratios.append((scores > m * scores.mean()).float().mean())
-            placement.release(i)
     inputs.finish()
     return torch.stack(ratios).tolist()
 

@@ -16,18 +16,18 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import pandas as pd
 import torch
 from transformers import LlamaConfig
 
+from .benchmark import Measured, measure
 from .checks import versions
 from .config import check_positive_int, get_profile
-from .device import get_device, require_cuda, set_seed, synchronize
+from .device import get_device, require_cuda, set_seed
 from .errors import BadInput
 from .masks import SparsityTarget
 from .models import LLAMA2_7B_CONFIG, find_decoder_layers, random_model, tiny_llama_config
@@ -123,28 +123,6 @@ def forward_floor(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int)
 
 
 @dataclass
-class Measured:
-    seconds: float
-    peak_gib: float  # peak GPU memory allocated by torch; NaN off CUDA
-    result: object = None
-
-
-def measure(device: torch.device, fn: Callable[[], object]) -> Measured:
-    """Wall time of ``fn()`` with the device idle before and after, and the peak GPU memory it allocated."""
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    synchronize(device)
-    start = time.perf_counter()
-    result = fn()
-    synchronize(device)
-    seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else math.nan
-    return Measured(seconds, peak, result)
-
-
-@dataclass
 class BenchResult:
     """What ``bench_prune`` measured; ``table()`` is the printed table, ``to_json()`` the saved record."""
 
@@ -154,9 +132,7 @@ class BenchResult:
     environment: dict = field(default_factory=dict)
 
     def table(self) -> pd.DataFrame:
-        floor = {"mode": "floor: 2 passes / layer", "target": "", "seconds": self.floor.seconds, "× floor": 1.0,
-                 "peak GPU GiB": self.floor.peak_gib, "mask sha256": "", "same masks as default": ""}
-        return pd.DataFrame([floor, *self.rows]).set_index(["mode", "target"])
+        return _table(self.floor.seconds, self.floor.peak_gib, self.rows)
 
     def goals(self) -> dict[str, bool]:
         """Which of the lab's goals this run met: each mode's × floor, and identical masks in both modes."""
@@ -174,6 +150,13 @@ class BenchResult:
         return {"benchmark": "bench-prune", "setup": self.setup, "environment": self.environment,
                 "floor": {"seconds": self.floor.seconds, "peak_gib": _nan_to_none(self.floor.peak_gib)},
                 "rows": [{k: _nan_to_none(v) for k, v in row.items()} for row in self.rows], "goals": self.goals()}
+
+
+def _table(floor_seconds: float, floor_peak_gib: float | None, rows: list[dict]) -> pd.DataFrame:
+    """The floor first (× floor 1), then one row per (mode, target)."""
+    floor = {"mode": "floor: 2 passes / layer", "target": "", "seconds": floor_seconds, "× floor": 1.0,
+             "peak GPU GiB": floor_peak_gib, "mask sha256": "", "same masks as default": ""}
+    return pd.DataFrame([floor, *rows]).set_index(["mode", "target"])
 
 
 def _nan_to_none(value):
@@ -238,8 +221,6 @@ def saved_bench_results(folder: str | Path = "benchmarks/results") -> pd.DataFra
     if not files:
         return None
     record = json.loads(files[-1].read_text())
-    floor = {"mode": "floor: 2 passes / layer", "target": "", "seconds": record["floor"]["seconds"], "× floor": 1.0,
-             "peak GPU GiB": record["floor"]["peak_gib"]}
-    table = pd.DataFrame([floor, *record["rows"]]).set_index(["mode", "target"])
+    table = _table(record["floor"]["seconds"], record["floor"]["peak_gib"], record["rows"])
     table.attrs.update(file=str(files[-1]), **record["environment"], **record["setup"])
     return table

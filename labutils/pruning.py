@@ -15,7 +15,6 @@ from typing import Sequence
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .calibration import layer_statistics
 from .config import check_positive_int
@@ -26,7 +25,7 @@ from .methods import REGISTRY, Method, get_method
 from .models import find_decoder_layers, find_linears, model_device
 from .owl import OwlConfig, layer_outlier_ratios, owl_sparsities
 from .sparsity import mask_sha256
-from .streaming import calibration_inputs, layer_placement
+from .streaming import calibration_inputs, layer_visits
 
 METHODS = tuple(REGISTRY)
 # True-sequential mode re-collects statistics for the sublayers that read other sublayers' outputs directly,
@@ -192,10 +191,8 @@ def _prune_layers(model, meth: Method, params, target, tokens, batch_size, progr
     inputs = calibration_inputs(model, tokens, batch_size, device, low_memory) if meth.needs_calibration else None
     method_timer, layer_timer = SectionTimer(device), SectionTimer(device)
     pruned: list[tuple[int, str, torch.Size, torch.Tensor]] = []
-    with layer_placement(layers, device, low_memory) as placement:
-        for i in tqdm(range(len(layers)), desc=report.label, unit="layer", disable=not progress):
-            layer = placement.attach(i)
-            placement.prefetch(i + 1)
+    with layer_visits(layers, device, low_memory, report.label, progress) as visits:
+        for i, layer in visits:
             with layer_timer.section():
                 linears = find_linears(layer)
                 for stage in calibration_stages(list(linears), true_sequential):
@@ -208,12 +205,11 @@ def _prune_layers(model, meth: Method, params, target, tokens, batch_size, progr
                         pruned.append((i, name, mask.shape, mask.sum()))
                 if inputs is not None and i + 1 < len(layers):
                     inputs.run(layer, i, advance=True)
-            placement.release(i)
     if inputs is not None:
         inputs.finish()
     synchronize(device)
     report.seconds = time.perf_counter() - start
-    counts = torch.stack([count.to(device) for *_, count in pruned]).tolist()
+    counts = torch.stack([count for *_, count in pruned]).tolist()
     report.sublayers = [SublayerReport(i, name, *shape, n, n / shape.numel())
                         for (i, name, shape, _), n in zip(pruned, counts)]
     report.method_seconds = sum(method_timer.seconds())

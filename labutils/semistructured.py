@@ -30,7 +30,7 @@ from .device import cuda_capability, get_device, semi_structured_support
 from .errors import BadInput, LabError
 from .models import find_decoder_layers, max_sequence_length, model_device
 from .sparse24 import SparseLinear24, check_against_dense, search_alg_id
-from .sparsity import nm_violations, prunable_linears
+from .sparsity import nm_violations, prunable_linears, split_linear_name
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 _FALLBACK_MIN_SHAPE = (16, 16)  # torch 2.13's cuSPARSELt multiples for 16-bit weights, if its private table moves
@@ -183,29 +183,32 @@ def _convert(model: nn.Module, selected: dict[str, nn.Linear], alg_search_tokens
     dense_bytes = compressed_bytes = 0
     alg_ids: dict[str, int] = {}
     by_shape: dict[tuple[int, int], int] = {}
-    checked: set[tuple[int, int]] = set()
     layers = find_decoder_layers(model)
     for name, lin in tqdm(selected.items(), desc="2:4 compress", unit="linear", disable=not progress):
         weight = lin.weight.detach().contiguous()
         try:
-            if weight.shape not in by_shape:
+            if kernel == "lab":
+                packed = torch._cslt_compress(weight)
+            else:
+                sparse = _backend().from_dense(weight)  # compresses with torch._cslt_compress too
+                packed = sparse.packed
+            first_of_shape = weight.shape not in by_shape
+            if first_of_shape:  # the search runs once per weight shape, on this compressed weight
                 by_shape[weight.shape] = 0 if alg_search_tokens is None else search_alg_id(
-                    torch._cslt_compress(weight), weight.shape[1], alg_search_tokens, weight.dtype, weight.device)
+                    packed, weight.shape[1], alg_search_tokens, weight.dtype, weight.device)
             alg_id = by_shape[weight.shape]
             if kernel == "lab":
-                module = SparseLinear24.from_linear(lin, pad_to=_min_shape(weight.dtype, dense=True)[0])
-                module.alg_id = alg_id
-                if weight.shape not in checked:  # one check per shape catches a wrong layout at once
+                bias = None if lin.bias is None else lin.bias.detach().clone()
+                module = SparseLinear24(packed, *weight.shape, bias, alg_id=alg_id,
+                                        pad_to=_min_shape(weight.dtype, dense=True)[0])
+                if first_of_shape:  # one check per shape catches a wrong layout at once
                     check_against_dense(module, weight, lin.bias, name)
-                    checked.add(weight.shape)
-                _, index, path = name.split(".", 2)
+                index, path = split_linear_name(name)
                 parent, _, attr = path.rpartition(".")
-                setattr(layers[int(index)].get_submodule(parent), attr, module)
-                packed = module.packed
+                setattr(layers[index].get_submodule(parent), attr, module)
             else:
-                sparse = _backend().from_dense(weight, alg_id=alg_id)
+                sparse.alg_id_cusparselt = alg_id
                 lin.weight = nn.Parameter(sparse, requires_grad=False)
-                packed = sparse.packed
         except RuntimeError as exc:  # a cuSPARSELt failure: say where, and that earlier layers are converted
             raise LabError(f"cuSPARSELt could not compress {name} {tuple(weight.shape)} {weight.dtype}: {exc}. "
                            f"{len(alg_ids)} linears before it are already converted; rebuild the model.") from exc

@@ -20,14 +20,14 @@ from .errors import BadInput, LabError
 from .masks import nm_mask
 from .semistructured import _device_problem, _min_shape
 from .sparse24 import SparseLinear24, search_alg_id
-from .sparsity import prunable_linears
+from .sparsity import prunable_linears, split_linear_name
 
 
 def linear_shapes(model: torch.nn.Module) -> dict[tuple[int, int], list[str]]:
     """Each distinct (out, in) weight shape of the decoder linears, with the sublayer names that have it."""
     shapes: dict[tuple[int, int], list[str]] = {}
     for name, lin in prunable_linears(model).items():
-        sub = name.split(".", 2)[2]
+        _, sub = split_linear_name(name)
         names = shapes.setdefault((lin.out_features, lin.in_features), [])
         if sub not in names:
             names.append(sub)

@@ -22,6 +22,12 @@ def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
             for name, lin in find_linears(layer).items()}
 
 
+def split_linear_name(name: str) -> tuple[int, str]:
+    """(layer index, sublayer path) of a ``prunable_linears`` key: "layers.3.mlp.up_proj" → (3, "mlp.up_proj")."""
+    _, layer, sublayer = name.split(".", 2)
+    return int(layer), sublayer
+
+
 def mask_sha256(model: nn.Module) -> str:
     """SHA-256 of the zero pattern of all prunable weights: equal hashes mean identical masks."""
     digest = hashlib.sha256()
@@ -48,8 +54,8 @@ def sparsity_table(model: nn.Module, nm: tuple[int, int] | None = None) -> pd.Da
     for name, lin in prunable_linears(model).items():
         zeros = lin.weight.detach() == 0
         row_sparsity = zeros.float().mean(dim=1)
-        _, layer, sublayer = name.split(".", 2)
-        row = {"layer": int(layer), "sublayer": sublayer, "shape": tuple(lin.weight.shape),
+        layer, sublayer = split_linear_name(name)
+        row = {"layer": layer, "sublayer": sublayer, "shape": tuple(lin.weight.shape),
                "zeros": int(zeros.sum()), "sparsity": float(zeros.float().mean()),
                "row_min": float(row_sparsity.min()), "row_max": float(row_sparsity.max())}
         if nm is not None:

@@ -21,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .calibration import LayerInputs, capture_layer_inputs, layer_output
 
@@ -219,31 +220,28 @@ class OffloadedLayers:
             self.streams.fetch.synchronize()
 
 
-class ResidentLayers:
-    """The default placement, with ``OffloadedLayers``' interface: every layer already is where it computes."""
+@contextlib.contextmanager
+def layer_visits(layers: nn.ModuleList, device: torch.device, low_memory: bool, desc: str, progress: bool = True):
+    """``with layer_visits(…) as visits: for i, layer in visits: …`` — each decoder layer in order, on ``device``.
 
-    def __init__(self, layers: nn.ModuleList):
-        self.layers = layers
+    Default mode: the layers already are there. Low-memory mode: ``OffloadedLayers`` brings layer i in (layer
+    i + 1 is already on its way) and copies it back once the loop body is done with it; leaving the ``with``
+    waits for every copy back, also when the body raised.
+    """
+    steps = tqdm(range(len(layers)), desc=desc, unit="layer", disable=not progress)
+    if not low_memory:
+        yield ((i, layers[i]) for i in steps)
+        return
 
-    def prefetch(self, i: int) -> None:
-        pass
+    def visits(placement: OffloadedLayers):
+        for i in steps:
+            layer = placement.attach(i)
+            placement.prefetch(i + 1)
+            yield i, layer
+            placement.release(i)
 
-    def attach(self, i: int) -> nn.Module:
-        return self.layers[i]
-
-    def release(self, i: int) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-
-def layer_placement(layers: nn.ModuleList, device: torch.device, low_memory: bool):
-    """Where the driver finds each layer: ``OffloadedLayers`` in low-memory mode, else ``ResidentLayers``."""
-    return OffloadedLayers(layers, device) if low_memory else ResidentLayers(layers)
+    with OffloadedLayers(layers, device) as placement:
+        yield visits(placement)
 
 
 def calibration_inputs(model: nn.Module, tokens: torch.Tensor, batch_size: int, device: torch.device,
