@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import check_positive_int
+from .validation import check_positive_int
 from .device import synchronize
 from .errors import BadInput
 from .masks import unstructured_mask

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import check_positive_int
+from .validation import check_positive_int
 from .errors import BadInput, LabError
 from .models import find_decoder_layers, find_linears
 

@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, replace
 
 from .errors import BadInput
+from .validation import check_positive_int
 
 PROFILE_ENV = "LAB_PROFILE"
 DEFAULT_PROFILE = "smollm2-135m"
@@ -117,9 +118,3 @@ def get_profile(name: str | None = None, **overrides) -> Profile:
         check_positive_int("eval_tokens", profile.eval_tokens)
     return profile
 
-
-def check_positive_int(name: str, value) -> int:
-    """``value`` if it is an int ≥ 1, else a BadInput naming ``name`` and the value."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise BadInput(f"{name} must be a positive integer (≥ 1); got {value!r}")
-    return value

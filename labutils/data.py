@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .config import Profile, check_positive_int
+from .config import Profile
+from .validation import check_positive_int
 from .errors import BadInput, LabError
 from .storage import packaged_file
 

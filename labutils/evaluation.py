@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import check_positive_int
+from .validation import check_positive_int
 from .errors import BadInput
 from .models import check_seqlen, model_device
 

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from .config import check_positive_int
+from .validation import check_positive_int
 from .errors import BadInput
 from .models import model_device
 

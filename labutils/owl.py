@@ -13,7 +13,7 @@ import torch
 
 from .calibration import INPUT_NORMS, layer_statistics
 from .errors import BadInput
-from .methods.base import check_number
+from .validation import check_number
 from .methods.wanda import wanda_score
 from .models import find_decoder_layers, find_linears, model_device
 from .streaming import calibration_inputs, layer_visits

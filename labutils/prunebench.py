@@ -26,7 +26,8 @@ from transformers import LlamaConfig
 
 from .benchmark import Measured, measure
 from .checks import versions
-from .config import check_positive_int, get_profile
+from .config import get_profile
+from .validation import check_positive_int
 from .device import get_device, require_cuda, set_seed
 from .errors import BadInput
 from .masks import SparsityTarget

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .calibration import layer_statistics
-from .config import check_positive_int
+from .validation import check_positive_int
 from .device import SectionTimer, get_device, synchronize
 from .errors import BadInput, LabError
 from .masks import SparsityTarget

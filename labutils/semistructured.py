@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .benchmark import decode_interleaved, prefill_fn, random_prompt, time_interleaved
-from .config import check_positive_int
+from .validation import check_positive_int
 from .cudagraphs import GraphedForward, graphed_forward
 from .device import cuda_capability, get_device, semi_structured_support
 from .errors import BadInput, LabError

@@ -23,7 +23,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .config import Profile, check_positive_int
+from .config import Profile
+from .validation import check_positive_int
 from .errors import BadInput, LabError
 from .zeroshot_tasks import TASKS_DIR
 

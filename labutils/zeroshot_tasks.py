@@ -22,7 +22,7 @@ import random
 import re
 from pathlib import Path
 
-from .config import check_positive_int
+from .validation import check_positive_int
 from .data import Article, corpus_split
 from .errors import BadInput
 

@@ -1,7 +1,6 @@
 """The shape every pruning method has: one linear's weight and calibration statistic in, pruned weight out."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -50,11 +49,3 @@ class Method:
     def apply(self, linear: nn.Linear, statistic: torch.Tensor | None, target: SparsityTarget, params: dict):
         return self.prune(linear, statistic, target, **params)
 
-
-def check_number(name: str, value, low: float = -math.inf, high: float = math.inf, *, low_open: bool = False,
-                 allowed: str | None = None) -> None:
-    """BadInput unless ``value`` is a finite number in [low, high] (or (low, high] with ``low_open``)."""
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-          and (value > low if low_open else value >= low) and value <= high)
-    if not ok:
-        raise BadInput(f"{name} must be {allowed or f'a number in [{low}, {high}]'}; got {value!r}")

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from ..masks import SparsityTarget, prune_by_score
-from .base import INPUT_NORMS, Method, check_number
+from ..validation import check_number
+from .base import INPUT_NORMS, Method
 from .wanda import check_norm_shape
 
 

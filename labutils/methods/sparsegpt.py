@@ -11,7 +11,8 @@ from torch import nn
 
 from ..errors import BadInput, LabError
 from ..masks import SparsityTarget, nm_mask
-from .base import HESSIAN, Method, check_number
+from ..validation import check_number
+from .base import HESSIAN, Method
 
 
 def output_error(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
