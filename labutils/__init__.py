@@ -12,7 +12,8 @@ from .models import (embedded_gguf_path, embedded_model_dir, find_decoder_layers
 from .data import calibration_data, corpus_path, corpus_split, heldout_tokens, split_tokens, test_tokens
 from .calibration import (HessianAccumulator, InputNormAccumulator, LayerInputs, capture_layer_inputs,
                           collect_input_norms, collect_statistics, run_layer)
-from .masks import SparsityTarget, apply_mask, nm_mask, parse_nm, prune_by_score, select_mask, unstructured_mask
+from .masks import (SparsityTarget, apply_mask, as_target, nm_mask, parse_nm, prune_by_score, select_mask,
+                    unstructured_mask)
 from .methods import (REGISTRY, Method, get_method, magnitude_score, output_error, ria_score, sparsegpt_weights,
                       wanda_score)
 from .owl import OwlConfig, layer_outlier_ratios, owl_sparsities

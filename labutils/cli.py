@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import pandas as pd
@@ -12,6 +11,8 @@ from .errors import LabError
 from .pipeline import PruneJob, run_prune_job, summary_table
 from .prunebench import MODES, TARGETS, bench_prune, bench_setup, default_json_path, write_json
 from .pruning import METHODS
+from .storage import exit_on_sigterm, strict_json
+from .validation import check_seed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     prune = sub.add_parser("prune", help="prune a model, evaluate dense and pruned perplexity, save the result",
-                           description="With no options: Wanda, 50%% unstructured, on the embedded default model.")
+                           description="With no options: Wanda, 50% unstructured, on the embedded default model.")
     prune.add_argument("--profile", choices=list(PROFILES), default=None,
                        help=f"lab profile (default: $LAB_PROFILE or {DEFAULT_PROFILE})")
     prune.add_argument("--method", default="wanda", help=f"one of {', '.join(METHODS)} (default: wanda)")
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--out", default=None, help="output folder (default outputs/<profile>-<method>-<target>)")
     prune.add_argument("--model", dest="model_path", default=None,
                        help="local folder or hub id replacing the profile's model")
-    prune.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    prune.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: best available)")
     prune.add_argument("--low-memory", action="store_true",
                        help="keep the model in CPU memory while pruning; one layer at a time visits the GPU")
     prune.add_argument("--json", action="store_true", help="print the whole report as JSON instead of a table")
@@ -73,7 +74,7 @@ def _prune(args: argparse.Namespace) -> None:
     params = {k: getattr(args, k) for k in method_params if getattr(args, k) is not None}
     report = run_prune_job(PruneJob(**options, params=params))
     if args.json:
-        print(json.dumps(report, indent=2, default=str))
+        print(strict_json(report))
         return
     if report["quality_warning"]:
         print(f"WARNING: {report['quality_warning']}")
@@ -87,13 +88,14 @@ def _prepare() -> None:
     from .data import corpus_split
     from .models import embedded_model_dir
 
-    path = embedded_model_dir()
+    path = embedded_model_dir(verify="full")
     sizes = {split: len(corpus_split(split)) for split in ("calibration", "validation", "test")}
-    print(f"default model ready at {path}")
+    print(f"default model ready at {path} (every file checked against its manifest)")
     print(f"corpus articles per split: {sizes}")
 
 
 def _bench_prune(args: argparse.Namespace) -> None:
+    check_seed(args.seed)  # before the first line is printed: a bad option prints nothing but its error
     setup = bench_setup(args.tiny, device=args.device, nsamples=args.nsamples, seqlen=args.seqlen,
                         batch_size=args.batch_size, method=args.method, targets=args.targets, modes=args.modes,
                         seed=args.seed)
@@ -110,6 +112,7 @@ def _bench_prune(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    exit_on_sigterm()  # SIGTERM cleans up like Ctrl-C
     try:
         if args.command == "prune":
             _prune(args)
@@ -120,4 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     except LabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was published (an earlier output folder is unchanged)", file=sys.stderr)
+        return 130
     return 0

@@ -13,6 +13,9 @@ from .validation import check_positive_int
 
 PROFILE_ENV = "LAB_PROFILE"
 DEFAULT_PROFILE = "smollm2-135m"
+# The ``prune`` option that sets each size, so an error tells a command-line user which flag to change.
+SIZE_FLAGS = {"nsamples": "--nsamples", "seqlen": "--seqlen", "eval_tokens": "--eval-tokens",
+              "eval_seqlen": "--eval-seqlen", "batch_size": "--batch-size"}
 
 
 @dataclass(frozen=True)
@@ -112,9 +115,21 @@ def get_profile(name: str | None = None, **overrides) -> Profile:
     if unknown:
         raise BadInput(f"unknown profile field(s) {sorted(unknown)}; allowed: {sorted(Profile.__dataclass_fields__)}")
     profile = replace(profile, **{k: v for k, v in overrides.items() if v is not None})
-    for field in ("nsamples", "seqlen", "eval_seqlen", "batch_size"):
-        check_positive_int(field, getattr(profile, field))
-    if profile.eval_tokens is not None:
-        check_positive_int("eval_tokens", profile.eval_tokens)
+    sizes = ["nsamples", "seqlen", "eval_seqlen", "batch_size"]
+    for field in sizes + ([] if profile.eval_tokens is None else ["eval_tokens"]):
+        try:
+            check_positive_int(field, getattr(profile, field))
+        except BadInput as exc:
+            raise BadInput(f"{exc}{flag_note(field)}") from None
+    if profile.eval_seqlen < 2:
+        raise BadInput(f"eval_seqlen {profile.eval_seqlen} is too short: a perplexity window predicts "
+                       f"eval_seqlen − 1 tokens; allowed: 2 or more{flag_note('eval_seqlen')}")
     return profile
+
+
+def flag_note(field: str) -> str:
+    """' (CLI flag --eval-seqlen)' for a profile size such as ``eval_seqlen``, to end an error message with; ''
+    for any other name."""
+    flag = SIZE_FLAGS.get(field)
+    return "" if flag is None else f" (CLI flag {flag})"
 

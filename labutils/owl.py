@@ -32,6 +32,24 @@ class OwlConfig:
                                                            "in [0, 1) (the paper uses 0.08)")
 
 
+def check_owl_lambda(lam: float, sparsity: float) -> None:
+    """Refuse, before any calibration, a λ that no outlier ratios can make work at target ``sparsity``.
+
+    When the layers' ratios differ, the normalised ratios span [0, 1] with some mean μ, so layer sparsities run
+    from S − 2λ(1 − μ) to S + 2λμ: 2λ apart, and all must lie in [0, 1). Hence λ < 0.5 at every target (and λ = 0
+    at S = 0). The bound is tight: ratios with μ = 1 − S allow every λ < 0.5, so nothing below it is refused here;
+    ``owl_sparsities`` checks the exact bound once the ratios are measured.
+    """
+    flag = "--owl-lambda, OwlConfig(lam=…)"
+    if sparsity == 0 and lam > 0:
+        raise BadInput(f"OWL lambda {lam!r} moves some layer's sparsity out of [0, 1) at target 0%: the layers average "
+                       f"0, so any spread takes one below 0; allowed here: lambda = 0 ({flag})")
+    if lam >= 0.5:
+        raise BadInput(f"OWL lambda {lam!r} moves some layer's sparsity out of [0, 1) at every target: the most and "
+                       f"least pruned layers are 2·lambda apart; allowed here: 0 ≤ lambda < 0.5 ({flag}; the paper "
+                       f"uses 0.08)")
+
+
 @torch.no_grad()
 def layer_outlier_ratios(model, tokens: torch.Tensor, batch_size: int, m: float, progress: bool = True, *,
                          device: torch.device | None = None, low_memory: bool = False) -> list[float]:

@@ -19,12 +19,16 @@ from .config import Profile, get_profile
 from .device import get_device, require_cuda, set_seed
 from .errors import BadInput
 from .evaluation import perplexity
-from .models import check_seqlen, load_model
+from .models import CACHE_FOLDER, check_seqlen, load_model
 from .masks import SparsityTarget
 from .methods import get_method
 from .owl import OwlConfig
 from .pruning import PruneReport, check_options, check_prunable, prune_model
 from .sparsity import model_sparsity
+from .storage import cache_dir, output_lock, verify_folder
+
+LLAMA2_7B_PARAMS = 6_738_415_616  # Llama-2-7B's parameter count (13.5 GB in float16)
+EMBEDDED_MODEL_BYTES = 538_000_000  # SmolLM2-135M in float32, before the cache exists to measure it
 
 
 @dataclass(frozen=True)
@@ -90,10 +94,24 @@ def validate_job(job: PruneJob) -> tuple[Profile, SparsityTarget, Path]:
     profile = job.resolved_profile()
     target = job.target()
     check_options(job.method, target, job.params, job.true_sequential, job.owl_config())
-    out = check_output_dir(job.output_dir(profile))
     if profile.needs_cuda:
         require_cuda(f"profile {profile.name!r}")
+    out = check_output_dir(job.output_dir(profile), need_bytes=expected_model_bytes(profile, job.model_path))
     return profile, target, out
+
+
+def expected_model_bytes(profile: Profile, model_path: str | None) -> int | None:
+    """About how many bytes the saved model will take, known before loading it (for the free-space check):
+    the weight files of a local folder, the converted default model, or Llama-2-7B's parameters in float16.
+    None where it cannot be known (a hub id other than the profile's)."""
+    if model_path is not None:
+        folder = Path(model_path).expanduser()
+        files = [*folder.glob("*.safetensors"), *folder.glob("*.bin")] if folder.is_dir() else []
+        return sum(f.stat().st_size for f in files) or None
+    if profile.model_source == "embedded":
+        cached = cache_dir() / CACHE_FOLDER / "model.safetensors"
+        return cached.stat().st_size if cached.is_file() else EMBEDDED_MODEL_BYTES
+    return LLAMA2_7B_PARAMS * torch.finfo(getattr(torch, profile.dtype)).bits // 8
 
 
 def build_report(profile: Profile, model, prune: PruneReport, perplexities: dict[str, float], *, seed: int,
@@ -121,6 +139,11 @@ def build_report(profile: Profile, model, prune: PruneReport, perplexities: dict
 def run_prune_job(job: PruneJob, progress: bool = True) -> dict:
     """Run the main job and return its report (also written to ``<out>/report.json``)."""
     profile, target, out = validate_job(job)
+    with output_lock(out):  # a second run to the same folder stops at once
+        return _run_locked(job, profile, target, out, progress)
+
+
+def _run_locked(job: PruneJob, profile: Profile, target: SparsityTarget, out: Path, progress: bool) -> dict:
     seconds = {}
     clock = time.perf_counter()
     device = get_device(job.device)
@@ -172,9 +195,11 @@ def ensure_pruned(profile: Profile, method: str, target: SparsityTarget, device:
     if is_lab_output(out):
         saved = load_report(out)
         differs = [key for key, value in wanted.items() if saved.get(key) != value]
-        if not differs:
+        damage = verify_folder(out)
+        if not differs and damage is None:
             return out, f"found {out} (saved by an earlier run)"
-        reason = f"{out} was made with other settings ({', '.join(differs)}); pruning again"
+        reason = (f"{out} is damaged ({damage}); pruning again" if damage else
+                  f"{out} was made with other settings ({', '.join(differs)}); pruning again")
     else:
         reason = f"{out} is missing; pruning it now with the package (as 02-Prune would)"
     job = PruneJob(profile=profile.name, method=method, sparsity=target.sparsity,

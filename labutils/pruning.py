@@ -17,13 +17,13 @@ import torch
 from torch import nn
 
 from .calibration import layer_statistics
-from .validation import check_positive_int
+from .validation import check_model, check_positive_int, check_tokens, describe
 from .device import SectionTimer, get_device, synchronize
-from .errors import BadInput, LabError
-from .masks import SparsityTarget
+from .errors import BadInput, LabError, is_out_of_memory
+from .masks import SparsityTarget, as_target
 from .methods import REGISTRY, Method, get_method
 from .models import find_decoder_layers, find_linears, model_device
-from .owl import OwlConfig, layer_outlier_ratios, owl_sparsities
+from .owl import OwlConfig, check_owl_lambda, layer_outlier_ratios, owl_sparsities
 from .sparsity import mask_sha256
 from .streaming import calibration_inputs, layer_visits
 
@@ -108,12 +108,16 @@ def calibration_stages(names: Sequence[str], true_sequential: bool) -> list[list
 def check_options(method: str, target: SparsityTarget, params: dict | None, true_sequential: bool,
                   owl: OwlConfig | None) -> tuple[Method, dict]:
     """The method and its validated parameters, or BadInput for a combination the driver cannot run."""
+    if not isinstance(method, str):
+        raise BadInput(f"method must be a method's name, one of {', '.join(REGISTRY)}; got {describe(method)}")
     meth = get_method(method)
     resolved = meth.resolve(params)
     if true_sequential and not meth.needs_calibration:
         raise BadInput(f"true-sequential mode re-collects calibration statistics; method {method!r} uses none")
     if owl is not None and target.is_nm:
         raise BadInput(f"OWL sets a different sparsity per layer and needs an unstructured target; got {target.label}")
+    if owl is not None:
+        check_owl_lambda(owl.lam, target.sparsity)
     return meth, resolved
 
 
@@ -132,12 +136,13 @@ def resolve_device(model: nn.Module, device: torch.device | str | None, low_memo
     return home
 
 
-def prune_model(model: nn.Module, method: str, target: SparsityTarget, tokens: torch.Tensor | None = None,
-                batch_size: int = 8, progress: bool = True, *, params: dict | None = None,
-                true_sequential: bool = False, owl: OwlConfig | None = None,
+def prune_model(model: nn.Module, method: str, target: SparsityTarget | float | str,
+                tokens: torch.Tensor | None = None, batch_size: int = 8, progress: bool = True, *,
+                params: dict | None = None, true_sequential: bool = False, owl: OwlConfig | None = None,
                 device: torch.device | str | None = None, low_memory: bool = False) -> PruneReport:
     """Prune every linear of every decoder layer in place (embeddings and lm_head are never touched).
 
+    target: a SparsityTarget, a sparsity in [0, 1) such as 0.5, or an "N:M" pattern such as "2:4" (``as_target``).
     tokens: (nsamples, seqlen) calibration token ids, needed by every method but magnitude and by OWL.
     params: the method's parameters (``lu.get_method(name).params`` lists them). true_sequential: re-collect
     statistics of o_proj and down_proj after the sublayers before them are pruned. owl: give each layer its
@@ -146,21 +151,41 @@ def prune_model(model: nn.Module, method: str, target: SparsityTarget, tokens: t
     (kept in pinned CPU memory), is copied to ``device`` while the previous one computes (``streaming``). Same
     masks as the default mode for the same ``batch_size``; GPU memory holds a few layers and batches, not a model.
     """
+    check_model(model)
+    target = as_target(target)
     meth, resolved = check_options(method, target, params, true_sequential, owl)
-    needs_tokens = meth.needs_calibration or owl is not None
-    if needs_tokens and (tokens is None or tokens.ndim != 2 or tokens.numel() == 0):
-        raise BadInput(f"method {method!r}{' with OWL' if owl else ''} needs calibration tokens of shape "
-                       f"(nsamples, seqlen); got {None if tokens is None else tuple(tokens.shape)}")
+    tokens = calibration_tokens(model, meth, owl, tokens)
     check_positive_int("batch_size", batch_size)
     check_prunable(model, target)
     compute = resolve_device(model, device, low_memory)
     try:
-        return _prune_layers(model, meth, resolved, target, tokens if needs_tokens else None, batch_size,
-                             progress, true_sequential, owl, compute, low_memory)
-    except torch.OutOfMemoryError as exc:
+        return _prune_layers(model, meth, resolved, target, tokens, batch_size, progress, true_sequential, owl,
+                             compute, low_memory)
+    except RuntimeError as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise out_of_memory_advice(exc, f"{method} {target.label}", low_memory) from exc
+
+
+def out_of_memory_advice(exc: RuntimeError, variant: str, low_memory: bool) -> LabError:
+    """What to change after running out of GPU memory (``torch.OutOfMemoryError``) or CPU memory while pruning."""
+    if isinstance(exc, torch.OutOfMemoryError):
         advice = "" if low_memory else ", or prune with low_memory=True (--low-memory)"
-        raise LabError(f"out of GPU memory while pruning with {method} {target.label}: use fewer calibration "
-                       f"samples (--nsamples), shorter windows (--seqlen) or a smaller --batch-size{advice}") from exc
+        return LabError(f"out of GPU memory while pruning with {variant}: use fewer calibration samples "
+                        f"(--nsamples), shorter windows (--seqlen) or a smaller --batch-size{advice}")
+    return LabError(f"out of CPU memory while pruning with {variant}: use a smaller --batch-size, fewer --nsamples, "
+                    f"shorter --seqlen")
+
+
+def calibration_tokens(model: nn.Module, meth: Method, owl: OwlConfig | None, tokens) -> torch.Tensor | None:
+    """The validated (nsamples, seqlen) token ids the method or OWL needs, as long; None when nothing needs them
+    (given tokens are then ignored)."""
+    if not (meth.needs_calibration or owl is not None):
+        return None
+    if tokens is None or (isinstance(tokens, torch.Tensor) and (tokens.ndim != 2 or tokens.numel() == 0)):
+        raise BadInput(f"method {meth.name!r}{' with OWL' if owl else ''} needs calibration tokens of shape "
+                       f"(nsamples, seqlen); got {None if tokens is None else tuple(tokens.shape)}")
+    return check_tokens("calibration tokens", tokens, model.config.vocab_size, ndim=2)
 
 
 def _layer_targets(model, target, tokens, batch_size, progress, owl, report, device, low_memory

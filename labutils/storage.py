@@ -1,18 +1,51 @@
-"""Folders on disk: the cache for converted models, and writing a model folder atomically."""
+"""Folders on disk that are never lost or half-made: the model cache and the lab's output folders.
+
+Every folder the lab writes is built under a temporary sibling name, gets a manifest (``lab-manifest.json``:
+each file's size and SHA-256) and is then published in one step:
+
+- a new folder is renamed into place; an existing one is swapped with the new one by one atomic
+  ``renameat2(RENAME_EXCHANGE)`` (Linux), so at every instant the name holds the old folder or the new one.
+  Where the exchange is not available, the old folder is renamed aside and restored on any exception;
+- SIGINT, SIGTERM and SIGHUP that arrive during the swap are held until it is done: a run that published its
+  folder says so and finishes normally;
+- a lock file (``.NAME.lock``, ``flock``) stops a second run writing the same folder at once;
+- what a killed run leaves behind (``.NAME.tmp-PID-…``, ``.NAME.old-PID``) is cleaned by the next run into
+  the same parent once that PID is gone; a folder found missing with its old copy aside is restored.
+
+A folder the lab may replace is one whose manifest lists every file in it: replacing it removes only those.
+"""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import hashlib
 import importlib.metadata
+import json
+import math
 import os
+import re
 import shutil
+import signal
+import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
-from transformers.utils import logging as hf_logging
-
-from .errors import LabError
+from .errors import BadInput, LabError
 
 CACHE_ENV = "LAB_CACHE_DIR"
+MANIFEST_FILE = "lab-manifest.json"
+LAB_MARKER = "wanda-lab"
+MANIFEST_VERSION = 1
+SAMPLE_BLOCKS, SAMPLE_BYTES = 64, 4096  # the quick check hashes 64 blocks of 4 KiB spread over each file
+SPACE_MARGIN = 1.05  # free space wanted: the folder's size estimate × this + 64 MiB
+SPACE_SLACK = 64 * 2**20
+# Tests set this to pause at a named point of publishing ("written", "between-renames", "exchanged",
+# "published"), to send a signal there; LAB_TEST_NO_EXCHANGE=1 forces the two-rename fallback.
+PAUSE_ENV, NO_EXCHANGE_ENV = "LAB_TEST_PAUSE", "LAB_TEST_NO_EXCHANGE"
+_DEFERRED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def cache_dir() -> Path:
@@ -38,27 +71,443 @@ def packaged_file(distribution: str, filename: str, version: str, what: str) -> 
                    f"pip install --force-reinstall --no-deps {distribution}=={version}")
 
 
-@contextlib.contextmanager
-def atomic_folder(path: Path):
-    """Yield an empty temporary sibling of ``path`` to write into; when the block succeeds it replaces ``path``
-    by a rename, so readers see the old folder or the new one, never half of one. On error it is removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    old = path.parent / f".{path.name}.old-{os.getpid()}"
+# ---------------------------------------------------------------------------------------------- manifests
+
+def _sample_offsets(size: int) -> list[int]:
+    if size <= SAMPLE_BLOCKS * SAMPLE_BYTES:
+        return [0]
+    step = (size - SAMPLE_BYTES) / (SAMPLE_BLOCKS - 1)
+    return [round(i * step) for i in range(SAMPLE_BLOCKS)]
+
+
+def _file_hashes(path: Path, full: bool) -> dict[str, str]:
+    """The sampled hash of a file, and its whole SHA-256 when ``full``."""
+    size = path.stat().st_size
+    sample = hashlib.sha256()
+    with path.open("rb") as f:
+        for offset in _sample_offsets(size):
+            f.seek(offset)
+            sample.update(f.read(SAMPLE_BYTES if size > SAMPLE_BLOCKS * SAMPLE_BYTES else size))
+        hashes = {"sample_sha256": sample.hexdigest()}
+        if full:
+            f.seek(0)
+            whole = hashlib.sha256()
+            for chunk in iter(lambda: f.read(2**22), b""):
+                whole.update(chunk)
+            hashes["sha256"] = whole.hexdigest()
+    return hashes
+
+
+def _listed_files(folder: Path) -> list[str]:
+    """Every file under ``folder`` except the manifest, as sorted POSIX paths relative to it."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() and p.name != MANIFEST_FILE)
+
+
+def write_manifest(folder: Path, kind: str) -> dict:
+    """List every file in ``folder`` with its size and hashes, in ``folder/lab-manifest.json``."""
+    files = {name: {"bytes": (folder / name).stat().st_size, **_file_hashes(folder / name, full=True)}
+             for name in _listed_files(folder)}
+    manifest = {"lab": LAB_MARKER, "kind": kind, "version": MANIFEST_VERSION, "files": files}
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def read_manifest(folder: str | os.PathLike) -> dict | None:
+    """The lab manifest of ``folder``, or None where there is none (or it is not the lab's)."""
     try:
-        yield tmp
-        _publish_permissions(tmp)
-        if path.exists():
-            path.rename(old)
-        try:
-            tmp.rename(path)
-        except OSError:
-            if old.exists():
-                old.rename(path)
-            raise
+        manifest = json.loads((Path(folder) / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("lab") != LAB_MARKER or not isinstance(
+            manifest.get("files"), dict):
+        return None
+    return manifest
+
+
+def verify_folder(folder: str | os.PathLike, full: bool = False) -> str | None:
+    """None if every file the manifest lists is there with its recorded size and hash, else what is wrong
+    (one phrase). ``full`` hashes whole files; otherwise sizes and a sampled hash (≈256 KiB read per file)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return f"no readable {MANIFEST_FILE}"
+    if manifest.get("version") != MANIFEST_VERSION:
+        return f"{MANIFEST_FILE} has layout version {manifest.get('version')!r}, this lab reads {MANIFEST_VERSION}"
+    for name, want in manifest["files"].items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != want.get("bytes"):
+            return f"{name} has {size:,} bytes, {want.get('bytes'):,} were written"
+        got = _file_hashes(path, full)
+        key = "sha256" if full else "sample_sha256"
+        if got[key] != want.get(key):
+            return f"{name} differs from what was written ({'SHA-256' if full else 'sampled hash'} mismatch)"
+    return None
+
+
+def unlisted_files(folder: Path) -> list[str]:
+    """Files in ``folder`` that its manifest does not list (everything, where there is no manifest)."""
+    manifest = read_manifest(folder) or {"files": {}}
+    return [name for name in _listed_files(folder) if name not in manifest["files"]]
+
+
+# ----------------------------------------------------------------------------------- checks before work
+
+def resolve_target(path: str | os.PathLike) -> Path:
+    """The folder a path names: ``~`` expanded, a symlink followed to its target (which is written in place,
+    the link kept). A dangling link is refused."""
+    path = Path(path).expanduser()
+    if path.is_symlink():
+        target = path.resolve()
+        if not target.exists() and not target.parent.is_dir():
+            raise BadInput(f"output {str(path)!r} is a symlink to {str(target)!r}, whose folder does not exist")
+        return target
+    return path
+
+
+def replace_problem(path: Path, kind: str) -> str | None:
+    """Why the lab may not replace the existing ``path`` (None if it may): it must be a folder of ``kind`` whose
+    manifest lists every file in it."""
+    if not path.is_dir():
+        return "a file"
+    manifest = read_manifest(path)
+    if manifest is None or manifest.get("kind") != kind:
+        hint = (" (its report.json is an older lab version's; delete the folder yourself to reuse the name)"
+                if (path / "report.json").is_file() and manifest is None else "")
+        return f"a folder that is not a lab output (no {MANIFEST_FILE} of kind {kind!r}){hint}"
+    extra = unlisted_files(path)
+    if extra:
+        shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+        return f"a lab output holding files the lab did not write ({shown})"
+    return None
+
+
+def check_writable(path: Path, need_bytes: int | None = None) -> None:
+    """Refuse, before any work, an output whose parent cannot take it: a parent that is a file, a folder we
+    cannot write (a probe is created and removed, so root on a read-only mount is caught too), or less free
+    space than ``need_bytes`` × 1.05 + 64 MiB."""
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise BadInput(f"output {str(path)!r} cannot be created: {str(ancestor)!r} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".lab-probe-", dir=ancestor))
+    except OSError as exc:
+        raise BadInput(f"output {str(path)!r} cannot be written: creating a folder in {str(ancestor)!r} failed "
+                       f"({exc.strerror or exc}); choose another --out") from None
+    if need_bytes:
+        free = shutil.disk_usage(ancestor).free
+        want = int(need_bytes * SPACE_MARGIN) + SPACE_SLACK
+        if free < want:
+            raise BadInput(f"output {str(path)!r} needs about {want / 2**30:.2f} GiB free and "
+                           f"{str(ancestor)!r} has {free / 2**30:.2f} GiB; free some space or choose another --out")
+
+
+# ------------------------------------------------------------------------------------------------ locking
+
+_HELD: dict[str, list] = {}  # folder → [(fd, lock file), depth]: this process's locks, re-entrant
+_HELD_GUARD = threading.Lock()
+
+
+def _lock_path(path: Path) -> Path:
+    """The lock file of an output folder: in the lab's cache (``locks/``), named by a hash of the folder's
+    absolute path, so nothing is written beside the output before it is published."""
+    key = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:32]
+    return cache_dir() / "locks" / f"{key}.lock"
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike):
+    """Hold the lock of the folder ``path`` exclusively for the block; another process asking for it is refused
+    at once with the holder's PID. Re-entrant within one process."""
+    path = resolve_target(path).absolute()
+    key = str(path)
+    with _HELD_GUARD:
+        depth = _HELD.setdefault(key, [None, 0])
+        depth[1] += 1
+        first = depth[1] == 1
+    try:
+        if first:
+            try:
+                depth[0] = _acquire(path)
+            except BaseException:
+                with _HELD_GUARD:
+                    del _HELD[key]
+                raise
+        yield path
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        with _HELD_GUARD:
+            if key in _HELD:
+                depth[1] -= 1
+                if depth[1] == 0:
+                    del _HELD[key]
+                    _release(depth[0], path)
+
+
+def _acquire(path: Path):
+    """Open, lock and stamp the lock file; (fd, lock path), or None where ``flock`` does not exist (Windows:
+    publishing is still atomic, concurrent runs are not detected)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    lock = _lock_path(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LabError(f"another run (pid {holder}) is writing {str(path)!r}; wait for it to finish or choose "
+                           "another --out") from None
+        # The previous holder removes the file when it is done: make sure we locked the file that is there now.
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd, lock
+        os.close(fd)
+
+
+def _release(held, path: Path) -> None:
+    if held is None:
+        return
+    fd, lock = held
+    with contextlib.suppress(OSError):
+        lock.unlink()  # while still holding it, so no one can lock this file after we leave
+    os.close(fd)
+
+
+# ---------------------------------------------------------------------------------- leftovers of dead runs
+
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<what>tmp|old)-(?P<pid>\d+)(-.*)?$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def sweep_leftovers(parent: Path, log=None) -> list[str]:
+    """Clean what killed runs left in ``parent``: a folder whose old copy (``.NAME.old-PID``) is all that is left
+    is restored; other temporary folders of dead PIDs are removed. Returns one line per action (also printed to
+    stderr, or passed to ``log``)."""
+    if not parent.is_dir():
+        return []
+    lines = []
+    leftovers = []
+    for entry in parent.iterdir():
+        match = _LEFTOVER.match(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and not _alive(int(match["pid"])):
+            leftovers.append((match, entry))
+    # Restore first (newest old copy wins, under that folder's lock), then remove the rest.
+    for match, entry in sorted(leftovers, key=lambda me: -me[1].stat().st_mtime):
+        target = parent / match["name"]
+        if match["what"] == "old" and not target.exists():
+            with contextlib.suppress(OSError, LabError), output_lock(target):
+                if not target.exists():
+                    entry.rename(target)
+                    lines.append(f"restored {target} from {entry.name}, left aside by a run that died while "
+                                 f"replacing it (pid {match['pid']})")
+        if entry.exists():
+            shutil.rmtree(entry, ignore_errors=True)
+            lines.append(f"removed {entry}, left by a run that died (pid {match['pid']})")
+    for line in lines:
+        (log or (lambda text: print(text, file=sys.stderr)))(line)
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- publishing
+
+def _pause(point: str) -> None:
+    """Test hook: with ``LAB_TEST_PAUSE`` naming this point, say so on stderr and wait up to 30 s (less if a
+    held signal arrives), so a test can send a signal at exactly this moment."""
+    if point not in os.environ.get(PAUSE_ENV, "").split(","):
+        return
+    print(f"lab-pause {point}", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not _HeldSignals.current_received():
+        time.sleep(0.02)
+
+
+class _HeldSignals:
+    """Within the block, SIGINT / SIGTERM / SIGHUP are recorded instead of acted on (main thread only)."""
+
+    _active: "_HeldSignals | None" = None
+
+    def __init__(self):
+        self.received: list[int] = []
+        self._previous = {}
+
+    @classmethod
+    def current_received(cls) -> bool:
+        return bool(cls._active and cls._active.received)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in _DEFERRED:
+                self._previous[sig] = signal.signal(sig, lambda signum, frame: self.received.append(signum))
+        _HeldSignals._active = self
+        return self
+
+    def __exit__(self, *exc):
+        _HeldSignals._active = None
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM end this process like Ctrl-C does, through ``finally`` blocks (so a temporary folder being
+    written is removed), exiting with 128 + 15. The CLI installs it; main thread only."""
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (``renameat2(RENAME_EXCHANGE)``); False where the system cannot."""
+    if sys.platform != "linux" or os.environ.get(NO_EXCHANGE_ENV):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False  # this file system has no exchange
+    raise OSError(err, os.strerror(err), str(a))
+
+
+def _fsync_folder(folder: Path, files: bool = False) -> None:
+    """Flush a folder's entries (and its files' data) to disk, so a crash right after publishing loses nothing."""
+    if files:
+        for file in folder.rglob("*"):
+            if file.is_file():
+                fd = os.open(file, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+    with contextlib.suppress(OSError):  # not every system can open a folder
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_lab_folder(folder: Path) -> None:
+    """Delete the files ``folder``'s manifest lists, the manifest, then the folder if nothing else is in it.
+    A folder without a manifest (a half-written temporary one of this run) is removed whole."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for name in manifest["files"]:
+        with contextlib.suppress(FileNotFoundError):
+            (folder / name).unlink()
+    with contextlib.suppress(FileNotFoundError):
+        (folder / MANIFEST_FILE).unlink()
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        with contextlib.suppress(OSError):
+            sub.rmdir()
+    try:
+        folder.rmdir()
+    except OSError:
+        print(f"kept {folder}: it holds files the lab did not write", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, kind: str = "pruned-model", replace_any: bool = False):
+    """Yield an empty temporary sibling of ``path`` to write into; when the block succeeds, a manifest is added
+    and the folder is published in place of ``path`` (see the module docstring). On any error, or a signal,
+    before that, the temporary folder is removed and ``path`` is untouched.
+
+    ``kind`` is recorded in the manifest; an existing ``path`` is replaced only if it is a lab folder of the
+    same kind holding nothing else (``replace_any``: any folder, for the lab's own cache).
+    """
+    path = resolve_target(path)
+    with output_lock(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sweep_leftovers(path.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+        published = False
+        try:
+            yield tmp
+            write_manifest(tmp, kind)
+            _publish_permissions(tmp)
+            _fsync_folder(tmp, files=True)
+            _pause("written")
+            if path.exists() and not replace_any:
+                problem = replace_problem(path, kind)
+                if problem:
+                    raise BadInput(f"output {str(path)!r} exists and is {problem}; allowed: a new path or a "
+                                   "previous lab output folder, which is then replaced")
+            with _HeldSignals() as held:
+                aside = _swap_in(tmp, path)
+                published = True
+                _pause("exchanged")
+                if aside is not None:
+                    (shutil.rmtree(aside, ignore_errors=True) if replace_any else remove_lab_folder(aside))
+                _pause("published")
+            if held.received:
+                names = ", ".join(signal.Signals(s).name for s in held.received)
+                print(f"{names} arrived while {path} was being published; it was held until the new folder was "
+                      "in place, so the run completed", file=sys.stderr)
+        except OSError as exc:
+            if published:
+                raise
+            raise LabError(f"could not write {str(path)!r}: {exc.strerror or exc}"
+                           f"{' (the disk is full)' if exc.errno == errno.ENOSPC else ''}; "
+                           f"{'the previous folder there is unchanged' if path.exists() else 'nothing was written'}"
+                           ) from exc
+        finally:
+            if not published:  # once published, ``tmp`` is the old folder, removed above file by file
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(tmp: Path, path: Path) -> Path | None:
+    """Put ``tmp`` at ``path``. Returns where the previous folder now is (to be removed), or None."""
+    if not path.exists():
+        os.rename(tmp, path)
+        _fsync_folder(path.parent)
+        return None
+    if _exchange(tmp, path):
+        _fsync_folder(path.parent)
+        return tmp  # the previous folder now has the temporary name
+    old = path.parent / f".{path.name}.old-{os.getpid()}"
+    os.rename(path, old)
+    try:
+        _pause("between-renames")
+        os.rename(tmp, path)
+    except BaseException:
+        if not path.exists():
+            os.rename(old, path)
+        raise
+    _fsync_folder(path.parent)
+    return old
 
 
 def _publish_permissions(folder: Path) -> None:
@@ -66,13 +515,32 @@ def _publish_permissions(folder: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     folder.chmod(0o777 & ~umask)
-    for file in folder.iterdir():
-        file.chmod(0o666 & ~umask)
+    for file in folder.rglob("*"):
+        file.chmod((0o777 if file.is_dir() else 0o666) & ~umask)
+
+
+# ------------------------------------------------------------------------------------------------- JSON
+
+def strict_json(value) -> str:
+    """``value`` as strict JSON (RFC 8259): NaN and ±inf become null, other non-JSON values their str()."""
+    return json.dumps(_finite(value), indent=2, allow_nan=False, default=str)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 @contextlib.contextmanager
 def quiet_hf_progress():
     """Hide transformers' per-tensor loading and saving bars: they add nothing for a local folder."""
+    from transformers.utils import logging as hf_logging
+
     hf_logging.disable_progress_bar()
     try:
         yield

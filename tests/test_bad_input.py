@@ -1,10 +1,10 @@
 """Every bad input gives one clear error naming the value given and what is allowed, and writes nothing."""
-import json
 
 import pytest
 import torch
 
 import labutils as lu
+from conftest import make_tiny
 from labutils.cli import main
 
 
@@ -110,10 +110,10 @@ def test_output_path_that_is_a_file(tmp_path):
 
 
 def test_previous_lab_output_may_be_replaced(tmp_path):
-    previous = tmp_path / "run"
-    previous.mkdir()
-    (previous / "report.json").write_text(json.dumps({"lab": "wanda-lab"}))
+    previous = lu.save_pruned(make_tiny(), None, {"run": 1}, tmp_path / "run")
     assert lu.check_output_dir(previous) == previous
+    lu.save_pruned(make_tiny(seed=1), None, {"run": 2}, previous)
+    assert lu.load_report(previous)["run"] == 2
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoTokenizer
 
 import labutils as lu
-from labutils import pipeline
+from labutils import pipeline, storage
 
 from conftest import make_tiny
 
@@ -154,6 +154,7 @@ def _fake_lab_output(folder, **fields):
     report = {"lab": "wanda-lab", "profile": "smollm2-135m", "method": "wanda", "target": "50%", "nsamples": 32,
               "seqlen": 128, "seed": 0, "true_sequential": False, "owl": None, **fields}
     (folder / "report.json").write_text(json.dumps(report))
+    storage.write_manifest(folder, "pruned-model")
 
 
 @pytest.fixture
@@ -198,3 +199,12 @@ def test_ensure_pruned_magnitude_ignores_calibration_settings(recorded_jobs):
     _fake_lab_output(lu.default_output_dir(profile, "magnitude", "50%"), method="magnitude", nsamples=0, seqlen=0)
     _, how = lu.ensure_pruned(profile, "magnitude", lu.SparsityTarget.of(sparsity=0.5))
     assert how.startswith("found") and not recorded_jobs
+
+
+def test_ensure_pruned_redoes_a_damaged_model(recorded_jobs):
+    profile = lu.get_profile("smollm2-135m")
+    folder = lu.default_output_dir(profile, "wanda", "50%")
+    _fake_lab_output(folder)
+    (folder / "report.json").write_text((folder / "report.json").read_text() + " ")
+    _, how = lu.ensure_pruned(profile, "wanda", lu.SparsityTarget.of(sparsity=0.5))
+    assert "is damaged (report.json has" in how and len(recorded_jobs) == 1

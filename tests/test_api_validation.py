@@ -1,0 +1,356 @@
+"""The Python API refuses bad input like the CLI does: one BadInput / LabError line naming the value given and what
+is allowed, raised before the model is touched."""
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import labutils as lu
+from labutils.cli import main
+from labutils.pruning import check_options
+
+from conftest import make_tiny
+
+TARGET_FORMS = "target must be a SparsityTarget, a sparsity in [0, 1) such as 0.5, or an N:M pattern such as '2:4'; got "
+CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+           "allocate 400000000000000 bytes. Error code 12 (Cannot allocate memory)")
+NOT_FINITE_ADVICE = ("— its weights are damaged or overflowed (for the cached default model run "
+                     "`python -m labutils prepare`)")
+
+
+def exactly(message: str) -> str:
+    """A pytest.raises pattern for the whole message."""
+    return f"^{re.escape(message)}$"
+
+
+def refuses(model, message: str, *args, **kwargs):
+    """prune_model(model, *args, **kwargs) raises BadInput with exactly ``message`` and leaves the model as it was."""
+    before = lu.mask_sha256(model)
+    with pytest.raises(lu.BadInput, match=exactly(message)):
+        lu.prune_model(model, *args, progress=False, **kwargs)
+    assert lu.mask_sha256(model) == before
+
+
+@pytest.fixture(scope="module")
+def reference_hashes():
+    """Mask hashes of wanda on the tiny model for the two SparsityTarget forms."""
+    tokens = torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(1))  # = calib_tokens
+    hashes = {}
+    for key, target in (("50%", lu.SparsityTarget.of(sparsity=0.5)), ("2:4", lu.SparsityTarget.of(nm="2:4"))):
+        hashes[key] = lu.prune_model(make_tiny(), "wanda", target, tokens, progress=False).mask_sha256
+    assert hashes["50%"] != hashes["2:4"]
+    return hashes
+
+
+# --- targets ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target,label", [
+    (0.5, "50%"), (np.float32(0.5), "50%"), (np.float64(0.5), "50%"), (lu.SparsityTarget(0.5), "50%"),
+    ("2:4", "2:4"), (" 2 : 4 ", "2:4"), (lu.SparsityTarget(n=2, m=4), "2:4"),
+    (lu.SparsityTarget.of(nm=(np.int64(2), np.int32(4))), "2:4"),
+])
+def test_prune_model_accepts_every_target_form(target, label, tiny_model, calib_tokens, reference_hashes):
+    report = lu.prune_model(tiny_model, "wanda", target, calib_tokens, progress=False)
+    assert report.target == label
+    assert report.mask_sha256 == reference_hashes[label]
+
+
+def test_as_target_normalises_numbers():
+    assert lu.as_target(0) == lu.SparsityTarget(sparsity=0.0)
+    target = lu.as_target(np.float32(0.25))
+    assert type(target.sparsity) is float and target == lu.SparsityTarget(0.25) and target.label == "25%"
+    assert lu.as_target("4:8") == lu.SparsityTarget(n=4, m=8)
+    same = lu.SparsityTarget(0.5)
+    assert lu.as_target(same) is same
+
+
+@pytest.mark.parametrize("value,shown", [
+    ("0.5", "'0.5'"), ("50%", "'50%'"), ((2, 4), "(2, 4)"), (True, "True"), (None, "None"), ([0.5], "[0.5]"),
+    (torch.tensor(0.5), "a tensor of shape () and dtype torch.float32"),
+])
+def test_target_of_another_kind(value, shown, tiny_model, calib_tokens):
+    refuses(tiny_model, TARGET_FORMS + shown, "wanda", value, calib_tokens)
+    with pytest.raises(lu.BadInput, match=exactly(TARGET_FORMS + shown)):
+        lu.as_target(value)
+
+
+@pytest.mark.parametrize("value,message", [
+    (1.5, "sparsity must be a number in [0, 1); got 1.5"),
+    (-0.5, "sparsity must be a number in [0, 1); got -0.5"),
+    (1, "sparsity must be a number in [0, 1); got 1"),
+    (float("nan"), "sparsity must be a number in [0, 1); got nan"),
+    (float("inf"), "sparsity must be a number in [0, 1); got inf"),
+    (np.float32(1.0), "sparsity must be a number in [0, 1); got np.float32(1.0)"),
+    ("4:4", "N:M pattern needs 1 ≤ N < M; got N=4, M=4"),
+    ("2:x", "N:M pattern must look like '2:4'; got '2:x'"),
+])
+def test_target_out_of_range(value, message, tiny_model, calib_tokens):
+    refuses(tiny_model, message, "wanda", value, calib_tokens)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"sparsity": -0.5}, "sparsity must be a number in [0, 1); got -0.5"),
+    ({"sparsity": 1.5}, "sparsity must be a number in [0, 1); got 1.5"),
+    ({"sparsity": float("nan")}, "sparsity must be a number in [0, 1); got nan"),
+    ({"sparsity": True}, "sparsity must be a number in [0, 1); got True"),
+    ({"sparsity": "0.5"}, "sparsity must be a number in [0, 1); got '0.5'"),
+    ({}, "give exactly one of sparsity or nm (n and m); got sparsity=None, n=None, m=None"),
+    ({"sparsity": 0.5, "n": 2, "m": 4}, "give exactly one of sparsity or nm (n and m); got sparsity=0.5, n=2, m=4"),
+    ({"n": 2}, "an N:M target needs both n and m; got n=2, m=None"),
+    ({"sparsity": 0.5, "m": 4}, "an N:M target needs both n and m; got n=None, m=4"),
+    ({"n": 2.9, "m": 4}, "N:M pattern must be a pair of integers; got n=2.9, m=4"),
+    ({"n": 2.0, "m": 4}, "N:M pattern must be a pair of integers; got n=2.0, m=4"),
+    ({"n": True, "m": 4}, "N:M pattern must be a pair of integers; got n=True, m=4"),
+    ({"n": 4, "m": 4}, "N:M pattern needs 1 ≤ N < M; got N=4, M=4"),
+    ({"n": 0, "m": 4}, "N:M pattern needs 1 ≤ N < M; got N=0, M=4"),
+])
+def test_no_invalid_sparsity_target_can_be_built(kwargs, message):
+    with pytest.raises(lu.BadInput, match=exactly(message)):
+        lu.SparsityTarget(**kwargs)
+
+
+def test_sparsity_target_stores_plain_python_numbers():
+    target = lu.SparsityTarget(sparsity=np.float32(0.5))
+    assert type(target.sparsity) is float and target == lu.SparsityTarget(0.5) and target.label == "50%"
+    nm = lu.SparsityTarget(n=np.int64(2), m=np.int32(4))
+    assert (type(nm.n), type(nm.m)) == (int, int) and nm == lu.SparsityTarget(n=2, m=4)
+    assert hash(nm) == hash(lu.SparsityTarget(n=2, m=4))
+
+
+@pytest.mark.parametrize("nm,shown", [
+    ((2.9, 4), "(2.9, 4)"), ((True, 4), "(True, 4)"), ((2, 4.0), "(2, 4.0)"), ((2, 4, 8), "(2, 4, 8)"),
+    (24, "24"), (None, "None"),
+])
+def test_parse_nm_takes_only_integer_pairs(nm, shown):
+    message = f"N:M pattern must be 'N:M' or a pair of integers; got {shown}"
+    with pytest.raises(lu.BadInput, match=exactly(message)):
+        lu.parse_nm(nm)
+    if nm is not None:
+        with pytest.raises(lu.BadInput, match=exactly(message)):
+            lu.SparsityTarget.of(nm=nm)
+
+
+def test_parse_nm_normalises_numpy_integers():
+    n, m = lu.parse_nm((np.int64(2), np.uint8(4)))
+    assert (n, m) == (2, 4) and (type(n), type(m)) == (int, int)
+
+
+# --- model and tokens ------------------------------------------------------------------------------------------------
+
+MODEL_MESSAGE = ("model must be a causal language model (a torch nn.Module whose config has vocab_size, as "
+                 "lu.load_model gives); got ")
+
+
+@pytest.mark.parametrize("model,shown", [
+    (None, "None"), ("model", "'model'"), (torch.nn.Linear(2, 2), "Linear(in_features=2, out_features=2, bias=True)"),
+])
+def test_not_a_model(model, shown, calib_tokens):
+    with pytest.raises(lu.BadInput, match=exactly(MODEL_MESSAGE + shown)):
+        lu.prune_model(model, "wanda", 0.5, calib_tokens, progress=False)
+    with pytest.raises(lu.BadInput, match=exactly(MODEL_MESSAGE + shown)):
+        lu.perplexity(model, calib_tokens.flatten(), seqlen=16, progress=False)
+
+
+def bad_calibration_tokens():
+    good = torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(1))
+    name = "calibration tokens"
+    return [
+        (good + 256, f"{name} must be token ids in [0, 256) (the model's vocab_size); got min {int(good.min()) + 256}, "
+                     f"max {int(good.max()) + 256}"),
+        (good.clone().index_fill_(1, torch.tensor([3]), -1),
+         f"{name} must be token ids in [0, 256) (the model's vocab_size); got min -1, max {int(good.max())}"),
+        (good[:1, :3].tolist(), f"{name} must be a torch.Tensor of integer token ids (make one with torch.tensor(ids)); "
+                                f"got {good[:1, :3].tolist()!r}"),
+        (good.float(), f"{name} must hold integer token ids (torch.long or another integer dtype); "
+                       f"got dtype torch.float32"),
+        (good.bool(), f"{name} must hold integer token ids (torch.long or another integer dtype); got dtype torch.bool"),
+        (good[None], "method 'wanda' needs calibration tokens of shape (nsamples, seqlen); got (1, 6, 16)"),
+        (good[0], "method 'wanda' needs calibration tokens of shape (nsamples, seqlen); got (16,)"),
+        (good[:0], "method 'wanda' needs calibration tokens of shape (nsamples, seqlen); got (0, 16)"),
+        (None, "method 'wanda' needs calibration tokens of shape (nsamples, seqlen); got None"),
+    ]
+
+
+@pytest.mark.parametrize("tokens,message", bad_calibration_tokens())
+def test_bad_calibration_tokens(tokens, message, tiny_model):
+    refuses(tiny_model, message, "wanda", 0.5, tokens)
+
+
+def test_long_list_of_tokens_is_named_in_one_short_line(tiny_model, calib_tokens):
+    with pytest.raises(lu.BadInput) as caught:
+        lu.prune_model(tiny_model, "wanda", 0.5, calib_tokens.tolist(), progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and len(message) < 200 and message.endswith("…")
+
+
+def test_other_integer_tokens_prune_like_long(tiny_model, calib_tokens, reference_hashes):
+    report = lu.prune_model(tiny_model, "wanda", 0.5, calib_tokens.to(torch.int32), progress=False)
+    assert report.mask_sha256 == reference_hashes["50%"]
+
+
+@pytest.mark.parametrize("tokens,message", [
+    (torch.arange(64).reshape(4, 16), "tokens must be a non-empty 1-d tensor of token ids; got shape (4, 16)"),
+    (torch.zeros(0, dtype=torch.long), "tokens must be a non-empty 1-d tensor of token ids; got shape (0,)"),
+    (torch.arange(64.0), "tokens must hold integer token ids (torch.long or another integer dtype); "
+                         "got dtype torch.float32"),
+    (torch.arange(250, 314), "tokens must be token ids in [0, 256) (the model's vocab_size); got min 250, max 313"),
+    ([1, 2, 3], "tokens must be a torch.Tensor of integer token ids (make one with torch.tensor(ids)); got [1, 2, 3]"),
+])
+def test_bad_perplexity_tokens(tokens, message, tiny_model):
+    with pytest.raises(lu.BadInput, match=exactly(message)):
+        lu.perplexity(tiny_model, tokens, seqlen=16, progress=False)
+
+
+def test_perplexity_accepts_other_integer_tokens(tiny_model):
+    tokens = torch.randint(0, 256, (64,), generator=torch.Generator().manual_seed(2))
+    expected = lu.perplexity(tiny_model, tokens, seqlen=16, progress=False)
+    assert lu.perplexity(tiny_model, tokens.to(torch.int32), seqlen=16, progress=False) == expected
+
+
+def test_method_that_is_not_a_name(tiny_model, calib_tokens):
+    refuses(tiny_model, "method must be a method's name, one of magnitude, wanda, sparsegpt, ria; got ['wanda']",
+            ["wanda"], 0.5, calib_tokens)
+
+
+# --- perplexity that is not finite ----------------------------------------------------------------------------------
+
+def test_nan_weight_gives_a_clear_perplexity_error(tiny_model):
+    tokens = torch.randint(0, 256, (64,), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        tiny_model.lm_head.weight[7, 3] = float("nan")
+    batches = []
+    tiny_model.register_forward_hook(lambda module, args, output: batches.append(1))
+    message = "perplexity is not finite (nan): the model's logits hold NaN or inf values " + NOT_FINITE_ADVICE
+    with pytest.raises(lu.LabError, match=exactly(message)):
+        lu.perplexity(tiny_model, tokens, seqlen=16, batch_size=1, progress=False)
+    assert len(batches) == 1  # stopped after the first batch, not after all four
+
+
+def test_inf_weight_gives_a_clear_perplexity_error(tiny_model):
+    with torch.no_grad():
+        tiny_model.model.norm.weight[0] = float("inf")
+    with pytest.raises(lu.LabError, match=r"^perplexity is not finite \((nan|inf)\): the model's logits hold NaN"):
+        lu.perplexity(tiny_model, torch.arange(64), seqlen=16, progress=False)
+
+
+def test_overflowing_perplexity_is_an_error_not_an_overflow(tiny_model):
+    with torch.no_grad():
+        tiny_model.lm_head.weight.mul_(1e35)  # finite logits, but a mean loss of ~1e35 nats: exp() overflows
+    with pytest.raises(lu.LabError, match=r"^perplexity is not finite \(inf\): the mean loss of \S+e\+3\d nats per "
+                                          r"token overflows exp\(\) — its weights are damaged"):
+        lu.perplexity(tiny_model, torch.arange(64), seqlen=16, progress=False)
+
+
+# --- out of memory ---------------------------------------------------------------------------------------------------
+
+def test_is_out_of_memory():
+    assert lu.errors.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert lu.errors.is_out_of_memory(RuntimeError(CPU_OOM))
+    assert not lu.errors.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not lu.errors.is_out_of_memory(ValueError("can't allocate memory"))
+
+
+def test_real_cpu_allocation_failure_is_recognised():
+    try:
+        torch.empty(2**50)  # 4 PiB: more than any address space
+    except RuntimeError as exc:
+        assert lu.errors.is_out_of_memory(exc), str(exc)
+    else:
+        pytest.skip("this machine allocated 4 PiB of virtual memory, so there is no allocator error to recognise")
+
+
+def raiser(exc):
+    def fail(*args, **kwargs):
+        raise exc
+    return fail
+
+
+def test_out_of_cpu_memory_while_pruning_gives_advice(tiny_model, calib_tokens, monkeypatch):
+    monkeypatch.setattr("labutils.calibration.run_layer", raiser(RuntimeError(CPU_OOM)))
+    message = ("out of CPU memory while pruning with wanda 50%: use a smaller --batch-size, fewer --nsamples, "
+               "shorter --seqlen")
+    with pytest.raises(lu.LabError, match=exactly(message)) as caught:
+        lu.prune_model(tiny_model, "wanda", 0.5, calib_tokens, progress=False)
+    assert str(caught.value.__cause__) == CPU_OOM
+
+
+def test_other_runtime_errors_pass_through_pruning(tiny_model, calib_tokens, monkeypatch):
+    error = RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    monkeypatch.setattr("labutils.calibration.run_layer", raiser(error))
+    with pytest.raises(RuntimeError) as caught:
+        lu.prune_model(tiny_model, "wanda", 0.5, calib_tokens, progress=False)
+    assert caught.value is error and not isinstance(caught.value, lu.LabError)
+
+
+@pytest.mark.parametrize("error,where", [(RuntimeError(CPU_OOM), "CPU"),
+                                         (torch.OutOfMemoryError("CUDA out of memory"), "GPU")])
+def test_out_of_memory_while_evaluating_gives_advice(error, where, tiny_model, monkeypatch):
+    monkeypatch.setattr(tiny_model, "forward", raiser(error))
+    message = (f"out of {where} memory while evaluating (perplexity, batch_size=4, seqlen=16): use a smaller "
+               f"--batch-size or --eval-seqlen")
+    with pytest.raises(lu.LabError, match=exactly(message)) as caught:
+        lu.perplexity(tiny_model, torch.arange(64), seqlen=16, progress=False)
+    assert caught.value.__cause__ is error
+
+
+def test_other_runtime_errors_pass_through_perplexity(tiny_model, monkeypatch):
+    error = RuntimeError("expected scalar type Half but found Float")
+    monkeypatch.setattr(tiny_model, "forward", raiser(error))
+    with pytest.raises(RuntimeError) as caught:
+        lu.perplexity(tiny_model, torch.arange(64), seqlen=16, progress=False)
+    assert caught.value is error
+
+
+# --- OWL lambda ------------------------------------------------------------------------------------------------------
+
+def owl_lambda_message(lam, where="at every target: the most and least pruned layers are 2·lambda apart; "
+                                  "allowed here: 0 ≤ lambda < 0.5 (--owl-lambda, OwlConfig(lam=…); the paper uses 0.08)"):
+    return f"OWL lambda {lam!r} moves some layer's sparsity out of [0, 1) {where}"
+
+
+@pytest.mark.parametrize("lam,sparsity", [(1.0, 0.5), (0.5, 0.5), (0.5, 0.9), (0.75, 0.1)])
+def test_owl_lambda_that_can_never_work_is_refused_before_calibration(lam, sparsity, tiny_model, calib_tokens,
+                                                                      monkeypatch):
+    monkeypatch.setattr("labutils.pruning.layer_outlier_ratios", raiser(AssertionError("calibrated first")))
+    refuses(tiny_model, owl_lambda_message(lam), "wanda", sparsity, calib_tokens, owl=lu.OwlConfig(lam=lam))
+
+
+def test_owl_at_zero_sparsity_allows_no_spread(tiny_model, calib_tokens, monkeypatch):
+    monkeypatch.setattr("labutils.pruning.layer_outlier_ratios", raiser(AssertionError("calibrated first")))
+    message = owl_lambda_message(0.08, "at target 0%: the layers average 0, so any spread takes one below 0; allowed "
+                                       "here: lambda = 0 (--owl-lambda, OwlConfig(lam=…))")
+    refuses(tiny_model, message, "wanda", 0.0, calib_tokens, owl=lu.OwlConfig())
+
+
+@pytest.mark.parametrize("sparsity,ratios", [(0.9, [0.0] * 9 + [1.0]), (0.1, [1.0] * 9 + [0.0])])
+def test_owl_lambda_bound_is_tight(sparsity, ratios):
+    # λ = 0.45 is above S (0.1) or at least 1 − S (0.1), yet works for ratios whose normalised mean is 1 − S: the
+    # early check must let it through.
+    check_options("wanda", lu.SparsityTarget(sparsity), None, False, lu.OwlConfig(lam=0.45))
+    layer_sparsity = lu.owl_sparsities(ratios, sparsity, 0.45)
+    assert all(0 <= s < 1 for s in layer_sparsity)
+    assert max(layer_sparsity) - min(layer_sparsity) == pytest.approx(0.9)
+
+
+def test_owl_exact_bound_still_checked_after_calibration(calib_tokens):
+    model = make_tiny(num_hidden_layers=3)  # normalised mean ≥ 1/3, so at 90% λ must stay below 0.15
+    before = lu.mask_sha256(model)
+    with pytest.raises(lu.BadInput, match=r"^OWL lambda 0.4 moves some layer's sparsity out of \[0, 1\) at target "
+                                          r"90%; allowed here: 0 ≤ lambda < 0\.\d+$"):
+        lu.prune_model(model, "wanda", 0.9, calib_tokens, progress=False, owl=lu.OwlConfig(lam=0.4))
+    assert lu.mask_sha256(model) == before
+
+
+def test_cli_owl_lambda_refused_before_loading(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("labutils.pipeline.load_model", raiser(AssertionError("loaded the model first")))
+    out = tmp_path / "out"
+    assert main(["prune", "--owl", "--owl-lambda", "1.0", "--out", str(out)]) == 2
+    assert owl_lambda_message(1.0) in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_valid_inputs_still_prune_to_the_target(tiny_model, calib_tokens):
+    report = lu.prune_model(tiny_model, "wanda", np.float64(0.5), calib_tokens, progress=False)
+    assert math.isclose(report.measured_sparsity, 0.5)

@@ -1,0 +1,210 @@
+"""Every error of ``python -m labutils prune`` is one line on stderr, exit code 2 and nothing written — never a
+traceback: damaged model folders, a model without a tokenizer, unknown devices, out-of-range seeds and sizes."""
+import shutil
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+import labutils as lu
+from conftest import make_tiny
+from labutils.cli import main
+from labutils.validation import check_seed
+
+SMALL = ["--nsamples", "2", "--seqlen", "16", "--eval-tokens", "64", "--eval-seqlen", "32"]
+
+
+def cli_error(argv, tmp_path, capsys) -> str:
+    """The one line a failing ``prune`` prints; asserts exit code 2, no traceback and no output folder."""
+    out = tmp_path / "out"
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert not out.exists()
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama saved like a hub folder, without tokenizer files (max_position_embeddings 128)."""
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    make_tiny().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(tiny_dir, tmp_path_factory):
+    """The tiny model plus a byte-level tokenizer (256 ids, the tiny vocabulary): real text, no download."""
+    path = tmp_path_factory.mktemp("tiny-tok") / "model"
+    shutil.copytree(tiny_dir, path)
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(path)
+    return path
+
+
+def copy_of(folder, tmp_path):
+    return shutil.copytree(folder, tmp_path / "model")
+
+
+# 1. Model folders that exist but are not a whole model
+
+def test_empty_model_folder(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    line = cli_error(["prune", "--model", str(empty), *SMALL], tmp_path, capsys)
+    assert f"model folder {empty} has no config.json (it is empty); allowed: a folder written by" in line
+    assert "no local folder" not in line
+
+
+def test_folder_with_only_config(tmp_path, capsys):
+    folder = tmp_path / "config-only"
+    lu.tiny_llama_config().save_pretrained(folder)
+    line = cli_error(["prune", "--model", str(folder), *SMALL], tmp_path, capsys)
+    assert f"model folder {folder} has config.json but no weights (*.safetensors or pytorch_model.bin)" in line
+    assert "no local folder" not in line
+
+
+def test_truncated_weights(tiny_dir, tmp_path, capsys):
+    folder = copy_of(tiny_dir, tmp_path)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    line = cli_error(["prune", "--model", str(folder), *SMALL], tmp_path, capsys)
+    assert f"model weights {weights} are unreadable (SafetensorError: " in line
+    assert "damaged or incomplete" in line
+
+
+def test_config_without_model_type(tiny_dir, tmp_path):
+    folder = copy_of(tiny_dir, tmp_path)
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(lu.LabError, match=r"could not be loaded from config.json and model.safetensors "
+                                          r"\(ValueError: Unrecognized model"):
+        lu.load_pretrained(folder, torch.float32, torch.device("cpu"))
+
+
+def test_model_path_that_is_a_file(tiny_dir, tmp_path, capsys):
+    line = cli_error(["prune", "--model", str(tiny_dir / "model.safetensors"), *SMALL], tmp_path, capsys)
+    assert "model.safetensors' is a file; allowed: a folder holding config.json" in line
+
+
+# 2. A model without a tokenizer, on a profile that tokenizes text
+
+NO_TOKENIZER = ("the model has no tokenizer (its folder holds no tokenizer.json / tokenizer_config.json) and "
+                "profile 'smollm2-135m' needs one to tokenize the corpus; copy the base model's tokenizer files "
+                "into the folder")
+
+
+def test_model_without_tokenizer_stops_before_evaluating(tiny_dir, tmp_path, capsys, monkeypatch):
+    def no_heavy_work(*args, **kwargs):
+        raise AssertionError("the job should have stopped before evaluating")
+
+    monkeypatch.setattr("labutils.pipeline.perplexity", no_heavy_work)
+    line = cli_error(["prune", "--profile", "smollm2-135m", "--model", str(tiny_dir), *SMALL], tmp_path, capsys)
+    assert line == f"error: {NO_TOKENIZER}"
+
+
+def test_data_functions_need_a_tokenizer_but_random_profiles_do_not():
+    profile = lu.get_profile("smollm2-135m")
+    for call in (lambda: lu.test_tokens(profile, None, 64), lambda: lu.calibration_data(profile, None, 2, 16, 0),
+                 lambda: lu.heldout_tokens(profile, None, 64)):
+        with pytest.raises(lu.LabError) as info:
+            call()
+        assert str(info.value) == NO_TOKENIZER
+    with pytest.raises(lu.LabError, match="no tokenizer .* and split_tokens needs one"):
+        lu.split_tokens(None, "test")
+    random = lu.get_profile("llama2-7b-random")
+    assert lu.test_tokens(random, None, 64, vocab_size=50).shape == (64,)
+
+
+# 3. Devices
+
+@pytest.mark.parametrize("device", ["foo", "meta", "cuda:x", ""])
+def test_unknown_device(device, tmp_path, capsys):
+    line = cli_error(["prune", "--device", device, *SMALL], tmp_path, capsys)
+    assert line == f"error: device {device!r} is not one the lab can run on; allowed: cuda, cuda:N, mps, cpu"
+
+
+def test_cuda_index_beyond_the_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(lu.LabError, match=r"device 'cuda:1' asked for, but this machine has 1 CUDA GPU\(s\); "
+                                          r"allowed: cuda, cuda:0..cuda:0"):
+        lu.get_device("cuda:1")
+    assert lu.get_device("cuda:0") == torch.device("cuda:0")
+    assert lu.get_device(torch.device("cpu")) == torch.device("cpu")
+
+
+# 4. Seeds
+
+@pytest.mark.parametrize("seed", ["99999999999999999999999", "-1"])
+def test_seed_out_of_range(seed, tmp_path, capsys):
+    line = cli_error(["prune", "--seed", seed, *SMALL], tmp_path, capsys)
+    assert line == f"error: seed must be an integer in [0, 2**63 − 1] = [0, 9223372036854775807]; got {seed}"
+
+
+def test_bench_prune_seed_out_of_range(capsys):
+    assert main(["bench-prune", "--tiny", "--seed", str(2**63)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("error: seed must be an integer in [0, 2**63 − 1]")
+
+
+@pytest.mark.parametrize("seed", [2**63, -1, True, 1.0, "0"])
+def test_check_seed_refuses(seed):
+    with pytest.raises(lu.BadInput, match=r"seed must be an integer in \[0, 2\*\*63 − 1\]"):
+        check_seed(seed)
+    with pytest.raises(lu.BadInput, match="seed must be"):
+        lu.set_seed(seed)
+    with pytest.raises(lu.BadInput, match="seed must be"):
+        lu.data.random_windows(torch.arange(100), 2, 8, seed)
+
+
+def test_largest_seed_is_allowed():
+    assert check_seed(2**63 - 1) == 2**63 - 1
+    lu.set_seed(2**63 - 1)
+    random = lu.get_profile("llama2-7b-random")
+    assert lu.test_tokens(random, None, 8, vocab_size=50, seed=2**63 - 1).shape == (8,)  # its own seed wraps
+    lu.set_seed(0)
+
+
+# 5. Sizes: each error names the field and its CLI flag
+
+def test_help_shows_a_single_percent_sign(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["prune", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "Wanda, 50% unstructured" in out and "%%" not in out
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--eval-seqlen", "1", "eval_seqlen 1 is too short: a perplexity window predicts eval_seqlen − 1 tokens; "
+                           "allowed: 2 or more (CLI flag --eval-seqlen)"),
+    ("--eval-seqlen", "0", "eval_seqlen must be a positive integer (≥ 1); got 0 (CLI flag --eval-seqlen)"),
+    ("--eval-tokens", "0", "eval_tokens must be a positive integer (≥ 1); got 0 (CLI flag --eval-tokens)"),
+    ("--batch-size", "-2", "batch_size must be a positive integer (≥ 1); got -2 (CLI flag --batch-size)"),
+])
+def test_profile_sizes_name_their_flag(flag, value, message, tmp_path, capsys):
+    assert cli_error(["prune", *SMALL, flag, value], tmp_path, capsys) == f"error: {message}"
+
+
+def test_windows_longer_than_the_model_name_their_flag(tiny_dir, tmp_path, capsys):
+    line = cli_error(["prune", "--model", str(tiny_dir), *SMALL, "--eval-seqlen", "200"], tmp_path, capsys)
+    assert line == ("error: eval_seqlen 200 exceeds the model's maximum sequence length; allowed: 1..128 "
+                    "(CLI flag --eval-seqlen)")
+    line = cli_error(["prune", "--model", str(tiny_dir), *SMALL, "--seqlen", "129"], tmp_path, capsys)
+    assert line.endswith("seqlen 129 exceeds the model's maximum sequence length; allowed: 1..128 (CLI flag --seqlen)")
+
+
+def test_more_eval_tokens_than_the_test_set(tiny_with_tokenizer, tmp_path, capsys):
+    _, tokenizer = lu.load_pretrained(tiny_with_tokenizer, torch.float32, torch.device("cpu"))
+    total = lu.split_tokens(tokenizer, "test").numel()
+    line = cli_error(["prune", "--model", str(tiny_with_tokenizer), *SMALL, "--eval-tokens", "1000000000"],
+                     tmp_path, capsys)
+    assert line == (f"error: eval_tokens 1000000000 exceeds the test set's {total:,} tokens; allowed: 32..{total} "
+                    "(CLI flag --eval-tokens)")
+    profile = lu.get_profile("smollm2-135m")
+    assert lu.test_tokens(profile, tokenizer, total).numel() == total  # the whole test set is still allowed

@@ -1,0 +1,260 @@
+"""Publishing folders: nothing lost whatever signal arrives when, no leftovers, one run per folder, a manifest."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import labutils as lu
+from conftest import make_tiny
+from labutils import storage
+from labutils.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A run that publishes version ARGV[2] of a small lab folder at ARGV[1]. It imports labutils.storage alone
+# (no torch: the package's __init__ is bypassed), so each signal test costs a fraction of a second.
+WRITER = textwrap.dedent(f"""
+    import json, sys, types
+    from pathlib import Path
+    package = types.ModuleType("labutils")
+    package.__path__ = [{str(ROOT / "labutils")!r}]
+    sys.modules["labutils"] = package
+    from labutils import storage
+    storage.exit_on_sigterm()
+    folder, version = Path(sys.argv[1]), sys.argv[2]
+    with storage.atomic_folder(folder, "pruned-model") as tmp:
+        (tmp / "model.safetensors").write_bytes(version.encode() * 300_000)
+        (tmp / "report.json").write_text(json.dumps({{"lab": "wanda-lab", "version": version}}))
+        storage._pause("writing")
+    print("saved", flush=True)
+""")
+
+
+def publish(folder: Path, version: str) -> None:
+    with storage.atomic_folder(folder, "pruned-model") as tmp:
+        (tmp / "model.safetensors").write_bytes(version.encode() * 300_000)
+        (tmp / "report.json").write_text(json.dumps({"lab": "wanda-lab", "version": version}))
+
+
+def version_at(folder: Path) -> str:
+    assert storage.verify_folder(folder, full=True) is None  # whole and exactly as written
+    return json.loads((folder / "report.json").read_text())["version"]
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+def run_writer(tmp_path: Path, folder: Path, pause: str, sig: int, exchange: bool = True):
+    """Start a writer of version 2, send ``sig`` when it reaches ``pause``, return (exit code, stderr)."""
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    env = {**os.environ, storage.PAUSE_ENV: pause}
+    if not exchange:
+        env[storage.NO_EXCHANGE_ENV] = "1"
+    proc = subprocess.Popen([sys.executable, str(script), str(folder), "2"], env=env, stderr=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if line.strip() == f"lab-pause {pause}":
+            break
+    else:
+        pytest.fail(f"the writer never reached {pause}: {proc.wait()}")
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, out + err
+
+
+# (pause point, signal, two-rename fallback?, exit code, version at the folder afterwards, leftovers afterwards)
+CASES = [
+    ("writing", signal.SIGINT, False, -signal.SIGINT, "1", False),  # Python dies by the signal it got
+    ("writing", signal.SIGTERM, False, 128 + signal.SIGTERM, "1", False),
+    ("writing", signal.SIGKILL, False, -signal.SIGKILL, "1", True),
+    ("exchanged", signal.SIGINT, False, 0, "2", False),
+    ("exchanged", signal.SIGTERM, False, 0, "2", False),
+    ("exchanged", signal.SIGKILL, False, -signal.SIGKILL, "2", True),
+    ("published", signal.SIGINT, False, 0, "2", False),
+    ("between-renames", signal.SIGINT, True, 0, "2", False),
+    ("between-renames", signal.SIGTERM, True, 0, "2", False),
+    ("between-renames", signal.SIGKILL, True, -signal.SIGKILL, None, True),  # restored by the next run
+]
+
+
+@pytest.mark.parametrize("pause,sig,fallback,code,version,left", CASES,
+                         ids=[f"{c[1].name}-at-{c[0]}{'-fallback' if c[2] else ''}" for c in CASES])
+def test_signal_at_every_moment_loses_nothing(tmp_path, pause, sig, fallback, code, version, left):
+    folder = tmp_path / "out" / "run"
+    publish(folder, "1")
+    rc, output = run_writer(tmp_path, folder, pause, sig, exchange=not fallback)
+    assert rc == code, output
+    if code == 0:
+        assert "saved" in output and "was held until the new folder was in place" in output
+    parent = folder.parent
+    assert bool(leftovers(parent)) == left, leftovers(parent)
+    if version is None:  # killed between the two renames: the old folder is aside, the name is empty
+        assert not folder.exists()
+    else:
+        assert version_at(folder) == version
+    # The next run into the same parent cleans up (and restores the old folder first where needed).
+    lines = storage.sweep_leftovers(parent, log=lambda line: None)
+    assert leftovers(parent) == []
+    if version is None:
+        assert any(line.startswith(f"restored {folder}") for line in lines)
+        assert version_at(folder) == "1"
+    elif left:
+        assert any("left by a run that died" in line for line in lines)
+    publish(folder, "3")
+    assert version_at(folder) == "3" and leftovers(parent) == []
+
+
+def test_leftovers_of_a_live_run_are_kept(tmp_path):
+    live = tmp_path / f".run.tmp-{os.getpid()}-abc"
+    live.mkdir()
+    assert storage.sweep_leftovers(tmp_path, log=lambda line: None) == []
+    assert live.exists()
+
+
+def test_next_run_says_what_it_removed(tmp_path, capsys):
+    folder = tmp_path / "run"
+    rc, _ = run_writer(tmp_path, folder, "writing", signal.SIGKILL)
+    assert rc == -signal.SIGKILL and leftovers(tmp_path)
+    publish(folder, "3")
+    assert "left by a run that died" in capsys.readouterr().err
+    assert leftovers(tmp_path) == [] and version_at(folder) == "3"
+
+
+def test_second_concurrent_run_stops_at_once(tmp_path, capsys):
+    folder = tmp_path / "run"
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    proc = subprocess.Popen([sys.executable, str(script), str(folder), "2"], stderr=subprocess.PIPE,
+                            env={**os.environ, storage.PAUSE_ENV: "writing"}, text=True)
+    try:
+        assert proc.stderr.readline().strip() == "lab-pause writing"
+        with pytest.raises(lu.LabError, match=f"another run \\(pid {proc.pid}\\) is writing .*choose another --out"):
+            publish(folder, "9")
+        assert main(["prune", "--out", str(folder)]) == 2
+        assert f"another run (pid {proc.pid}) is writing" in capsys.readouterr().err
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    assert not folder.exists() and leftovers(tmp_path) == []  # the writer was interrupted before publishing
+    publish(folder, "3")  # the lock is free again
+    assert version_at(folder) == "3"
+
+
+def test_lock_is_reentrant_within_a_process(tmp_path):
+    with storage.output_lock(tmp_path / "run"), storage.output_lock(tmp_path / "run"):
+        publish(tmp_path / "run", "1")
+    assert version_at(tmp_path / "run") == "1"
+
+
+def test_replacing_removes_only_listed_files(tmp_path):
+    folder = tmp_path / "run"
+    publish(folder, "1")
+    old = tmp_path / "aside"
+    folder.rename(old)
+    (old / "thesis.tex").write_text("mine")  # appeared after the check: kept, and the folder with it
+    storage.remove_lab_folder(old)
+    assert [p.name for p in old.iterdir()] == ["thesis.tex"]
+
+
+@pytest.mark.parametrize("setup,message", [
+    (lambda f: (f.mkdir(), (f / "report.json").write_text('{"lab": "wanda-lab"}'),
+                (f / "thesis.tex").write_text("x")), "not a lab output .*older lab version"),
+    (lambda f: (publish(f, "1"), (f / "thesis.tex").write_text("x")), "holding files the lab did not write"),
+])
+def test_folder_with_foreign_files_is_never_replaced(tmp_path, setup, message):
+    folder = tmp_path / "run"
+    setup(folder)
+    with pytest.raises(lu.BadInput, match=message):
+        lu.check_output_dir(folder)
+    assert main(["prune", "--out", str(folder)]) == 2
+    with pytest.raises(lu.BadInput, match=message):
+        publish(folder, "2")
+    assert (folder / "thesis.tex").read_text() == "x" and leftovers(tmp_path) == []
+
+
+def test_symlinked_output_is_written_through_the_link(tmp_path):
+    real = tmp_path / "real"
+    publish(real, "1")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    assert lu.check_output_dir(link) == link
+    publish(link, "2")
+    assert link.is_symlink() and version_at(real) == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def test_output_under_a_file_is_refused_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["prune", "--out", str(blocker / "run")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_too_little_free_space_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: storage.shutil._ntuple_diskusage(10, 5, 5))
+    assert main(["prune", "--out", str(tmp_path / "run")]) == 2
+    assert "GiB free" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_report_is_strict_json(tmp_path):
+    report = {"perplexity": {"dense": float("nan"), "pruned": float("inf")}, "sizes": [1.0, float("-inf")]}
+    out = lu.save_pruned(make_tiny(), None, report, tmp_path / "run")
+    saved = json.loads((out / "report.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert saved["perplexity"] == {"dense": None, "pruned": None} and saved["sizes"] == [1.0, None]
+
+
+def test_damaged_output_is_not_loaded(tmp_path):
+    out = lu.save_pruned(make_tiny(), None, {}, tmp_path / "run")
+    with (out / "model.safetensors").open("r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(lu.LabError, match="saved model .* is damaged \\(model.safetensors has 1,000 bytes"):
+        lu.load_pruned(out, "cpu")
+
+
+# -------------------------------------------------------------------------- real file systems, where allowed
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount a 20 MB tmpfs (root and a kernel that allows it, as on the lab's CI); skip with the reason if not."""
+    mounted = []
+
+    def mount(options: str = "size=20m") -> Path:
+        point = tmp_path / f"mnt{len(mounted)}"
+        point.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True,
+                                text=True)
+        if result.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or result.returncode})")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def test_full_disk_during_save_keeps_the_old_folder(tmpfs):
+    disk = tmpfs()
+    publish(disk / "run", "1")
+    with pytest.raises(lu.LabError, match="could not write .*run.*No space left on device \\(the disk is full\\); "
+                                          "the previous folder there is unchanged"):
+        with storage.atomic_folder(disk / "run") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"\0" * 30 * 2**20)
+    assert version_at(disk / "run") == "1" and leftovers(disk) == []
+
+
+def test_cli_refuses_a_disk_too_small_and_a_read_only_mount(tmpfs, capsys):
+    small = tmpfs()
+    assert main(["prune", "--out", str(small / "run")]) == 2  # the default model needs ~0.5 GB
+    assert "needs about 0.5" in capsys.readouterr().err
+    read_only = tmpfs("size=20m,ro")
+    assert main(["prune", "--out", str(read_only / "run")]) == 2
+    assert "cannot be written: creating a folder in" in capsys.readouterr().err
+    assert list(small.iterdir()) == [] and list(read_only.iterdir()) == []
