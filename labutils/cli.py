@@ -11,7 +11,7 @@ from .errors import LabError
 from .pipeline import PruneJob, run_prune_job, summary_table
 from .prunebench import MODES, TARGETS, bench_prune, bench_setup, default_json_path, write_json
 from .pruning import METHODS
-from .storage import exit_on_sigterm, strict_json
+from .storage import PUBLISHED, exit_on_sigterm, strict_json
 from .validation import check_seed
 
 
@@ -123,7 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     except LabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing was published (an earlier output folder is unchanged)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (storage.Terminated)
+        code = 128 + getattr(exc, "signum", 2)
+        if PUBLISHED:
+            print(f"interrupted after {PUBLISHED[-1]} was published: the new model is in place", file=sys.stderr)
+            return 0
+        print(f"interrupted ({'Ctrl-C' if code == 130 else exc}): nothing was published (an earlier output folder "
+              "is unchanged)", file=sys.stderr)
+        return code
     return 0

@@ -34,7 +34,8 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, batch_size: 
         raise BadInput(f"seqlen must be at least 2 to predict anything; got {seqlen}")
     n_windows = tokens.numel() // seqlen
     if n_windows == 0:
-        raise BadInput(f"need at least seqlen={seqlen} test tokens; got {tokens.numel()}")
+        raise BadInput(f"need at least seqlen={seqlen} test tokens (one window, --eval-seqlen); got {tokens.numel()} "
+                       "(--eval-tokens)")
     windows = tokens[: n_windows * seqlen].reshape(n_windows, seqlen)
     try:
         total_nll, total_count = _total_nll(model, windows, batch_size, progress, desc)

@@ -21,6 +21,7 @@ import ctypes
 import errno
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -32,6 +33,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 from .errors import BadInput, LabError
 
@@ -122,7 +125,22 @@ def read_manifest(folder: str | os.PathLike) -> dict | None:
     if not isinstance(manifest, dict) or manifest.get("lab") != LAB_MARKER or not isinstance(
             manifest.get("files"), dict):
         return None
+    if not all(_safe_name(name) and _well_formed(entry) for name, entry in manifest["files"].items()):
+        return None  # names outside the folder, or entries without sizes and hashes: not a manifest we trust
     return manifest
+
+
+def _safe_name(name) -> bool:
+    """A relative POSIX path that stays inside the folder (no absolute path, no '..', not the manifest)."""
+    if not isinstance(name, str) or not name or name.startswith("/") or "\\" in name:
+        return False
+    parts = name.split("/")
+    return all(part not in ("", ".", "..") for part in parts) and name != MANIFEST_FILE
+
+
+def _well_formed(entry) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and not isinstance(entry["bytes"], bool)
+            and all(isinstance(entry.get(key), str) for key in ("sha256", "sample_sha256")))
 
 
 def verify_folder(folder: str | os.PathLike, full: bool = False) -> str | None:
@@ -149,9 +167,21 @@ def verify_folder(folder: str | os.PathLike, full: bool = False) -> str | None:
 
 
 def unlisted_files(folder: Path) -> list[str]:
-    """Files in ``folder`` that its manifest does not list (everything, where there is no manifest)."""
-    manifest = read_manifest(folder) or {"files": {}}
-    return [name for name in _listed_files(folder) if name not in manifest["files"]]
+    """Entries of ``folder`` its manifest does not account for: files and symlinks it does not list, and folders
+    that hold none of its files (everything, where there is no manifest)."""
+    listed = set((read_manifest(folder) or {"files": {}})["files"])
+    parents = {"/".join(name.split("/")[:i]) for name in listed for i in range(1, name.count("/") + 1)}
+    unlisted = []
+    for root, dirs, files in os.walk(folder):
+        rel = Path(root).relative_to(folder)
+        for name in dirs + files:
+            entry = (rel / name).as_posix()
+            if entry == MANIFEST_FILE:
+                continue
+            is_dir = name in dirs and not (Path(root) / name).is_symlink()
+            if (entry not in parents) if is_dir else (entry not in listed or (Path(root) / name).is_symlink()):
+                unlisted.append(entry)
+    return sorted(unlisted)
 
 
 # ----------------------------------------------------------------------------------- checks before work
@@ -194,6 +224,8 @@ def check_writable(path: Path, need_bytes: int | None = None) -> None:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise BadInput(f"output {str(path)!r} cannot be created: {str(ancestor)!r} is a file, not a folder")
+    if ancestor == path.parent:
+        sweep_leftovers(ancestor)  # what dead runs left there counts as free space
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".lab-probe-", dir=ancestor))
     except OSError as exc:
@@ -209,6 +241,7 @@ def check_writable(path: Path, need_bytes: int | None = None) -> None:
 
 # ------------------------------------------------------------------------------------------------ locking
 
+PUBLISHED: list[Path] = []  # folders this process has published, so an interrupt after that can say so
 _HELD: dict[str, list] = {}  # folder → [(fd, lock file), depth]: this process's locks, re-entrant
 _HELD_GUARD = threading.Lock()
 
@@ -224,7 +257,7 @@ def _lock_path(path: Path) -> Path:
 def output_lock(path: str | os.PathLike):
     """Hold the lock of the folder ``path`` exclusively for the block; another process asking for it is refused
     at once with the holder's PID. Re-entrant within one process."""
-    path = resolve_target(path).absolute()
+    path = Path(os.path.abspath(resolve_target(path)))
     key = str(path)
     with _HELD_GUARD:
         depth = _HELD.setdefault(key, [None, 0])
@@ -251,12 +284,36 @@ def output_lock(path: str | os.PathLike):
 def _acquire(path: Path):
     """Open, lock and stamp the lock file; (fd, lock path), or None where ``flock`` does not exist (Windows:
     publishing is still atomic, concurrent runs are not detected)."""
-    try:
-        import fcntl
-    except ImportError:
+    if importlib.util.find_spec("fcntl") is None:
         return None
     lock = _lock_path(path)
-    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_locks(lock.parent)
+        return _lock_file(lock, path)
+    except OSError as exc:
+        raise LabError(f"cannot create the lock file {lock} for {str(path)!r} ({exc.strerror or exc}); set "
+                       f"{CACHE_ENV} to a folder you can write") from None
+
+
+def _sweep_locks(folder: Path) -> None:
+    """Remove lock files no process holds (left by killed runs), with the same protocol as a release."""
+    import fcntl
+
+    for lock in folder.glob("*.lock"):
+        with contextlib.suppress(OSError):
+            fd = os.open(lock, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                    lock.unlink()
+            finally:
+                os.close(fd)
+
+
+def _lock_file(lock: Path, path: Path):
+    import fcntl
+
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -293,42 +350,59 @@ _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<what>tmp|old)-(?P<pid>\d+)(-.*)?$"
 
 
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` may still run (unknown counts as alive: its folders are left alone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's process
+    except (PermissionError, OverflowError, ValueError):  # someone else's process, or no pid we could have made
         return True
     return True
 
 
 def sweep_leftovers(parent: Path, log=None) -> list[str]:
     """Clean what killed runs left in ``parent``: a folder whose old copy (``.NAME.old-PID``) is all that is left
-    is restored; other temporary folders of dead PIDs are removed. Returns one line per action (also printed to
+    is restored (under that folder's lock; if it cannot be, the copy is left alone); other temporary folders of
+    dead PIDs are removed, except files the lab did not write. Returns one line per action (also printed to
     stderr, or passed to ``log``)."""
-    if not parent.is_dir():
-        return []
     lines = []
-    leftovers = []
-    for entry in parent.iterdir():
-        match = _LEFTOVER.match(entry.name)
-        if match and entry.is_dir() and not entry.is_symlink() and not _alive(int(match["pid"])):
-            leftovers.append((match, entry))
-    # Restore first (newest old copy wins, under that folder's lock), then remove the rest.
-    for match, entry in sorted(leftovers, key=lambda me: -me[1].stat().st_mtime):
+    for match, entry in _dead_leftovers(parent):
         target = parent / match["name"]
-        if match["what"] == "old" and not target.exists():
-            with contextlib.suppress(OSError, LabError), output_lock(target):
-                if not target.exists():
-                    entry.rename(target)
+        with contextlib.suppress(OSError):
+            if match["what"] == "old" and not target.exists():
+                if _restore(entry, target):
                     lines.append(f"restored {target} from {entry.name}, left aside by a run that died while "
                                  f"replacing it (pid {match['pid']})")
-        if entry.exists():
-            shutil.rmtree(entry, ignore_errors=True)
-            lines.append(f"removed {entry}, left by a run that died (pid {match['pid']})")
+                continue  # never delete the only copy
+            if entry.exists():
+                remove_lab_folder(entry, keep_as=parent / f"{match['name']}.unlisted-{match['pid']}")
+                lines.append(f"removed {entry}, left by a run that died (pid {match['pid']})")
     for line in lines:
         (log or (lambda text: print(text, file=sys.stderr)))(line)
     return lines
+
+
+def _dead_leftovers(parent: Path) -> list:
+    """(name match, path) of the leftovers of dead runs in ``parent``, newest first."""
+    found = []
+    with contextlib.suppress(OSError):
+        for entry in parent.iterdir():
+            match = _LEFTOVER.match(entry.name)
+            with contextlib.suppress(OSError):
+                if match and entry.is_dir() and not entry.is_symlink() and not _alive(int(match["pid"])):
+                    found.append((entry.stat().st_mtime, match, entry))
+    return [(match, entry) for _, match, entry in sorted(found, key=lambda t: -t[0])]
+
+
+def _restore(old: Path, target: Path) -> bool:
+    try:
+        with output_lock(target):
+            if target.exists():
+                return False
+            old.rename(target)
+            return True
+    except (OSError, LabError):
+        return False
 
 
 # ---------------------------------------------------------------------------------------------- publishing
@@ -371,14 +445,23 @@ class _HeldSignals:
         return False
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C's KeyboardInterrupt so ``finally`` blocks clean up."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 def exit_on_sigterm() -> None:
-    """Make SIGTERM end this process like Ctrl-C does, through ``finally`` blocks (so a temporary folder being
-    written is removed), exiting with 128 + 15. The CLI installs it; main thread only."""
-    def _exit(signum, frame):
-        raise SystemExit(128 + signum)
+    """Make SIGTERM and SIGHUP end this process like Ctrl-C does, through ``finally`` blocks (so a temporary folder
+    being written is removed): they raise ``Terminated``. The CLI installs it; main thread only."""
+    def _raise(signum, frame):
+        raise Terminated(signum)
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _exit)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _raise)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -418,24 +501,31 @@ def _fsync_folder(folder: Path, files: bool = False) -> None:
             os.close(fd)
 
 
-def remove_lab_folder(folder: Path) -> None:
-    """Delete the files ``folder``'s manifest lists, the manifest, then the folder if nothing else is in it.
-    A folder without a manifest (a half-written temporary one of this run) is removed whole."""
+def remove_lab_folder(folder: Path, keep_as: Path | None = None) -> None:
+    """Delete the files ``folder``'s manifest lists, the manifest, then the folder if nothing else is in it; if
+    something else is (files the lab did not write), the folder is renamed to ``keep_as`` and said so. A folder
+    without a manifest (a half-written temporary one) is removed whole."""
     manifest = read_manifest(folder)
     if manifest is None:
         shutil.rmtree(folder, ignore_errors=True)
         return
     for name in manifest["files"]:
-        with contextlib.suppress(FileNotFoundError):
-            (folder / name).unlink()
+        with contextlib.suppress(OSError):
+            if not (folder / name).is_symlink():
+                (folder / name).unlink()
     with contextlib.suppress(FileNotFoundError):
         (folder / MANIFEST_FILE).unlink()
-    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir() and not p.is_symlink()),
+                      key=lambda p: -len(p.parts)):
         with contextlib.suppress(OSError):
             sub.rmdir()
     try:
         folder.rmdir()
     except OSError:
+        kept = keep_as or folder.parent / f"{folder.name.lstrip('.')}.unlisted"
+        with contextlib.suppress(OSError):
+            folder.rename(kept)
+            folder = kept
         print(f"kept {folder}: it holds files the lab did not write", file=sys.stderr)
 
 
@@ -468,19 +558,22 @@ def atomic_folder(path: str | os.PathLike, kind: str = "pruned-model", replace_a
             with _HeldSignals() as held:
                 aside = _swap_in(tmp, path)
                 published = True
+                PUBLISHED.append(path)
                 _pause("exchanged")
                 if aside is not None:
-                    (shutil.rmtree(aside, ignore_errors=True) if replace_any else remove_lab_folder(aside))
+                    (shutil.rmtree(aside, ignore_errors=True) if replace_any
+                     else remove_lab_folder(aside, keep_as=path.parent / f"{path.name}.unlisted-{os.getpid()}"))
                 _pause("published")
             if held.received:
                 names = ", ".join(signal.Signals(s).name for s in held.received)
                 print(f"{names} arrived while {path} was being published; it was held until the new folder was "
                       "in place, so the run completed", file=sys.stderr)
-        except OSError as exc:
+        except (OSError, SafetensorError) as exc:
             if published:
                 raise
-            raise LabError(f"could not write {str(path)!r}: {exc.strerror or exc}"
-                           f"{' (the disk is full)' if exc.errno == errno.ENOSPC else ''}; "
+            full = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc)
+            reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
+            raise LabError(f"could not write {str(path)!r}: {reason}{' (the disk is full)' if full else ''}; "
                            f"{'the previous folder there is unchanged' if path.exists() else 'nothing was written'}"
                            ) from exc
         finally:
@@ -527,6 +620,8 @@ def strict_json(value) -> str:
 
 
 def _finite(value):
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():  # numpy / torch scalars
+        value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):

@@ -24,13 +24,18 @@ WRITER = textwrap.dedent(f"""
     package = types.ModuleType("labutils")
     package.__path__ = [{str(ROOT / "labutils")!r}]
     sys.modules["labutils"] = package
+    import signal
     from labutils import storage
-    storage.exit_on_sigterm()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if started in background
+    storage.exit_on_sigterm()  # what the CLI does
     folder, version = Path(sys.argv[1]), sys.argv[2]
-    with storage.atomic_folder(folder, "pruned-model") as tmp:
-        (tmp / "model.safetensors").write_bytes(version.encode() * 300_000)
-        (tmp / "report.json").write_text(json.dumps({{"lab": "wanda-lab", "version": version}}))
-        storage._pause("writing")
+    try:
+        with storage.atomic_folder(folder, "pruned-model") as tmp:
+            (tmp / "model.safetensors").write_bytes(version.encode() * 300_000)
+            (tmp / "report.json").write_text(json.dumps({{"lab": "wanda-lab", "version": version}}))
+            storage._pause("writing")
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: as the CLI's main() exits
+        sys.exit(128 + getattr(exc, "signum", 2))
     print("saved", flush=True)
 """)
 
@@ -71,8 +76,9 @@ def run_writer(tmp_path: Path, folder: Path, pause: str, sig: int, exchange: boo
 
 # (pause point, signal, two-rename fallback?, exit code, version at the folder afterwards, leftovers afterwards)
 CASES = [
-    ("writing", signal.SIGINT, False, -signal.SIGINT, "1", False),  # Python dies by the signal it got
+    ("writing", signal.SIGINT, False, 128 + signal.SIGINT, "1", False),
     ("writing", signal.SIGTERM, False, 128 + signal.SIGTERM, "1", False),
+    ("writing", signal.SIGHUP, False, 128 + signal.SIGHUP, "1", False),
     ("writing", signal.SIGKILL, False, -signal.SIGKILL, "1", True),
     ("exchanged", signal.SIGINT, False, 0, "2", False),
     ("exchanged", signal.SIGTERM, False, 0, "2", False),
@@ -159,8 +165,8 @@ def test_replacing_removes_only_listed_files(tmp_path):
     old = tmp_path / "aside"
     folder.rename(old)
     (old / "thesis.tex").write_text("mine")  # appeared after the check: kept, and the folder with it
-    storage.remove_lab_folder(old)
-    assert [p.name for p in old.iterdir()] == ["thesis.tex"]
+    storage.remove_lab_folder(old, keep_as=tmp_path / "run.unlisted")
+    assert not old.exists() and [p.name for p in (tmp_path / "run.unlisted").iterdir()] == ["thesis.tex"]
 
 
 @pytest.mark.parametrize("setup,message", [
@@ -188,6 +194,104 @@ def test_symlinked_output_is_written_through_the_link(tmp_path):
     publish(link, "2")
     assert link.is_symlink() and version_at(real) == "2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_an_old_copy_that_cannot_be_restored_is_never_deleted(tmp_path, monkeypatch):
+    old = tmp_path / f".run.old-{dead_pid()}"
+    publish(old, "1")
+    monkeypatch.setattr(storage, "_restore", lambda entry, target: False)  # e.g. another run holds run's lock
+    assert storage.sweep_leftovers(tmp_path, log=lambda line: None) == []
+    assert version_at(old) == "1"
+
+
+def test_files_the_lab_did_not_write_survive_a_dead_runs_cleanup(tmp_path):
+    left = tmp_path / f".run.tmp-{dead_pid()}-x"
+    publish(left, "1")
+    (left / "notes.txt").write_text("mine")
+    storage.sweep_leftovers(tmp_path, log=lambda line: None)
+    assert not left.exists()
+    (kept,) = tmp_path.glob("run.unlisted-*")
+    assert [p.name for p in kept.iterdir()] == ["notes.txt"]
+
+
+def test_leftover_names_that_no_run_made_are_left_alone(tmp_path):
+    odd = tmp_path / ".data.tmp-99999999999999999999"
+    odd.mkdir()
+    publish(tmp_path / "run", "1")
+    assert odd.exists() and version_at(tmp_path / "run") == "1"
+
+
+@pytest.mark.parametrize("tamper", [
+    lambda m: m["files"].update({"../victim.txt": m["files"]["report.json"]}),
+    lambda m: m["files"].update({"/etc/hostname": m["files"]["report.json"]}),
+    lambda m: m["files"]["report.json"].pop("bytes"),
+    lambda m: m["files"].update({"report.json": None}),
+])
+def test_a_tampered_manifest_is_not_trusted(tmp_path, tamper):
+    folder = tmp_path / "run"
+    publish(folder, "1")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    manifest = json.loads((folder / storage.MANIFEST_FILE).read_text())
+    tamper(manifest)
+    (folder / storage.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(lu.BadInput, match="not a lab output"):
+        publish(folder, "2")
+    assert storage.verify_folder(folder) == "no readable lab-manifest.json" and victim.read_text() == "keep"
+
+
+@pytest.mark.parametrize("extra", ["empty-folder", "link-to-folder"])
+def test_folders_and_links_count_as_foreign_entries(tmp_path, extra):
+    folder = tmp_path / "run"
+    publish(folder, "1")
+    if extra == "empty-folder":
+        (folder / "data").mkdir()
+    else:
+        (tmp_path / "elsewhere").mkdir()
+        (folder / "data").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(lu.BadInput, match="holding files the lab did not write \\(data\\)"):
+        lu.check_output_dir(folder)
+
+
+def test_lock_folder_that_cannot_be_made_is_one_line(tmp_path, monkeypatch):
+    blocker = tmp_path / "cache-is-a-file"
+    blocker.write_text("x")
+    monkeypatch.setenv(storage.CACHE_ENV, str(blocker))
+    with pytest.raises(lu.LabError, match="cannot create the lock file .* set LAB_CACHE_DIR to a folder you can write"):
+        publish(tmp_path / "run", "1")
+    assert not (tmp_path / "run").exists()
+
+
+def test_lock_files_of_killed_runs_are_removed(tmp_path, monkeypatch):
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    stale = tmp_path / "cache" / "locks" / "0123.lock"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("12345\n")  # nobody holds it: its process was killed
+    publish(tmp_path / "run", "1")
+    assert list(stale.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("published,code,message", [
+    (False, 143, "interrupted (SIGTERM): nothing was published"),
+    (True, 0, "was published: the new model is in place"),
+])
+def test_cli_says_what_an_interrupt_left(tmp_path, monkeypatch, capsys, published, code, message):
+    def interrupted(job, progress=True):
+        if published:
+            storage.PUBLISHED.append(tmp_path / "run")
+        raise storage.Terminated(signal.SIGTERM)
+
+    monkeypatch.setattr(storage, "PUBLISHED", [])
+    monkeypatch.setattr("labutils.cli.PUBLISHED", storage.PUBLISHED)
+    monkeypatch.setattr("labutils.cli.run_prune_job", interrupted)
+    assert main(["prune", "--out", str(tmp_path / "run")]) == code
+    assert message in capsys.readouterr().err
 
 
 def test_output_under_a_file_is_refused_before_any_work(tmp_path, capsys):
@@ -238,6 +342,14 @@ def tmpfs(tmp_path):
     yield mount
     for point in mounted:
         subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def test_full_disk_while_safetensors_writes_is_one_line(tmpfs, monkeypatch):
+    disk = tmpfs("size=200k")
+    monkeypatch.setattr("labutils.checkpoint.check_writable", lambda path, need_bytes=None: None)  # space taken later
+    with pytest.raises(lu.LabError, match="could not write .*\\(the disk is full\\); nothing was written"):
+        lu.save_pruned(make_tiny(), None, {}, disk / "run")
+    assert list(disk.iterdir()) == []
 
 
 def test_full_disk_during_save_keeps_the_old_folder(tmpfs):
