@@ -4,7 +4,7 @@ PYTHON ?= python
 TORCH ?= torch==2.13.0
 NOTEBOOKS := 01-Setup.ipynb 02-Prune.ipynb 03-Inference.ipynb 04-Benchmark.ipynb
 
-.PHONY: setup test notebooks
+.PHONY: setup test test-unit notebooks
 
 setup:
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -20,6 +20,10 @@ setup:
 test:
 	$(PYTHON) -m pytest tests --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
 	  --nbval-cell-timeout 600 $(NOTEBOOKS)
+
+# The fast loop while changing labutils: unit tests without the notebooks and without real-model loads (< 1 min).
+test-unit:
+	$(PYTHON) -m pytest tests -m "not slow" -q
 
 # Re-execute every notebook in place from a fresh kernel (run after changing labutils, then commit).
 notebooks:

@@ -6,10 +6,8 @@ half of the values plus 2-bit indices. ``torch.sparse`` does that with a tensor 
 weights of a pruned model's decoder linears for it, checks the result against the masked dense model, and
 times both. We always use the cuSPARSELt backend: the CUTLASS one refuses compute capability 9.0 (H100/H200).
 
-What we measured on an H200 with Llama-2-7B shapes: each eager call of the subclass costs ~0.7 ms of Python and
-planning, so an eager 2:4 prefill of 2048 tokens ran at 0.21× dense. Captured in a CUDA graph that overhead
-disappears from the replay, yet the whole model still ran at 0.36× (2048 tokens) and 0.22× (4096) with every
-linear sparse, while single linears alone ran 1.22–1.47× at 4096 tokens; decode ran at ~0.5×.
+Each eager call of the subclass pays Python and planning on the CPU; replayed from a CUDA graph
+(``cudagraphs``) only the kernels remain. Measured speeds live in the README and ``benchmarks/results/``, not here.
 """
 from __future__ import annotations
 

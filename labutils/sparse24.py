@@ -4,9 +4,9 @@ torch's stock path keeps an ``nn.Linear`` whose weight is a ``SparseSemiStructur
 through Python: ``F.linear`` decomposes into a transpose and a matmul that reach the subclass's
 ``__torch_dispatch__``, which builds a transposed wrapper object, checks dtypes and shapes and calls a
 ``torch.library`` custom op, which pads and finally calls ``torch._cslt_sparse_mm`` (torch 2.13 fuses the output
-transpose there, so the result is already row-major). That is ~0.7 ms of CPU per call, eager: with 224 sparse
-linears per forward, more than the GPU work saved. It also always uses cuSPARSELt's algorithm 0 unless one was
-chosen at compression.
+transpose there, so the result is already row-major). That is Python work on every call, eager, times 224
+sparse linears per forward (how much it costs is measured in the README, not here). It also always uses
+cuSPARSELt's algorithm 0 unless one was chosen at compression.
 
 ``SparseLinear24`` replaces the whole ``nn.Linear`` and calls ``torch._cslt_sparse_mm`` itself: on xᵀ (a free
 view of the row-major activation) with ``transpose_result=True``, so cuSPARSELt writes y = x Wᵀ directly as a

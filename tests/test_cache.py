@@ -83,6 +83,7 @@ def test_cache_without_manifest_is_rebuilt(fake_cache, capsys):
     assert "has no lab-manifest.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_nan_weights_in_a_copy_of_the_real_cache_stop_the_run(tmp_path, monkeypatch, capsys):
     """Bytes the quick check cannot see (between its samples) make the weights NaN: the run stops at the dense
     perplexity with one line and writes nothing."""

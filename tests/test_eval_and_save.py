@@ -113,6 +113,7 @@ def tiny_with_real_tokenizer(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_main_job_end_to_end(tiny_with_real_tokenizer, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["prune", "--model", str(tiny_with_real_tokenizer), "--nm", "2:4", "--nsamples", "4", "--seqlen", "32",
@@ -138,6 +139,7 @@ def test_main_job_seqlen_above_model_maximum(tiny_with_real_tokenizer, tmp_path,
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_embedded_model_is_trained():
     profile = lu.get_profile()
     model, tokenizer = lu.load_model(profile, torch.device("cpu"))

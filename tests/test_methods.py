@@ -249,6 +249,7 @@ def test_cli_bad_method_options_write_nothing(argv, message, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_cli_runs_every_method_variant(tmp_path):
     from transformers import AutoTokenizer
 

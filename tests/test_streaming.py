@@ -154,6 +154,7 @@ def test_bench_prune_at_7b_scale_needs_cuda(capsys):
     assert "bench-prune at Llama-2-7B scale" in err and "needs a CUDA GPU" in err and "--tiny runs anywhere" in err
 
 
+@pytest.mark.slow
 def test_main_job_low_memory_gives_the_same_model(tmp_path):
     """`python -m labutils prune --low-memory` on the default profile: same masks and perplexities as the default."""
     sizes = dict(nsamples=4, seqlen=64, eval_tokens=512, batch_size=2, device="cpu")

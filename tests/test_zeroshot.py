@@ -137,6 +137,7 @@ def _assert_hub_error(excinfo, task: str) -> None:
         assert part in message, message
 
 
+@pytest.mark.slow
 def test_offline_hub_task_fails_fast_with_a_clear_error(tiny_model):
     zeroshot._task_manager(include_defaults=True)  # indexing lm-eval's own tasks takes seconds; not timed
     start = time.perf_counter()
@@ -177,6 +178,7 @@ def _direct_scores(model, tokenizer, context: str, continuations: list[str]) -> 
     return scores
 
 
+@pytest.mark.slow
 def test_zero_shot_end_to_end_matches_a_direct_computation():
     model, tokenizer = lu.load_model(lu.get_profile(lu.DEFAULT_PROFILE), torch.device("cpu"))
     limits = {"wiki_lastword": 4, "wiki_nextsentence": 3}  # per-task limits: two lm-eval runs
