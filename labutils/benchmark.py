@@ -22,7 +22,7 @@ from .validation import check_positive_int
 from .device import synchronize
 from .errors import BadInput
 from .masks import unstructured_mask
-from .models import max_sequence_length, model_device
+from .models import check_seqlen, model_device
 from .sparse24 import SparseLinear24
 
 Clock = Callable[[], float]
@@ -123,12 +123,6 @@ def random_prompt(model: nn.Module, prompt_len: int, batch_size: int = 1, seed: 
     return ids.to(model_device(model))
 
 
-def _check_length(model: nn.Module, tokens: int, what: str) -> None:
-    limit = max_sequence_length(model)
-    if tokens > limit:
-        raise BadInput(f"{what} = {tokens} tokens exceeds the model's maximum sequence length; allowed: 1..{limit}")
-
-
 def prefill_fn(model: nn.Module, input_ids: torch.Tensor) -> Callable[[], object]:
     """One prefill forward over ``input_ids`` (batch, seq) without a KV cache. Like ``generate()``, only the last
     position's logits are computed (``logits_to_keep=1``), so the vocabulary projection does not dominate."""
@@ -141,7 +135,7 @@ def prefill_fn(model: nn.Module, input_ids: torch.Tensor) -> Callable[[], object
 def prefill_latency(model: nn.Module, prompt_len: int, *, batch_size: int = 1, warmup: int = 2, repeats: int = 5,
                     seed: int = 0, clock: Clock = time.perf_counter) -> TimingStats:
     """Seconds for one forward over a fixed random prompt of (batch_size, prompt_len) tokens."""
-    _check_length(model, prompt_len, "prompt_len")
+    check_seqlen(model, "prompt_len", prompt_len)
     ids = random_prompt(model, prompt_len, batch_size, seed)
     return time_calls(prefill_fn(model, ids), warmup=warmup, repeats=repeats, device=ids.device, clock=clock)
 
@@ -181,7 +175,7 @@ def decode_interleaved(models: Mapping[str, nn.Module], prompt_len: int, new_tok
         raise BadInput("decode_interleaved needs at least one model; got none")
     prompts = {}
     for name, model in models.items():
-        _check_length(model, prompt_len + new_tokens, "prompt_len + new_tokens")
+        check_seqlen(model, "prompt_len + new_tokens", prompt_len + new_tokens)
         prompts[name] = random_prompt(model, prompt_len, batch_size, seed)
     names = list(models)
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -213,7 +207,7 @@ def latency_table(models: dict[str, nn.Module], *, prompt_len: int, new_tokens: 
     if not models:
         raise BadInput("latency_table needs at least one model; got an empty dict")
     for name, model in models.items():
-        _check_length(model, prompt_len + new_tokens, f"model {name!r}: prompt_len + new_tokens")
+        check_seqlen(model, f"model {name!r}: prompt_len + new_tokens", prompt_len + new_tokens)
     prefills = {name: prefill_fn(m, random_prompt(m, prompt_len, 1, seed)) for name, m in models.items()}
     prefill = time_interleaved(prefills,
                                warmup=warmup, repeats=repeats, device=model_device(next(iter(models.values()))),
@@ -276,7 +270,7 @@ def _peak_prefill_mib(model: nn.Module, prompt_len: int, seed: int) -> float:
     device = model_device(model)
     if device.type != "cuda":
         return math.nan
-    _check_length(model, prompt_len, "prompt_len")
+    check_seqlen(model, "prompt_len", prompt_len)
     return measure(device, prefill_fn(model, random_prompt(model, prompt_len, 1, seed))).peak_gib * 1024
 
 
