@@ -40,7 +40,7 @@ def _backend() -> type:
     return torch.sparse.SparseSemiStructuredTensorCUSPARSELT
 
 
-def _min_shape(dtype: torch.dtype, dense: bool = False) -> tuple[int, int]:
+def min_shape(dtype: torch.dtype, dense: bool = False) -> tuple[int, int]:
     """(rows, cols) that a weight's (out, in) must be multiples of (``dense``: the dense operand's), from torch's
     own table for this dtype."""
     table = getattr(_backend(), "_DTYPE_SHAPE_CONSTRAINTS", {})
@@ -50,7 +50,7 @@ def _min_shape(dtype: torch.dtype, dense: bool = False) -> tuple[int, int]:
     return (config.dense_min_rows, config.dense_min_cols) if dense else (config.sparse_min_rows, config.sparse_min_cols)
 
 
-def _device_problem(device: torch.device) -> str | None:
+def kernel_problem(device: torch.device) -> str | None:
     """Why 2:4 kernels cannot run for weights on ``device``, or None when they can."""
     if not torch.cuda.is_available():
         return f"{get_device().type.upper()}: {NO_GPU}"  # "CPU: …" (or "MPS: …" on a Mac)
@@ -72,7 +72,7 @@ def semi_structured_ready(model: nn.Module) -> tuple[bool, str]:
     ≥ 8.0, a torch with cuSPARSELt, the model on the GPU and float16 / bfloat16 weights. The 2:4 pattern itself
     is checked by ``to_semi_structured``."""
     device = model_device(model)
-    problem = _device_problem(device)
+    problem = kernel_problem(device)
     if problem is not None:
         return False, problem
     dtypes = {lin.weight.dtype for lin in prunable_linears(model).values()}
@@ -125,7 +125,7 @@ def _pattern_and_shape_problems(selected: dict[str, nn.Linear]) -> list[str]:
         if isinstance(weight, torch.sparse.SparseSemiStructuredTensor):
             problems.append(f"{name} is already a 2:4 compressed weight")
             continue
-        rows, cols = _min_shape(weight.dtype)
+        rows, cols = min_shape(weight.dtype)
         if weight.shape[0] % rows or weight.shape[1] % cols:
             problems.append(f"{name} has shape (out, in) = {tuple(weight.shape)}; the kernels need out a multiple "
                             f"of {rows} and in a multiple of {cols}")
@@ -162,7 +162,7 @@ def to_semi_structured(model: nn.Module, *, linears: Sequence[str] | None = None
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise BadInput(f"{len(problems)} of {len(selected)} linears cannot become 2:4 weights: "
                        + "; ".join(problems[:5]) + more)
-    problem = _device_problem(model_device(model))
+    problem = kernel_problem(model_device(model))
     if problem is not None:
         raise LabError(f"cannot convert to 2:4 sparse weights: {problem}")
     wrong = [f"{name} ({lin.weight.dtype})" for name, lin in selected.items()
@@ -198,7 +198,7 @@ def _convert(model: nn.Module, selected: dict[str, nn.Linear], alg_search_tokens
             if kernel == "lab":
                 bias = None if lin.bias is None else lin.bias.detach().clone()
                 module = SparseLinear24(packed, *weight.shape, bias, alg_id=alg_id,
-                                        pad_to=_min_shape(weight.dtype, dense=True)[0])
+                                        pad_to=min_shape(weight.dtype, dense=True)[0])
                 if first_of_shape:  # one check per shape catches a wrong layout at once
                     check_against_dense(module, weight, lin.bias, name)
                 index, path = split_linear_name(name)
@@ -275,7 +275,7 @@ def prefill_speedup_table(dense_model: nn.Module, sparse_model: nn.Module,
         raise BadInput(f"lengths must be a non-empty sequence of positive integers; got {lengths!r}")
     check_positive_int("decode_repeats", decode_repeats)
     for name, model in (("dense_model", dense_model), ("sparse_model", sparse_model)):
-        problem = _device_problem(model_device(model))
+        problem = kernel_problem(model_device(model))
         if problem is not None:
             raise LabError(f"cannot time 2:4 kernels ({name}): {problem}")
     limit = min(max_sequence_length(dense_model), max_sequence_length(sparse_model))

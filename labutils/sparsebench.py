@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .benchmark import time_interleaved
 from .errors import BadInput, LabError
 from .masks import nm_mask
-from .semistructured import _device_problem, _min_shape
+from .semistructured import kernel_problem, min_shape
 from .sparse24 import SparseLinear24, search_alg_id
 from .sparsity import prunable_linears, split_linear_name
 
@@ -46,7 +46,7 @@ def linear_speedup_table(shapes: Sequence[tuple[int, int]], lengths: Sequence[in
         raise BadInput(f"need weight shapes and positive integer token counts; got shapes={list(shapes)!r}, "
                        f"lengths={list(lengths)!r}")
     device = torch.device(device)
-    problem = _device_problem(device)
+    problem = kernel_problem(device)
     if problem is not None:
         raise LabError(f"cannot time 2:4 kernels: {problem}")
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -56,7 +56,7 @@ def linear_speedup_table(shapes: Sequence[tuple[int, int]], lengths: Sequence[in
         weight.masked_fill_(nm_mask(weight.abs().float(), 2, 4), 0)
         linear = torch.nn.Linear(in_features, out_features, bias=False, device=device, dtype=dtype)
         linear.weight.copy_(weight)
-        default = SparseLinear24.from_linear(linear, pad_to=_min_shape(dtype, dense=True)[0])
+        default = SparseLinear24.from_linear(linear, pad_to=min_shape(dtype, dense=True)[0])
         for tokens in lengths:
             x = torch.randn(tokens, in_features, dtype=dtype, device=device, generator=generator)
             fns = {"dense": lambda: F.linear(x, weight), "2:4 alg 0": lambda: default(x)}

@@ -228,7 +228,7 @@ def test_sparsegpt_singular_hessian_gives_advice():
 
 
 def test_registry_is_the_single_source_of_methods():
-    assert lu.METHODS == tuple(lu.REGISTRY) == ("magnitude", "wanda", "sparsegpt", "ria")
+    assert tuple(lu.REGISTRY) == ("magnitude", "wanda", "sparsegpt", "ria")
     for method in lu.REGISTRY.values():
         assert isinstance(method, lu.Method) and method.statistic in ("none", "norms", "hessian")
         assert method.resolve(None) == method.params
