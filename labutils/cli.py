@@ -11,7 +11,7 @@ from .errors import LabError
 from .pipeline import PruneJob, run_prune_job, summary_table
 from .prunebench import MODES, TARGETS, bench_prune, bench_setup, default_json_path, write_json
 from .pruning import METHODS
-from .storage import PUBLISHED, exit_on_sigterm, strict_json
+from .storage import PUBLISHED, interrupt_on_termination, strict_json
 from .validation import check_seed
 
 
@@ -112,7 +112,7 @@ def _bench_prune(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    exit_on_sigterm()  # SIGTERM cleans up like Ctrl-C
+    interrupt_on_termination()  # SIGTERM and SIGHUP clean up like Ctrl-C
     try:
         if args.command == "prune":
             _prune(args)

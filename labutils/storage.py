@@ -453,7 +453,7 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
-def exit_on_sigterm() -> None:
+def interrupt_on_termination() -> None:
     """Make SIGTERM and SIGHUP end this process like Ctrl-C does, through ``finally`` blocks (so a temporary folder
     being written is removed): they raise ``Terminated``. The CLI installs it; main thread only."""
     def _raise(signum, frame):

@@ -27,7 +27,7 @@ WRITER = textwrap.dedent(f"""
     import signal
     from labutils import storage
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if started in background
-    storage.exit_on_sigterm()  # what the CLI does
+    storage.interrupt_on_termination()  # what the CLI does
     folder, version = Path(sys.argv[1]), sys.argv[2]
     try:
         with storage.atomic_folder(folder, "pruned-model") as tmp:
