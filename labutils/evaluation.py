@@ -7,7 +7,7 @@ import sys
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text everywhere: a saved notebook shows the finished bar, not a widget
 
 from .validation import check_model, check_positive_int, check_tokens
 from .errors import BadInput, LabError, is_out_of_memory

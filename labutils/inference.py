@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text everywhere: a saved notebook shows the finished bar, not a widget
 from transformers import GenerationConfig
 
 from .validation import check_positive_int

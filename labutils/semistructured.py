@@ -19,7 +19,7 @@ from functools import partial
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text everywhere: a saved notebook shows the finished bar, not a widget
 
 from .benchmark import decode_interleaved, prefill_fn, random_prompt, time_interleaved
 from .validation import check_positive_int

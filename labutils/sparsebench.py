@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 from torch.nn import functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text everywhere: a saved notebook shows the finished bar, not a widget
 
 from .benchmark import time_interleaved
 from .errors import BadInput, LabError

@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text everywhere: a saved notebook shows the finished bar, not a widget
 
 from .calibration import LayerInputs, capture_layer_inputs, layer_output
 
