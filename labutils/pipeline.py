@@ -19,7 +19,7 @@ from .config import Profile, get_profile
 from .device import get_device, require_cuda, set_seed
 from .errors import BadInput
 from .evaluation import perplexity
-from .models import CACHE_FOLDER, check_seqlen, load_model
+from .models import CACHE_FOLDER, WEIGHT_PATTERNS, check_seqlen, load_model
 from .masks import SparsityTarget
 from .methods import get_method
 from .owl import OwlConfig
@@ -106,7 +106,7 @@ def expected_model_bytes(profile: Profile, model_path: str | None) -> int | None
     None where it cannot be known (a hub id other than the profile's)."""
     if model_path is not None:
         folder = Path(model_path).expanduser()
-        files = [*folder.glob("*.safetensors"), *folder.glob("*.bin")] if folder.is_dir() else []
+        files = [f for pattern in WEIGHT_PATTERNS for f in folder.glob(pattern)] if folder.is_dir() else []
         return sum(f.stat().st_size for f in files) or None
     if profile.model_source == "embedded":
         cached = cache_dir() / CACHE_FOLDER / "model.safetensors"
