@@ -31,22 +31,22 @@ import pandas as pd
 import torch
 from transformers import LlamaConfig
 
-from labutils.benchmark import latency_table, memory_table, random_prompt
-from labutils.compare import table_records
-from labutils.config import get_profile
-from labutils.device import device_summary, get_device, require_cuda, set_seed
-from labutils.errors import LabError
-from labutils.masks import SparsityTarget, prune_by_score
-from labutils.methods import magnitude_score
-from labutils.models import LLAMA2_7B_CONFIG, random_model, tiny_llama_config
-from labutils.semistructured import (
+from labutils.speed.timing import latency_table, memory_table, random_prompt
+from labutils.jobs.compare import table_records
+from labutils.core.config import get_profile
+from labutils.core.device import device_summary, get_device, require_cuda, set_seed
+from labutils.core.errors import LabError
+from labutils.prune.masks import SparsityTarget, prune_by_score
+from labutils.prune.methods import magnitude_score
+from labutils.core.models import LLAMA2_7B_CONFIG, random_model, tiny_llama_config
+from labutils.sparse24.convert import (
     prefill_speedup_table,
     semi_structured_ready,
     to_semi_structured,
     verify_semi_structured,
 )
-from labutils.sparsebench import linear_shapes, linear_speedup_table
-from labutils.sparsity import nm_violations, prunable_linears
+from labutils.sparse24.shapes import linear_shapes, linear_speedup_table
+from labutils.prune.sparsity import nm_violations, prunable_linears
 
 PROFILE = "llama2-7b-random"
 TINY_LENGTHS = (128, 256, 512, 1024)  # the tiny model has 512 positions: 1024 shows the "skipped" row

@@ -6,13 +6,13 @@ import sys
 
 import pandas as pd
 
-from .config import DEFAULT_PROFILE, PROFILES
-from .errors import LabError
-from .pipeline import PruneJob, run_prune_job, summary_table
-from .prunebench import MODES, TARGETS, bench_prune, bench_setup, default_json_path, write_json
-from .pruning import METHODS
-from .storage import PUBLISHED, interrupt_on_termination, strict_json
-from .validation import check_seed
+from .core.config import DEFAULT_PROFILE, PROFILES
+from .core.errors import LabError
+from .jobs.main_job import PruneJob, run_prune_job, summary_table
+from .jobs.bench_prune import MODES, TARGETS, bench_prune, bench_setup, default_json_path, write_json
+from .prune.driver import METHODS
+from .core.storage import PUBLISHED, interrupt_on_termination, strict_json
+from .core.validation import check_seed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,8 +85,8 @@ def _prune(args: argparse.Namespace) -> None:
 
 
 def _prepare() -> None:
-    from .data import corpus_split
-    from .models import embedded_model_dir
+    from .core.data import corpus_split
+    from .core.models import embedded_model_dir
 
     path = embedded_model_dir(verify="full")
     sizes = {split: len(corpus_split(split)) for split in ("calibration", "validation", "test")}

@@ -9,7 +9,7 @@ import torch
 
 import labutils as lu
 from labutils.cli import main
-from labutils.pruning import check_options
+from labutils.prune.driver import check_options
 
 from conftest import make_tiny
 
@@ -246,17 +246,17 @@ def test_overflowing_perplexity_is_an_error_not_an_overflow(tiny_model):
 # --- out of memory ---------------------------------------------------------------------------------------------------
 
 def test_is_out_of_memory():
-    assert lu.errors.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
-    assert lu.errors.is_out_of_memory(RuntimeError(CPU_OOM))
-    assert not lu.errors.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
-    assert not lu.errors.is_out_of_memory(ValueError("can't allocate memory"))
+    assert lu.core.errors.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert lu.core.errors.is_out_of_memory(RuntimeError(CPU_OOM))
+    assert not lu.core.errors.is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not lu.core.errors.is_out_of_memory(ValueError("can't allocate memory"))
 
 
 def test_real_cpu_allocation_failure_is_recognised():
     try:
         torch.empty(2**50)  # 4 PiB: more than any address space
     except RuntimeError as exc:
-        assert lu.errors.is_out_of_memory(exc), str(exc)
+        assert lu.core.errors.is_out_of_memory(exc), str(exc)
     else:
         pytest.skip("this machine allocated 4 PiB of virtual memory, so there is no allocator error to recognise")
 
@@ -268,7 +268,7 @@ def raiser(exc):
 
 
 def test_out_of_cpu_memory_while_pruning_gives_advice(tiny_model, calib_tokens, monkeypatch):
-    monkeypatch.setattr("labutils.calibration.run_layer", raiser(RuntimeError(CPU_OOM)))
+    monkeypatch.setattr("labutils.prune.calibration.run_layer", raiser(RuntimeError(CPU_OOM)))
     message = ("out of CPU memory while pruning with wanda 50%: use a smaller --batch-size, fewer --nsamples, "
                "shorter --seqlen")
     with pytest.raises(lu.LabError, match=exactly(message)) as caught:
@@ -278,7 +278,7 @@ def test_out_of_cpu_memory_while_pruning_gives_advice(tiny_model, calib_tokens, 
 
 def test_other_runtime_errors_pass_through_pruning(tiny_model, calib_tokens, monkeypatch):
     error = RuntimeError("mat1 and mat2 shapes cannot be multiplied")
-    monkeypatch.setattr("labutils.calibration.run_layer", raiser(error))
+    monkeypatch.setattr("labutils.prune.calibration.run_layer", raiser(error))
     with pytest.raises(RuntimeError) as caught:
         lu.prune_model(tiny_model, "wanda", 0.5, calib_tokens, progress=False)
     assert caught.value is error and not isinstance(caught.value, lu.LabError)
@@ -313,12 +313,12 @@ def owl_lambda_message(lam, where="at every target: the most and least pruned la
 @pytest.mark.parametrize("lam,sparsity", [(1.0, 0.5), (0.5, 0.5), (0.5, 0.9), (0.75, 0.1)])
 def test_owl_lambda_that_can_never_work_is_refused_before_calibration(lam, sparsity, tiny_model, calib_tokens,
                                                                       monkeypatch):
-    monkeypatch.setattr("labutils.pruning.layer_outlier_ratios", raiser(AssertionError("calibrated first")))
+    monkeypatch.setattr("labutils.prune.driver.layer_outlier_ratios", raiser(AssertionError("calibrated first")))
     refuses(tiny_model, owl_lambda_message(lam), "wanda", sparsity, calib_tokens, owl=lu.OwlConfig(lam=lam))
 
 
 def test_owl_at_zero_sparsity_allows_no_spread(tiny_model, calib_tokens, monkeypatch):
-    monkeypatch.setattr("labutils.pruning.layer_outlier_ratios", raiser(AssertionError("calibrated first")))
+    monkeypatch.setattr("labutils.prune.driver.layer_outlier_ratios", raiser(AssertionError("calibrated first")))
     message = owl_lambda_message(0.08, "at target 0%: the layers average 0, so any spread takes one below 0; allowed "
                                        "here: lambda = 0 (--owl-lambda, OwlConfig(lam=…))")
     refuses(tiny_model, message, "wanda", 0.0, calib_tokens, owl=lu.OwlConfig())
@@ -344,7 +344,7 @@ def test_owl_exact_bound_still_checked_after_calibration(calib_tokens):
 
 
 def test_cli_owl_lambda_refused_before_loading(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("labutils.pipeline.load_model", raiser(AssertionError("loaded the model first")))
+    monkeypatch.setattr("labutils.jobs.main_job.load_model", raiser(AssertionError("loaded the model first")))
     out = tmp_path / "out"
     assert main(["prune", "--owl", "--owl-lambda", "1.0", "--out", str(out)]) == 2
     assert owl_lambda_message(1.0) in capsys.readouterr().err

@@ -134,13 +134,13 @@ def test_out_of_memory_is_reraised_with_advice(tiny_model, calib_tokens, monkeyp
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("labutils.calibration.run_layer", oom)
+    monkeypatch.setattr("labutils.prune.calibration.run_layer", oom)
     with pytest.raises(lu.LabError, match="out of GPU memory.*fewer calibration samples.*--seqlen"):
         lu.prune_model(tiny_model, "wanda", lu.SparsityTarget.of(sparsity=0.5), calib_tokens)
 
 
 def test_missing_data_package_says_how_to_install():
-    from labutils.storage import packaged_file
+    from labutils.core.storage import packaged_file
 
     with pytest.raises(lu.LabError, match="needs the PyPI package 'no-such-lab-package'.*make setup"):
         packaged_file("no-such-lab-package", "x.gguf", "1.0", "the default model")

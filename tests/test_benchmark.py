@@ -8,7 +8,7 @@ import torch
 from conftest import make_tiny
 
 import labutils as lu
-from labutils.benchmark import (
+from labutils.speed.timing import (
     TimingStats,
     decode_throughput,
     latency_table,

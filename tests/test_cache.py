@@ -5,7 +5,8 @@ import pytest
 
 import labutils as lu
 from conftest import make_tiny
-from labutils import models, storage
+from labutils.core import models
+from labutils.core import storage
 from labutils.cli import main
 
 

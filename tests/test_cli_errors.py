@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerFast
 import labutils as lu
 from conftest import make_tiny
 from labutils.cli import main
-from labutils.validation import check_seed
+from labutils.core.validation import check_seed
 
 SMALL = ["--nsamples", "2", "--seqlen", "16", "--eval-tokens", "64", "--eval-seqlen", "32"]
 
@@ -102,7 +102,7 @@ def test_model_without_tokenizer_stops_before_evaluating(tiny_dir, tmp_path, cap
     def no_heavy_work(*args, **kwargs):
         raise AssertionError("the job should have stopped before evaluating")
 
-    monkeypatch.setattr("labutils.pipeline.perplexity", no_heavy_work)
+    monkeypatch.setattr("labutils.jobs.main_job.perplexity", no_heavy_work)
     line = cli_error(["prune", "--profile", "smollm2-135m", "--model", str(tiny_dir), *SMALL], tmp_path, capsys)
     assert line == f"error: {NO_TOKENIZER}"
 
@@ -159,7 +159,7 @@ def test_check_seed_refuses(seed):
     with pytest.raises(lu.BadInput, match="seed must be"):
         lu.set_seed(seed)
     with pytest.raises(lu.BadInput, match="seed must be"):
-        lu.data.random_windows(torch.arange(100), 2, 8, seed)
+        lu.core.data.random_windows(torch.arange(100), 2, 8, seed)
 
 
 def test_largest_seed_is_allowed():

@@ -73,25 +73,25 @@ def test_splits_are_disjoint_deterministic_and_sized():
     total = sum(len(t) for t in titles)
     assert total > 9000
     assert 0.75 < len(titles[0]) / total < 0.85 and 0.07 < len(titles[2]) / total < 0.13
-    from labutils import data
+    from labutils.core import data
     assert all(data.split_of(a.title) == "test" for a in splits["test"][:50])
 
 
 def test_calibration_windows_are_seeded():
     tokens = torch.arange(1000)
-    a = lu.data.random_windows(tokens, 4, 16, seed=0)
-    assert a.shape == (4, 16) and torch.equal(a, lu.data.random_windows(tokens, 4, 16, seed=0))
-    assert not torch.equal(a, lu.data.random_windows(tokens, 4, 16, seed=1))
+    a = lu.core.data.random_windows(tokens, 4, 16, seed=0)
+    assert a.shape == (4, 16) and torch.equal(a, lu.core.data.random_windows(tokens, 4, 16, seed=0))
+    assert not torch.equal(a, lu.core.data.random_windows(tokens, 4, 16, seed=1))
     assert all(torch.equal(w, torch.arange(int(w[0]), int(w[0]) + 16)) for w in a)  # consecutive tokens
     with pytest.raises(lu.BadInput, match="seqlen 1000 is too long for a text of 1000 tokens"):
-        lu.data.random_windows(tokens, 4, 1000, seed=0)
+        lu.core.data.random_windows(tokens, 4, 1000, seed=0)
 
 
 def test_hub_datasets_unreachable_give_clear_errors():
     with pytest.raises(lu.LabError, match="C4 .* could not be loaded from the Hugging Face Hub"):
-        lu.data.c4_calibration(None, 4, 16, 0)
+        lu.core.data.c4_calibration(None, 4, 16, 0)
     with pytest.raises(lu.LabError, match="WikiText-2 .* could not be loaded"):
-        lu.data.wikitext2_test(None)
+        lu.core.data.wikitext2_test(None)
 
 
 def test_random_profile_data_and_warning():

@@ -6,7 +6,8 @@ import torch
 from transformers import AutoTokenizer
 
 import labutils as lu
-from labutils import pipeline, storage
+from labutils.jobs import main_job as pipeline
+from labutils.core import storage
 
 from conftest import make_tiny
 

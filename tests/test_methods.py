@@ -21,7 +21,7 @@ def slow_sparsegpt(weight, hessian, target, dampening=0.01, blocksize=128):
     """Reference OBS pruning: the same mask rules, but every error is pushed onto ALL later columns at once
     (no lazy batching), one column at a time, with the full inverse Hessian factor."""
     w = weight.clone().float()
-    u = lu.methods.sparsegpt.inverse_hessian_factor(hessian, dampening)
+    u = lu.prune.methods.sparsegpt.inverse_hessian_factor(hessian, dampening)
     mask = torch.zeros_like(w, dtype=torch.bool)
     cols = w.shape[1]
     if target.is_nm:

@@ -6,10 +6,10 @@ import torch
 from conftest import make_tiny
 
 import labutils as lu
-from labutils.benchmark import memory_table
-from labutils.cudagraphs import graphed_forward
-from labutils.sparse24 import SparseLinear24
-from labutils.semistructured import (
+from labutils.speed.timing import memory_table
+from labutils.sparse24.graphs import graphed_forward
+from labutils.sparse24.kernel import SparseLinear24
+from labutils.sparse24.convert import (
     SemiStructuredReport,
     prefill_speedup_table,
     semi_structured_ready,
@@ -260,7 +260,7 @@ def prune_2_4_linear(linear):
 
 
 def test_sparse_linear_layout_check_catches_an_untransposed_result():
-    from labutils.sparse24 import check_against_dense
+    from labutils.sparse24.kernel import check_against_dense
 
     linear = prune_2_4_linear(torch.nn.Linear(32, 48, bias=False))
     good = emulated_module(linear)

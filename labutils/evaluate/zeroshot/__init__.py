@@ -1,0 +1,2 @@
+"""Zero-shot accuracy with lm-eval (04-Benchmark): ``run`` evaluates, ``tasks`` writes the offline task files in
+``lm_tasks/``."""

@@ -1,0 +1,226 @@
+"""How fast can Wanda prune? The floor, the default mode and the low-memory mode in one run (04-Benchmark).
+
+Wanda has to run every decoder layer twice on the calibration set: once with hooks to collect input norms, and
+once more after pruning to make the next layer's inputs (the last layer needs only the first). Scoring and
+selecting the mask cost little next to that, so those forward passes are the floor: ``forward_floor`` times
+exactly them (capture of the first layer's inputs, then 2L − 1 layer passes) with the driver's own code and
+batches. ``bench_prune`` builds one random model (on the GPU for the 7B shape: seconds instead of minutes on a
+CPU), times the floor, then prunes a fresh copy of the same weights for every target in the default mode and in
+the low-memory mode (``streaming``), and reports wall time, × floor, peak GPU memory and each mask's hash.
+
+    python -m labutils bench-prune          # Llama-2-7B shapes, fp16, 128 × 4096 tokens: needs a CUDA GPU
+    python -m labutils bench-prune --tiny   # a tiny Llama, any device: what the tests run
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import torch
+from transformers import LlamaConfig
+
+from ..speed.timing import Measured, measure
+from ..core.config import get_profile
+from ..core.validation import check_positive_int
+from ..core.device import get_device, require_cuda, set_seed, versions
+from ..core.errors import BadInput
+from ..prune.masks import SparsityTarget
+from ..core.models import LLAMA2_7B_CONFIG, find_decoder_layers, random_model, tiny_llama_config
+from ..prune.driver import METHODS, prune_model
+from ..prune.streaming import calibration_inputs
+
+MODES = ("default", "low-memory")
+TARGETS = ("50%", "2:4")
+FULL_PROFILE = "llama2-7b-random"
+FULL_BATCH_SIZE = 4  # 4 × 4096 tokens per pass: big enough to fill an H200, small enough for ≤ 4 GiB low-memory
+GOALS = {"default": 1.05, "low-memory": 1.15}  # × floor, from the lab's issue tracker
+
+
+@dataclass(frozen=True)
+class BenchSetup:
+    """One benchmark's model shape and calibration sizes."""
+
+    name: str
+    config: LlamaConfig
+    dtype: torch.dtype
+    device: torch.device
+    nsamples: int
+    seqlen: int
+    batch_size: int
+    method: str = "wanda"
+    targets: tuple[str, ...] = TARGETS
+    modes: tuple[str, ...] = MODES
+    seed: int = 0
+
+    def describe(self) -> dict:
+        c = self.config
+        return {"name": self.name, "layers": c.num_hidden_layers, "hidden": c.hidden_size,
+                "intermediate": c.intermediate_size, "dtype": str(self.dtype).removeprefix("torch."),
+                "device": str(self.device), "nsamples": self.nsamples, "seqlen": self.seqlen,
+                "batch_size": self.batch_size, "method": self.method, "seed": self.seed}
+
+
+def bench_setup(tiny: bool = False, *, device: str | None = None, nsamples: int | None = None,
+                seqlen: int | None = None, batch_size: int | None = None, method: str = "wanda",
+                targets: Sequence[str] = TARGETS, modes: Sequence[str] = MODES, seed: int = 0) -> BenchSetup:
+    """The 7B setup (``llama2-7b-random`` profile: fp16, 128 × 4096 tokens, batch 4, CUDA only) or a tiny one
+    (4 layers, 8 × 64 tokens, batch 2, any device). Every size can be overridden; everything is validated."""
+    if method not in METHODS:
+        raise BadInput(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    for mode in modes:
+        if mode not in MODES:
+            raise BadInput(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
+    if not modes or not targets:
+        raise BadInput(f"give at least one mode and one target; got modes={list(modes)}, targets={list(targets)}")
+    for label in targets:
+        parse_target(label)
+    if tiny:
+        config = tiny_llama_config(num_hidden_layers=4, hidden_size=128, intermediate_size=256,
+                                   max_position_embeddings=256)
+        dev = get_device(device)
+        dtype = torch.float16 if dev.type == "cuda" else torch.float32
+        sizes = dict(nsamples=8, seqlen=64, batch_size=2)
+    else:
+        require_cuda(f"bench-prune at Llama-2-7B scale (profile {FULL_PROFILE!r}; --tiny runs anywhere)")
+        profile = get_profile(FULL_PROFILE)
+        config, dtype, dev = LlamaConfig(**LLAMA2_7B_CONFIG), getattr(torch, profile.dtype), get_device(device)
+        sizes = dict(nsamples=profile.nsamples, seqlen=profile.seqlen, batch_size=FULL_BATCH_SIZE)
+    given = dict(nsamples=nsamples, seqlen=seqlen, batch_size=batch_size)
+    sizes.update({k: check_positive_int(k, v) for k, v in given.items() if v is not None})
+    if sizes["seqlen"] > config.max_position_embeddings:
+        raise BadInput(f"seqlen {sizes['seqlen']} exceeds the model's {config.max_position_embeddings} positions")
+    return BenchSetup("tiny" if tiny else FULL_PROFILE, config, dtype, dev, method=method, targets=tuple(targets),
+                      modes=tuple(modes), seed=seed, **sizes)
+
+
+def parse_target(label: str) -> SparsityTarget:
+    """ "50%" / "0.5" → unstructured, "2:4" → N:M."""
+    if ":" in label:
+        return SparsityTarget.of(nm=label)
+    try:
+        value = float(label.rstrip("%")) / (100 if label.endswith("%") else 1)
+    except ValueError:
+        raise BadInput(f"target must look like '50%', '0.5' or '2:4'; got {label!r}") from None
+    return SparsityTarget.of(sparsity=value)
+
+
+@torch.no_grad()
+def forward_floor(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int) -> None:
+    """The forward passes any Wanda run must make, through the driver's own code: capture the first layer's
+    inputs, then each layer twice (the second pass feeds the next layer; the last layer runs once)."""
+    device = next(model.parameters()).device
+    inputs = calibration_inputs(model, tokens, batch_size, device, low_memory=False)
+    layers = find_decoder_layers(model)
+    for i, layer in enumerate(layers):
+        inputs.run(layer, i, advance=False)
+        if i + 1 < len(layers):
+            inputs.run(layer, i, advance=True)
+
+
+@dataclass
+class BenchResult:
+    """What ``bench_prune`` measured; ``table()`` is the printed table, ``to_json()`` the saved record."""
+
+    setup: dict
+    floor: Measured
+    rows: list[dict] = field(default_factory=list)
+    environment: dict = field(default_factory=dict)
+
+    def table(self) -> pd.DataFrame:
+        return _table(self.floor.seconds, self.floor.peak_gib, self.rows)
+
+    def goals(self) -> dict[str, bool]:
+        """Which of the lab's goals this run met: each mode's × floor, and identical masks in both modes."""
+        met = {}
+        for row in self.rows:
+            met[f"{row['mode']} {row['target']} ≤ {GOALS[row['mode']]}× floor"] = row["× floor"] <= GOALS[row["mode"]]
+            if row["mode"] == "low-memory":
+                if isinstance(row["same masks as default"], bool):  # only when the default mode ran too
+                    met[f"low-memory {row['target']} same masks as default"] = row["same masks as default"]
+                if not math.isnan(row["peak GPU GiB"]):
+                    met[f"low-memory {row['target']} ≤ 4 GiB"] = row["peak GPU GiB"] <= 4.0
+        return met
+
+    def to_json(self) -> dict:
+        return {"benchmark": "bench-prune", "setup": self.setup, "environment": self.environment,
+                "floor": {"seconds": self.floor.seconds, "peak_gib": _nan_to_none(self.floor.peak_gib)},
+                "rows": [{k: _nan_to_none(v) for k, v in row.items()} for row in self.rows], "goals": self.goals()}
+
+
+def _table(floor_seconds: float, floor_peak_gib: float | None, rows: list[dict]) -> pd.DataFrame:
+    """The floor first (× floor 1), then one row per (mode, target)."""
+    floor = {"mode": "floor: 2 passes / layer", "target": "", "seconds": floor_seconds, "× floor": 1.0,
+             "peak GPU GiB": floor_peak_gib, "mask sha256": "", "same masks as default": ""}
+    return pd.DataFrame([floor, *rows]).set_index(["mode", "target"])
+
+
+def _nan_to_none(value):
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def bench_prune(setup: BenchSetup, progress: bool = True) -> BenchResult:
+    """Floor, then every (mode, target) on a fresh copy of the same random weights and the same tokens."""
+    set_seed(setup.seed)
+    device = setup.device
+    model = random_model(setup.config, setup.dtype, device, seed=setup.seed)
+    tokens = torch.randint(0, setup.config.vocab_size, (setup.nsamples, setup.seqlen),
+                           generator=torch.Generator().manual_seed(setup.seed))
+    pristine = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    forward_floor(model, tokens[:setup.batch_size], setup.batch_size)  # warm-up: kernels, handles, allocator
+    floor = measure(device, lambda: forward_floor(model, tokens, setup.batch_size))
+    result = BenchResult(setup.describe(), floor, environment=_environment(device))
+    hashes = {}
+    for mode in setup.modes:
+        low_memory = mode == "low-memory"
+        if low_memory:
+            model.to("cpu")
+        for label in setup.targets:
+            model.load_state_dict(pristine)
+            target = parse_target(label)
+            run = measure(device, lambda: prune_model(model, setup.method, target, tokens, setup.batch_size,
+                                                      progress, device=device, low_memory=low_memory))
+            report = run.result
+            hashes[mode, label] = report.mask_sha256
+            same = hashes.get(("default", label))
+            result.rows.append({"mode": mode, "target": report.target, "seconds": run.seconds,
+                                "× floor": run.seconds / floor.seconds, "peak GPU GiB": run.peak_gib,
+                                "mask sha256": report.mask_sha256,
+                                "same masks as default": "" if same is None or mode == "default"
+                                else same == report.mask_sha256})
+    return result
+
+
+def _environment(device: torch.device) -> dict:
+    env = {"date": datetime.date.today().isoformat(), "device": str(device), **versions()}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def write_json(result: BenchResult, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result.to_json(), indent=2, default=str))
+    return path
+
+
+def default_json_path(setup: BenchSetup) -> Path:
+    """results/bench-prune-<setup>-<date>.json (the GPU script passes benchmarks/results/… to keep it)."""
+    return Path("results") / f"bench-prune-{setup.name}-{datetime.date.today().isoformat()}.json"
+
+
+def saved_bench_results(folder: str | Path = "benchmarks/results") -> pd.DataFrame | None:
+    """The newest bench-prune JSON in ``folder`` as a table (floor first), its date and GPU in ``.attrs``; None
+    if no run was saved there (the lab commits its GPU runs to benchmarks/results/)."""
+    files = sorted(Path(folder).glob("*bench-prune*.json"))
+    if not files:
+        return None
+    record = json.loads(files[-1].read_text())
+    table = _table(record["floor"]["seconds"], record["floor"]["peak_gib"], record["rows"])
+    table.attrs.update(file=str(files[-1]), **record["environment"], **record["setup"])
+    return table

@@ -1,0 +1,229 @@
+"""Layer-by-layer calibration: capture decoder inputs, run one layer at a time, accumulate input norms.
+
+Introduced in 02-Prune. Wanda needs, for every linear sublayer, the squared L2 norm of each input feature
+over all calibration tokens: ``sum_t x_tj**2`` for feature ``j``. The model is never run end to end: the
+hidden states entering the first decoder layer are captured once, then each layer is run on them and its
+outputs become the next layer's inputs.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..core.validation import check_positive_int
+from ..core.errors import BadInput, LabError
+from ..core.models import find_decoder_layers, find_linears
+
+
+@dataclass
+class LayerInputs:
+    """Hidden states entering the current decoder layer, one tensor (batch, seq, hidden) per batch, and the
+    keyword arguments each decoder layer receives for that batch (attention mask, ``position_embeddings``,
+    …), exactly as the model's own forward passes them."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[list[dict]] = field(default_factory=list)  # [batch][layer] -> kwargs
+
+    def add_batch(self, hidden: torch.Tensor, layer_kwargs: list[dict]) -> None:
+        """Keep one captured batch: its hidden states and every layer's keyword arguments."""
+        self.hidden.append(hidden)
+        self.kwargs.append(layer_kwargs)
+
+    def run(self, layer: nn.Module, layer_index: int, advance: bool) -> None:
+        """Run ``layer`` on every batch (hooks on its linears see every input); ``advance``: its outputs become
+        the inputs of the next layer. With ``advance=False`` no outputs are kept at all."""
+        outputs = run_layer(layer, layer_index, self, keep=advance)
+        if advance:
+            self.hidden = outputs
+
+    def finish(self) -> None:
+        """Wait for pending copies (none here; ``streaming.StreamedInputs`` has some)."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer: remembers what it was called with and passes the hidden states on."""
+
+    def __init__(self, layer: nn.Module, sink: list[dict]):
+        super().__init__()
+        self.sink = sink
+        if hasattr(layer, "attention_type"):  # some models read this to choose the mask
+            self.attention_type = layer.attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.sink.append((hidden_states, dict(kwargs)))
+        return hidden_states
+
+
+@contextlib.contextmanager
+def _layers_replaced(model: nn.Module, replacement: nn.ModuleList):
+    base = getattr(model, "model", model)
+    original = base.layers
+    base.layers = replacement
+    try:
+        yield
+    finally:
+        base.layers = original
+
+
+@contextlib.contextmanager
+def _outer_modules_on(model: nn.Module, device: torch.device):
+    """Embeddings, final norm and rotary embedding on ``device`` for the duration (the decoder layers stay put)."""
+    base = getattr(model, "model", model)
+    outer = [child for name, child in base.named_children() if name != "layers"]
+    homes = [next(iter(m.parameters()), next(iter(m.buffers()), None)) for m in outer]
+    homes = [device if t is None else t.device for t in homes]
+    for module in outer:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module, home in zip(outer, homes):
+            module.to(home)
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, tokens: torch.Tensor, batch_size: int,
+                         device: torch.device | None = None, into: LayerInputs | None = None) -> LayerInputs:
+    """Run only the embeddings of ``model`` on ``tokens`` (n, seqlen) in batches and return what the decoder
+    layers receive. Every decoder layer is temporarily replaced by a recorder, so no layer computes.
+
+    ``device``: where the embeddings run (default: the model's device; the embeddings move there for the
+    duration). ``into``: the store that keeps the batches (default: a new ``LayerInputs`` on the device; the
+    low-memory mode passes a ``streaming.StreamedInputs`` that keeps them in CPU memory).
+    """
+    check_positive_int("batch_size", batch_size)
+    layers = find_decoder_layers(model)
+    device = device or next(model.parameters()).device
+    base = getattr(model, "model", model)
+    captured = LayerInputs(hidden=[]) if into is None else into
+    with _outer_modules_on(model, device):
+        for batch in tokens.split(batch_size):
+            calls: list[tuple[torch.Tensor, dict]] = []
+            recorders = nn.ModuleList(_Recorder(layer, calls) for layer in layers)
+            with _layers_replaced(model, recorders):
+                base(input_ids=batch.to(device), use_cache=False)
+            if len(calls) != len(layers):
+                raise LabError(f"{type(model).__name__} called {len(calls)} of its {len(layers)} decoder layers; "
+                               "layer-by-layer calibration needs every layer called once per forward pass")
+            captured.add_batch(calls[0][0], [kwargs for _, kwargs in calls])
+    return captured
+
+
+def layer_output(out) -> torch.Tensor:
+    """The hidden states a decoder layer returns (older transformers return a tuple)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def run_layer(layer: nn.Module, layer_index: int, inputs: LayerInputs, keep: bool = True) -> list[torch.Tensor]:
+    """Outputs of one decoder layer for every batch of ``inputs``; same shapes as ``inputs.hidden``.
+    ``keep=False`` drops each output as soon as it is made (a statistics-only pass) and returns []."""
+    outputs = []
+    with torch.no_grad():
+        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+            out = layer_output(layer(hidden, **kwargs[layer_index]))
+            if keep:
+                outputs.append(out)
+    return outputs
+
+
+class _InputHooks:
+    """Forward hooks on linears that fold every batch of inputs into one float32 statistic per linear.
+
+    Linears fed the very same tensor (q, k and v; gate and up) share one computation of the batch's term.
+    """
+
+    def __init__(self, linears: dict[str, nn.Linear]):
+        self.stats = {name: self._empty(lin) for name, lin in linears.items()}
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (input seen, its term)
+        self._handles = [lin.register_forward_hook(self._hook(name)) for name, lin in linears.items()]
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            x = args[0]
+            if self._last is None or self._last[0] is not x:
+                self._last = (x, self._term(x.detach().reshape(-1, x.shape[-1])))
+            self.stats[name].add_(self._last[1])
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._last = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+class InputNormAccumulator(_InputHooks):
+    """``stats[name]`` (in_features,): the sum over all tokens t of x[t, j]² — what Wanda and RIA need."""
+
+    @staticmethod
+    def _empty(lin: nn.Linear) -> torch.Tensor:
+        return torch.zeros(lin.in_features, dtype=torch.float32, device=lin.weight.device)
+
+    @staticmethod
+    def _term(x: torch.Tensor) -> torch.Tensor:  # x: (tokens, in), the layer's dtype
+        if x.dtype in (torch.float16, torch.bfloat16):
+            # Accumulate in float32 without a float32 copy of x (1.4 GiB for one batch of 8 × 4096 tokens into
+            # Llama-2-7B's down_proj); squaring in 16 bits instead would overflow above 256.
+            return torch.linalg.vector_norm(x, 2, dim=0, dtype=torch.float32).square()
+        return x.float().pow(2).sum(dim=0)
+
+
+class HessianAccumulator(_InputHooks):
+    """``stats[name]`` (in_features, in_features): 2 · Σ_t x_t x_tᵀ, the layer-wise Hessian SparseGPT needs."""
+
+    @staticmethod
+    def _empty(lin: nn.Linear) -> torch.Tensor:
+        return torch.zeros(lin.in_features, lin.in_features, dtype=torch.float32, device=lin.weight.device)
+
+    @staticmethod
+    def _term(x: torch.Tensor) -> torch.Tensor:  # x: (tokens, in), the layer's dtype
+        x = x.float()
+        return 2 * x.T @ x
+
+
+NO_STATISTIC, INPUT_NORMS, HESSIAN = "none", "norms", "hessian"
+ACCUMULATORS = {INPUT_NORMS: InputNormAccumulator, HESSIAN: HessianAccumulator}
+
+
+def collect_statistics(layer: nn.Module, layer_index: int, inputs: LayerInputs, linears: dict[str, nn.Linear],
+                       statistic: str) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Run ``layer`` on every calibration batch with hooks on ``linears``: (their statistics, the layer's
+    outputs). The outputs can feed the next layer only if this layer is not changed afterwards."""
+    with ACCUMULATORS[statistic](linears) as acc:
+        outputs = run_layer(layer, layer_index, inputs)
+    return acc.stats, outputs
+
+
+def layer_statistics(layer: nn.Module, layer_index: int, inputs: LayerInputs, linears: dict[str, nn.Linear],
+                     statistic: str, advance: bool = False) -> dict[str, torch.Tensor]:
+    """``collect_statistics`` through the store's own ``run`` (resident or streamed): the statistics only, and
+    with ``advance`` the layer's outputs become the inputs of the next layer."""
+    with ACCUMULATORS[statistic](linears) as acc:
+        inputs.run(layer, layer_index, advance)
+    return acc.stats
+
+
+@torch.no_grad()
+def collect_input_norms(model: nn.Module, tokens: torch.Tensor, layer_index: int, batch_size: int = 8
+                        ) -> dict[str, torch.Tensor]:
+    """Input feature norms ``sqrt(sum_t x_tj**2)`` of every linear in decoder layer ``layer_index`` of the
+    unpruned model (02-Prune plots them). Returns name -> tensor (in_features,) on the CPU."""
+    layers = find_decoder_layers(model)
+    if not 0 <= layer_index < len(layers):
+        raise BadInput(f"layer_index {layer_index} out of range; the model has {len(layers)} decoder layers "
+                       f"(0..{len(layers) - 1})")
+    inputs = capture_layer_inputs(model, tokens, batch_size)
+    for i in range(layer_index):
+        inputs.hidden = run_layer(layers[i], i, inputs)
+    stats, _ = collect_statistics(layers[layer_index], layer_index, inputs, find_linears(layers[layer_index]),
+                                  INPUT_NORMS)
+    return {name: sq.sqrt().cpu() for name, sq in stats.items()}

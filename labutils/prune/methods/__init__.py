@@ -1,0 +1,36 @@
+"""The method registry. Adding a method is one module in this folder plus one line in ``REGISTRY``.
+
+Each method turns one linear's weight and its calibration statistic into pruned weights; the layer-by-layer
+driver in ``labutils.pruning`` is shared by all of them.
+"""
+from ...core.errors import BadInput
+from . import magnitude
+from . import ria
+from . import sparsegpt
+from . import wanda
+from .base import Method
+from .magnitude import magnitude_score
+from .ria import ria_score
+from .sparsegpt import output_error, sparsegpt_weights
+from .wanda import wanda_score
+
+REGISTRY: dict[str, Method] = {
+    m.name: m
+    for m in (
+        magnitude.METHOD,
+        wanda.METHOD,
+        sparsegpt.METHOD,
+        ria.METHOD,
+    )
+}
+
+
+def get_method(name: str) -> Method:
+    """The registered method called ``name``."""
+    if name not in REGISTRY:
+        raise BadInput(f"unknown method {name!r}; allowed: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+__all__ = ["REGISTRY", "Method", "get_method", "magnitude_score", "output_error", "ria_score", "sparsegpt_weights",
+           "wanda_score"]

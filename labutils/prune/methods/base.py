@@ -1,0 +1,51 @@
+"""The shape every pruning method has: one linear's weight and calibration statistic in, pruned weight out."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+# Which calibration statistic a method needs for each linear, collected by the shared layer-by-layer driver:
+# NO_STATISTIC; INPUT_NORMS (in,) = Σ_t x_tj²; HESSIAN (in, in) = 2 · Σ_t x_t x_tᵀ. Re-exported for the methods.
+from ..calibration import HESSIAN, INPUT_NORMS, NO_STATISTIC  # noqa: F401
+from ...core.errors import BadInput
+from ..masks import SparsityTarget
+
+
+@dataclass(frozen=True)
+class Method:
+    """A pruning method.
+
+    ``prune(linear, statistic, target, **params)`` zeroes (and, for SparseGPT, updates) ``linear.weight`` in
+    place and returns the bool mask of pruned weights, shape (out, in). ``params`` maps each parameter the
+    method takes to its default; ``check`` validates given values.
+    """
+
+    name: str
+    statistic: str
+    prune: Callable[..., torch.Tensor]
+    description: str
+    params: dict[str, float] = field(default_factory=dict)
+    check: Callable[[dict], None] | None = None
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.statistic != NO_STATISTIC
+
+    def resolve(self, given: dict | None) -> dict:
+        """The method's parameters: defaults updated with ``given``, validated."""
+        given = {k: v for k, v in (given or {}).items() if v is not None}
+        unknown = set(given) - set(self.params)
+        if unknown:
+            takes = ", ".join(f"{k} (default {v})" for k, v in self.params.items()) or "no parameters"
+            raise BadInput(f"method {self.name!r} does not take {', '.join(sorted(unknown))}; it takes {takes}")
+        params = {**self.params, **given}
+        if self.check is not None:
+            self.check(params)
+        return params
+
+    def apply(self, linear: nn.Linear, statistic: torch.Tensor | None, target: SparsityTarget, params: dict):
+        return self.prune(linear, statistic, target, **params)
+

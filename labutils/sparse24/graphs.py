@@ -1,0 +1,72 @@
+"""Capturing a model's forward in a CUDA graph (introduced in 04-Benchmark).
+
+Eager PyTorch launches every kernel from Python; for small kernels, or for the 2:4 sparse weights whose every call
+plans a cuSPARSELt matmul on the CPU, the launch overhead can exceed the GPU work. A CUDA graph records the
+kernels of one forward once and replays them with a single launch, so the replay costs what the GPU work costs.
+The price: fixed shapes and fixed memory addresses — new inputs are copied into the captured input buffer.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..core.errors import BadInput, LabError
+from ..core.models import model_device
+
+
+class GraphedForward:
+    """One captured forward: ``graphed(input_ids)`` copies ids (batch, seq) into the static input buffer, replays
+    the graph and returns the static logits (batch, kept positions, vocab). The next call overwrites them: clone
+    what you keep. ``release()`` frees the graph's private memory pool."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, static_input: torch.Tensor, static_logits: torch.Tensor):
+        self.graph = graph
+        self.static_input = static_input
+        self.static_logits = static_logits
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.graph is None:
+            raise LabError("this graphed forward was released; capture a new one with graphed_forward()")
+        if input_ids.shape != self.static_input.shape:
+            raise BadInput(f"a CUDA graph replays fixed shapes: input_ids must be {tuple(self.static_input.shape)}; "
+                           f"got {tuple(input_ids.shape)} (capture another graph for that shape)")
+        self.static_input.copy_(input_ids)
+        self.graph.replay()
+        return self.static_logits
+
+    def release(self) -> None:
+        """Drop the graph and its buffers so their GPU memory can be reused."""
+        if self.graph is not None:
+            self.graph.reset()
+        self.graph = self.static_input = self.static_logits = None
+
+
+def graphed_forward(model: nn.Module, example_input_ids: torch.Tensor, *, warmup: int = 3,
+                    logits_to_keep: int = 0) -> GraphedForward:
+    """Capture ``model(input_ids=…, use_cache=False)`` for inputs shaped like ``example_input_ids`` (batch, seq).
+
+    As the torch docs require, the forward first runs ``warmup`` times on a side stream (lazy initialisation,
+    cuBLAS / cuSPARSELt workspaces, kernel choices happen outside the capture), then once under
+    ``torch.cuda.graph``. ``logits_to_keep=1`` keeps only the last position's logits, as ``generate()`` does.
+    """
+    device = model_device(model)
+    if device.type != "cuda":
+        raise LabError(f"CUDA graphs need the model on a CUDA GPU; it is on {device}"
+                       + ("" if torch.cuda.is_available() else " and this machine has no CUDA GPU torch can use"))
+    if not isinstance(example_input_ids, torch.Tensor) or example_input_ids.dim() != 2:
+        raise BadInput(f"example_input_ids must be a (batch, seq) tensor; got "
+                       f"{getattr(example_input_ids, 'shape', type(example_input_ids).__name__)}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+        raise BadInput(f"warmup must be an integer ≥ 1 (the torch docs warm up before capture); got {warmup!r}")
+    static_input = example_input_ids.to(device=device, dtype=torch.long).clone()
+    kwargs = {"use_cache": False, "logits_to_keep": logits_to_keep}
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.inference_mode(), torch.cuda.stream(side):
+        for _ in range(warmup):
+            model(input_ids=static_input, **kwargs)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(graph):
+        static_logits = model(input_ids=static_input, **kwargs).logits
+    return GraphedForward(graph, static_input, static_logits)
