@@ -1,44 +1,73 @@
 """labutils — the importable half of the Wanda pruning lab. Notebooks use it as ``import labutils as lu``.
 
 Data flows one way: config → model + tokenizer → calibration batches → for each decoder layer: capture
-inputs → accumulate statistics → score → mask → apply → run the pruned layer → evaluate.
+inputs → accumulate statistics → score → mask → apply → run the pruned layer → evaluate. The subpackages follow
+it, and each imports only from those before it in this list:
+
+- ``core``      errors, input checks, profiles, devices and seeds, safe saving, models, data, checkpoints
+- ``prune``     the run's spec, masks, calibration passes, methods, OWL, the layer-by-layer driver (02-Prune)
+- ``evaluate``  perplexity, generation and drift (03), zero-shot accuracy with lm-eval (04)
+- ``speed``     timing, latency and memory tables (04)
+- ``sparse24``  2:4 weights on sparse tensor cores: kernel, conversion, CUDA graphs, per-shape bench (04)
+- ``jobs``      whole runs: the main job (``python -m labutils prune``), method comparison, bench-prune
+- ``lab``       the course's exercise checks, plots and summary tables
+
+``lu.*`` is exactly ``__all__`` below: what the notebooks and README use, and the types needed to call it.
 """
 from .core.errors import BadInput, LabError
-from .core.config import DEFAULT_PROFILE, PROFILES, Profile, get_profile
-from .core.device import (cuda_capability, device_summary, get_device, require_cuda, set_seed,
-                     synchronize)
-from .core.models import (embedded_gguf_path, embedded_model_dir, find_decoder_layers, find_linears, load_model,
-                     load_pretrained, random_model, tiny_llama_config)
-from .core.data import calibration_data, corpus_path, corpus_split, heldout_tokens, split_tokens, test_tokens
-from .prune.calibration import (HessianAccumulator, InputNormAccumulator, LayerInputs, capture_layer_inputs,
-                          collect_input_norms, collect_statistics, run_layer)
-from .prune.masks import (SparsityTarget, apply_mask, as_target, nm_mask, parse_nm, prune_by_score, select_mask,
-                    unstructured_mask)
-from .prune.methods import (REGISTRY, Method, get_method, magnitude_score, output_error, ria_score, sparsegpt_weights,
-                      wanda_score)
-from .prune.owl import OwlConfig, layer_outlier_ratios, owl_sparsities
-from .prune.driver import METHODS, PruneReport, calibration_stages, prune_model
-from .prune.sparsity import mask_sha256, model_sparsity, nm_violations, prunable_linears, sparsity_table
+from .core.config import DEFAULT_PROFILE, get_profile
+from .core.device import cuda_capability, device_summary, get_device, set_seed, versions_table
+from .core.models import find_decoder_layers, find_linears, load_model, random_model, tiny_llama_config
+from .core.data import calibration_data, corpus_split, heldout_tokens, test_tokens
+from .core.checkpoint import load_pruned, save_pruned
+from .prune.masks import SparsityTarget, as_target, parse_nm, select_mask, unstructured_mask
+from .prune.calibration import capture_layer_inputs, collect_input_norms, collect_statistics
+from .prune.methods import METHODS, get_method, magnitude_score, output_error, sparsegpt_weights, wanda_score
+from .prune.owl import OwlConfig
+from .prune.spec import PruneSpec
+from .prune.driver import PruneReport, prune_model
+from .prune.sparsity import mask_sha256, model_sparsity, sparsity_table
 from .evaluate.perplexity import perplexity
-from .core.checkpoint import check_output_dir, is_lab_output, load_pruned, load_report, save_pruned
-from .jobs.main_job import PruneJob, build_report, default_output_dir, ensure_pruned, run_prune_job, summary_table
-from .evaluate.generation import (PROMPTS, Prompt, degeneration_table, drift_table, greedy_generate, mean_kl, passage_starts,
-                        prompt_text, repeated_ngram_ratio, side_by_side, top1_agreement)
-from .jobs.compare import Comparison, Variant, compare_methods, standard_variants, sweep_variants, write_results
+from .evaluate.generation import (PROMPTS, degeneration_table, drift_table, mean_kl, passage_starts, prompt_text,
+                                  side_by_side)
+from .evaluate.zeroshot.run import LOCAL_TASKS, profile_tasks, task_examples, zero_shot, zero_shot_table
+from .evaluate.zeroshot.tasks import write_tasks
+from .speed.latency import latency_table, memory_table, random_prompt, zeros_matmul_table
+from .sparse24.convert import (prefill_speedup_table, semi_structured_ready, semi_structured_support,
+                               to_semi_structured, verify_semi_structured)
+from .sparse24.shapes import linear_speedup_table
+from .jobs.main_job import PruneJob, build_report, default_output_dir, ensure_pruned, run_prune_job
+from .jobs.compare import compare_methods, standard_variants, sweep_variants, write_results
+from .jobs.bench_prune import bench_prune, bench_setup, saved_bench_results
 from .lab.checks import (check_close, check_layer_sparsity, check_ria_score, check_top1_agreement, check_wanda_score,
                          data_sources, model_summary)
-from .core.device import versions, versions_table
-from .speed.timing import (TimingStats, decode_throughput, latency_table, memory_table, prefill_latency, random_prompt,
-                        time_calls, time_interleaved, zeros_matmul_table)
-from .sparse24.convert import prefill_speedup_table, semi_structured_ready, semi_structured_support, to_semi_structured, verify_semi_structured
-from .sparse24.graphs import graphed_forward
-from .sparse24.kernel import SparseLinear24
-from .sparse24.shapes import linear_shapes, linear_speedup_table
-from .jobs.bench_prune import bench_prune, bench_setup, forward_floor, saved_bench_results
-from .evaluate.zeroshot.run import LOCAL_TASKS, PAPER_TASKS, profile_tasks, task_examples, zero_shot, zero_shot_table
-from .evaluate.zeroshot.tasks import write_tasks
-from .lab.tables import benchmark_summary
 from .lab.plots import (outlier_summary, plot_benchmark_summary, plot_drift, plot_input_norms, plot_layer_sparsity,
-                    plot_method_comparison, plot_perplexity, plot_sparsity_sweep)
+                        plot_method_comparison, plot_perplexity, plot_sparsity_sweep)
+from .lab.tables import benchmark_summary
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = [
+    # core
+    "BadInput", "LabError", "DEFAULT_PROFILE", "get_profile", "cuda_capability", "device_summary", "get_device",
+    "set_seed", "versions_table", "find_decoder_layers", "find_linears", "load_model", "random_model",
+    "tiny_llama_config", "calibration_data", "corpus_split", "heldout_tokens", "test_tokens", "load_pruned",
+    "save_pruned",
+    # prune
+    "SparsityTarget", "as_target", "parse_nm", "select_mask", "unstructured_mask", "capture_layer_inputs",
+    "collect_input_norms", "collect_statistics", "METHODS", "get_method", "magnitude_score", "output_error",
+    "sparsegpt_weights", "wanda_score", "OwlConfig", "PruneSpec", "PruneReport", "prune_model", "mask_sha256",
+    "model_sparsity", "sparsity_table",
+    # evaluate
+    "perplexity", "PROMPTS", "degeneration_table", "drift_table", "mean_kl", "passage_starts", "prompt_text",
+    "side_by_side", "LOCAL_TASKS", "profile_tasks", "task_examples", "zero_shot", "zero_shot_table", "write_tasks",
+    # speed and 2:4
+    "latency_table", "memory_table", "random_prompt", "zeros_matmul_table", "prefill_speedup_table",
+    "semi_structured_ready", "semi_structured_support", "to_semi_structured", "verify_semi_structured",
+    "linear_speedup_table",
+    # jobs
+    "PruneJob", "build_report", "default_output_dir", "ensure_pruned", "run_prune_job", "compare_methods",
+    "standard_variants", "sweep_variants", "write_results", "bench_prune", "bench_setup", "saved_bench_results",
+    # lab
+    "check_close", "check_layer_sparsity", "check_ria_score", "check_top1_agreement", "check_wanda_score",
+    "data_sources", "model_summary", "outlier_summary", "plot_benchmark_summary", "plot_drift", "plot_input_norms",
+    "plot_layer_sparsity", "plot_method_comparison", "plot_perplexity", "plot_sparsity_sweep", "benchmark_summary",
+]

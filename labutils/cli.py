@@ -7,10 +7,13 @@ import sys
 import pandas as pd
 
 from .core.config import DEFAULT_PROFILE, PROFILES
+from .core.data import corpus_split
 from .core.errors import LabError
+from .core.models import embedded_model_dir
 from .jobs.main_job import PruneJob, run_prune_job, summary_table
 from .jobs.bench_prune import MODES, TARGETS, bench_prune, bench_setup, default_json_path, write_json
-from .prune.driver import METHODS
+from .prune.methods import METHODS
+from .prune.spec import PruneSpec
 from .core.storage import PUBLISHED, interrupt_on_termination, strict_json
 from .core.validation import check_seed
 
@@ -68,11 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SPEC_FLAGS = ("method", "sparsity", "nm", "owl", "owl_m", "owl_lambda", "true_sequential")
+METHOD_PARAMS = ("alpha", "dampening", "blocksize")
+
+
 def _prune(args: argparse.Namespace) -> None:
-    method_params = ("alpha", "dampening", "blocksize")
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "json", *method_params)}
-    params = {k: getattr(args, k) for k in method_params if getattr(args, k) is not None}
-    report = run_prune_job(PruneJob(**options, params=params))
+    options = vars(args)
+    spec = PruneSpec.from_options(**{k: options[k] for k in SPEC_FLAGS},
+                                  params={k: options[k] for k in METHOD_PARAMS})
+    job = {k: v for k, v in options.items() if k not in ("command", "json", *SPEC_FLAGS, *METHOD_PARAMS)}
+    report = run_prune_job(PruneJob(spec, **job))
     if args.json:
         print(strict_json(report))
         return
@@ -85,9 +93,6 @@ def _prune(args: argparse.Namespace) -> None:
 
 
 def _prepare() -> None:
-    from .core.data import corpus_split
-    from .core.models import embedded_model_dir
-
     path = embedded_model_dir(verify="full")
     sizes = {split: len(corpus_split(split)) for split in ("calibration", "validation", "test")}
     print(f"default model ready at {path} (every file checked against its manifest)")
@@ -96,9 +101,9 @@ def _prepare() -> None:
 
 def _bench_prune(args: argparse.Namespace) -> None:
     check_seed(args.seed)  # before the first line is printed: a bad option prints nothing but its error
-    setup = bench_setup(args.tiny, device=args.device, nsamples=args.nsamples, seqlen=args.seqlen,
-                        batch_size=args.batch_size, method=args.method, targets=args.targets, modes=args.modes,
-                        seed=args.seed)
+    setup = bench_setup(args.tiny, args.device, specs=[PruneSpec(args.method, t) for t in args.targets],
+                        modes=args.modes, seed=args.seed,
+                        sizes={"nsamples": args.nsamples, "seqlen": args.seqlen, "batch_size": args.batch_size})
     print(f"bench-prune {setup.describe()}", flush=True)
     result = bench_prune(setup)
     table = result.table()

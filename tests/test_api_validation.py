@@ -8,12 +8,13 @@ import pytest
 import torch
 
 import labutils as lu
+from labutils.prune.owl import owl_sparsities
 from labutils.cli import main
-from labutils.prune.driver import check_options
 
 from conftest import make_tiny
 
-TARGET_FORMS = "target must be a SparsityTarget, a sparsity in [0, 1) such as 0.5, or an N:M pattern such as '2:4'; got "
+TARGET_FORMS = ("target must be a SparsityTarget, a sparsity in [0, 1) such as 0.5 or '50%', or an N:M pattern such as "
+                "'2:4'; got ")
 CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
            "allocate 400000000000000 bytes. Error code 12 (Cannot allocate memory)")
 NOT_FINITE_ADVICE = ("— its weights are damaged or overflowed (for the cached default model run "
@@ -25,11 +26,12 @@ def exactly(message: str) -> str:
     return f"^{re.escape(message)}$"
 
 
-def refuses(model, message: str, *args, **kwargs):
-    """prune_model(model, *args, **kwargs) raises BadInput with exactly ``message`` and leaves the model as it was."""
+def refuses(model, message: str, method, target, tokens=None, **spec_options):
+    """Building the PruneSpec or pruning ``model`` with it raises BadInput with exactly ``message``, and the model
+    stays as it was."""
     before = lu.mask_sha256(model)
     with pytest.raises(lu.BadInput, match=exactly(message)):
-        lu.prune_model(model, *args, progress=False, **kwargs)
+        lu.prune_model(model, lu.PruneSpec(method, target, **spec_options), tokens, progress=False)
     assert lu.mask_sha256(model) == before
 
 
@@ -39,7 +41,7 @@ def reference_hashes():
     tokens = torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(1))  # = calib_tokens
     hashes = {}
     for key, target in (("50%", lu.SparsityTarget.of(sparsity=0.5)), ("2:4", lu.SparsityTarget.of(nm="2:4"))):
-        hashes[key] = lu.prune_model(make_tiny(), "wanda", target, tokens, progress=False).mask_sha256
+        hashes[key] = lu.prune_model(make_tiny(), lu.PruneSpec("wanda", target), tokens, progress=False).mask_sha256
     assert hashes["50%"] != hashes["2:4"]
     return hashes
 
@@ -48,11 +50,11 @@ def reference_hashes():
 
 @pytest.mark.parametrize("target,label", [
     (0.5, "50%"), (np.float32(0.5), "50%"), (np.float64(0.5), "50%"), (lu.SparsityTarget(0.5), "50%"),
-    ("2:4", "2:4"), (" 2 : 4 ", "2:4"), (lu.SparsityTarget(n=2, m=4), "2:4"),
+    ("50%", "50%"), ("0.5", "50%"), (" 50 % ", "50%"), ("2:4", "2:4"), (" 2 : 4 ", "2:4"), (lu.SparsityTarget(n=2, m=4), "2:4"),
     (lu.SparsityTarget.of(nm=(np.int64(2), np.int32(4))), "2:4"),
 ])
 def test_prune_model_accepts_every_target_form(target, label, tiny_model, calib_tokens, reference_hashes):
-    report = lu.prune_model(tiny_model, "wanda", target, calib_tokens, progress=False)
+    report = lu.prune_model(tiny_model, lu.PruneSpec("wanda", target), calib_tokens, progress=False)
     assert report.target == label
     assert report.mask_sha256 == reference_hashes[label]
 
@@ -67,7 +69,7 @@ def test_as_target_normalises_numbers():
 
 
 @pytest.mark.parametrize("value,shown", [
-    ("0.5", "'0.5'"), ("50%", "'50%'"), ((2, 4), "(2, 4)"), (True, "True"), (None, "None"), ([0.5], "[0.5]"),
+    ((2, 4), "(2, 4)"), (True, "True"), (None, "None"), ([0.5], "[0.5]"),
     (torch.tensor(0.5), "a tensor of shape () and dtype torch.float32"),
 ])
 def test_target_of_another_kind(value, shown, tiny_model, calib_tokens):
@@ -85,6 +87,8 @@ def test_target_of_another_kind(value, shown, tiny_model, calib_tokens):
     (np.float32(1.0), "sparsity must be a number in [0, 1); got np.float32(1.0)"),
     ("4:4", "N:M pattern needs 1 ≤ N < M; got N=4, M=4"),
     ("2:x", "N:M pattern must look like '2:4'; got '2:x'"),
+    ("half", "target must look like '50%', '0.5' or '2:4'; got 'half'"),
+    ("150%", "sparsity must be a number in [0, 1); got 1.5"),
 ])
 def test_target_out_of_range(value, message, tiny_model, calib_tokens):
     refuses(tiny_model, message, "wanda", value, calib_tokens)
@@ -148,7 +152,7 @@ MODEL_MESSAGE = ("model must be a causal language model (a torch nn.Module whose
 ])
 def test_not_a_model(model, shown, calib_tokens):
     with pytest.raises(lu.BadInput, match=exactly(MODEL_MESSAGE + shown)):
-        lu.prune_model(model, "wanda", 0.5, calib_tokens, progress=False)
+        lu.prune_model(model, lu.PruneSpec("wanda", 0.5), calib_tokens, progress=False)
     with pytest.raises(lu.BadInput, match=exactly(MODEL_MESSAGE + shown)):
         lu.perplexity(model, calib_tokens.flatten(), seqlen=16, progress=False)
 
@@ -180,13 +184,13 @@ def test_bad_calibration_tokens(tokens, message, tiny_model):
 
 def test_long_list_of_tokens_is_named_in_one_short_line(tiny_model, calib_tokens):
     with pytest.raises(lu.BadInput) as caught:
-        lu.prune_model(tiny_model, "wanda", 0.5, calib_tokens.tolist(), progress=False)
+        lu.prune_model(tiny_model, lu.PruneSpec("wanda", 0.5), calib_tokens.tolist(), progress=False)
     message = str(caught.value)
     assert "\n" not in message and len(message) < 200 and message.endswith("…")
 
 
 def test_other_integer_tokens_prune_like_long(tiny_model, calib_tokens, reference_hashes):
-    report = lu.prune_model(tiny_model, "wanda", 0.5, calib_tokens.to(torch.int32), progress=False)
+    report = lu.prune_model(tiny_model, lu.PruneSpec("wanda", 0.5), calib_tokens.to(torch.int32), progress=False)
     assert report.mask_sha256 == reference_hashes["50%"]
 
 
@@ -272,7 +276,7 @@ def test_out_of_cpu_memory_while_pruning_gives_advice(tiny_model, calib_tokens, 
     message = ("out of CPU memory while pruning with wanda 50%: use a smaller --batch-size, fewer --nsamples, "
                "shorter --seqlen")
     with pytest.raises(lu.LabError, match=exactly(message)) as caught:
-        lu.prune_model(tiny_model, "wanda", 0.5, calib_tokens, progress=False)
+        lu.prune_model(tiny_model, lu.PruneSpec("wanda", 0.5), calib_tokens, progress=False)
     assert str(caught.value.__cause__) == CPU_OOM
 
 
@@ -280,7 +284,7 @@ def test_other_runtime_errors_pass_through_pruning(tiny_model, calib_tokens, mon
     error = RuntimeError("mat1 and mat2 shapes cannot be multiplied")
     monkeypatch.setattr("labutils.prune.calibration.run_layer", raiser(error))
     with pytest.raises(RuntimeError) as caught:
-        lu.prune_model(tiny_model, "wanda", 0.5, calib_tokens, progress=False)
+        lu.prune_model(tiny_model, lu.PruneSpec("wanda", 0.5), calib_tokens, progress=False)
     assert caught.value is error and not isinstance(caught.value, lu.LabError)
 
 
@@ -328,8 +332,8 @@ def test_owl_at_zero_sparsity_allows_no_spread(tiny_model, calib_tokens, monkeyp
 def test_owl_lambda_bound_is_tight(sparsity, ratios):
     # λ = 0.45 is above S (0.1) or at least 1 − S (0.1), yet works for ratios whose normalised mean is 1 − S: the
     # early check must let it through.
-    check_options("wanda", lu.SparsityTarget(sparsity), None, False, lu.OwlConfig(lam=0.45))
-    layer_sparsity = lu.owl_sparsities(ratios, sparsity, 0.45)
+    lu.PruneSpec("wanda", lu.SparsityTarget(sparsity), owl=lu.OwlConfig(lam=0.45))
+    layer_sparsity = owl_sparsities(ratios, sparsity, 0.45)
     assert all(0 <= s < 1 for s in layer_sparsity)
     assert max(layer_sparsity) - min(layer_sparsity) == pytest.approx(0.9)
 
@@ -339,7 +343,7 @@ def test_owl_exact_bound_still_checked_after_calibration(calib_tokens):
     before = lu.mask_sha256(model)
     with pytest.raises(lu.BadInput, match=r"^OWL lambda 0.4 moves some layer's sparsity out of \[0, 1\) at target "
                                           r"90%; allowed here: 0 ≤ lambda < 0\.\d+$"):
-        lu.prune_model(model, "wanda", 0.9, calib_tokens, progress=False, owl=lu.OwlConfig(lam=0.4))
+        lu.prune_model(model, lu.PruneSpec("wanda", 0.9, owl=lu.OwlConfig(lam=0.4)), calib_tokens, progress=False)
     assert lu.mask_sha256(model) == before
 
 
@@ -352,5 +356,5 @@ def test_cli_owl_lambda_refused_before_loading(tmp_path, capsys, monkeypatch):
 
 
 def test_valid_inputs_still_prune_to_the_target(tiny_model, calib_tokens):
-    report = lu.prune_model(tiny_model, "wanda", np.float64(0.5), calib_tokens, progress=False)
+    report = lu.prune_model(tiny_model, lu.PruneSpec("wanda", np.float64(0.5)), calib_tokens, progress=False)
     assert math.isclose(report.measured_sparsity, 0.5)

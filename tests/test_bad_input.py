@@ -4,6 +4,9 @@ import pytest
 import torch
 
 import labutils as lu
+from labutils.core.checkpoint import check_output_dir, load_report
+from labutils.core.models import load_pretrained
+from labutils.prune.masks import nm_mask
 from conftest import make_tiny
 from labutils.cli import main
 
@@ -34,13 +37,13 @@ def test_sparsity_and_nm_together():
 def test_nm_input_size_not_divisible(tiny_model, calib_tokens):
     before = lu.mask_sha256(tiny_model)
     with pytest.raises(lu.BadInput, match="divisible by M=3; layer 0 self_attn.q_proj has 64 inputs"):
-        lu.prune_model(tiny_model, "wanda", lu.SparsityTarget.of(nm="2:3"), calib_tokens)
+        lu.prune_model(tiny_model, lu.PruneSpec("wanda", lu.SparsityTarget.of(nm="2:3")), calib_tokens)
     assert lu.mask_sha256(tiny_model) == before  # nothing was pruned
 
 
 def test_nm_mask_rejects_indivisible_score():
     with pytest.raises(lu.BadInput, match="divisible by M=4; got 6"):
-        lu.nm_mask(torch.rand(2, 6), 2, 4)
+        nm_mask(torch.rand(2, 6), 2, 4)
 
 
 @pytest.mark.parametrize("field,value", [("nsamples", 0), ("nsamples", -3), ("seqlen", 0), ("seqlen", -1),
@@ -57,27 +60,27 @@ def test_seqlen_above_model_maximum(tiny_model):
 
 def test_unknown_method_and_profile(tiny_model, calib_tokens):
     with pytest.raises(lu.BadInput, match="unknown method 'obc'; allowed: magnitude, wanda, sparsegpt, ria"):
-        lu.prune_model(tiny_model, "obc", lu.SparsityTarget.of(sparsity=0.5), calib_tokens)
+        lu.prune_model(tiny_model, lu.PruneSpec("obc", lu.SparsityTarget.of(sparsity=0.5)), calib_tokens)
     with pytest.raises(lu.BadInput, match="unknown profile 'gpt5'; allowed: smollm2-135m"):
         lu.get_profile("gpt5")
 
 
 def test_wanda_without_calibration_tokens(tiny_model):
     with pytest.raises(lu.BadInput, match="needs calibration tokens of shape"):
-        lu.prune_model(tiny_model, "wanda", lu.SparsityTarget.of(sparsity=0.5), None)
+        lu.prune_model(tiny_model, lu.PruneSpec("wanda", lu.SparsityTarget.of(sparsity=0.5)), None)
 
 
 def test_model_not_found(tmp_path):
     missing = tmp_path / "no-such-model"
     with pytest.raises(lu.LabError, match="model '.*no-such-model' not found: there is no local folder"):
-        lu.load_pretrained(str(missing), torch.float32, torch.device("cpu"))
+        load_pretrained(str(missing), torch.float32, torch.device("cpu"))
     assert not missing.exists()
 
 
 def test_hub_model_unreachable_says_how_to_get_it():
     # The llama2-7b profile's weights are gated and this machine is offline: the message says what to do.
     with pytest.raises(lu.LabError, match="(?s)meta-llama/Llama-2-7b-hf' not found.*hf auth login.*HF_TOKEN"):
-        lu.load_pretrained("meta-llama/Llama-2-7b-hf", torch.float16, torch.device("cpu"))
+        load_pretrained("meta-llama/Llama-2-7b-hf", torch.float16, torch.device("cpu"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA, so the CUDA-only profile is allowed")
@@ -95,7 +98,7 @@ def test_output_folder_that_is_not_a_lab_output(tmp_path, capsys):
     precious.mkdir()
     (precious / "chapter1.tex").write_text("do not overwrite")
     with pytest.raises(lu.BadInput, match="exists and is a folder that is not a lab output"):
-        lu.check_output_dir(precious)
+        check_output_dir(precious)
     assert main(["prune", "--out", str(precious)]) == 2
     assert "not a lab output" in capsys.readouterr().err
     assert [p.name for p in precious.iterdir()] == ["chapter1.tex"]
@@ -105,15 +108,15 @@ def test_output_path_that_is_a_file(tmp_path):
     target = tmp_path / "model.bin"
     target.write_bytes(b"x")
     with pytest.raises(lu.BadInput, match="exists and is a file"):
-        lu.check_output_dir(target)
+        check_output_dir(target)
     assert target.read_bytes() == b"x"
 
 
 def test_previous_lab_output_may_be_replaced(tmp_path):
     previous = lu.save_pruned(make_tiny(), None, {"run": 1}, tmp_path / "run")
-    assert lu.check_output_dir(previous) == previous
+    assert check_output_dir(previous) == previous
     lu.save_pruned(make_tiny(seed=1), None, {"run": 2}, previous)
-    assert lu.load_report(previous)["run"] == 2
+    assert load_report(previous)["run"] == 2
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -136,7 +139,7 @@ def test_out_of_memory_is_reraised_with_advice(tiny_model, calib_tokens, monkeyp
 
     monkeypatch.setattr("labutils.prune.calibration.run_layer", oom)
     with pytest.raises(lu.LabError, match="out of GPU memory.*fewer calibration samples.*--seqlen"):
-        lu.prune_model(tiny_model, "wanda", lu.SparsityTarget.of(sparsity=0.5), calib_tokens)
+        lu.prune_model(tiny_model, lu.PruneSpec("wanda", lu.SparsityTarget.of(sparsity=0.5)), calib_tokens)
 
 
 def test_missing_data_package_says_how_to_install():

@@ -8,17 +8,10 @@ import torch
 from conftest import make_tiny
 
 import labutils as lu
-from labutils.speed.timing import (
-    TimingStats,
-    decode_throughput,
-    latency_table,
-    memory_table,
-    prefill_latency,
-    time_calls,
-    time_interleaved,
-    timed_greedy_decode,
-    zeros_matmul_table,
-)
+from labutils.prune.sparsity import prunable_linears
+from labutils.speed import timing
+from labutils.speed.latency import latency_table, memory_table, random_prompt, zeros_matmul_table
+from labutils.speed.timing import TimingStats, time_interleaved, timed_greedy_decode
 
 
 class FakeClock:
@@ -61,7 +54,7 @@ def test_stats_of_one_value_and_rate():
     assert stats.rate_p50 == pytest.approx(4.0)
 
 
-@pytest.mark.parametrize("seconds,message", [([], "at least one timing; got an empty"),
+@pytest.mark.parametrize("seconds,message", [([], "seconds must hold at least one timing; got an empty list"),
                                              ([0.1, -0.2], r"finite and ≥ 0 seconds; got \[-0.2\]"),
                                              ([float("nan")], "finite and ≥ 0 seconds; got")])
 def test_stats_bad_input(seconds, message):
@@ -71,10 +64,10 @@ def test_stats_bad_input(seconds, message):
 
 # ---- timing loops -----------------------------------------------------------------------------------------------
 
-def test_time_calls_excludes_warmup_with_fake_clock():
+def test_time_interleaved_excludes_warmup_with_fake_clock():
     calls = []
     clock = FakeClock([0.0, 1.0, 10.0, 13.0, 20.0, 26.0])  # three timed calls: 1 s, 3 s, 6 s
-    stats = time_calls(lambda: calls.append(1), warmup=2, repeats=3, device=CPU, clock=clock)
+    stats = time_interleaved({"fn": lambda: calls.append(1)}, warmup=2, repeats=3, device=CPU, clock=clock)["fn"]
     assert len(calls) == 5  # 2 warm-up + 3 timed
     assert clock.reads == 6  # the clock is read only around timed calls
     assert (stats.n, stats.min, stats.p50, stats.max) == (3, 1.0, 3.0, 6.0)
@@ -89,26 +82,48 @@ def test_time_interleaved_rotates_order():
     assert {name: s.n for name, s in stats.items()} == {"a": 2, "b": 2, "c": 2}
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"warmup": -1, "repeats": 3}, "warmup must be an integer ≥ 0; got -1"),
-    ({"warmup": 1, "repeats": 0}, "repeats must be a positive integer"),
-    ({"warmup": 1.5, "repeats": 2}, "warmup must be an integer ≥ 0; got 1.5"),
+@pytest.mark.parametrize("fns,kwargs,message", [
+    ({"fn": lambda: None}, {"warmup": -1, "repeats": 3}, "warmup must be an integer ≥ 0; got -1"),
+    ({"fn": lambda: None}, {"warmup": 1, "repeats": 0}, "repeats must be a positive integer"),
+    ({"fn": lambda: None}, {"warmup": 1.5, "repeats": 2}, "warmup must be an integer ≥ 0; got 1.5"),
+    ({"fn": 3}, {"warmup": 0, "repeats": 1}, r"fns\['fn'\] must be callable; got 3"),
+    ({}, {"warmup": 0, "repeats": 1}, "fns must hold at least one callable; got an empty dict"),
 ])
-def test_time_calls_bad_counts(kwargs, message):
+def test_time_interleaved_bad_input(fns, kwargs, message):
     with pytest.raises(lu.BadInput, match=message):
-        time_calls(lambda: None, device=CPU, **kwargs)
-
-
-def test_time_calls_needs_callable():
-    with pytest.raises(lu.BadInput, match="fn must be callable; got int"):
-        time_calls(3, warmup=0, repeats=1, device=CPU)
+        time_interleaved(fns, device=CPU, **kwargs)
 
 
 # ---- prefill and decode on a tiny model -------------------------------------------------------------------------
 
-def test_prefill_latency_runs(tiny_model):
-    stats = prefill_latency(tiny_model, 16, warmup=1, repeats=3)
-    assert stats.n == 3 and stats.min > 0
+def test_latency_table_runs_one_prefill_and_one_decode_per_round(tiny_model):
+    """Prefill: one cache-free forward over the prompt, last position's logits only. Decode: a cached prefill, then
+    exactly new_tokens one-token steps. Each is run once per round: warmup + repeats rounds."""
+    calls = []
+
+    def record(module, args, kwargs, out):
+        calls.append((kwargs["input_ids"].clone(), kwargs.get("use_cache"), kwargs.get("logits_to_keep")))
+
+    handle = tiny_model.register_forward_hook(record, with_kwargs=True)
+    try:
+        latency_table({"m": tiny_model}, prompt_len=16, new_tokens=3, warmup=1, repeats=2, progress=False)
+    finally:
+        handle.remove()
+    prompt = random_prompt(tiny_model, 16)
+    prefills, decodes = calls[:3], calls[3:]
+    assert all(torch.equal(ids, prompt) and (cache, keep) == (False, 1) for ids, cache, keep in prefills)
+    assert [(ids.shape[1], cache) for ids, cache, _ in decodes] == [(16, True), (1, True), (1, True), (1, True)] * 3
+    assert all(torch.equal(ids, prompt) for ids, _, _ in decodes[::4])
+
+
+def test_latency_table_decode_columns_pool_the_timed_steps(tiny_model, monkeypatch):
+    """decode tokens/s P50 and ms/token P95 come from every step of the timed rounds only (warm-up dropped)."""
+    steps = iter([[9.0, 9.0, 9.0], [0.01, 0.02, 0.03], [0.04, 0.05, 0.06]])  # warm-up round, then 2 timed rounds
+    monkeypatch.setattr(timing, "timed_greedy_decode", lambda model, ids, new_tokens: (None, next(steps)))
+    table = latency_table({"m": tiny_model}, prompt_len=8, new_tokens=3, warmup=1, repeats=2, progress=False)
+    pooled = [0.01, 0.02, 0.03, 0.04, 0.05, 0.06]
+    assert table.loc["m", "decode tokens/s P50"] == pytest.approx(1 / np.percentile(pooled, 50))
+    assert table.loc["m", "decode ms/token P95"] == pytest.approx(np.percentile(pooled, 95) * 1e3)
 
 
 def test_decode_matches_greedy_without_cache_and_counts_steps(tiny_model):
@@ -130,14 +145,9 @@ def test_decode_matches_greedy_without_cache_and_counts_steps(tiny_model):
     assert torch.equal(tokens, ids[:, 8:])
 
 
-def test_decode_throughput_sample_count(tiny_model):
-    stats = decode_throughput(tiny_model, 8, 4, warmup=1, repeats=2)
-    assert stats.n == 8 and stats.min > 0 and stats.rate_p50 > 0
-
-
 def test_decode_too_long_for_model(tiny_model):
-    with pytest.raises(lu.BadInput, match=r"prompt_len \+ new_tokens 130 exceeds .* allowed: 1..128"):
-        decode_throughput(tiny_model, 120, 10)
+    with pytest.raises(lu.BadInput, match=r"model 'm': prompt_len \+ new_tokens 130 exceeds .* allowed: 1..128"):
+        latency_table({"m": tiny_model}, prompt_len=120, new_tokens=10, progress=False)
 
 
 def test_latency_table_columns_and_reference(tiny_model):
@@ -151,10 +161,12 @@ def test_latency_table_columns_and_reference(tiny_model):
 
 
 def test_latency_table_bad_input(tiny_model):
-    with pytest.raises(lu.BadInput, match="at least one model; got an empty dict"):
+    with pytest.raises(lu.BadInput, match="models must hold at least one model; got an empty dict"):
         latency_table({}, prompt_len=8, new_tokens=2)
     with pytest.raises(lu.BadInput, match="prompt_len must be a positive integer"):
         latency_table({"m": tiny_model}, prompt_len=0, new_tokens=2, progress=False)
+    with pytest.raises(lu.BadInput, match="new_tokens must be a positive integer"):
+        latency_table({"m": tiny_model}, prompt_len=8, new_tokens=0, progress=False)
 
 
 # ---- memory -----------------------------------------------------------------------------------------------------
@@ -164,7 +176,7 @@ def test_memory_table_counts(tiny_model):
     direct = sum(p.numel() for p in tiny_model.parameters())
     assert before["parameters"] == direct
     assert before["non-zero parameters"] == sum(int((p != 0).sum()) for p in tiny_model.parameters())
-    weight = lu.prunable_linears(tiny_model)["layers.0.self_attn.q_proj"].weight
+    weight = prunable_linears(tiny_model)["layers.0.self_attn.q_proj"].weight
     nonzero_in_first_row = int((weight[0] != 0).sum())
     with torch.no_grad():
         weight[0] = 0
@@ -187,14 +199,14 @@ def test_memory_table_counts_tied_weights_once():
 
 
 def test_memory_table_empty():
-    with pytest.raises(lu.BadInput, match="at least one model"):
+    with pytest.raises(lu.BadInput, match="models must hold at least one model; got an empty dict"):
         memory_table({})
 
 
 # ---- zeros alone do not speed up a matmul -----------------------------------------------------------------------
 
 def test_zeros_matmul_table_rows(tiny_model):
-    weight = lu.prunable_linears(tiny_model)["layers.0.mlp.up_proj"].weight  # (128, 64)
+    weight = prunable_linears(tiny_model)["layers.0.mlp.up_proj"].weight  # (128, 64)
     table = zeros_matmul_table(weight, 16, warmup=1, repeats=3)
     assert list(table.index) == ["dense weight, dense matmul", "50% zeros, dense matmul",
                                  "50% zeros, CSR sparse matmul"]
@@ -205,7 +217,7 @@ def test_zeros_matmul_table_rows(tiny_model):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"weight": torch.zeros(4), "tokens": 2}, "weight must be a 2-D"),
+    ({"weight": torch.zeros(4), "tokens": 2}, r"weight must be a 2-D \(out, in\) tensor; got a tensor of shape \(4,\)"),
     ({"weight": torch.zeros(4, 4), "tokens": 0}, "tokens must be a positive integer"),
     ({"weight": torch.zeros(4, 4), "tokens": 2, "sparsity": 1.0}, r"sparsity must be a number in \(0, 1\); got 1.0"),
 ])

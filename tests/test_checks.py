@@ -39,7 +39,7 @@ def test_check_layer_sparsity(capsys, calib_tokens):
     model = make_tiny()
     lu.check_layer_sparsity(model, 0.5)
     assert capsys.readouterr().out.startswith("FAIL: per-row sparsity — 14 linears fall short")
-    lu.prune_model(model, "wanda", lu.SparsityTarget.of(sparsity=0.5), calib_tokens, progress=False)
+    lu.prune_model(model, lu.PruneSpec("wanda", lu.SparsityTarget.of(sparsity=0.5)), calib_tokens, progress=False)
     lu.check_layer_sparsity(model, 0.5)
     assert capsys.readouterr().out.startswith("PASS")
 

@@ -8,6 +8,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import labutils as lu
+from labutils.core.data import split_tokens
+from labutils.core.models import load_pretrained
 from conftest import make_tiny
 from labutils.cli import main
 from labutils.core.validation import check_seed
@@ -83,7 +85,7 @@ def test_config_without_model_type(tiny_dir, tmp_path):
     (folder / "config.json").write_text("{}")
     with pytest.raises(lu.LabError, match=r"could not be loaded from config.json and model.safetensors "
                                           r"\(ValueError: Unrecognized model"):
-        lu.load_pretrained(folder, torch.float32, torch.device("cpu"))
+        load_pretrained(folder, torch.float32, torch.device("cpu"))
 
 
 def test_model_path_that_is_a_file(tiny_dir, tmp_path, capsys):
@@ -115,7 +117,7 @@ def test_data_functions_need_a_tokenizer_but_random_profiles_do_not():
             call()
         assert str(info.value) == NO_TOKENIZER
     with pytest.raises(lu.LabError, match="no tokenizer .* and split_tokens needs one"):
-        lu.split_tokens(None, "test")
+        split_tokens(None, "test")
     random = lu.get_profile("llama2-7b-random")
     assert lu.test_tokens(random, None, 64, vocab_size=50).shape == (64,)
 
@@ -200,8 +202,8 @@ def test_windows_longer_than_the_model_name_their_flag(tiny_dir, tmp_path, capsy
 
 
 def test_more_eval_tokens_than_the_test_set(tiny_with_tokenizer, tmp_path, capsys):
-    _, tokenizer = lu.load_pretrained(tiny_with_tokenizer, torch.float32, torch.device("cpu"))
-    total = lu.split_tokens(tokenizer, "test").numel()
+    _, tokenizer = load_pretrained(tiny_with_tokenizer, torch.float32, torch.device("cpu"))
+    total = split_tokens(tokenizer, "test").numel()
     line = cli_error(["prune", "--model", str(tiny_with_tokenizer), *SMALL, "--eval-tokens", "1000000000"],
                      tmp_path, capsys)
     assert line == (f"error: eval_tokens 1000000000 exceeds the test set's {total:,} tokens; allowed: 32..{total} "

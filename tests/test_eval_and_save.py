@@ -7,8 +7,10 @@ import torch
 from transformers import AutoTokenizer
 
 import labutils as lu
+from labutils.core.models import embedded_model_dir
 from conftest import make_tiny
 from labutils.cli import main
+from labutils.evaluate.perplexity import window_batches
 
 
 def test_perplexity_matches_manual_computation(tiny_model):
@@ -26,11 +28,19 @@ def test_perplexity_matches_manual_computation(tiny_model):
 def test_perplexity_needs_one_window(tiny_model):
     with pytest.raises(lu.BadInput, match="need at least seqlen=64 test tokens .*got 10"):
         lu.perplexity(tiny_model, torch.zeros(10, dtype=torch.long), seqlen=64)
+    with pytest.raises(lu.BadInput, match="seqlen must be an integer ≥ 2; got 1"):  # one token predicts nothing
+        lu.perplexity(tiny_model, torch.zeros(10, dtype=torch.long), seqlen=1)
+
+
+def test_window_batches_are_the_non_overlapping_windows_in_order():
+    batches = list(window_batches(torch.arange(70), 16, 3, torch.device("cpu"), what="test tokens"))
+    assert [tuple(b.shape) for b in batches] == [(3, 16), (1, 16)]  # 4 windows; the last 70 − 64 tokens dropped
+    assert torch.equal(torch.cat(batches), torch.arange(64).reshape(4, 16))
 
 
 def test_save_load_round_trip(tmp_path, calib_tokens):
     model = make_tiny()
-    report = lu.prune_model(model, "wanda", lu.SparsityTarget.of(nm="2:4"), calib_tokens, progress=False)
+    report = lu.prune_model(model, lu.PruneSpec("wanda", lu.SparsityTarget.of(nm="2:4")), calib_tokens, progress=False)
     out = lu.save_pruned(model, None, {"mask_sha256": report.mask_sha256, "dtype": "float32"}, tmp_path / "run")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary folder left behind
     loaded, tokenizer, saved = lu.load_pruned(out, torch.device("cpu"))
@@ -105,7 +115,7 @@ def test_random_profile_data_and_warning():
 @pytest.fixture(scope="module")
 def tiny_with_real_tokenizer(tmp_path_factory):
     """A 2-layer random model sharing the default model's tokenizer, saved like a hub folder."""
-    tokenizer = AutoTokenizer.from_pretrained(lu.embedded_model_dir())
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
     model = make_tiny(vocab_size=len(tokenizer), max_position_embeddings=256)
     path = tmp_path_factory.mktemp("tiny") / "model"
     model.save_pretrained(path)

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import labutils as lu
+from labutils.prune.masks import nm_mask
+from labutils.prune.sparsity import nm_violations
 
 
 def slow_unstructured_mask(score, sparsity):
@@ -41,7 +43,7 @@ def test_unstructured_mask_exact_per_row_and_matches_reference(sparsity, shape):
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4), (3, 4), (1, 2)])
 def test_nm_mask_pattern_and_matches_reference(n, m):
     score = torch.rand(5, 32, generator=torch.Generator().manual_seed(n * 10 + m))
-    mask = lu.nm_mask(score, n, m)
+    mask = nm_mask(score, n, m)
     kept_per_group = (~mask).reshape(5, 32 // m, m).sum(dim=2)
     assert (kept_per_group == n).all()
     assert torch.equal(mask, slow_nm_mask(score, n, m))
@@ -78,5 +80,5 @@ def test_wanda_score_rejects_wrong_norm_shape():
 
 def test_nm_violations_counts_broken_groups():
     weight = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]])
-    assert lu.nm_violations(weight, 2, 4) == 1
-    assert lu.nm_violations(weight, 3, 4) == 0
+    assert nm_violations(weight, 2, 4) == 1
+    assert nm_violations(weight, 3, 4) == 0

@@ -5,6 +5,15 @@ import pytest
 import torch
 
 import labutils as lu
+from labutils.core.models import embedded_model_dir
+from labutils.prune.calibration import HessianAccumulator, run_layer
+from labutils.prune.driver import calibration_stages
+from labutils.prune.masks import apply_mask, nm_mask
+from labutils.prune.methods import REGISTRY
+from labutils.prune.methods.base import Method
+from labutils.prune.methods.ria import ria_score
+from labutils.prune.owl import owl_sparsities
+from labutils.prune.sparsity import nm_violations, prunable_linears
 from conftest import make_tiny
 from labutils.cli import main
 
@@ -37,7 +46,7 @@ def slow_sparsegpt(weight, hessian, target, dampening=0.01, blocksize=128):
         for j in range(start, end):
             if target.is_nm and (j - start) % target.m == 0:
                 metric = w[:, j : j + target.m] ** 2 / u.diagonal()[j : j + target.m] ** 2
-                mask[:, j : j + target.m] = lu.nm_mask(metric, target.n, target.m)
+                mask[:, j : j + target.m] = nm_mask(metric, target.n, target.m)
             err = torch.where(mask[:, j], w[:, j], torch.zeros(())) / u[j, j]
             w[:, j:] -= err[:, None] * u[j, j:][None, :]
             w[:, j] = torch.where(mask[:, j], torch.zeros(()), w[:, j])
@@ -58,7 +67,7 @@ def test_sparsegpt_beats_the_same_mask_without_updates(target):
     assert lu.output_error(weight, new_weight, hessian) == pytest.approx(float(err_sparsegpt), rel=1e-3)
     assert not torch.equal(new_weight[~mask], weight[~mask])  # kept weights were updated too
     if target.is_nm:
-        assert lu.nm_violations(new_weight, 2, 4) == 0
+        assert nm_violations(new_weight, 2, 4) == 0
     else:
         assert int(mask.sum()) == 16 * 32 // 2
 
@@ -89,8 +98,8 @@ def test_hessian_accumulator_matches_direct_product(tiny_model, calib_tokens):
     seen = []
     handle = layer.mlp.down_proj.register_forward_hook(lambda m, a, o: seen.append(a[0].reshape(-1, a[0].shape[-1])))
     inputs = lu.capture_layer_inputs(tiny_model, calib_tokens, batch_size=4)
-    with lu.HessianAccumulator(down) as acc:
-        lu.run_layer(layer, 0, inputs)
+    with HessianAccumulator(down) as acc:
+        run_layer(layer, 0, inputs)
     handle.remove()
     x = torch.cat(seen)
     torch.testing.assert_close(acc.stats["mlp.down_proj"], 2 * x.T @ x, rtol=1e-5, atol=1e-4)
@@ -105,26 +114,25 @@ def test_ria_score_matches_direct_computation():
             a = abs(weight[i, j])
             row, col = weight[i].abs().sum(), weight[:, j].abs().sum()
             expected[i, j] = (a / row + a / col) * sq_norm[j].sqrt() ** 0.7
-    torch.testing.assert_close(lu.ria_score(weight, sq_norm, alpha=0.7), expected)
-    assert torch.isfinite(lu.ria_score(torch.zeros(3, 4), torch.ones(4))).all()
+    torch.testing.assert_close(ria_score(weight, sq_norm, alpha=0.7), expected)
+    assert torch.isfinite(ria_score(torch.zeros(3, 4), torch.ones(4))).all()
 
 
 @pytest.mark.parametrize("method", ["ria", "sparsegpt"])
 @pytest.mark.parametrize("nm", ["2:4", "4:8"])
 def test_every_method_keeps_the_nm_pattern(method, nm, calib_tokens):
     model = make_tiny()
-    report = lu.prune_model(model, method, lu.SparsityTarget.of(nm=nm), calib_tokens, progress=False)
+    report = lu.prune_model(model, lu.PruneSpec(method, lu.SparsityTarget.of(nm=nm)), calib_tokens, progress=False)
     n, m = lu.parse_nm(nm)
-    assert all(lu.nm_violations(lin.weight, n, m) == 0 for lin in lu.prunable_linears(model).values())
+    assert all(nm_violations(lin.weight, n, m) == 0 for lin in prunable_linears(model).values())
     assert report.measured_sparsity == pytest.approx(1 - n / m) and report.mask_sha256 == lu.mask_sha256(model)
 
 
 def test_sparsegpt_through_driver_changes_weights_and_hits_target(calib_tokens):
     model, dense = make_tiny(), make_tiny()
-    report = lu.prune_model(model, "sparsegpt", lu.SparsityTarget.of(sparsity=0.5), calib_tokens, progress=False,
-                            params={"blocksize": 32})
+    report = lu.prune_model(model, lu.PruneSpec("sparsegpt", lu.SparsityTarget.of(sparsity=0.5), params={"blocksize": 32}), calib_tokens, progress=False)
     assert report.params == {"dampening": 0.01, "blocksize": 32}
-    for (name, lin), ref in zip(lu.prunable_linears(model).items(), lu.prunable_linears(dense).values()):
+    for (name, lin), ref in zip(prunable_linears(model).items(), prunable_linears(dense).values()):
         kept = lin.weight != 0
         assert (lin.weight == 0).float().mean() == 0.5, name
         assert not torch.equal(lin.weight[kept], ref.weight[kept]), name
@@ -132,18 +140,17 @@ def test_sparsegpt_through_driver_changes_weights_and_hits_target(calib_tokens):
 
 def test_owl_sparsities_average_to_target_and_follow_outliers():
     ratios = [0.010, 0.030, 0.020, 0.050, 0.012]
-    sparsities = lu.owl_sparsities(ratios, 0.7, 0.08)
+    sparsities = owl_sparsities(ratios, 0.7, 0.08)
     assert sum(sparsities) / len(sparsities) == pytest.approx(0.7, abs=1e-12)
     order_by_ratio = sorted(range(5), key=lambda i: ratios[i])
     assert [sparsities[i] for i in order_by_ratio] == sorted(sparsities, reverse=True)  # more outliers, less pruned
     assert max(sparsities) - min(sparsities) == pytest.approx(0.16)
-    assert lu.owl_sparsities([0.02] * 4, 0.5, 0.08) == [0.5] * 4
+    assert owl_sparsities([0.02] * 4, 0.5, 0.08) == [0.5] * 4
 
 
 def test_owl_in_the_driver(calib_tokens):
     model = make_tiny(num_hidden_layers=4)
-    report = lu.prune_model(model, "wanda", lu.SparsityTarget.of(sparsity=0.7), calib_tokens, progress=False,
-                            owl=lu.OwlConfig(m=3, lam=0.05))
+    report = lu.prune_model(model, lu.PruneSpec("wanda", lu.SparsityTarget.of(sparsity=0.7), owl=lu.OwlConfig(m=3, lam=0.05)), calib_tokens, progress=False)
     layer_sparsity = report.layer_sparsity
     assert len(layer_sparsity) == 4 and sum(layer_sparsity) / 4 == pytest.approx(0.7)
     assert report.owl["M"] == 3 and len(report.owl["outlier_ratios"]) == 4
@@ -161,38 +168,35 @@ def test_owl_lambda_outside_range(lam, message, calib_tokens):
     model = make_tiny(num_hidden_layers=3)
     before = lu.mask_sha256(model)
     with pytest.raises(lu.BadInput, match=message):
-        lu.prune_model(model, "wanda", lu.SparsityTarget.of(sparsity=0.9), calib_tokens, progress=False,
-                       owl=lu.OwlConfig(lam=lam))
+        lu.prune_model(model, lu.PruneSpec("wanda", lu.SparsityTarget.of(sparsity=0.9), owl=lu.OwlConfig(lam=lam)), calib_tokens, progress=False)
     assert lu.mask_sha256(model) == before
 
 
 def test_true_sequential_differs_only_where_expected(calib_tokens):
     # Within one layer (same inputs) only o_proj and down_proj may change; later layers see other inputs.
     plain, ts = make_tiny(num_hidden_layers=1), make_tiny(num_hidden_layers=1)
-    lu.prune_model(plain, "wanda", lu.SparsityTarget.of(sparsity=0.5), calib_tokens, progress=False)
-    report = lu.prune_model(ts, "wanda", lu.SparsityTarget.of(sparsity=0.5), calib_tokens, progress=False,
-                            true_sequential=True)
-    differs = {name.split(".", 2)[2] for (name, a), b in zip(lu.prunable_linears(plain).items(),
-                                                            lu.prunable_linears(ts).values())
+    lu.prune_model(plain, lu.PruneSpec("wanda", lu.SparsityTarget.of(sparsity=0.5)), calib_tokens, progress=False)
+    report = lu.prune_model(ts, lu.PruneSpec("wanda", lu.SparsityTarget.of(sparsity=0.5), true_sequential=True), calib_tokens, progress=False)
+    differs = {name.split(".", 2)[2] for (name, a), b in zip(prunable_linears(plain).items(),
+                                                            prunable_linears(ts).values())
                if not torch.equal(a.weight == 0, b.weight == 0)}
     assert differs == {"self_attn.o_proj", "mlp.down_proj"}
     assert report.true_sequential and report.label == "wanda (true-sequential) 50%"
-    assert lu.calibration_stages(["self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"], True) == [
+    assert calibration_stages(["self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"], True) == [
         ["self_attn.q_proj", "mlp.up_proj"], ["self_attn.o_proj"], ["mlp.down_proj"]]
 
 
 def test_true_sequential_statistics_come_from_the_partly_pruned_layer(calib_tokens):
     """o_proj's mask must be Wanda's on the inputs it sees once q, k, v (and gate, up) are pruned."""
     model, reference = make_tiny(num_hidden_layers=1), make_tiny(num_hidden_layers=1)
-    lu.prune_model(model, "wanda", lu.SparsityTarget.of(sparsity=0.5), calib_tokens, progress=False,
-                   true_sequential=True)
+    lu.prune_model(model, lu.PruneSpec("wanda", lu.SparsityTarget.of(sparsity=0.5), true_sequential=True), calib_tokens, progress=False)
     layer = lu.find_decoder_layers(reference)[0]
     linears = lu.find_linears(layer)
     inputs = lu.capture_layer_inputs(reference, calib_tokens, batch_size=8)
-    stats, _ = lu.collect_statistics(layer, 0, inputs, linears, "norms")
+    stats = lu.collect_statistics(layer, 0, inputs, linears, "norms")
     for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
-        lu.apply_mask(linears[name], lu.unstructured_mask(lu.wanda_score(linears[name].weight, stats[name]), 0.5))
-    stats, _ = lu.collect_statistics(layer, 0, inputs, {"o": linears["self_attn.o_proj"]}, "norms")
+        apply_mask(linears[name], lu.unstructured_mask(lu.wanda_score(linears[name].weight, stats[name]), 0.5))
+    stats = lu.collect_statistics(layer, 0, inputs, {"o": linears["self_attn.o_proj"]}, "norms")
     expected = lu.unstructured_mask(lu.wanda_score(linears["self_attn.o_proj"].weight, stats["o"]), 0.5)
     assert torch.equal(lu.find_decoder_layers(model)[0].self_attn.o_proj.weight == 0, expected)
 
@@ -208,18 +212,18 @@ def test_true_sequential_statistics_come_from_the_partly_pruned_layer(calib_toke
 ])
 def test_bad_method_parameters(method, params, message, tiny_model, calib_tokens):
     with pytest.raises(lu.BadInput, match=message):
-        lu.prune_model(tiny_model, method, lu.SparsityTarget.of(sparsity=0.5), calib_tokens, params=params)
+        lu.prune_model(tiny_model, lu.PruneSpec(method, lu.SparsityTarget.of(sparsity=0.5), params=params), calib_tokens)
 
 
 def test_bad_combinations(tiny_model, calib_tokens):
     with pytest.raises(lu.BadInput, match="OWL sets a different sparsity per layer.*got 2:4"):
-        lu.prune_model(tiny_model, "wanda", lu.SparsityTarget.of(nm="2:4"), calib_tokens, owl=lu.OwlConfig())
+        lu.prune_model(tiny_model, lu.PruneSpec("wanda", lu.SparsityTarget.of(nm="2:4"), owl=lu.OwlConfig()), calib_tokens)
     with pytest.raises(lu.BadInput, match="true-sequential mode re-collects.*'magnitude' uses none"):
-        lu.prune_model(tiny_model, "magnitude", lu.SparsityTarget.of(sparsity=0.5), calib_tokens, true_sequential=True)
+        lu.prune_model(tiny_model, lu.PruneSpec("magnitude", lu.SparsityTarget.of(sparsity=0.5), true_sequential=True), calib_tokens)
     with pytest.raises(lu.BadInput, match="OWL M must be a number > 0"):
         lu.OwlConfig(m=0)
     with pytest.raises(lu.BadInput, match="'magnitude' with OWL needs calibration tokens"):
-        lu.prune_model(tiny_model, "magnitude", lu.SparsityTarget.of(sparsity=0.5), None, owl=lu.OwlConfig())
+        lu.prune_model(tiny_model, lu.PruneSpec("magnitude", lu.SparsityTarget.of(sparsity=0.5), owl=lu.OwlConfig()), None)
 
 
 def test_sparsegpt_singular_hessian_gives_advice():
@@ -228,9 +232,9 @@ def test_sparsegpt_singular_hessian_gives_advice():
 
 
 def test_registry_is_the_single_source_of_methods():
-    assert tuple(lu.REGISTRY) == ("magnitude", "wanda", "sparsegpt", "ria")
-    for method in lu.REGISTRY.values():
-        assert isinstance(method, lu.Method) and method.statistic in ("none", "norms", "hessian")
+    assert tuple(REGISTRY) == ("magnitude", "wanda", "sparsegpt", "ria")
+    for method in REGISTRY.values():
+        assert isinstance(method, Method) and method.statistic in ("none", "norms", "hessian")
         assert method.resolve(None) == method.params
 
 
@@ -253,7 +257,7 @@ def test_cli_bad_method_options_write_nothing(argv, message, tmp_path, capsys):
 def test_cli_runs_every_method_variant(tmp_path):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(lu.embedded_model_dir())
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir())
     model_dir = tmp_path / "tiny"
     make_tiny(vocab_size=len(tokenizer), max_position_embeddings=256).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -278,11 +282,11 @@ def test_comparison_harness_on_a_tiny_model(tmp_path):
     profile = lu.get_profile("smollm2-135m", eval_seqlen=32, batch_size=4)
     calib = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
     test = torch.randint(0, 256, (128,), generator=torch.Generator().manual_seed(1))
-    variants = [lu.Variant("wanda", lu.SparsityTarget.of(sparsity=0.5)),
-                lu.Variant("sparsegpt", lu.SparsityTarget.of(sparsity=0.5)),
-                lu.Variant("wanda", lu.SparsityTarget.of(sparsity=0.7), owl=lu.OwlConfig(lam=0.02))]
-    result = lu.compare_methods(profile, variants, torch.device("cpu"), calib, test, progress=False,
-                                model_path=str(model_dir))
+    variants = [lu.PruneSpec("wanda", lu.SparsityTarget.of(sparsity=0.5)),
+                lu.PruneSpec("sparsegpt", lu.SparsityTarget.of(sparsity=0.5)),
+                lu.PruneSpec("wanda", lu.SparsityTarget.of(sparsity=0.7), owl=lu.OwlConfig(lam=0.02))]
+    dense, _ = lu.load_model(profile, torch.device("cpu"), str(model_dir))
+    result = lu.compare_methods(profile, variants, calib, test, dense, progress=False)
     table = result.table
     assert list(table.index) == ["dense", "wanda 50%", "sparsegpt 50%", "wanda + OWL 70%"]
     assert table.loc["wanda 50%", "seconds / wanda"] == 1.0
@@ -303,9 +307,9 @@ def test_comparison_measures_a_repeated_variant_once_and_leaves_dense_alone():
     calib = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
     test = torch.randint(0, 256, (128,), generator=torch.Generator().manual_seed(1))
     sweep = lu.sweep_variants(("magnitude", "wanda"), (0.3, 0.6))
-    variants = sweep + [lu.Variant("wanda", lu.SparsityTarget.of(sparsity=0.6)),
-                        lu.Variant("wanda", lu.SparsityTarget.of(nm="2:4"))]
-    result = lu.compare_methods(profile, variants, torch.device("cpu"), calib, test, progress=False, dense=dense)
+    variants = sweep + [lu.PruneSpec("wanda", lu.SparsityTarget.of(sparsity=0.6)),
+                        lu.PruneSpec("wanda", lu.SparsityTarget.of(nm="2:4"))]
+    result = lu.compare_methods(profile, variants, calib, test, dense, progress=False)
     assert list(result.table.index) == ["dense", "magnitude 30%", "magnitude 60%", "wanda 30%", "wanda 60%",
                                         "wanda 2:4"]
     assert [v.label for v in sweep] == list(result.table.index[1:5])
@@ -318,8 +322,10 @@ def test_comparison_measures_a_repeated_variant_once_and_leaves_dense_alone():
     assert fig.axes[0].get_xlabel() == "sparsity of the decoder linears (%)"
 
 
-def test_variant_labels_match_prune_report_labels():
+def test_spec_labels_and_folder_names():
     target = lu.SparsityTarget.of(sparsity=0.7)
-    assert lu.Variant("wanda", target, true_sequential=True).label == "wanda (true-sequential) 70%"
-    assert lu.Variant("magnitude", target, owl=lu.OwlConfig()).label == "magnitude + OWL 70%"
-    assert lu.Variant("ria", lu.SparsityTarget.of(nm="4:8")).label == "ria 4:8"
+    assert lu.PruneSpec("wanda", target, true_sequential=True).slug == "wanda-ts-70"
+    assert lu.PruneSpec("magnitude", "2:4").slug == "magnitude-2-4"
+    assert lu.PruneSpec("wanda", target, true_sequential=True).label == "wanda (true-sequential) 70%"
+    assert lu.PruneSpec("magnitude", target, owl=lu.OwlConfig()).label == "magnitude + OWL 70%"
+    assert lu.PruneSpec("ria", lu.SparsityTarget.of(nm="4:8")).label == "ria 4:8"

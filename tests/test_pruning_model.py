@@ -5,6 +5,8 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import labutils as lu
+from labutils.prune.calibration import InputNormAccumulator, run_layer
+from labutils.prune.sparsity import nm_violations, prunable_linears
 from conftest import make_tiny
 from test_masks import slow_nm_mask, slow_unstructured_mask
 
@@ -15,7 +17,7 @@ def test_captured_inputs_reproduce_the_model(tiny_model, calib_tokens):
     assert "position_embeddings" in inputs.kwargs[0][0]
     layers = lu.find_decoder_layers(tiny_model)
     for i, layer in enumerate(layers):
-        inputs.hidden = lu.run_layer(layer, i, inputs)
+        inputs.hidden = run_layer(layer, i, inputs)
     with torch.no_grad():
         expected = tiny_model.model(calib_tokens, output_hidden_states=True).hidden_states[-1]
         got = tiny_model.model.norm(torch.cat(inputs.hidden))
@@ -29,8 +31,8 @@ def test_norm_hooks_match_direct_sum_of_squares(tiny_model, calib_tokens):
     handles = [lin.register_forward_hook(lambda m, a, o, n=name: seen.setdefault(n, []).append(a[0]))
                for name, lin in linears.items()]
     inputs = lu.capture_layer_inputs(tiny_model, calib_tokens, batch_size=4)
-    with lu.InputNormAccumulator(linears) as acc:
-        lu.run_layer(layer, 0, inputs)
+    with InputNormAccumulator(linears) as acc:
+        run_layer(layer, 0, inputs)
     for h in handles:
         h.remove()
     for name in linears:
@@ -65,10 +67,10 @@ def slow_sequential_wanda(model, tokens, mask_fn):
 ])
 def test_driver_matches_slow_reference(calib_tokens, target, mask_fn):
     fast, slow = make_tiny(), make_tiny()
-    lu.prune_model(fast, "wanda", target, calib_tokens, batch_size=3, progress=False)
+    lu.prune_model(fast, lu.PruneSpec("wanda", target), calib_tokens, batch_size=3, progress=False)
     slow_sequential_wanda(slow, calib_tokens, mask_fn)
     assert lu.mask_sha256(fast) == lu.mask_sha256(slow)
-    for (name, a), b in zip(lu.prunable_linears(fast).items(), lu.prunable_linears(slow).values()):
+    for (name, a), b in zip(prunable_linears(fast).items(), prunable_linears(slow).values()):
         assert torch.equal(a.weight, b.weight), name
 
 
@@ -78,14 +80,14 @@ def test_exact_per_row_sparsity_and_untouched_embeddings(method, sparsity, calib
     model = make_tiny()
     embed, lm_head = model.model.embed_tokens.weight.clone(), model.lm_head.weight.clone()
     norms = [p.clone() for n, p in model.named_parameters() if "norm" in n]
-    report = lu.prune_model(model, method, lu.SparsityTarget.of(sparsity=sparsity), calib_tokens, progress=False)
-    for name, lin in lu.prunable_linears(model).items():
+    report = lu.prune_model(model, lu.PruneSpec(method, lu.SparsityTarget.of(sparsity=sparsity)), calib_tokens, progress=False)
+    for name, lin in prunable_linears(model).items():
         zeros_per_row = (lin.weight == 0).sum(dim=1)
         assert (zeros_per_row == int(lin.in_features * sparsity)).all(), name
     assert torch.equal(model.model.embed_tokens.weight, embed) and torch.equal(model.lm_head.weight, lm_head)
     assert all(torch.equal(a, p) for a, p in zip(norms, (p for n, p in model.named_parameters() if "norm" in n)))
     assert len(report.sublayers) == 2 * 7
-    linears = lu.prunable_linears(model).values()
+    linears = prunable_linears(model).values()
     expected = sum(int(lin.in_features * sparsity) * lin.out_features for lin in linears)
     assert report.measured_sparsity == pytest.approx(expected / sum(lin.weight.numel() for lin in linears))
 
@@ -94,7 +96,7 @@ def test_exact_per_row_sparsity_and_untouched_embeddings(method, sparsity, calib
 def test_nm_pattern_holds_everywhere(nm, calib_tokens):
     model = make_tiny()
     n, m = lu.parse_nm(nm)
-    lu.prune_model(model, "wanda", lu.SparsityTarget.of(nm=nm), calib_tokens, progress=False)
+    lu.prune_model(model, lu.PruneSpec("wanda", lu.SparsityTarget.of(nm=nm)), calib_tokens, progress=False)
     table = lu.sparsity_table(model, nm=(n, m))
     assert (table[f"{nm} violations"] == 0).all()
     assert table["sparsity"].tolist() == pytest.approx([1 - n / m] * len(table))
@@ -102,8 +104,8 @@ def test_nm_pattern_holds_everywhere(nm, calib_tokens):
 
 def test_batched_and_one_sample_calibration_agree(calib_tokens):
     a, b = make_tiny(), make_tiny()
-    lu.prune_model(a, "wanda", lu.SparsityTarget.of(sparsity=0.5), calib_tokens, batch_size=6, progress=False)
-    lu.prune_model(b, "wanda", lu.SparsityTarget.of(sparsity=0.5), calib_tokens, batch_size=1, progress=False)
+    lu.prune_model(a, lu.PruneSpec("wanda", lu.SparsityTarget.of(sparsity=0.5)), calib_tokens, batch_size=6, progress=False)
+    lu.prune_model(b, lu.PruneSpec("wanda", lu.SparsityTarget.of(sparsity=0.5)), calib_tokens, batch_size=1, progress=False)
     assert lu.mask_sha256(a) == lu.mask_sha256(b)
 
 
@@ -114,15 +116,14 @@ def test_same_seed_same_mask_other_seed_other_mask():
     hashes = []
     for seed in (0, 0, 1):
         model = make_tiny()
-        hashes.append(lu.prune_model(model, "wanda", lu.SparsityTarget.of(sparsity=0.5), tokens(seed),
-                                     progress=False).mask_sha256)
+        hashes.append(lu.prune_model(model, lu.PruneSpec("wanda", lu.SparsityTarget.of(sparsity=0.5)), tokens(seed), progress=False).mask_sha256)
     assert hashes[0] == hashes[1] != hashes[2]
 
 
 def test_wanda_and_magnitude_differ(calib_tokens):
     a, b = make_tiny(), make_tiny()
-    lu.prune_model(a, "wanda", lu.SparsityTarget.of(sparsity=0.5), calib_tokens, progress=False)
-    lu.prune_model(b, "magnitude", lu.SparsityTarget.of(sparsity=0.5), None, progress=False)
+    lu.prune_model(a, lu.PruneSpec("wanda", lu.SparsityTarget.of(sparsity=0.5)), calib_tokens, progress=False)
+    lu.prune_model(b, lu.PruneSpec("magnitude", lu.SparsityTarget.of(sparsity=0.5)), None, progress=False)
     assert lu.mask_sha256(a) != lu.mask_sha256(b)
 
 
@@ -132,8 +133,8 @@ def test_other_llama_family_models(config_cls, model_cls, calib_tokens):
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     torch.manual_seed(0)
     model = model_cls(config).eval()
-    lu.prune_model(model, "wanda", lu.SparsityTarget.of(nm="2:4"), calib_tokens, progress=False)
-    assert all(lu.nm_violations(lin.weight, 2, 4) == 0 for lin in lu.prunable_linears(model).values())
+    lu.prune_model(model, lu.PruneSpec("wanda", lu.SparsityTarget.of(nm="2:4")), calib_tokens, progress=False)
+    assert all(nm_violations(lin.weight, 2, 4) == 0 for lin in prunable_linears(model).values())
 
 
 def test_unsupported_architecture_names_what_was_found():

@@ -6,7 +6,10 @@ import torch
 from conftest import make_tiny
 
 import labutils as lu
-from labutils.speed.timing import memory_table
+from labutils.prune.masks import prune_by_score
+from labutils.prune.sparsity import nm_violations, prunable_linears
+from labutils.sparse24.shapes import linear_shapes
+from labutils.speed.latency import memory_table
 from labutils.sparse24.graphs import graphed_forward
 from labutils.sparse24.kernel import SparseLinear24
 from labutils.sparse24.convert import (
@@ -27,17 +30,17 @@ CPU_REFUSAL = "the model is on cpu" if HAS_CUDA else r"CPU: 2:4 sparse kernels n
 
 def prune_2_4(model):
     target = lu.SparsityTarget.of(nm="2:4")
-    for linear in lu.prunable_linears(model).values():
-        lu.prune_by_score(linear, lu.magnitude_score(linear.weight), target)
+    for linear in prunable_linears(model).values():
+        prune_by_score(linear, lu.magnitude_score(linear.weight), target)
     return model
 
 
 def weights_snapshot(model):
-    return {name: lin.weight.detach().clone() for name, lin in lu.prunable_linears(model).items()}
+    return {name: lin.weight.detach().clone() for name, lin in prunable_linears(model).items()}
 
 
 def assert_unchanged(model, snapshot):
-    for name, lin in lu.prunable_linears(model).items():
+    for name, lin in prunable_linears(model).items():
         assert type(lin.weight) is torch.nn.Parameter, name
         assert torch.equal(lin.weight, snapshot[name]), name
 
@@ -60,8 +63,8 @@ def test_pruned_model_on_cpu_raises_lab_error():
 
 
 def test_unpruned_weights_named_with_violation_count(tiny_model):
-    q_proj = lu.prunable_linears(tiny_model)["layers.0.self_attn.q_proj"].weight
-    violations = lu.nm_violations(q_proj, 2, 4)
+    q_proj = prunable_linears(tiny_model)["layers.0.self_attn.q_proj"].weight
+    violations = nm_violations(q_proj, 2, 4)
     assert violations == 64 * 16  # random weights: every group of 4 has 4 non-zeros
     with pytest.raises(lu.BadInput, match=rf"14 of 14 linears cannot become 2:4 weights: layers.0.self_attn.q_proj "
                                           rf"breaks 2:4 in {violations} of 1024 groups"):
@@ -70,7 +73,7 @@ def test_unpruned_weights_named_with_violation_count(tiny_model):
 
 def test_one_broken_group_is_found_and_nothing_changes():
     model = prune_2_4(make_tiny())
-    down = lu.prunable_linears(model)["layers.1.mlp.down_proj"].weight
+    down = prunable_linears(model)["layers.1.mlp.down_proj"].weight
     with torch.no_grad():
         down[3, 4:8] = 1.0  # one group of 4 with 4 non-zeros
     snapshot = weights_snapshot(model)
@@ -87,17 +90,18 @@ def test_shape_not_a_kernel_multiple_is_named():
 
 
 def test_subset_checks_only_the_selection(tiny_model):
-    up = lu.prunable_linears(tiny_model)["layers.0.mlp.up_proj"]
-    lu.prune_by_score(up, lu.magnitude_score(up.weight), lu.SparsityTarget.of(nm="2:4"))
+    up = prunable_linears(tiny_model)["layers.0.mlp.up_proj"]
+    prune_by_score(up, lu.magnitude_score(up.weight), lu.SparsityTarget.of(nm="2:4"))
     # the other 13 linears break 2:4, but only up_proj is asked for: the device is the only obstacle left
     with pytest.raises(lu.LabError, match=CPU_REFUSAL):
         to_semi_structured(tiny_model, linears=["layers.0.mlp.up_proj"])
 
 
 @pytest.mark.parametrize("linears,message", [
-    (["layers.0.mlp.up"], r"unknown linear\(s\) \['layers.0.mlp.up'\]; allowed: .*layers.0.self_attn.q_proj"),
-    ([], "non-empty list of names"),
-    ("layers.0.mlp.up_proj", "non-empty list of names"),
+    (["layers.0.mlp.up"], r"linears has unknown name\(s\) \['layers.0.mlp.up'\]; allowed: names from "
+                          r"prunable_linears\(model\), e.g. layers.0.self_attn.q_proj"),
+    ([], r"linears must be a non-empty list of names from prunable_linears\(model\); got \[\]"),
+    ("layers.0.mlp.up_proj", "linears must be a non-empty list of names .*; got 'layers.0.mlp.up_proj'"),
 ])
 def test_bad_linear_names(tiny_model, linears, message):
     with pytest.raises(lu.BadInput, match=message):
@@ -136,10 +140,12 @@ def test_verify_detects_a_different_model(tiny_model, calib_tokens):
 
 
 @pytest.mark.parametrize("tokens,kwargs,message", [
-    (torch.zeros(2, 4), {}, "tokens must be a .batch, seq. integer tensor"),
-    (torch.zeros(8, dtype=torch.long), {}, "tokens must be a .batch, seq. integer tensor"),
-    (torch.full((1, 4), 256), {}, r"token ids must lie in 0..255 .*; got 4 ids in 256..256"),
+    (torch.zeros(2, 4), {}, "tokens must hold integer token ids .*; got dtype torch.float32"),
+    (torch.zeros(8, dtype=torch.long), {}, r"tokens must be a non-empty 2-d tensor of token ids; got shape \(8,\)"),
+    (torch.zeros(1, 0, dtype=torch.long), {}, r"tokens must be a non-empty 2-d tensor of token ids; got shape \(1, 0\)"),
+    (torch.full((1, 4), 256), {}, r"tokens must be token ids in \[0, 256\) .*; got min 256, max 256"),
     (torch.zeros(1, 4, dtype=torch.long), {"atol": -1.0}, "atol must be a number ≥ 0; got -1.0"),
+    (torch.zeros(1, 4, dtype=torch.long), {"rtol": float("nan")}, "rtol must be a number ≥ 0; got nan"),
 ])
 def test_verify_bad_input(tiny_model, tokens, kwargs, message):
     with pytest.raises(lu.BadInput, match=message):
@@ -165,10 +171,10 @@ def test_gpu_convert_and_verify(gpu_pair):
     assert semi_structured_ready(dense)[0]
     assert len(report.converted) == 14 and report.compression < 0.7
     if report.kernel == "lab":
-        assert all(isinstance(lin, SparseLinear24) for lin in lu.prunable_linears(sparse).values())
+        assert all(isinstance(lin, SparseLinear24) for lin in prunable_linears(sparse).values())
     else:
         assert all(isinstance(lin.weight, torch.sparse.SparseSemiStructuredTensor)
-                   for lin in lu.prunable_linears(sparse).values())
+                   for lin in prunable_linears(sparse).values())
     tokens = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
     check = verify_semi_structured(dense, sparse, tokens, atol=1e-2, rtol=1e-2)
     assert check.passed and check.top1_agreement > 0.98, check
@@ -188,7 +194,8 @@ def test_gpu_graphed_forward_matches_eager(gpu_pair):
         eager = sparse(input_ids=second, use_cache=False).logits
     replayed = graphed(second).clone()
     torch.testing.assert_close(replayed, eager, atol=1e-2, rtol=1e-2)
-    with pytest.raises(lu.BadInput, match=r"input_ids must be \(1, 32\); got \(1, 16\)"):
+    with pytest.raises(lu.BadInput, match=r"input_ids must be a tensor of shape \(1, 32\); got a tensor of shape "
+                                          r"\(1, 16\) .*capture another graph"):
         graphed(second[:, :16])
     graphed.release()
 
@@ -221,7 +228,8 @@ def test_gpu_float32_model_is_refused():
     model = prune_2_4(lu.random_model(lu.tiny_llama_config(hidden_size=128, intermediate_size=256), torch.float32,
                                       torch.device("cuda")))
     assert "take float16 or bfloat16" in semi_structured_ready(model)[1]
-    message = r"float16 or bfloat16 weights; got layers.0.self_attn.q_proj \(torch.float32\)"
+    message = (r"2:4 kernels take float16 or bfloat16 weights \(convert the model with model.half\(\) first\): "
+               r"layers.0.self_attn.q_proj is torch.float32; .* \(and 11 more\)")
     with pytest.raises(lu.BadInput, match=message):
         to_semi_structured(model)
 
@@ -255,7 +263,7 @@ def test_sparse_linear_matches_linear_on_any_token_count(shape, bias):
 
 
 def prune_2_4_linear(linear):
-    lu.prune_by_score(linear, lu.magnitude_score(linear.weight), lu.SparsityTarget.of(nm="2:4"))
+    prune_by_score(linear, lu.magnitude_score(linear.weight), lu.SparsityTarget.of(nm="2:4"))
     return linear
 
 
@@ -289,14 +297,18 @@ def test_unknown_kernel_is_refused(tiny_model):
 
 
 def test_linear_shapes_lists_each_shape_once(tiny_model):
-    shapes = lu.linear_shapes(tiny_model)
+    shapes = linear_shapes(tiny_model)
     assert shapes == {(64, 64): ["self_attn.q_proj", "self_attn.o_proj"], (32, 64): ["self_attn.k_proj",
                       "self_attn.v_proj"], (128, 64): ["mlp.gate_proj", "mlp.up_proj"], (64, 128): ["mlp.down_proj"]}
 
 
 def test_linear_speedup_table_refuses_without_kernels_and_bad_input():
-    with pytest.raises(lu.BadInput, match="positive integer token counts"):
+    with pytest.raises(lu.BadInput, match=r"lengths must be a non-empty sequence of positive integers; got \[0\]"):
         lu.linear_speedup_table([(64, 64)], [0])
+    with pytest.raises(lu.BadInput, match=r"shapes must hold at least one \(out, in\) weight shape; got an empty list"):
+        lu.linear_speedup_table([], [64])
+    with pytest.raises(lu.BadInput, match=r"shapes\[1\] \(out, in\) must be a 2-long sequence of positive integers"):
+        lu.linear_speedup_table([(64, 64), (64,)], [64])
     with pytest.raises(lu.LabError, match=CPU_REFUSAL if not HAS_CUDA else "cannot time 2:4 kernels"):
         lu.linear_speedup_table([(64, 64)], [64], device="cpu")
 

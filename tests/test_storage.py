@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import labutils as lu
+from labutils.core.checkpoint import check_output_dir
 from conftest import make_tiny
 from labutils.core import storage
 from labutils.cli import main
@@ -178,7 +179,7 @@ def test_folder_with_foreign_files_is_never_replaced(tmp_path, setup, message):
     folder = tmp_path / "run"
     setup(folder)
     with pytest.raises(lu.BadInput, match=message):
-        lu.check_output_dir(folder)
+        check_output_dir(folder)
     assert main(["prune", "--out", str(folder)]) == 2
     with pytest.raises(lu.BadInput, match=message):
         publish(folder, "2")
@@ -190,7 +191,7 @@ def test_symlinked_output_is_written_through_the_link(tmp_path):
     publish(real, "1")
     link = tmp_path / "link"
     link.symlink_to(real)
-    assert lu.check_output_dir(link) == link
+    assert check_output_dir(link) == link
     publish(link, "2")
     assert link.is_symlink() and version_at(real) == "2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
@@ -256,7 +257,7 @@ def test_folders_and_links_count_as_foreign_entries(tmp_path, extra):
         (tmp_path / "elsewhere").mkdir()
         (folder / "data").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(lu.BadInput, match="holding files the lab did not write \\(data\\)"):
-        lu.check_output_dir(folder)
+        check_output_dir(folder)
 
 
 def test_lock_folder_that_cannot_be_made_is_one_line(tmp_path, monkeypatch):

@@ -7,6 +7,8 @@ import torch
 from conftest import make_tiny
 
 import labutils as lu
+from labutils.core.checkpoint import is_lab_output
+from labutils.prune.calibration import run_layer
 from labutils.cli import main
 from labutils.core.device import SectionTimer
 from labutils.jobs.bench_prune import bench_prune, bench_setup, forward_floor
@@ -23,9 +25,9 @@ TARGETS = {"50%": lu.SparsityTarget.of(sparsity=0.5), "2:4": lu.SparsityTarget.o
 def test_low_memory_mode_gives_the_default_modes_weights(method, target, options, calib_tokens):
     model = make_tiny(num_hidden_layers=3)
     default, low = copy.deepcopy(model), copy.deepcopy(model)
-    a = lu.prune_model(default, method, TARGETS[target], calib_tokens, batch_size=4, progress=False, **options)
-    b = lu.prune_model(low, method, TARGETS[target], calib_tokens, batch_size=4, progress=False, device="cpu",
-                       low_memory=True, **options)
+    spec = lu.PruneSpec(method, TARGETS[target], **options)
+    a = lu.prune_model(default, spec, calib_tokens, batch_size=4, progress=False)
+    b = lu.prune_model(low, spec, calib_tokens, batch_size=4, progress=False, low_memory="cpu")
     assert b.low_memory and not a.low_memory
     assert a.mask_sha256 == b.mask_sha256
     for (name, x), y in zip(default.state_dict().items(), low.state_dict().values()):
@@ -57,7 +59,7 @@ def test_statistics_pass_keeps_no_outputs(tiny_model, calib_tokens):
     inputs = calibration_inputs(tiny_model, calib_tokens, 4, torch.device("cpu"), low_memory=False)
     before = [t.clone() for t in inputs.hidden]
     layer = lu.find_decoder_layers(tiny_model)[0]
-    assert lu.run_layer(layer, 0, inputs, keep=False) == []
+    assert run_layer(layer, 0, inputs, keep=False) == []
     inputs.run(layer, 0, advance=False)
     assert all(torch.equal(a, b) for a, b in zip(before, inputs.hidden))
 
@@ -82,12 +84,15 @@ def test_offloaded_layers_visit_and_return(tiny_model):
 def test_low_memory_needs_the_model_in_cpu_memory(tiny_model, calib_tokens):
     target = TARGETS["50%"]
     with pytest.raises(lu.BadInput, match="low_memory keeps the model in CPU memory.*the model is on meta"):
-        lu.prune_model(tiny_model.to("meta"), "wanda", target, calib_tokens, low_memory=True)
+        lu.prune_model(tiny_model.to("meta"), lu.PruneSpec("wanda", target), calib_tokens, low_memory=True)
 
 
-def test_default_mode_prunes_where_the_model_is(tiny_model, calib_tokens):
-    with pytest.raises(lu.BadInput, match="the model is on cpu and the default mode prunes where the model is"):
-        lu.prune_model(tiny_model, "wanda", TARGETS["50%"], calib_tokens, device="meta")
+@pytest.mark.parametrize("value", [1, None, "nowhere"])
+def test_low_memory_takes_a_flag_or_a_device(value, tiny_model, calib_tokens):
+    before = lu.mask_sha256(tiny_model)
+    with pytest.raises(lu.BadInput, match="low_memory must be False, True or a device|device"):
+        lu.prune_model(tiny_model, lu.PruneSpec("wanda", TARGETS["50%"]), calib_tokens, low_memory=value)
+    assert lu.mask_sha256(tiny_model) == before
 
 
 def test_section_timer_on_cpu_times_each_section():
@@ -127,7 +132,8 @@ def test_bench_prune_tiny_measures_floor_modes_and_masks(tmp_path, capsys):
 
 
 def test_bench_prune_result_table_and_goals():
-    setup = bench_setup(tiny=True, device="cpu", nsamples=4, seqlen=32, targets=["2:4"], modes=["low-memory"])
+    setup = bench_setup(tiny=True, device="cpu", specs=[lu.PruneSpec("wanda", "2:4")], modes=["low-memory"],
+                        sizes={"nsamples": 4, "seqlen": 32})
     result = bench_prune(setup, progress=False)
     table = result.table()
     assert list(table.index) == [("floor: 2 passes / layer", ""), ("low-memory", "2:4")]
@@ -139,7 +145,7 @@ def test_bench_prune_result_table_and_goals():
     (["--targets", "5:4"], "N:M pattern needs 1 ≤ N < M; got N=5, M=4"),
     (["--targets", "half"], "target must look like '50%', '0.5' or '2:4'; got 'half'"),
     (["--nsamples", "0"], "nsamples must be a positive integer"),
-    (["--seqlen", "4096"], "seqlen 4096 exceeds the model's 256 positions"),
+    (["--seqlen", "4096"], "seqlen 4096 exceeds the model's maximum sequence length; allowed: 1..256"),
     (["--method", "obs"], "unknown method 'obs'"),
 ])
 def test_bench_prune_bad_input(argv, message, capsys):
@@ -162,7 +168,7 @@ def test_main_job_low_memory_gives_the_same_model(tmp_path):
     low = lu.run_prune_job(lu.PruneJob(out=str(tmp_path / "low"), low_memory=True, **sizes), progress=False)
     assert low["mask_sha256"] == default["mask_sha256"]
     assert low["perplexity"] == default["perplexity"]
-    assert lu.is_lab_output(tmp_path / "low")
+    assert is_lab_output(tmp_path / "low")
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: streams, pinned memory")
@@ -178,13 +184,13 @@ def test_gpu_low_memory_same_weights_less_memory(target):
     on_gpu = lu.random_model(config, torch.float16, torch.device("cuda"), seed=0)
     on_cpu = copy.deepcopy(on_gpu).to("cpu")
     torch.cuda.reset_peak_memory_stats()
-    a = lu.prune_model(on_gpu, "wanda", TARGETS[target], tokens, batch_size=2, progress=False)
+    a = lu.prune_model(on_gpu, lu.PruneSpec("wanda", TARGETS[target]), tokens, batch_size=2, progress=False)
     default_peak = torch.cuda.max_memory_allocated()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    b = lu.prune_model(on_cpu, "wanda", TARGETS[target], tokens, batch_size=2, progress=False, device="cuda",
-                       low_memory=True)
+    b = lu.prune_model(on_cpu, lu.PruneSpec("wanda", TARGETS[target]), tokens, batch_size=2, progress=False,
+                       low_memory="cuda")
     assert torch.cuda.max_memory_allocated() - base < default_peak
     assert a.mask_sha256 == b.mask_sha256 and all(p.device.type == "cpu" for p in on_cpu.parameters())
     for x, y in zip(on_gpu.state_dict().values(), on_cpu.state_dict().values()):

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PretrainedConfig
 
 from .config import Profile, flag_note
 from .device import require_cuda
@@ -243,13 +243,13 @@ def find_linears(layer: nn.Module) -> dict[str, nn.Linear]:
             if isinstance(module, (nn.Linear, CompressedLinear))}
 
 
-def max_sequence_length(model: nn.Module) -> int:
-    """The longest sequence the model's position embeddings were built for."""
-    return int(getattr(model.config, "max_position_embeddings", 2048))
+def max_sequence_length(model: nn.Module | PretrainedConfig) -> int:
+    """The longest sequence the model's (or config's) position embeddings were built for."""
+    return int(getattr(getattr(model, "config", model), "max_position_embeddings", 2048))
 
 
-def check_seqlen(model: nn.Module, name: str, seqlen: int) -> None:
-    """Refuse windows longer than the model's position embeddings. ``name``: "seqlen" or "eval seqlen" (the
+def check_seqlen(model: nn.Module | PretrainedConfig, name: str, seqlen: int) -> None:
+    """Refuse windows longer than the position embeddings of ``model`` (or of a model built from this config). ``name``: "seqlen" or "eval seqlen" (the
     message then names the profile field and its CLI flag), or any other label."""
     limit = max_sequence_length(model)
     if seqlen > limit:

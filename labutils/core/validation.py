@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -11,11 +12,34 @@ from torch import nn
 from .errors import BadInput
 
 
+def _is_integer(value) -> bool:
+    """An int (numpy integers too), but not a bool."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral)
+
+
 def check_positive_int(name: str, value) -> int:
     """``value`` if it is an int ≥ 1, else a BadInput naming ``name`` and the value."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+    if not _is_integer(value) or value <= 0:
         raise BadInput(f"{name} must be a positive integer (≥ 1); got {value!r}")
     return int(value)
+
+
+def check_count(name: str, value, minimum: int = 0) -> int:
+    """``value`` if it is an int ≥ ``minimum`` (a number of warm-up rounds may be 0), else BadInput."""
+    if not _is_integer(value) or value < minimum:
+        raise BadInput(f"{name} must be an integer ≥ {minimum}; got {value!r}")
+    return int(value)
+
+
+def check_positive_ints(name: str, values, length: int | None = None) -> tuple[int, ...]:
+    """``values`` as a tuple if it is a non-empty sequence (exactly ``length`` long, if given) of ints ≥ 1, such as
+    prompt lengths or an (out, in) shape, else BadInput."""
+    ok = (isinstance(values, Sequence) and not isinstance(values, str) and len(values) > 0
+          and (length is None or len(values) == length) and all(_is_integer(v) and v >= 1 for v in values))
+    if not ok:
+        size = "non-empty" if length is None else f"{length}-long"
+        raise BadInput(f"{name} must be a {size} sequence of positive integers; got {describe(values)}")
+    return tuple(int(v) for v in values)
 
 
 def check_number(name: str, value, low: float = -math.inf, high: float = math.inf, *, low_open: bool = False,
@@ -26,6 +50,14 @@ def check_number(name: str, value, low: float = -math.inf, high: float = math.in
           and (value > low if low_open else value >= low) and value <= high)
     if not ok:
         raise BadInput(f"{name} must be {allowed or f'a number in [{low}, {high}]'}; got {value!r}")
+    return float(value)
+
+
+def check_fraction(name: str, value) -> float:
+    """``value`` as a float if it is a real number strictly between 0 and 1 (a share such as a sparsity), else
+    BadInput."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
+        raise BadInput(f"{name} must be a number in (0, 1); got {value!r}")
     return float(value)
 
 
@@ -77,3 +109,61 @@ def check_model(model) -> nn.Module:
         raise BadInput(f"model must be a causal language model (a torch nn.Module whose config has vocab_size, as "
                        f"lu.load_model gives); got {describe(model)}")
     return model
+
+
+def check_tensor(name: str, value, ndim: int, dims: str = "") -> torch.Tensor:
+    """``value`` if it is a tensor with ``ndim`` dimensions, else BadInput; ``dims`` names them for the message,
+    e.g. "(out, in)"."""
+    if not isinstance(value, torch.Tensor) or value.ndim != ndim:
+        raise BadInput(f"{name} must be a {ndim}-D {dims + ' ' if dims else ''}tensor; got {describe(value)}")
+    return value
+
+
+def check_shape(name: str, value, shape: tuple[int, ...], hint: str = "") -> torch.Tensor:
+    """``value`` if it is a tensor of exactly ``shape``, else BadInput (with ``hint`` in parentheses, if given)."""
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(shape):
+        raise BadInput(f"{name} must be a tensor of shape {tuple(shape)}; got {describe(value)}"
+                       + (f" ({hint})" if hint else ""))
+    return value
+
+
+def check_callable(name: str, value):
+    """``value`` if it can be called, else BadInput naming what was given."""
+    if not callable(value):
+        raise BadInput(f"{name} must be callable; got {describe(value)}")
+    return value
+
+
+def check_not_empty(name: str, value, what: str):
+    """``value`` if it holds at least one item (a dict of models, a list of timings), else BadInput; ``what`` names
+    one item."""
+    if not value:
+        raise BadInput(f"{name} must hold at least one {what}; got an empty {type(value).__name__}")
+    return value
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> str:
+    """``value`` if it is one of ``choices``, else BadInput listing them."""
+    if not isinstance(value, str) or value not in choices:
+        raise BadInput(f"{name} must be one of {', '.join(choices)}; got {describe(value)}")
+    return value
+
+
+def check_names(name: str, values, allowed: Sequence[str], source: str) -> list[str]:
+    """``values`` as a list if it is a non-empty list of names, each one of ``allowed``, else BadInput showing a few
+    allowed names; ``source`` says where they come from, e.g. "prunable_linears(model)"."""
+    if isinstance(values, str) or not isinstance(values, Sequence) or not values:
+        raise BadInput(f"{name} must be a non-empty list of names from {source}; got {describe(values)}")
+    unknown = [v for v in values if v not in allowed]
+    if unknown:
+        raise BadInput(f"{name} has unknown name(s) {unknown[:3]}; allowed: names from {source}, e.g. "
+                       f"{', '.join(list(allowed)[:3])}, … ({len(allowed)} in all)")
+    return list(values)
+
+
+def check_no_problems(summary: str, problems: Sequence[str], limit: int = 5) -> None:
+    """BadInput "``summary``: problem; problem; … (and k more)" listing the first ``limit`` of ``problems``, if there
+    are any: for checks that look at every layer before changing any."""
+    if problems:
+        more = f" (and {len(problems) - limit} more)" if len(problems) > limit else ""
+        raise BadInput(f"{summary}: " + "; ".join(problems[:limit]) + more)

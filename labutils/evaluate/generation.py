@@ -23,6 +23,7 @@ from transformers import GenerationConfig
 from ..core.validation import check_positive_int
 from ..core.errors import BadInput
 from ..core.models import model_device
+from .perplexity import next_token_logits, window_batches
 
 
 @dataclass(frozen=True)
@@ -137,28 +138,25 @@ def repeated_ngram_ratio(sequences: list[list[int]], n: int = 3) -> float:
 @torch.no_grad()
 def drift_table(dense: nn.Module, models: dict[str, nn.Module], tokens: torch.Tensor, seqlen: int,
                 batch_size: int = 4, progress: bool = True) -> pd.DataFrame:
-    """Next-token drift of each model from ``dense`` on held-out ``tokens`` (N,), in windows of ``seqlen``.
+    """Next-token drift of each model from ``dense`` on held-out ``tokens`` (N,), in the non-overlapping windows of
+    ``seqlen`` tokens that ``perplexity`` uses (``window_batches``).
 
     Columns: top-1 agreement with dense, mean KL(dense ‖ model) in nats, and the perplexity of each model on
     the same windows (dense included as the first row), so drift can be read next to quality.
     """
     check_positive_int("seqlen", seqlen)
     check_positive_int("batch_size", batch_size)
-    n_windows = tokens.numel() // seqlen
-    if n_windows == 0:
-        raise BadInput(f"need at least seqlen={seqlen} held-out tokens; got {tokens.numel()}")
-    windows = tokens[: n_windows * seqlen].reshape(n_windows, seqlen)
+    batches = window_batches(tokens, seqlen, batch_size, model_device(dense), what="held-out tokens",
+                             desc="drift" if progress else None)
     names = ["dense", *models]
     sums = {name: {"agree": 0.0, "kl": 0.0, "nll": 0.0} for name in names}
     count = 0
-    device = model_device(dense)
-    for batch in tqdm(windows.split(batch_size), desc="drift", unit="batch", disable=not progress):
-        batch = batch.to(device)
-        ref = dense(input_ids=batch, use_cache=False).logits[:, :-1].float()
+    for batch in batches:
+        ref = next_token_logits(dense, batch)
         ref_top, ref_logprobs = ref.argmax(-1), F.log_softmax(ref, dim=-1)  # shared by every model's comparison
         targets = batch[:, 1:]
         for name in names:
-            logits = ref if name == "dense" else models[name](input_ids=batch, use_cache=False).logits[:, :-1].float()
+            logits = ref if name == "dense" else next_token_logits(models[name], batch)
             sums[name]["agree"] += (ref_top == logits.argmax(-1)).sum().item()
             sums[name]["kl"] += _kl_per_position(ref_logprobs, logits).sum().item()
             sums[name]["nll"] += F.cross_entropy(logits.transpose(1, 2), targets, reduction="sum").item()

@@ -30,20 +30,23 @@ from ..core.validation import check_positive_int
 from ..core.device import get_device, require_cuda, set_seed, versions
 from ..core.errors import BadInput
 from ..prune.masks import SparsityTarget
-from ..core.models import LLAMA2_7B_CONFIG, find_decoder_layers, random_model, tiny_llama_config
-from ..prune.driver import METHODS, prune_model
+from ..core.models import LLAMA2_7B_CONFIG, check_seqlen, find_decoder_layers, random_model, tiny_llama_config
+from ..core.validation import describe
+from ..prune.driver import prune_model
+from ..prune.spec import PruneSpec
 from ..prune.streaming import calibration_inputs
 
 MODES = ("default", "low-memory")
 TARGETS = ("50%", "2:4")
 FULL_PROFILE = "llama2-7b-random"
 FULL_BATCH_SIZE = 4  # 4 × 4096 tokens per pass: big enough to fill an H200, small enough for ≤ 4 GiB low-memory
+DEFAULT_SPECS = tuple(PruneSpec("wanda", t) for t in TARGETS)
 GOALS = {"default": 1.05, "low-memory": 1.15}  # × floor, from the lab's issue tracker
 
 
 @dataclass(frozen=True)
 class BenchSetup:
-    """One benchmark's model shape and calibration sizes."""
+    """One benchmark's model shape, calibration sizes and the pruning runs to time (each in every mode)."""
 
     name: str
     config: LlamaConfig
@@ -52,8 +55,7 @@ class BenchSetup:
     nsamples: int
     seqlen: int
     batch_size: int
-    method: str = "wanda"
-    targets: tuple[str, ...] = TARGETS
+    specs: tuple[PruneSpec, ...] = DEFAULT_SPECS
     modes: tuple[str, ...] = MODES
     seed: int = 0
 
@@ -62,51 +64,44 @@ class BenchSetup:
         return {"name": self.name, "layers": c.num_hidden_layers, "hidden": c.hidden_size,
                 "intermediate": c.intermediate_size, "dtype": str(self.dtype).removeprefix("torch."),
                 "device": str(self.device), "nsamples": self.nsamples, "seqlen": self.seqlen,
-                "batch_size": self.batch_size, "method": self.method, "seed": self.seed}
+                "batch_size": self.batch_size, "method": ", ".join(dict.fromkeys(s.variant for s in self.specs)),
+                "seed": self.seed}
 
 
-def bench_setup(tiny: bool = False, *, device: str | None = None, nsamples: int | None = None,
-                seqlen: int | None = None, batch_size: int | None = None, method: str = "wanda",
-                targets: Sequence[str] = TARGETS, modes: Sequence[str] = MODES, seed: int = 0) -> BenchSetup:
+def bench_setup(tiny: bool = False, device: str | None = None, *, specs: Sequence[PruneSpec] | None = None,
+                modes: Sequence[str] = MODES, seed: int = 0, sizes: dict[str, int] | None = None) -> BenchSetup:
     """The 7B setup (``llama2-7b-random`` profile: fp16, 128 × 4096 tokens, batch 4, CUDA only) or a tiny one
-    (4 layers, 8 × 64 tokens, batch 2, any device). Every size can be overridden; everything is validated."""
-    if method not in METHODS:
-        raise BadInput(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    (4 layers, 8 × 64 tokens, batch 2, any device). ``specs``: the runs to time (default: Wanda 50 % and 2:4);
+    ``sizes``: overrides of nsamples, seqlen and batch_size. Everything is validated."""
+    specs = DEFAULT_SPECS if specs is None else tuple(specs)
+    if not specs:
+        raise BadInput("give at least one PruneSpec to time; got none")
+    for spec in specs:
+        if not isinstance(spec, PruneSpec):
+            raise BadInput(f"specs must be PruneSpecs, e.g. lu.PruneSpec('wanda', '2:4'); got {describe(spec)}")
     for mode in modes:
         if mode not in MODES:
             raise BadInput(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
-    if not modes or not targets:
-        raise BadInput(f"give at least one mode and one target; got modes={list(modes)}, targets={list(targets)}")
-    for label in targets:
-        parse_target(label)
+    if not modes:
+        raise BadInput(f"give at least one mode; got modes={list(modes)}")
+    unknown = set(sizes or {}) - {"nsamples", "seqlen", "batch_size"}
+    if unknown:
+        raise BadInput(f"sizes takes nsamples, seqlen and batch_size; got {', '.join(sorted(unknown))}")
     if tiny:
         config = tiny_llama_config(num_hidden_layers=4, hidden_size=128, intermediate_size=256,
                                    max_position_embeddings=256)
         dev = get_device(device)
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
-        sizes = dict(nsamples=8, seqlen=64, batch_size=2)
+        chosen = dict(nsamples=8, seqlen=64, batch_size=2)
     else:
         require_cuda(f"bench-prune at Llama-2-7B scale (profile {FULL_PROFILE!r}; --tiny runs anywhere)")
         profile = get_profile(FULL_PROFILE)
         config, dtype, dev = LlamaConfig(**LLAMA2_7B_CONFIG), getattr(torch, profile.dtype), get_device(device)
-        sizes = dict(nsamples=profile.nsamples, seqlen=profile.seqlen, batch_size=FULL_BATCH_SIZE)
-    given = dict(nsamples=nsamples, seqlen=seqlen, batch_size=batch_size)
-    sizes.update({k: check_positive_int(k, v) for k, v in given.items() if v is not None})
-    if sizes["seqlen"] > config.max_position_embeddings:
-        raise BadInput(f"seqlen {sizes['seqlen']} exceeds the model's {config.max_position_embeddings} positions")
-    return BenchSetup("tiny" if tiny else FULL_PROFILE, config, dtype, dev, method=method, targets=tuple(targets),
-                      modes=tuple(modes), seed=seed, **sizes)
-
-
-def parse_target(label: str) -> SparsityTarget:
-    """ "50%" / "0.5" → unstructured, "2:4" → N:M."""
-    if ":" in label:
-        return SparsityTarget.of(nm=label)
-    try:
-        value = float(label.rstrip("%")) / (100 if label.endswith("%") else 1)
-    except ValueError:
-        raise BadInput(f"target must look like '50%', '0.5' or '2:4'; got {label!r}") from None
-    return SparsityTarget.of(sparsity=value)
+        chosen = dict(nsamples=profile.nsamples, seqlen=profile.seqlen, batch_size=FULL_BATCH_SIZE)
+    chosen.update({k: check_positive_int(k, v) for k, v in (sizes or {}).items() if v is not None})
+    check_seqlen(config, "seqlen", chosen["seqlen"])
+    return BenchSetup("tiny" if tiny else FULL_PROFILE, config, dtype, dev, specs=specs, modes=tuple(modes),
+                      seed=seed, **chosen)
 
 
 @torch.no_grad()
@@ -179,14 +174,13 @@ def bench_prune(setup: BenchSetup, progress: bool = True) -> BenchResult:
         low_memory = mode == "low-memory"
         if low_memory:
             model.to("cpu")
-        for label in setup.targets:
+        for spec in setup.specs:
             model.load_state_dict(pristine)
-            target = parse_target(label)
-            run = measure(device, lambda: prune_model(model, setup.method, target, tokens, setup.batch_size,
-                                                      progress, device=device, low_memory=low_memory))
+            run = measure(device, lambda: prune_model(model, spec, tokens, setup.batch_size, progress,
+                                                      low_memory=device if low_memory else False))
             report = run.result
-            hashes[mode, label] = report.mask_sha256
-            same = hashes.get(("default", label))
+            hashes[mode, spec.label] = report.mask_sha256
+            same = hashes.get(("default", spec.label))
             result.rows.append({"mode": mode, "target": report.target, "seconds": run.seconds,
                                 "× floor": run.seconds / floor.seconds, "peak GPU GiB": run.peak_gib,
                                 "mask sha256": report.mask_sha256,

@@ -17,43 +17,30 @@ from torch import nn
 from ..core.config import Profile
 from ..evaluate.perplexity import perplexity
 from ..prune.masks import SparsityTarget
-from ..core.models import load_model
 from ..prune.owl import OwlConfig
-from ..prune.driver import PruneReport, prune_model, variant_label
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One row of the comparison: a method, its target and options."""
-
-    method: str
-    target: SparsityTarget
-    params: dict | None = None
-    true_sequential: bool = False
-    owl: OwlConfig | None = None
-
-    @property
-    def label(self) -> str:
-        """The row name, the same as the PruneReport's label: e.g. "wanda (true-sequential) 50%"."""
-        return variant_label(self.method, self.target.label, self.true_sequential, self.owl is not None)
+from ..core.errors import BadInput
+from ..core.validation import check_model, describe
+from ..prune.driver import PruneReport, prune_model
+from ..prune.spec import PruneSpec
 
 
 def sweep_variants(methods: tuple[str, ...] = ("magnitude", "wanda"),
-                   sparsities: tuple[float, ...] = (0.2, 0.4, 0.5, 0.6, 0.7, 0.8)) -> list[Variant]:
+                   sparsities: tuple[float, ...] = (0.2, 0.4, 0.5, 0.6, 0.7, 0.8)) -> list[PruneSpec]:
     """Every method at every unstructured sparsity: the perplexity-against-sparsity curves of 04-Benchmark."""
-    return [Variant(method, SparsityTarget.of(sparsity=s)) for method in methods for s in sparsities]
+    return [PruneSpec(method, SparsityTarget.of(sparsity=s)) for method in methods for s in sparsities]
 
 
-def standard_variants(sparsity: float = 0.5, nm: str = "2:4", owl_sparsity: float = 0.7) -> list[Variant]:
+def standard_variants(sparsity: float = 0.5, nm: str = "2:4", owl_sparsity: float = 0.7) -> list[PruneSpec]:
     """The lab's comparison: magnitude, Wanda, true-sequential Wanda, SparseGPT and RIA at ``sparsity`` and
     ``nm``; magnitude and Wanda at ``owl_sparsity``, uniform and with OWL."""
     rows = []
     for target in (SparsityTarget.of(sparsity=sparsity), SparsityTarget.of(nm=nm)):
-        rows += [Variant("magnitude", target), Variant("wanda", target), Variant("wanda", target, true_sequential=True),
-                 Variant("sparsegpt", target), Variant("ria", target)]
+        rows += [PruneSpec("magnitude", target), PruneSpec("wanda", target),
+                 PruneSpec("wanda", target, true_sequential=True), PruneSpec("sparsegpt", target),
+                 PruneSpec("ria", target)]
     high = SparsityTarget.of(sparsity=owl_sparsity)
     for method in ("magnitude", "wanda"):
-        rows += [Variant(method, high), Variant(method, high, owl=OwlConfig())]
+        rows += [PruneSpec(method, high), PruneSpec(method, high, owl=OwlConfig())]
     return rows
 
 
@@ -65,38 +52,38 @@ class Comparison:
     reports: dict[str, PruneReport]
 
 
-def compare_methods(profile: Profile, variants: list[Variant], device: torch.device, calib: torch.Tensor,
-                    test: torch.Tensor, progress: bool = True, model_path: str | None = None,
-                    dense: nn.Module | None = None) -> Comparison:
-    """Prune a fresh dense model with every variant and measure it.
+def compare_methods(profile: Profile, variants: list[PruneSpec], calib: torch.Tensor, test: torch.Tensor,
+                    dense: nn.Module, progress: bool = True) -> Comparison:
+    """Prune a fresh dense model with every variant (a PruneSpec) and measure it.
 
     Table columns: target, method, measured sparsity, seconds (the whole pruning run), method seconds (score,
     mask and weight update only, without forward passes), perplexity, and both times as a multiple of
-    Wanda's at the same target. ``model_path`` replaces the profile's model (a local folder or hub id).
-    A variant listed twice (same label) is measured once, so several comparisons can share one run.
-    ``dense``: the dense model already in memory, copied for every variant and never modified (None: load it).
+    Wanda's at the same target. A variant listed twice (same label) is measured once, so several comparisons can
+    share one run. ``dense``: the dense model (``lu.load_model``), copied for every variant and never modified.
     """
-    unique: dict[str, Variant] = {}
+    check_model(dense)
+    unique: dict[str, PruneSpec] = {}
     for v in variants:
+        if not isinstance(v, PruneSpec):
+            raise BadInput(f"variants must be PruneSpecs, e.g. lu.PruneSpec('wanda', 0.5); got {describe(v)}")
         unique.setdefault(v.label, v)
-    if dense is None:
-        dense, _ = load_model(profile, device, model_path)
     rows = [{"variant": "dense", "target": "-", "method": "dense", "sparsity": 0.0, "seconds": 0.0,
-             "method seconds": 0.0,
-             "perplexity": perplexity(dense, test, profile.eval_seqlen, profile.batch_size, progress, "dense")}]
+             "method seconds": 0.0, "perplexity": _perplexity(dense, test, profile, "dense", progress)}]
     reports = {}
-    for v in unique.values():
+    for spec in unique.values():
         model = copy.deepcopy(dense)  # a fresh dense copy; faster than reloading it from disk
-        report = prune_model(model, v.method, v.target, calib, profile.batch_size, progress, params=v.params,
-                             true_sequential=v.true_sequential, owl=v.owl)
-        rows.append({"variant": report.label, "target": v.target.label, "method": report.label.rsplit(" ", 1)[0],
+        report = prune_model(model, spec, calib, profile.batch_size, progress)
+        rows.append({"variant": spec.label, "target": spec.target.label, "method": spec.variant,
                      "sparsity": report.measured_sparsity, "seconds": report.seconds,
-                     "method seconds": report.method_seconds,
-                     "perplexity": perplexity(model, test, profile.eval_seqlen, profile.batch_size, progress,
-                                              report.label)})
-        reports[report.label] = report
+                     "method seconds": report.method_seconds, "perplexity": _perplexity(model, test, profile,
+                                                                                        spec.label, progress)})
+        reports[spec.label] = report
         del model
     return Comparison(_add_wanda_ratios(pd.DataFrame(rows).set_index("variant")), reports)
+
+
+def _perplexity(model: nn.Module, test: torch.Tensor, profile: Profile, desc: str, progress: bool) -> float:
+    return perplexity(model, test, profile.eval_seqlen, profile.batch_size, progress, desc)
 
 
 def _add_wanda_ratios(table: pd.DataFrame) -> pd.DataFrame:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -19,10 +19,9 @@ from ..core.device import get_device, require_cuda, set_seed, versions
 from ..core.errors import BadInput
 from ..evaluate.perplexity import perplexity
 from ..core.models import CACHE_FOLDER, WEIGHT_PATTERNS, check_seqlen, load_model
-from ..prune.masks import SparsityTarget
-from ..prune.methods import get_method
-from ..prune.owl import OwlConfig
-from ..prune.driver import PruneReport, check_options, check_prunable, prune_model
+from ..core.validation import describe
+from ..prune.driver import PruneReport, check_prunable, prune_model
+from ..prune.spec import PruneSpec
 from ..prune.sparsity import model_sparsity
 from ..core.storage import cache_dir, output_lock, verify_folder
 
@@ -32,12 +31,11 @@ EMBEDDED_MODEL_BYTES = 538_000_000  # SmolLM2-135M in float32, before the cache 
 
 @dataclass(frozen=True)
 class PruneJob:
-    """Everything one pruning run needs; ``None`` fields take the profile's defaults."""
+    """One run of the main job: the pruning ``spec`` plus where and on what it runs. ``None`` fields take the
+    profile's defaults."""
 
+    spec: PruneSpec = field(default_factory=PruneSpec)
     profile: str | None = None
-    method: str = "wanda"
-    sparsity: float | None = None
-    nm: str | None = None
     nsamples: int | None = None
     seqlen: int | None = None
     eval_tokens: int | None = None
@@ -47,56 +45,31 @@ class PruneJob:
     out: str | None = None
     model_path: str | None = None
     device: str | None = None
-    params: dict | None = None  # the method's own parameters, e.g. {"alpha": 0.5} for RIA
-    true_sequential: bool = False
-    owl: bool = False
-    owl_m: float | None = None
-    owl_lambda: float | None = None
     low_memory: bool = False  # keep the model in CPU memory while pruning; layers visit the device one at a time
-
-    def target(self) -> SparsityTarget:
-        if self.sparsity is None and self.nm is None:
-            return SparsityTarget.of(sparsity=0.5)
-        return SparsityTarget.of(sparsity=self.sparsity, nm=self.nm)
 
     def resolved_profile(self) -> Profile:
         return get_profile(self.profile, nsamples=self.nsamples, seqlen=self.seqlen, eval_tokens=self.eval_tokens,
                            eval_seqlen=self.eval_seqlen, batch_size=self.batch_size)
 
-    def owl_config(self) -> OwlConfig | None:
-        if not self.owl:
-            if self.owl_m is not None or self.owl_lambda is not None:
-                raise BadInput("--owl-m and --owl-lambda set OWL's parameters; add --owl to use OWL")
-            return None
-        defaults = OwlConfig()
-        return OwlConfig(m=defaults.m if self.owl_m is None else self.owl_m,
-                         lam=defaults.lam if self.owl_lambda is None else self.owl_lambda)
-
     def output_dir(self, profile: Profile) -> Path:
-        if self.out is not None:
-            return Path(self.out)
-        variant = self.method + ("-ts" if self.true_sequential else "") + ("-owl" if self.owl else "")
-        return default_output_dir(profile, variant, self.target())
+        return Path(self.out) if self.out is not None else default_output_dir(profile, self.spec)
 
 
-def default_output_dir(profile: Profile, method: str, target: SparsityTarget | str) -> Path:
-    """outputs/<profile>-<method>-<target>, e.g. outputs/smollm2-135m-wanda-50 or …-wanda-2-4.
-
-    ``target``: a SparsityTarget or its label ("50%", "2:4"), as a PruneReport records it.
-    """
-    label = target if isinstance(target, str) else target.label
-    return Path("outputs") / f"{profile.name}-{method}-{label.replace(':', '-').rstrip('%')}"
+def default_output_dir(profile: Profile, spec: PruneSpec) -> Path:
+    """outputs/<profile>-<spec.slug>, e.g. outputs/smollm2-135m-wanda-50 or …-wanda-2-4."""
+    return Path("outputs") / f"{profile.name}-{spec.slug}"
 
 
-def validate_job(job: PruneJob) -> tuple[Profile, SparsityTarget, Path]:
-    """Every check that needs no model, so bad input fails at once and writes nothing."""
+def validate_job(job: PruneJob) -> tuple[Profile, Path]:
+    """Every check that needs no model, so bad input fails at once and writes nothing (the spec checked itself
+    when it was built)."""
+    if not isinstance(job.spec, PruneSpec):
+        raise BadInput(f"PruneJob.spec must be a PruneSpec, e.g. lu.PruneSpec('wanda', 0.5); got {describe(job.spec)}")
     profile = job.resolved_profile()
-    target = job.target()
-    check_options(job.method, target, job.params, job.true_sequential, job.owl_config())
     if profile.needs_cuda:
         require_cuda(f"profile {profile.name!r}")
     out = check_output_dir(job.output_dir(profile), need_bytes=expected_model_bytes(profile, job.model_path))
-    return profile, target, out
+    return profile, out
 
 
 def expected_model_bytes(profile: Profile, model_path: str | None) -> int | None:
@@ -114,11 +87,11 @@ def expected_model_bytes(profile: Profile, model_path: str | None) -> int | None
 
 
 def build_report(profile: Profile, model, prune: PruneReport, perplexities: dict[str, float], *, seed: int,
-                 device: torch.device, eval_tokens: int, model_label: str | None = None,
-                 seconds: dict[str, float] | None = None) -> dict:
-    """The report.json of a pruned model: what was done, what it measured, and with which versions."""
+                 eval_tokens: int) -> dict:
+    """The report.json of a pruned model: what was done, what it measured, and with which versions. The main job
+    adds its model label and the seconds it spent loading and evaluating."""
     return {
-        "profile": profile.name, "model": model_label or profile.model_id, "method": prune.method,
+        "profile": profile.name, "model": profile.model_id, "method": prune.method,
         "label": prune.label, "params": prune.params, "true_sequential": prune.true_sequential,
         "owl": prune.owl, "layer_sparsity": prune.layer_sparsity, "low_memory": prune.low_memory,
         "target": prune.target,
@@ -128,8 +101,8 @@ def build_report(profile: Profile, model, prune: PruneReport, perplexities: dict
         "perplexity": perplexities, "mask_sha256": prune.mask_sha256,
         "nsamples": prune.nsamples, "seqlen": prune.seqlen, "seed": seed,
         "eval_tokens": eval_tokens, "eval_seqlen": profile.eval_seqlen, "batch_size": profile.batch_size,
-        "device": str(device), "dtype": profile.dtype,
-        "seconds": {**(seconds or {}), "prune": round(prune.seconds, 3), "method": round(prune.method_seconds, 3)},
+        "device": prune.device, "dtype": profile.dtype,
+        "seconds": {"prune": round(prune.seconds, 3), "method": round(prune.method_seconds, 3)},
         "versions": versions(), "quality_warning": profile.quality_warning,
         "sublayers": prune.to_frame().to_dict(orient="records"),
     }
@@ -137,12 +110,12 @@ def build_report(profile: Profile, model, prune: PruneReport, perplexities: dict
 
 def run_prune_job(job: PruneJob, progress: bool = True) -> dict:
     """Run the main job and return its report (also written to ``<out>/report.json``)."""
-    profile, target, out = validate_job(job)
+    profile, out = validate_job(job)
     with output_lock(out):  # a second run to the same folder stops at once
-        return _run_locked(job, profile, target, out, progress)
+        return _run_locked(job, profile, out, progress)
 
 
-def _run_locked(job: PruneJob, profile: Profile, target: SparsityTarget, out: Path, progress: bool) -> dict:
+def _run_locked(job: PruneJob, profile: Profile, out: Path, progress: bool) -> dict:
     seconds = {}
     clock = time.perf_counter()
     device = get_device(job.device)
@@ -151,11 +124,11 @@ def _run_locked(job: PruneJob, profile: Profile, target: SparsityTarget, out: Pa
     model, tokenizer = load_model(profile, home, job.model_path)
     check_seqlen(model, "seqlen", profile.seqlen)
     check_seqlen(model, "eval seqlen", profile.eval_seqlen)
-    check_prunable(model, target)
+    check_prunable(model, job.spec.target)
     vocab = model.config.vocab_size
     test = data.test_tokens(profile, tokenizer, profile.eval_tokens, vocab_size=vocab, seed=job.seed)
     calib = None
-    if get_method(job.method).needs_calibration or job.owl:
+    if job.spec.needs_calibration:
         calib = data.calibration_data(profile, tokenizer, profile.nsamples, profile.seqlen, job.seed, vocab_size=vocab)
     seconds["load"] = _lap(clock)
 
@@ -163,9 +136,8 @@ def _run_locked(job: PruneJob, profile: Profile, target: SparsityTarget, out: Pa
     with _visiting(model, device, home):
         dense_ppl = perplexity(model, test, profile.eval_seqlen, profile.batch_size, progress, desc="dense perplexity")
     seconds["dense_eval"] = _lap(clock)
-    prune = prune_model(model, job.method, target, calib, profile.batch_size, progress, params=job.params,
-                        true_sequential=job.true_sequential, owl=job.owl_config(), device=device,
-                        low_memory=job.low_memory)
+    prune = prune_model(model, job.spec, calib, profile.batch_size, progress,
+                        low_memory=device if job.low_memory else False)
     clock = time.perf_counter()
     with _visiting(model, device, home):
         pruned_ppl = perplexity(model, test, profile.eval_seqlen, profile.batch_size, progress,
@@ -173,26 +145,29 @@ def _run_locked(job: PruneJob, profile: Profile, target: SparsityTarget, out: Pa
     seconds["pruned_eval"] = _lap(clock)
 
     report = build_report(profile, model, prune, {"dense": dense_ppl, "pruned": pruned_ppl}, seed=job.seed,
-                          device=device, eval_tokens=int(test.numel()), model_label=job.model_path, seconds=seconds)
+                          eval_tokens=int(test.numel()))
+    report.update(model=job.model_path or report["model"], seconds={**seconds, **report["seconds"]})
     report["output"] = str(save_pruned(model, tokenizer, report, out))
     return report
 
 
-def ensure_pruned(profile: Profile, method: str, target: SparsityTarget, device: torch.device | str | None = None,
-                  *, seed: int = 0, progress: bool = True) -> tuple[Path, str]:
+def ensure_pruned(profile: Profile, spec: PruneSpec, device: torch.device | str | None = None, *, seed: int = 0,
+                  progress: bool = True) -> tuple[Path, str]:
     """The folder of a pruned lab model (03, 04): the one 02-Prune saved if it matches, else made now.
 
-    A saved model matches when its report has the same profile, method, target, calibration sizes and seed
-    (plain method: no true-sequential, no OWL). Otherwise the main job (``run_prune_job``) prunes and saves
-    it, which also measures its perplexity. Returns the folder and one sentence saying which happened.
+    A saved model matches when its report has the same profile and spec (method, target, parameters,
+    true-sequential, OWL) and, if the spec calibrates, the same calibration sizes and seed. Otherwise the main
+    job (``run_prune_job``) prunes and saves it, which also measures its perplexity. Returns the folder and one
+    sentence saying which happened.
     """
-    out = default_output_dir(profile, method, target)
-    wanted = {"profile": profile.name, "method": method, "target": target.label, "true_sequential": False,
-              "owl": None}
-    if get_method(method).needs_calibration:
+    out = default_output_dir(profile, spec)
+    wanted = {"profile": profile.name, **spec.to_dict()}
+    if spec.needs_calibration:
         wanted.update(nsamples=profile.nsamples, seqlen=profile.seqlen, seed=seed)
     if is_lab_output(out):
         saved = load_report(out)
+        saved_owl = saved.get("owl") or None
+        saved = {**saved, "owl": saved_owl and {k: saved_owl.get(k) for k in ("M", "lambda")}}
         differs = [key for key, value in wanted.items() if saved.get(key) != value]
         damage = verify_folder(out)
         if not differs and damage is None:
@@ -201,10 +176,9 @@ def ensure_pruned(profile: Profile, method: str, target: SparsityTarget, device:
                   f"{out} was made with other settings ({', '.join(differs)}); pruning again")
     else:
         reason = f"{out} is missing; pruning it now with the package (as 02-Prune would)"
-    job = PruneJob(profile=profile.name, method=method, sparsity=target.sparsity,
-                   nm=f"{target.n}:{target.m}" if target.is_nm else None, nsamples=profile.nsamples,
-                   seqlen=profile.seqlen, eval_tokens=profile.eval_tokens, eval_seqlen=profile.eval_seqlen,
-                   batch_size=profile.batch_size, seed=seed, device=None if device is None else str(device))
+    job = PruneJob(spec, profile=profile.name, nsamples=profile.nsamples, seqlen=profile.seqlen,
+                   eval_tokens=profile.eval_tokens, eval_seqlen=profile.eval_seqlen, batch_size=profile.batch_size,
+                   seed=seed, device=None if device is None else str(device))
     report = run_prune_job(job, progress)
     return Path(report["output"]), reason
 

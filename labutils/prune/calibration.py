@@ -195,18 +195,10 @@ ACCUMULATORS = {INPUT_NORMS: InputNormAccumulator, HESSIAN: HessianAccumulator}
 
 
 def collect_statistics(layer: nn.Module, layer_index: int, inputs: LayerInputs, linears: dict[str, nn.Linear],
-                       statistic: str) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-    """Run ``layer`` on every calibration batch with hooks on ``linears``: (their statistics, the layer's
-    outputs). The outputs can feed the next layer only if this layer is not changed afterwards."""
-    with ACCUMULATORS[statistic](linears) as acc:
-        outputs = run_layer(layer, layer_index, inputs)
-    return acc.stats, outputs
-
-
-def layer_statistics(layer: nn.Module, layer_index: int, inputs: LayerInputs, linears: dict[str, nn.Linear],
-                     statistic: str, advance: bool = False) -> dict[str, torch.Tensor]:
-    """``collect_statistics`` through the store's own ``run`` (resident or streamed): the statistics only, and
-    with ``advance`` the layer's outputs become the inputs of the next layer."""
+                       statistic: str, advance: bool = False) -> dict[str, torch.Tensor]:
+    """Run ``layer`` on every calibration batch of ``inputs`` (resident or streamed) with hooks on ``linears`` and
+    return their statistics: name → (in,) Σ_t x_tj² for "norms", (in, in) 2 XᵀX for "hessian". With ``advance``,
+    the layer's outputs become the inputs of the next layer (only right if the layer is not changed afterwards)."""
     with ACCUMULATORS[statistic](linears) as acc:
         inputs.run(layer, layer_index, advance)
     return acc.stats
@@ -223,7 +215,7 @@ def collect_input_norms(model: nn.Module, tokens: torch.Tensor, layer_index: int
                        f"(0..{len(layers) - 1})")
     inputs = capture_layer_inputs(model, tokens, batch_size)
     for i in range(layer_index):
-        inputs.hidden = run_layer(layers[i], i, inputs)
-    stats, _ = collect_statistics(layers[layer_index], layer_index, inputs, find_linears(layers[layer_index]),
+        inputs.run(layers[i], i, advance=True)
+    stats = collect_statistics(layers[layer_index], layer_index, inputs, find_linears(layers[layer_index]),
                                   INPUT_NORMS)
     return {name: sq.sqrt().cpu() for name, sq in stats.items()}

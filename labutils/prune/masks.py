@@ -71,16 +71,23 @@ class SparsityTarget:
 
 
 def as_target(value) -> SparsityTarget:
-    """The SparsityTarget ``value`` stands for: a SparsityTarget itself, a number = unstructured sparsity in [0, 1)
-    (0.5, numpy scalars too) or an "N:M" pattern ("2:4"). What ``prune_model`` accepts as its target."""
+    """The SparsityTarget ``value`` stands for — the one place targets are parsed: a SparsityTarget itself, a
+    number = unstructured sparsity in [0, 1) (0.5, numpy scalars too), "50%" or "0.5", or an N:M pattern ("2:4")."""
     if isinstance(value, SparsityTarget):
         return value
     if isinstance(value, str) and ":" in value:
         return SparsityTarget.of(nm=value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            number = float(text.removesuffix("%")) / (100 if text.endswith("%") else 1)
+        except ValueError:
+            raise BadInput(f"target must look like '50%', '0.5' or '2:4'; got {value!r}") from None
+        return SparsityTarget.of(sparsity=number)
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return SparsityTarget.of(sparsity=value)
-    raise BadInput(f"target must be a SparsityTarget, a sparsity in [0, 1) such as 0.5, or an N:M pattern such as "
-                   f"'2:4'; got {describe(value)}")
+    raise BadInput(f"target must be a SparsityTarget, a sparsity in [0, 1) such as 0.5 or '50%', or an N:M pattern "
+                   f"such as '2:4'; got {describe(value)}")
 
 
 def parse_nm(nm: str | tuple[int, int]) -> tuple[int, int]:

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .calibration import INPUT_NORMS, layer_statistics
+from .calibration import INPUT_NORMS, collect_statistics
 from ..core.errors import BadInput
 from ..core.validation import check_number
 from .methods.wanda import wanda_score
-from ..core.models import find_decoder_layers, find_linears, model_device
-from .streaming import calibration_inputs, layer_visits
+from ..core.models import find_decoder_layers, find_linears
+from .streaming import calibration_inputs, compute_device, layer_visits
 
 
 @dataclass(frozen=True)
@@ -52,18 +52,18 @@ def check_owl_lambda(lam: float, sparsity: float) -> None:
 
 @torch.no_grad()
 def layer_outlier_ratios(model, tokens: torch.Tensor, batch_size: int, m: float, progress: bool = True, *,
-                         device: torch.device | None = None, low_memory: bool = False) -> list[float]:
+                         low_memory: bool | str | torch.device = False) -> list[float]:
     """Share of each decoder layer's Wanda scores (over all its linears) above ``m`` × their mean, measured on the
     dense model with one pass per layer: the hooks collect input norms while the layer makes its outputs.
-    ``device`` / ``low_memory``: as in ``prune_model`` (the default: where the model is)."""
+    ``low_memory``: as in ``prune_model`` (False: everything where the model is)."""
     layers = find_decoder_layers(model)
-    device = device or model_device(model)
+    device, low_memory = compute_device(model, low_memory)
     inputs = calibration_inputs(model, tokens, batch_size, device, low_memory)
     ratios = []
     with layer_visits(layers, device, low_memory, "OWL outlier ratios", progress) as visits:
         for i, layer in visits:
             linears = find_linears(layer)
-            stats = layer_statistics(layer, i, inputs, linears, INPUT_NORMS, advance=True)
+            stats = collect_statistics(layer, i, inputs, linears, INPUT_NORMS, advance=True)
             scores = torch.cat([wanda_score(lin.weight, stats[name]).flatten() for name, lin in linears.items()])
             ratios.append((scores > m * scores.mean()).float().mean())
     inputs.finish()

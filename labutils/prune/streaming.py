@@ -23,6 +23,10 @@ import torch
 from torch import nn
 from tqdm import tqdm  # plain text everywhere: a saved notebook shows the finished bar, not a widget
 
+from ..core.device import get_device
+from ..core.errors import BadInput
+from ..core.models import model_device
+from ..core.validation import describe
 from .calibration import LayerInputs, capture_layer_inputs, layer_output
 
 
@@ -249,3 +253,20 @@ def calibration_inputs(model: nn.Module, tokens: torch.Tensor, batch_size: int, 
     """The captured inputs of the first decoder layer: on ``device`` (default mode) or streamed from CPU memory."""
     into = StreamedInputs(device) if low_memory else None
     return capture_layer_inputs(model, tokens, batch_size, device=device, into=into)
+
+
+def compute_device(model: nn.Module, low_memory: bool | str | torch.device) -> tuple[torch.device, bool]:
+    """(where the layers compute, whether they stream from CPU memory) for ``prune_model``'s ``low_memory``:
+
+    False — the default mode: everything where the model is. True — the model stays in CPU memory and its layers
+    visit the best device here (``get_device``); a device or its name ("cuda:1") — they visit that device.
+    """
+    home = model_device(model)
+    if low_memory is False:
+        return home, False
+    if not (low_memory is True or isinstance(low_memory, (str, torch.device))):
+        raise BadInput(f"low_memory must be False, True or a device such as 'cuda'; got {describe(low_memory)}")
+    if home.type != "cpu":
+        raise BadInput(f"low_memory keeps the model in CPU memory and moves one layer at a time to the GPU; the "
+                       f"model is on {home}: load it on the CPU (or move it with model.to('cpu')) first")
+    return get_device(None if low_memory is True else str(low_memory)), True

@@ -21,11 +21,13 @@ import torch
 from torch import nn
 from tqdm import tqdm  # plain text everywhere: a saved notebook shows the finished bar, not a widget
 
-from ..speed.timing import decode_interleaved, prefill_fn, random_prompt, time_interleaved
-from ..core.validation import check_positive_int
+from ..speed.latency import prefill_fn, random_prompt
+from ..speed.timing import decode_interleaved, time_interleaved
+from ..core.validation import (check_choice, check_names, check_no_problems, check_number, check_positive_int,
+                               check_positive_ints, check_tokens)
 from .graphs import GraphedForward, graphed_forward
 from ..core.device import cuda_capability, get_device
-from ..core.errors import BadInput, LabError
+from ..core.errors import LabError
 from ..core.models import find_decoder_layers, max_sequence_length, model_device
 from .kernel import SparseLinear24, check_against_dense, search_alg_id
 from ..prune.sparsity import nm_violations, prunable_linears, split_linear_name
@@ -134,13 +136,8 @@ def _select(model: nn.Module, linears: Sequence[str] | None) -> dict[str, nn.Lin
     available = prunable_linears(model)
     if linears is None:
         return available
-    if isinstance(linears, str) or not linears:
-        raise BadInput(f"linears must be a non-empty list of names like 'layers.0.mlp.up_proj'; got {linears!r}")
-    unknown = [name for name in linears if name not in available]
-    if unknown:
-        raise BadInput(f"unknown linear(s) {unknown[:3]}; allowed: names from prunable_linears(model), e.g. "
-                       f"{', '.join(list(available)[:3])}, … ({len(available)} in all)")
-    return {name: available[name] for name in linears}
+    return {name: available[name] for name in check_names("linears", linears, list(available),
+                                                           "prunable_linears(model)")}
 
 
 def _pattern_and_shape_problems(selected: dict[str, nn.Linear]) -> list[str]:
@@ -182,22 +179,17 @@ def to_semi_structured(model: nn.Module, *, linears: Sequence[str] | None = None
     why), float16 / bfloat16 (BadInput). ``alg_search_tokens`` runs cuSPARSELt's algorithm search once per weight
     shape for inputs of that many tokens (slower conversion, sometimes faster matmuls); None keeps algorithm 0.
     """
-    if kernel not in KERNELS:
-        raise BadInput(f"kernel must be one of {', '.join(KERNELS)}; got {kernel!r}")
+    check_choice("kernel", kernel, KERNELS)
     selected = _select(model, linears)
     problems = _pattern_and_shape_problems(selected)
-    if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise BadInput(f"{len(problems)} of {len(selected)} linears cannot become 2:4 weights: "
-                       + "; ".join(problems[:5]) + more)
+    check_no_problems(f"{len(problems)} of {len(selected)} linears cannot become 2:4 weights", problems)
     problem = kernel_problem(model_device(model))
     if problem is not None:
         raise LabError(f"cannot convert to 2:4 sparse weights: {problem}")
-    wrong = [f"{name} ({lin.weight.dtype})" for name, lin in selected.items()
+    wrong = [f"{name} is {lin.weight.dtype}" for name, lin in selected.items()
              if lin.weight.dtype not in SUPPORTED_DTYPES]
-    if wrong:
-        raise BadInput(f"2:4 kernels take float16 or bfloat16 weights; got {', '.join(wrong[:3])}"
-                       f"{' …' if len(wrong) > 3 else ''}: convert the model with model.half() first")
+    check_no_problems("2:4 kernels take float16 or bfloat16 weights (convert the model with model.half() first)",
+                      wrong, limit=3)
     if alg_search_tokens is not None:
         check_positive_int("alg_search_tokens", alg_search_tokens)
     return _convert(model, selected, alg_search_tokens, kernel, progress)
@@ -263,17 +255,9 @@ def verify_semi_structured(dense_masked_model: nn.Module, sparse_model: nn.Modul
                            atol: float = 5e-2, rtol: float = 1e-2) -> SemiStructuredCheck:
     """Compare the logits (batch, seq, vocab) of both models on ``tokens`` (batch, seq) int64; works on any
     device, so the comparison itself can be checked on a CPU."""
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
-        raise BadInput(f"tokens must be a (batch, seq) integer tensor; got "
-                       f"{getattr(tokens, 'shape', type(tokens).__name__)} {getattr(tokens, 'dtype', '')}")
-    vocab = dense_masked_model.config.vocab_size
-    if tokens.numel() == 0 or int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
-        raise BadInput(f"token ids must lie in 0..{vocab - 1} (and there must be some); got "
-                       f"{tokens.numel()} ids"
-                       + (f" in {int(tokens.min())}..{int(tokens.max())}" if tokens.numel() else ""))
-    for name, value in (("atol", atol), ("rtol", rtol)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise BadInput(f"{name} must be a number ≥ 0; got {value!r}")
+    tokens = check_tokens("tokens", tokens, dense_masked_model.config.vocab_size, ndim=2)
+    check_number("atol", atol, 0, allowed="a number ≥ 0")
+    check_number("rtol", rtol, 0, allowed="a number ≥ 0")
     reference = dense_masked_model(input_ids=tokens.to(model_device(dense_masked_model)), use_cache=False).logits
     logits = sparse_model(input_ids=tokens.to(model_device(sparse_model)), use_cache=False).logits
     reference, logits = reference.float(), logits.float().to(reference.device)
@@ -293,14 +277,13 @@ def prefill_speedup_table(dense_model: nn.Module, sparse_model: nn.Module,
 
     One row per prefill length: P50 ms of dense and 2:4, eager and replayed from a CUDA graph
     (``graphed_forward``), and "× dense" = dense ms / 2:4 ms (> 1: the sparse model is faster). Each length
-    times its four variants in interleaved, rotated rounds (``benchmark.time_interleaved``) on one fixed prompt;
+    times its four variants in interleaved, rotated rounds (``time_interleaved``) on one fixed prompt;
     only the last position's logits are computed, as in ``generate()``. A length above the models' maximum
     positions, or one that runs out of GPU memory, gets a note instead of numbers. The last row is decode:
     P50 ms per token over ``decode_tokens`` steps after a ``decode_prompt_len`` prefill, one untimed warm-up run
     then ``decode_repeats`` timed runs, eager only (replaying decode from a graph needs a static KV cache).
     """
-    if not lengths or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in lengths):
-        raise BadInput(f"lengths must be a non-empty sequence of positive integers; got {lengths!r}")
+    lengths = check_positive_ints("lengths", lengths)
     check_positive_int("decode_repeats", decode_repeats)
     for name, model in (("dense_model", dense_model), ("sparse_model", sparse_model)):
         problem = kernel_problem(model_device(model))
@@ -352,8 +335,9 @@ def _decode_row(dense: nn.Module, sparse: nn.Module, prompt_len: int, new_tokens
                 seed: int) -> dict:
     row = {"phase": "decode", "tokens": new_tokens}
     try:
-        stats = decode_interleaved({"dense eager": dense, "2:4 eager": sparse}, prompt_len, new_tokens,
-                                   warmup=1, repeats=repeats, seed=seed)
+        models = {"dense eager": dense, "2:4 eager": sparse}
+        prompts = {label: random_prompt(model, prompt_len, 1, seed) for label, model in models.items()}
+        stats = decode_interleaved(models, prompts, new_tokens, warmup=1, repeats=repeats)
     except torch.cuda.OutOfMemoryError:
         return {**row, "note": "skipped: out of GPU memory while decoding"}
     note = f"ms per token (P50) after a {prompt_len}-token prompt, batch 1, eager only"

@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.errors import BadInput, LabError
+from ..core.errors import LabError
 from ..core.models import model_device
+from ..core.validation import check_count, check_shape, check_tensor
 
 
 class GraphedForward:
@@ -27,9 +28,8 @@ class GraphedForward:
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.graph is None:
             raise LabError("this graphed forward was released; capture a new one with graphed_forward()")
-        if input_ids.shape != self.static_input.shape:
-            raise BadInput(f"a CUDA graph replays fixed shapes: input_ids must be {tuple(self.static_input.shape)}; "
-                           f"got {tuple(input_ids.shape)} (capture another graph for that shape)")
+        check_shape("input_ids", input_ids, tuple(self.static_input.shape),
+                    hint="a CUDA graph replays the shape it captured: capture another graph for that shape")
         self.static_input.copy_(input_ids)
         self.graph.replay()
         return self.static_logits
@@ -53,11 +53,8 @@ def graphed_forward(model: nn.Module, example_input_ids: torch.Tensor, *, warmup
     if device.type != "cuda":
         raise LabError(f"CUDA graphs need the model on a CUDA GPU; it is on {device}"
                        + ("" if torch.cuda.is_available() else " and this machine has no CUDA GPU torch can use"))
-    if not isinstance(example_input_ids, torch.Tensor) or example_input_ids.dim() != 2:
-        raise BadInput(f"example_input_ids must be a (batch, seq) tensor; got "
-                       f"{getattr(example_input_ids, 'shape', type(example_input_ids).__name__)}")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
-        raise BadInput(f"warmup must be an integer ≥ 1 (the torch docs warm up before capture); got {warmup!r}")
+    check_tensor("example_input_ids", example_input_ids, 2, "(batch, seq)")
+    check_count("warmup", warmup, minimum=1)  # the torch docs warm up before capture
     static_input = example_input_ids.to(device=device, dtype=torch.long).clone()
     kwargs = {"use_cache": False, "logits_to_keep": logits_to_keep}
     side = torch.cuda.Stream(device)

@@ -13,7 +13,7 @@ view of the row-major activation) with ``transpose_result=True``, so cuSPARSELt 
 row-major (tokens, out) tensor. It can run cuSPARSELt's algorithm search for exactly that operand layout and
 token count (cached per weight shape), and ``to_semi_structured`` checks every weight shape against ``F.linear``
 once, so a layout mistake fails loudly. Inside a CUDA graph the CPU costs vanish for both paths; what remains is
-the kernel and its algorithm, which ``labutils.sparsebench`` times shape by shape.
+the kernel and its algorithm, which ``labutils.sparse24.shapes`` times shape by shape.
 """
 from __future__ import annotations
 

@@ -16,7 +16,8 @@ from torch.nn import functional as F
 from tqdm import tqdm  # plain text everywhere: a saved notebook shows the finished bar, not a widget
 
 from ..speed.timing import time_interleaved
-from ..core.errors import BadInput, LabError
+from ..core.errors import LabError
+from ..core.validation import check_not_empty, check_positive_ints
 from ..prune.masks import nm_mask
 from .convert import kernel_problem, min_shape
 from .kernel import SparseLinear24, search_alg_id
@@ -41,10 +42,9 @@ def linear_speedup_table(shapes: Sequence[tuple[int, int]], lengths: Sequence[in
                          progress: bool = True) -> pd.DataFrame:
     """One row per (shape, tokens): P50 ms of y = x Wᵀ dense and 2:4 (algorithm 0, and the searched one), and
     "× dense" = dense ms / 2:4 ms. W is a random weight pruned 2:4 by magnitude; x (tokens, in)."""
-    bad = [n for n in lengths if isinstance(n, bool) or not isinstance(n, int) or n < 1]
-    if not shapes or not lengths or bad:
-        raise BadInput(f"need weight shapes and positive integer token counts; got shapes={list(shapes)!r}, "
-                       f"lengths={list(lengths)!r}")
+    check_not_empty("shapes", shapes, "(out, in) weight shape")
+    shapes = [check_positive_ints(f"shapes[{i}] (out, in)", shape, length=2) for i, shape in enumerate(shapes)]
+    lengths = check_positive_ints("lengths", lengths)
     device = torch.device(device)
     problem = kernel_problem(device)
     if problem is not None:

@@ -1,28 +1,26 @@
-"""Latency and memory of models on the device at hand (introduced in 04-Benchmark).
+"""Fair timing loops with percentile statistics (introduced in 04-Benchmark).
 
 Every timing synchronises the device before reading the clock on both sides, because CUDA kernels run
-asynchronously: without it a "forward" would only measure how long it takes to queue kernels. Models that are
-compared are run interleaved (see ``time_interleaved``) so that slow drift of the machine is shared fairly.
+asynchronously: without it a "forward" would only measure how long it takes to queue kernels. Callables that are
+compared run interleaved (``time_interleaved``; decode steps: ``decode_interleaved``) so that slow drift of the
+machine is shared fairly. The tables built on them are in ``latency``.
 """
 from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
-import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm  # plain text everywhere: a saved notebook shows the finished bar, not a widget
 
-from ..core.validation import check_positive_int
+from ..core.validation import check_callable, check_count, check_not_empty, check_positive_int, check_tokens
 from ..core.device import synchronize
 from ..core.errors import BadInput
-from ..prune.masks import unstructured_mask
-from ..core.models import CompressedLinear, check_seqlen, model_device
+from ..core.models import check_seqlen
 
 Clock = Callable[[], float]
 
@@ -42,9 +40,7 @@ class TimingStats:
     @classmethod
     def of(cls, seconds: Sequence[float]) -> TimingStats:
         """Stats of ``seconds`` (at least one value, each finite and ≥ 0)."""
-        values = sorted(float(s) for s in seconds)
-        if not values:
-            raise BadInput("TimingStats.of needs at least one timing; got an empty sequence")
+        values = check_not_empty("seconds", sorted(float(s) for s in seconds), "timing")
         bad = [v for v in values if not math.isfinite(v) or v < 0]
         if bad:
             raise BadInput(f"timings must be finite and ≥ 0 seconds; got {bad[:3]}")
@@ -64,30 +60,34 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[low] + (position - low) * (sorted_values[high] - sorted_values[low])
 
 
-def _check_counts(warmup: int, repeats: int) -> None:
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise BadInput(f"warmup must be an integer ≥ 0; got {warmup!r}")
+def _interleave(runs: Mapping[str, Callable[[bool], list[float]]], warmup: int, repeats: int, desc: str,
+                progress: bool) -> dict[str, TimingStats]:
+    """The one fair timing loop: round r calls every ``runs[name](timed)`` once, in an order rotated by r; each call
+    returns the seconds it measured. The first ``warmup`` rounds run with ``timed=False`` and are not kept."""
+    check_count("warmup", warmup)
     check_positive_int("repeats", repeats)
+    names = list(runs)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in tqdm(range(warmup + repeats), desc=desc, unit="round", disable=not progress):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds = runs[name](r >= warmup)
+            if r >= warmup:
+                times[name].extend(seconds)
+    return {name: TimingStats.of(times[name]) for name in names}
 
 
-def _time_once(fn: Callable[[], object], device: torch.device, clock: Clock) -> float:
+def _time_call(fn: Callable[[], object], device: torch.device, clock: Clock, timed: bool) -> list[float]:
+    """[seconds of one call of ``fn``], the device synchronised before each clock read; [] and no clock read when
+    not ``timed`` (a warm-up call)."""
+    if not timed:
+        fn()
+        return []
     synchronize(device)
     start = clock()
     fn()
     synchronize(device)
-    return clock() - start
-
-
-def time_calls(fn: Callable[[], object], *, warmup: int, repeats: int, device: torch.device,
-               clock: Clock = time.perf_counter) -> TimingStats:
-    """Call ``fn`` ``warmup`` times untimed (caches, allocator, kernel selection), then ``repeats`` times timed.
-
-    The device is synchronised before each clock read, so queued GPU work is inside the interval.
-    ``clock`` is injectable so tests can feed known times.
-    """
-    if not callable(fn):
-        raise BadInput(f"fn must be callable; got {type(fn).__name__}")
-    return time_interleaved({"fn": fn}, warmup=warmup, repeats=repeats, device=device, clock=clock)["fn"]
+    return [clock() - start]
 
 
 def time_interleaved(fns: Mapping[str, Callable[[], object]], *, warmup: int, repeats: int, device: torch.device,
@@ -96,47 +96,13 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]], *, warmup: int, re
 
     Interleaving (rather than all repeats of A, then all of B) spreads slow drift — a GPU clocking down as it
     heats, a background job — over every callable alike; rotating the order means none always runs first (right
-    after another one's caches were filled). The first ``warmup`` rounds are run the same way but not timed.
+    after another one's caches were filled). The first ``warmup`` rounds are run the same way but not timed
+    (caches, allocator, kernel selection). The device is synchronised before each clock read, so queued GPU work is
+    inside the interval; ``clock`` is injectable so tests can feed known times.
     """
-    _check_counts(warmup, repeats)
-    if not fns:
-        raise BadInput("time_interleaved needs at least one callable; got none")
-    names = list(fns)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in tqdm(range(warmup + repeats), desc="timing", unit="round", disable=not progress):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            if r < warmup:
-                fns[name]()
-            else:
-                times[name].append(_time_once(fns[name], device, clock))
-    return {name: TimingStats.of(times[name]) for name in names}
-
-
-def random_prompt(model: nn.Module, prompt_len: int, batch_size: int = 1, seed: int = 0) -> torch.Tensor:
-    """Fixed random token ids for timing, on the model's device: (batch_size, prompt_len) int64."""
-    check_positive_int("prompt_len", prompt_len)
-    check_positive_int("batch_size", batch_size)
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), generator=generator)
-    return ids.to(model_device(model))
-
-
-def prefill_fn(model: nn.Module, input_ids: torch.Tensor) -> Callable[[], object]:
-    """One prefill forward over ``input_ids`` (batch, seq) without a KV cache. Like ``generate()``, only the last
-    position's logits are computed (``logits_to_keep=1``), so the vocabulary projection does not dominate."""
-    def run():
-        with torch.inference_mode():
-            return model(input_ids=input_ids, use_cache=False, logits_to_keep=1).logits
-    return run
-
-
-def prefill_latency(model: nn.Module, prompt_len: int, *, batch_size: int = 1, warmup: int = 2, repeats: int = 5,
-                    seed: int = 0, clock: Clock = time.perf_counter) -> TimingStats:
-    """Seconds for one forward over a fixed random prompt of (batch_size, prompt_len) tokens."""
-    check_seqlen(model, "prompt_len", prompt_len)
-    ids = random_prompt(model, prompt_len, batch_size, seed)
-    return time_calls(prefill_fn(model, ids), warmup=warmup, repeats=repeats, device=ids.device, clock=clock)
+    check_not_empty("fns", fns, "callable")
+    runs = {name: partial(_time_call, check_callable(f"fns[{name!r}]", fn), device, clock) for name, fn in fns.items()}
+    return _interleave(runs, warmup, repeats, "timing", progress)
 
 
 @torch.inference_mode()
@@ -163,114 +129,25 @@ def timed_greedy_decode(model: nn.Module, input_ids: torch.Tensor, new_tokens: i
     return torch.cat(tokens, dim=1), seconds
 
 
-def decode_interleaved(models: Mapping[str, nn.Module], prompt_len: int, new_tokens: int, *, batch_size: int = 1,
-                       warmup: int = 1, repeats: int = 3, seed: int = 0, clock: Clock = time.perf_counter,
-                       progress: bool = False) -> dict[str, TimingStats]:
-    """Per-step decode seconds of each model (n = repeats · new_tokens samples), rounds interleaved and rotated
-    as in ``time_interleaved``. tokens/s per sequence = ``stats.rate_p50``; for the batch, times batch_size."""
-    _check_counts(warmup, repeats)
+def decode_interleaved(models: Mapping[str, nn.Module], prompts: Mapping[str, torch.Tensor], new_tokens: int, *,
+                       warmup: int = 1, repeats: int = 3, progress: bool = False) -> dict[str, TimingStats]:
+    """Per-step decode seconds of each model (n = repeats · new_tokens samples) after a prefill of ``prompts[name]``
+    (batch, prompt_len) token ids on that model's device (``random_prompt``), rounds interleaved and rotated as in
+    ``time_interleaved``. tokens/s per sequence = ``stats.rate_p50``; for the batch, times batch."""
+    check_not_empty("models", models, "model")
     check_positive_int("new_tokens", new_tokens)
-    if not models:
-        raise BadInput("decode_interleaved needs at least one model; got none")
-    prompts = {}
+    runs = {}
     for name, model in models.items():
-        check_seqlen(model, "prompt_len + new_tokens", prompt_len + new_tokens)
-        prompts[name] = random_prompt(model, prompt_len, batch_size, seed)
-    names = list(models)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in tqdm(range(warmup + repeats), desc="decoding", unit="round", disable=not progress):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            _, seconds = timed_greedy_decode(models[name], prompts[name], new_tokens, clock=clock)
-            if r >= warmup:
-                times[name].extend(seconds)
-    return {name: TimingStats.of(times[name]) for name in names}
+        prompt = check_tokens(f"prompts[{name!r}]", prompts.get(name), model.config.vocab_size, ndim=2)
+        check_seqlen(model, "prompt_len + new_tokens", prompt.shape[1] + new_tokens)
+        runs[name] = partial(_decode_steps, model, prompt, new_tokens)
+    return _interleave(runs, warmup, repeats, "decoding", progress)
 
 
-def decode_throughput(model: nn.Module, prompt_len: int, new_tokens: int, *, batch_size: int = 1, warmup: int = 1,
-                      repeats: int = 3, seed: int = 0, clock: Clock = time.perf_counter) -> TimingStats:
-    """Seconds per decode step after a ``prompt_len`` prefill (tokens/s per sequence = ``.rate_p50``)."""
-    return decode_interleaved({"model": model}, prompt_len, new_tokens, batch_size=batch_size, warmup=warmup,
-                              repeats=repeats, seed=seed, clock=clock)["model"]
-
-
-def latency_table(models: dict[str, nn.Module], *, prompt_len: int, new_tokens: int, warmup: int = 2,
-                  repeats: int = 5, seed: int = 0, progress: bool = True) -> pd.DataFrame:
-    """Prefill and decode speed of each model; the first model is the reference for the "× dense" columns
-    (> 1 means faster than it). Prefills and decodes are each timed in interleaved, rotated rounds
-    (``time_interleaved``), so no model systematically gets the cooler GPU or the warmer cache.
-
-    Columns: prefill ms P50 / P95 (batch 1, ``prompt_len`` tokens), decode tokens/s at the P50 step time,
-    decode ms per token P95 (the slow steps), and the two speed ratios against the first model.
-    """
-    if not models:
-        raise BadInput("latency_table needs at least one model; got an empty dict")
-    for name, model in models.items():
-        check_seqlen(model, f"model {name!r}: prompt_len + new_tokens", prompt_len + new_tokens)
-    prefills = {name: prefill_fn(m, random_prompt(m, prompt_len, 1, seed)) for name, m in models.items()}
-    prefill = time_interleaved(prefills,
-                               warmup=warmup, repeats=repeats, device=model_device(next(iter(models.values()))),
-                               progress=progress)
-    decode = decode_interleaved(models, prompt_len, new_tokens, warmup=warmup, repeats=repeats, seed=seed,
-                                progress=progress)
-    table = pd.DataFrame({
-        "prefill ms P50": [prefill[n].p50 * 1e3 for n in models],
-        "prefill ms P95": [prefill[n].p95 * 1e3 for n in models],
-        "decode tokens/s P50": [decode[n].rate_p50 for n in models],
-        "decode ms/token P95": [decode[n].p95 * 1e3 for n in models],
-    }, index=pd.Index(list(models), name="model"))
-    first = table.iloc[0]
-    table["prefill × dense"] = first["prefill ms P50"] / table["prefill ms P50"]
-    table["decode × dense"] = table["decode tokens/s P50"] / first["decode tokens/s P50"]
-    table.attrs.update(prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
-                       device=str(model_device(next(iter(models.values())))))
-    return table
-
-
-def _tensor_bytes(t: torch.Tensor) -> int:
-    if isinstance(t, torch.sparse.SparseSemiStructuredTensor):  # compressed values + metadata, not the dense shape
-        names, _ = t.__tensor_flatten__()
-        return sum(getattr(t, n).numel() * getattr(t, n).element_size() for n in names)
-    return t.numel() * t.element_size()
-
-
-def _count_nonzero(t: torch.Tensor) -> int:
-    if isinstance(t, torch.sparse.SparseSemiStructuredTensor):  # the kept half of every group of 4
-        return int(t.values().count_nonzero())
-    return int(t.detach().count_nonzero())
-
-
-def memory_table(models: dict[str, nn.Module], *, prompt_len: int = 128, seed: int = 0) -> pd.DataFrame:
-    """Size of each model in memory. Tied weights (SmolLM2 ties embedding and output) count once.
-
-    Columns: parameters (logical: a 2:4 compressed weight counts its dense shape), non-zero parameters, zero share,
-    MiB of parameters + buffers as stored (a 2:4 compressed weight counts its packed values and metadata), and
-    "peak prefill MiB (CUDA)": the peak memory allocated on the GPU during one prefill of ``prompt_len`` tokens,
-    weights included (``torch.cuda.max_memory_allocated``); NaN off CUDA, where torch does not track it.
-    """
-    if not models:
-        raise BadInput("memory_table needs at least one model; got an empty dict")
-    rows = []
-    for name, model in models.items():
-        params = list({id(p): p for p in model.parameters()}.values())
-        buffers = list({id(b): b for b in model.buffers()}.values())
-        compressed = [m for m in model.modules() if isinstance(m, CompressedLinear)]  # weights held as buffers
-        total = sum(p.numel() for p in params) + sum(m.out_features * m.in_features for m in compressed)
-        nonzero = (sum(_count_nonzero(p) for p in params)
-                   + sum(m.nonzero_weights() for m in compressed))
-        rows.append({"model": name, "parameters": total, "non-zero parameters": nonzero,
-                     "zero share": 1 - nonzero / total if total else math.nan,
-                     "MiB (params + buffers)": sum(_tensor_bytes(t) for t in params + buffers) / 2**20,
-                     "peak prefill MiB (CUDA)": _peak_prefill_mib(model, prompt_len, seed)})
-    return pd.DataFrame(rows).set_index("model")
-
-
-def _peak_prefill_mib(model: nn.Module, prompt_len: int, seed: int) -> float:
-    device = model_device(model)
-    if device.type != "cuda":
-        return math.nan
-    check_seqlen(model, "prompt_len", prompt_len)
-    return measure(device, prefill_fn(model, random_prompt(model, prompt_len, 1, seed))).peak_gib * 1024
+def _decode_steps(model: nn.Module, prompt: torch.Tensor, new_tokens: int, timed: bool) -> list[float]:
+    """Seconds of each decode step of one greedy continuation of ``prompt`` (warm-up runs are timed too, and
+    dropped)."""
+    return timed_greedy_decode(model, prompt, new_tokens)[1]
 
 
 @dataclass
@@ -295,41 +172,3 @@ def measure(device: torch.device, fn: Callable[[], object]) -> Measured:
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else math.nan
     return Measured(seconds, peak, result)
-
-
-@torch.inference_mode()
-def zeros_matmul_table(weight: torch.Tensor, tokens: int, *, sparsity: float = 0.5, warmup: int = 3,
-                       repeats: int = 20, seed: int = 0) -> pd.DataFrame:
-    """Why zeros alone give no speedup: time y = x Wᵀ for x (tokens, in) with
-
-    - the dense weight W (out, in),
-    - the same W with ``sparsity`` of every row zeroed by magnitude, still stored densely (the GEMM multiplies
-      zeros like any other number, so the time is the same),
-    - that zeroed W stored as CSR (``torch.sparse``): at 50 % zeros the index overhead makes it slower.
-
-    On the CPU the product runs in float32. Returns P50 / P95 ms and the speed ratio against the dense weight.
-    """
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise BadInput(f"weight must be a 2-D (out, in) tensor; got {getattr(weight, 'shape', type(weight))}")
-    check_positive_int("tokens", tokens)
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 < sparsity < 1:
-        raise BadInput(f"sparsity must be a number in (0, 1); got {sparsity!r}")
-    w = weight.detach().float() if weight.device.type == "cpu" else weight.detach()
-    zeroed = w.masked_fill(unstructured_mask(w.abs().float(), sparsity), 0)
-    with warnings.catch_warnings():  # torch warns once that CSR support is "beta"; the timing is what we show
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        csr = zeroed.to_sparse_csr()
-    x = torch.randn(tokens, w.shape[1], generator=torch.Generator().manual_seed(seed)).to(w.device, w.dtype)
-    x_t = x.t().contiguous()  # CSR @ dense wants the dense operand as (in, tokens); prepared once, untimed
-    labels = {"dense weight, dense matmul": lambda: F.linear(x, w),
-              f"{sparsity:.0%} zeros, dense matmul": lambda: F.linear(x, zeroed),
-              f"{sparsity:.0%} zeros, CSR sparse matmul": lambda: torch.sparse.mm(csr, x_t)}
-    stats = time_interleaved(labels, warmup=warmup, repeats=repeats, device=w.device)
-    zero_share = [float((w == 0).float().mean()), float((zeroed == 0).float().mean()),
-                  float((zeroed == 0).float().mean())]
-    table = pd.DataFrame({"zero share": zero_share, "P50 ms": [s.p50 * 1e3 for s in stats.values()],
-                          "P95 ms": [s.p95 * 1e3 for s in stats.values()]},
-                         index=pd.Index(list(labels), name="weight, kernel"))
-    table["× dense"] = table["P50 ms"].iloc[0] / table["P50 ms"]
-    table.attrs.update(shape=tuple(w.shape), tokens=tokens, device=str(w.device), dtype=str(w.dtype))
-    return table

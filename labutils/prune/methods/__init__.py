@@ -25,6 +25,9 @@ REGISTRY: dict[str, Method] = {
 }
 
 
+METHODS = tuple(REGISTRY)
+
+
 def get_method(name: str) -> Method:
     """The registered method called ``name``."""
     if name not in REGISTRY:
@@ -32,5 +35,5 @@ def get_method(name: str) -> Method:
     return REGISTRY[name]
 
 
-__all__ = ["REGISTRY", "Method", "get_method", "magnitude_score", "output_error", "ria_score", "sparsegpt_weights",
+__all__ = ["METHODS", "REGISTRY", "Method", "get_method", "magnitude_score", "output_error", "ria_score", "sparsegpt_weights",
            "wanda_score"]

@@ -1,0 +1,72 @@
+"""PruneSpec: the one value a pruning run is described by — validated once, labels computed from it."""
+import pytest
+
+import labutils as lu
+from labutils.prune.owl import OwlConfig
+
+
+def test_spec_normalises_target_params_and_owl():
+    spec = lu.PruneSpec("ria", "50%")
+    assert spec.target == lu.SparsityTarget(0.5) and spec.params == {"alpha": 0.5}  # defaults filled in
+    assert lu.PruneSpec("wanda", "2:4").target == lu.SparsityTarget(n=2, m=4)
+    assert lu.PruneSpec("magnitude", 0.7, owl=True).owl == OwlConfig()
+    assert lu.PruneSpec("wanda", 0.5, owl=False).owl is None
+    assert lu.PruneSpec("ria", 0.5, params={"alpha": 1.0}).params == {"alpha": 1.0}
+
+
+def test_equal_specs_are_equal_and_hashable():
+    a, b = lu.PruneSpec("ria", 0.5), lu.PruneSpec("ria", lu.SparsityTarget(0.5), params={"alpha": 0.5})
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1
+    assert a != lu.PruneSpec("ria", 0.5, params={"alpha": 1.0})
+
+
+@pytest.mark.parametrize("spec,variant,label,slug", [
+    (lu.PruneSpec("wanda", 0.5), "wanda", "wanda 50%", "wanda-50"),
+    (lu.PruneSpec("wanda", "2:4", true_sequential=True), "wanda (true-sequential)", "wanda (true-sequential) 2:4",
+     "wanda-ts-2-4"),
+    (lu.PruneSpec("magnitude", 0.7, owl=True), "magnitude + OWL", "magnitude + OWL 70%", "magnitude-owl-70"),
+])
+def test_labels_are_computed_from_the_spec(spec, variant, label, slug):
+    assert (spec.variant, spec.label, spec.slug) == (variant, label, slug)
+
+
+def test_to_dict_is_what_reports_record():
+    spec = lu.PruneSpec("wanda", 0.6, owl=OwlConfig(m=4.0, lam=0.1), true_sequential=True)
+    assert spec.to_dict() == {"method": "wanda", "target": "60%", "params": {}, "true_sequential": True,
+                              "owl": {"M": 4.0, "lambda": 0.1}}
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"method": "obc"}, "unknown method 'obc'; allowed: magnitude, wanda, sparsegpt, ria"),
+    ({"method": 3}, "method must be a method's name, one of magnitude, wanda, sparsegpt, ria; got 3"),
+    ({"target": 1.5}, r"sparsity must be a number in \[0, 1\); got 1.5"),
+    ({"method": "magnitude", "true_sequential": True}, "true-sequential mode re-collects calibration statistics"),
+    ({"true_sequential": "yes"}, "true_sequential must be True or False; got 'yes'"),
+    ({"target": "2:4", "owl": True}, "OWL sets a different sparsity per layer and needs an unstructured target"),
+    ({"owl": {"m": 5}}, "owl must be an OwlConfig, True or None; got {'m': 5}"),
+    ({"params": {"alpha": 0.5}}, "method 'wanda' does not take alpha; it takes no parameters"),
+    ({"owl": OwlConfig(lam=0.6)}, "OWL lambda 0.6 moves some layer's sparsity out of"),
+])
+def test_bad_specs_are_refused_when_built(kwargs, message):
+    with pytest.raises(lu.BadInput, match=message):
+        lu.PruneSpec(**{"method": "wanda", "target": 0.5, **kwargs})
+
+
+def test_from_options_reads_the_command_lines_flags():
+    assert lu.PruneSpec.from_options() == lu.PruneSpec("wanda", 0.5)
+    assert lu.PruneSpec.from_options("wanda", nm="4:8") == lu.PruneSpec("wanda", "4:8")
+    spec = lu.PruneSpec.from_options("ria", 0.6, params={"alpha": None}, owl=True, owl_lambda=0.05)
+    assert spec == lu.PruneSpec("ria", 0.6, owl=OwlConfig(lam=0.05))
+    with pytest.raises(lu.BadInput, match="add --owl to use OWL"):
+        lu.PruneSpec.from_options(owl_m=4.0)
+    with pytest.raises(lu.BadInput, match="give one of --sparsity or --nm"):
+        lu.PruneSpec.from_options(sparsity=0.5, nm="2:4")
+
+
+def test_prune_model_takes_only_a_spec(tiny_model, calib_tokens):
+    with pytest.raises(lu.BadInput, match=r"spec must be a PruneSpec, e.g. lu.PruneSpec\('wanda', 0.5\); got 'wanda'"):
+        lu.prune_model(tiny_model, "wanda", calib_tokens)
+    report = lu.prune_model(tiny_model, lu.PruneSpec("wanda", "2:4", true_sequential=True), calib_tokens,
+                            progress=False)
+    assert report.spec.label == report.label == "wanda (true-sequential) 2:4"
+    assert (report.method, report.target, report.nm, report.target_sparsity) == ("wanda", "2:4", (2, 4), 0.5)
