@@ -3,10 +3,10 @@
 Builds the ``llama2-7b-random`` profile's model (random init directly on the GPU, float16), prunes every decoder
 linear to 2:4 by magnitude (cheap; quality means nothing with random weights), compresses a copy to cuSPARSELt 2:4
 weights, checks its logits against the masked dense model, and times prefill (eager and CUDA-graphed) at
-512–8192 tokens and batch-1 decode. Prints the tables and writes them as JSON. About 3 minutes on an H200.
+512–8192 tokens and batch-1 decode. Prints the tables and writes them as JSON.
 First every weight shape is timed alone (dense vs 2:4 with cuSPARSELt's default and searched algorithm), then
 the whole model for each of ``--kernels``: ``lab`` (default; the lab's ``SparseLinear24``, one direct cuSPARSELt
-call per linear: see ``labutils/sparse24.py``) and/or ``stock`` (torch's ``SparseSemiStructuredTensor`` weights).
+call per linear: see ``labutils/sparse24/kernel.py``) and/or ``stock`` (torch's ``SparseSemiStructuredTensor`` weights).
 
     python benchmarks/gpu_semistructured.py            # the GPU run; writes results/gpu_semistructured.json
     python benchmarks/gpu_semistructured.py --tiny     # a tiny model, any machine: smoke test; on a CPU it
@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from transformers import LlamaConfig
 
-from labutils.speed.timing import latency_table, memory_table, random_prompt
+from labutils.speed.latency import latency_table, memory_table, random_prompt
 from labutils.jobs.compare import table_records
 from labutils.core.config import get_profile
 from labutils.core.device import device_summary, get_device, require_cuda, set_seed

@@ -14,36 +14,63 @@ it, and each imports only from those before it in this list:
 
 ``lu.*`` is exactly ``__all__`` below: what the notebooks and README use, and the types needed to call it.
 """
-from .core.errors import BadInput, LabError
-from .core.config import DEFAULT_PROFILE, get_profile
-from .core.device import cuda_capability, device_summary, get_device, set_seed, versions_table
-from .core.models import find_decoder_layers, find_linears, load_model, random_model, tiny_llama_config
-from .core.data import calibration_data, corpus_split, heldout_tokens, test_tokens
 from .core.checkpoint import load_pruned, save_pruned
-from .prune.masks import SparsityTarget, as_target, parse_nm, select_mask, unstructured_mask
-from .prune.calibration import capture_layer_inputs, collect_input_norms, collect_statistics
-from .prune.methods import METHODS, get_method, magnitude_score, output_error, sparsegpt_weights, wanda_score
-from .prune.owl import OwlConfig
-from .prune.spec import PruneSpec
-from .prune.driver import PruneReport, prune_model
-from .prune.sparsity import mask_sha256, model_sparsity, sparsity_table
+from .core.config import DEFAULT_PROFILE, get_profile
+from .core.data import calibration_data, corpus_split, heldout_tokens, test_tokens
+from .core.device import cuda_capability, device_summary, get_device, set_seed, versions_table
+from .core.errors import BadInput, LabError
+from .core.models import find_decoder_layers, find_linears, load_model, random_model, tiny_llama_config
+from .evaluate.generation import (
+                                  PROMPTS,
+                                  degeneration_table,
+                                  drift_table,
+                                  mean_kl,
+                                  passage_starts,
+                                  prompt_text,
+                                  side_by_side,
+)
 from .evaluate.perplexity import perplexity
-from .evaluate.generation import (PROMPTS, degeneration_table, drift_table, mean_kl, passage_starts, prompt_text,
-                                  side_by_side)
 from .evaluate.zeroshot.run import LOCAL_TASKS, profile_tasks, task_examples, zero_shot, zero_shot_table
 from .evaluate.zeroshot.tasks import write_tasks
-from .speed.latency import latency_table, memory_table, random_prompt, zeros_matmul_table
-from .sparse24.convert import (prefill_speedup_table, semi_structured_ready, semi_structured_support,
-                               to_semi_structured, verify_semi_structured)
-from .sparse24.shapes import linear_speedup_table
-from .jobs.main_job import PruneJob, build_report, default_output_dir, ensure_pruned, run_prune_job
-from .jobs.compare import compare_methods, standard_variants, sweep_variants, write_results
 from .jobs.bench_prune import bench_prune, bench_setup, saved_bench_results
-from .lab.checks import (check_close, check_layer_sparsity, check_ria_score, check_top1_agreement, check_wanda_score,
-                         data_sources, model_summary)
-from .lab.plots import (outlier_summary, plot_benchmark_summary, plot_drift, plot_input_norms, plot_layer_sparsity,
-                        plot_method_comparison, plot_perplexity, plot_sparsity_sweep)
+from .jobs.compare import compare_methods, standard_variants, sweep_variants, write_results
+from .jobs.main_job import PruneJob, build_report, default_output_dir, ensure_pruned, run_prune_job
+from .lab.checks import (
+                                  check_close,
+                                  check_layer_sparsity,
+                                  check_ria_score,
+                                  check_top1_agreement,
+                                  check_wanda_score,
+                                  data_sources,
+                                  model_summary,
+)
+from .lab.plots import (
+                                  outlier_summary,
+                                  plot_benchmark_summary,
+                                  plot_drift,
+                                  plot_input_norms,
+                                  plot_layer_sparsity,
+                                  plot_method_comparison,
+                                  plot_perplexity,
+                                  plot_sparsity_sweep,
+)
 from .lab.tables import benchmark_summary
+from .prune.calibration import capture_layer_inputs, collect_input_norms, collect_statistics
+from .prune.driver import PruneReport, prune_model
+from .prune.masks import SparsityTarget, as_target, parse_nm, select_mask, unstructured_mask
+from .prune.methods import METHODS, get_method, magnitude_score, output_error, sparsegpt_weights, wanda_score
+from .prune.owl import OwlConfig
+from .prune.sparsity import mask_sha256, model_sparsity, sparsity_table
+from .prune.spec import PruneSpec
+from .sparse24.convert import (
+                                  prefill_speedup_table,
+                                  semi_structured_ready,
+                                  semi_structured_support,
+                                  to_semi_structured,
+                                  verify_semi_structured,
+)
+from .sparse24.shapes import linear_speedup_table
+from .speed.latency import latency_table, memory_table, random_prompt, zeros_matmul_table
 
 __all__ = [
     # core

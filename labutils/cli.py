@@ -10,18 +10,24 @@ from .core.config import DEFAULT_PROFILE, PROFILES
 from .core.data import corpus_split
 from .core.errors import LabError
 from .core.models import embedded_model_dir
-from .jobs.main_job import PruneJob, run_prune_job, summary_table
-from .jobs.bench_prune import MODES, TARGETS, bench_prune, bench_setup, default_json_path, write_json
-from .prune.methods import METHODS
-from .prune.spec import PruneSpec
 from .core.storage import PUBLISHED, interrupt_on_termination, strict_json
 from .core.validation import check_seed
+from .jobs.bench_prune import MODES, TARGETS, bench_prune, bench_setup, default_json_path, write_json
+from .jobs.main_job import PruneJob, run_prune_job, summary_table
+from .prune.methods import METHODS
+from .prune.spec import CLI_FLAGS, METHOD_FLAGS, PruneSpec
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m labutils", description="Wanda pruning lab")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_prune(sub)
+    sub.add_parser("prepare", help="convert the embedded model once and check the corpus (setup runs this)")
+    _add_bench_prune(sub)
+    return parser
 
+
+def _add_prune(sub) -> None:
     prune = sub.add_parser("prune", help="prune a model, evaluate dense and pruned perplexity, save the result",
                            description="With no options: Wanda, 50% unstructured, on the embedded default model.")
     prune.add_argument("--profile", choices=list(PROFILES), default=None,
@@ -53,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep the model in CPU memory while pruning; one layer at a time visits the GPU")
     prune.add_argument("--json", action="store_true", help="print the whole report as JSON instead of a table")
 
-    sub.add_parser("prepare", help="convert the embedded model once and check the corpus (setup runs this)")
 
+def _add_bench_prune(sub) -> None:
     bench = sub.add_parser("bench-prune", help="time pruning against the two-pass forward floor, default and "
                                                "low-memory mode (Llama-2-7B shapes on a GPU, or --tiny anywhere)")
     bench.add_argument("--tiny", action="store_true", help="a 4-layer tiny Llama on any device (what the tests run)")
@@ -68,19 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--json", dest="json_path", default=None,
                        help="where to write the JSON (default results/bench-prune-<setup>-<date>.json)")
-    return parser
-
-
-SPEC_FLAGS = ("method", "sparsity", "nm", "owl", "owl_m", "owl_lambda", "true_sequential")
-METHOD_PARAMS = ("alpha", "dampening", "blocksize")
 
 
 def _prune(args: argparse.Namespace) -> None:
-    options = vars(args)
-    spec = PruneSpec.from_options(**{k: options[k] for k in SPEC_FLAGS},
-                                  params={k: options[k] for k in METHOD_PARAMS})
-    job = {k: v for k, v in options.items() if k not in ("command", "json", *SPEC_FLAGS, *METHOD_PARAMS)}
-    report = run_prune_job(PruneJob(spec, **job))
+    flags = vars(args)
+    job = {k: v for k, v in flags.items() if k not in ("command", "json", *CLI_FLAGS, *METHOD_FLAGS)}
+    report = run_prune_job(PruneJob(PruneSpec.from_cli(flags), **job))
     if args.json:
         print(strict_json(report))
         return

@@ -52,15 +52,19 @@ def test_bad_specs_are_refused_when_built(kwargs, message):
         lu.PruneSpec(**{"method": "wanda", "target": 0.5, **kwargs})
 
 
-def test_from_options_reads_the_command_lines_flags():
-    assert lu.PruneSpec.from_options() == lu.PruneSpec("wanda", 0.5)
-    assert lu.PruneSpec.from_options("wanda", nm="4:8") == lu.PruneSpec("wanda", "4:8")
-    spec = lu.PruneSpec.from_options("ria", 0.6, params={"alpha": None}, owl=True, owl_lambda=0.05)
-    assert spec == lu.PruneSpec("ria", 0.6, owl=OwlConfig(lam=0.05))
+def test_from_cli_reads_the_command_lines_flags():
+    assert lu.PruneSpec.from_cli({}) == lu.PruneSpec("wanda", 0.5)
+    assert lu.PruneSpec.from_cli({"sparsity": 0.0}).target == lu.SparsityTarget(0.0)
+    assert lu.PruneSpec.from_cli({"nm": "4:8", "out": "ignored"}) == lu.PruneSpec("wanda", "4:8")
+    flags = {"method": "ria", "sparsity": 0.6, "alpha": None, "owl": True, "owl_m": None, "owl_lambda": 0.05}
+    assert lu.PruneSpec.from_cli(flags) == lu.PruneSpec("ria", 0.6, owl=OwlConfig(lam=0.05))
+    assert lu.PruneSpec.from_cli({"method": "sparsegpt", "blocksize": 64}).params["blocksize"] == 64
     with pytest.raises(lu.BadInput, match="add --owl to use OWL"):
-        lu.PruneSpec.from_options(owl_m=4.0)
+        lu.PruneSpec.from_cli({"owl_m": 4.0})
     with pytest.raises(lu.BadInput, match="give one of --sparsity or --nm"):
-        lu.PruneSpec.from_options(sparsity=0.5, nm="2:4")
+        lu.PruneSpec.from_cli({"sparsity": 0.5, "nm": "2:4"})
+    with pytest.raises(lu.BadInput, match="method 'wanda' does not take alpha"):
+        lu.PruneSpec.from_cli({"alpha": 0.5})
 
 
 def test_prune_model_takes_only_a_spec(tiny_model, calib_tokens):

@@ -15,8 +15,17 @@ import torch
 
 from .errors import BadInput, LabError
 from .models import load_pretrained
-from .storage import (LAB_MARKER, atomic_folder, check_writable, read_manifest, replace_problem, resolve_target,
-                      strict_json, quiet_hf_progress, verify_folder)
+from .storage import (
+    LAB_MARKER,
+    atomic_folder,
+    check_writable,
+    quiet_hf_progress,
+    read_manifest,
+    replace_problem,
+    resolve_target,
+    strict_json,
+    verify_folder,
+)
 
 REPORT_FILE = "report.json"
 OUTPUT_KIND = "pruned-model"

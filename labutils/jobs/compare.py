@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from ..core.config import Profile
-from ..evaluate.perplexity import perplexity
-from ..prune.masks import SparsityTarget
-from ..prune.owl import OwlConfig
 from ..core.errors import BadInput
 from ..core.validation import check_model, describe
+from ..evaluate.perplexity import perplexity
 from ..prune.driver import PruneReport, prune_model
+from ..prune.masks import SparsityTarget
+from ..prune.owl import OwlConfig
 from ..prune.spec import PruneSpec
 
 

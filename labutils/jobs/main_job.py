@@ -17,13 +17,13 @@ from ..core.checkpoint import check_output_dir, is_lab_output, load_report, save
 from ..core.config import Profile, get_profile
 from ..core.device import get_device, require_cuda, set_seed, versions
 from ..core.errors import BadInput
-from ..evaluate.perplexity import perplexity
 from ..core.models import CACHE_FOLDER, WEIGHT_PATTERNS, check_seqlen, load_model
-from ..core.validation import describe
-from ..prune.driver import PruneReport, check_prunable, prune_model
-from ..prune.spec import PruneSpec
-from ..prune.sparsity import model_sparsity
 from ..core.storage import cache_dir, output_lock, verify_folder
+from ..core.validation import describe
+from ..evaluate.perplexity import perplexity
+from ..prune.driver import PruneReport, check_prunable, prune_model
+from ..prune.sparsity import model_sparsity
+from ..prune.spec import PruneSpec
 
 LLAMA2_7B_PARAMS = 6_738_415_616  # Llama-2-7B's parameter count (13.5 GB in float16)
 EMBEDDED_MODEL_BYTES = 538_000_000  # SmolLM2-135M in float32, before the cache exists to measure it

@@ -7,10 +7,10 @@ import pandas as pd
 import torch
 
 from ..core import data
-from ..core.device import versions
 from ..core.models import EMBEDDED_DIST, embedded_gguf_path, find_decoder_layers, find_linears
 from ..evaluate.generation import top1_agreement
 from ..prune.methods import ria_score, wanda_score
+
 
 def _report(name: str, ok: bool, detail: str) -> None:
     print(f"{'PASS' if ok else 'FAIL'}: {name} — {detail}")

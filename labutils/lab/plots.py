@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import pandas as pd
-from matplotlib import ticker
 import torch
+from matplotlib import ticker
 
 
 def _plain_log_axis(ax, which: str) -> None:

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..core.validation import check_positive_int
 from ..core.errors import BadInput, LabError
 from ..core.models import find_decoder_layers, find_linears
+from ..core.validation import check_positive_int
 
 
 @dataclass

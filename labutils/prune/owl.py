@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .calibration import INPUT_NORMS, collect_statistics
 from ..core.errors import BadInput
-from ..core.validation import check_number
-from .methods.wanda import wanda_score
 from ..core.models import find_decoder_layers, find_linears
+from ..core.validation import check_number
+from .calibration import INPUT_NORMS, collect_statistics
+from .methods.wanda import wanda_score
 from .streaming import calibration_inputs, compute_device, layer_visits
 
 

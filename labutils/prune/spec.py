@@ -1,18 +1,23 @@
 """What one pruning run does: method, target, the method's parameters, true-sequential, OWL (02-Prune, 04).
 
-``PruneSpec`` is the one value every entry point takes: ``prune_model``, the command line (``from_options``),
+``PruneSpec`` is the one value every entry point takes: ``prune_model``, the command line (``from_cli``),
 the main job, ``compare_methods`` and ``bench-prune``. It is validated when built, so every instance can run;
 labels and folder names are computed from it, never parsed back.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..core.errors import BadInput
 from ..core.validation import describe
 from .masks import SparsityTarget, as_target
 from .methods import REGISTRY, Method, get_method
 from .owl import OwlConfig, check_owl_lambda
+
+CLI_FLAGS = ("method", "sparsity", "nm", "owl", "owl_m", "owl_lambda", "true_sequential")
+METHOD_FLAGS = tuple(dict.fromkeys(name for method in REGISTRY.values() for name in method.params))  # alpha, …
 
 
 @dataclass(frozen=True)
@@ -48,29 +53,30 @@ class PruneSpec:
         if self.true_sequential and not method.needs_calibration:
             raise BadInput(f"true-sequential mode re-collects calibration statistics; method {self.method!r} uses none")
         if owl is not None and target.is_nm:
-            raise BadInput(f"OWL sets a different sparsity per layer and needs an unstructured target; got {target.label}")
+            raise BadInput(f"OWL sets a different sparsity per layer and needs an unstructured target; "
+                           f"got {target.label}")
         if owl is not None:
             check_owl_lambda(owl.lam, target.sparsity)
 
     @classmethod
-    def from_options(cls, method: str = "wanda", sparsity: float | None = None, nm: str | None = None,
-                     params: dict | None = None, owl: bool = False, owl_m: float | None = None,
-                     owl_lambda: float | None = None, true_sequential: bool = False) -> PruneSpec:
-        """The spec the command line's flags describe: ``--sparsity`` or ``--nm`` (neither: 50 %), the method's
-        parameters (None values dropped), ``--owl`` with optional ``--owl-m`` / ``--owl-lambda``."""
+    def from_cli(cls, flags: Mapping[str, Any]) -> PruneSpec:
+        """The spec the command line's flags describe (``python -m labutils prune``): ``method``, ``sparsity`` or
+        ``nm`` (neither: 50 %), the method's parameters (``alpha``, ``dampening``, ``blocksize``), ``owl`` with
+        optional ``owl_m`` / ``owl_lambda``, ``true_sequential``. Missing or None flags take their defaults; other
+        keys are not the spec's and are ignored."""
+        sparsity, nm = flags.get("sparsity"), flags.get("nm")
         if sparsity is not None and nm is not None:
             raise BadInput(f"give one of --sparsity or --nm; got sparsity={sparsity!r}, nm={nm!r}")
-        if not owl and (owl_m is not None or owl_lambda is not None):
+        owl_m, owl_lambda = flags.get("owl_m"), flags.get("owl_lambda")
+        if not flags.get("owl") and (owl_m is not None or owl_lambda is not None):
             raise BadInput("--owl-m and --owl-lambda set OWL's parameters; add --owl to use OWL")
-        config = None
-        if owl:
-            defaults = OwlConfig()
-            config = OwlConfig(m=defaults.m if owl_m is None else owl_m,
-                               lam=defaults.lam if owl_lambda is None else owl_lambda)
-        target = SparsityTarget.of(nm=nm) if nm is not None else SparsityTarget.of(sparsity=0.5 if sparsity is None
-                                                                                   else sparsity)
-        given = {k: v for k, v in (params or {}).items() if v is not None}
-        return cls(method, target, given, true_sequential, config)
+        owl = None
+        if flags.get("owl"):
+            owl = OwlConfig(**{k: v for k, v in (("m", owl_m), ("lam", owl_lambda)) if v is not None})
+        target = SparsityTarget.of(nm=nm) if nm is not None else SparsityTarget.of(
+            sparsity=0.5 if sparsity is None else sparsity)
+        params = {k: flags[k] for k in METHOD_FLAGS if flags.get(k) is not None}
+        return cls(flags.get("method") or "wanda", target, params, bool(flags.get("true_sequential")), owl)
 
     @property
     def runner(self) -> Method:

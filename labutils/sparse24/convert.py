@@ -21,16 +21,23 @@ import torch
 from torch import nn
 from tqdm import tqdm  # plain text everywhere: a saved notebook shows the finished bar, not a widget
 
-from ..speed.latency import prefill_fn, random_prompt
-from ..speed.timing import decode_interleaved, time_interleaved
-from ..core.validation import (check_choice, check_names, check_no_problems, check_number, check_positive_int,
-                               check_positive_ints, check_tokens)
-from .graphs import GraphedForward, graphed_forward
 from ..core.device import cuda_capability, get_device
 from ..core.errors import LabError
 from ..core.models import find_decoder_layers, max_sequence_length, model_device
-from .kernel import SparseLinear24, check_against_dense, search_alg_id
+from ..core.validation import (
+    check_choice,
+    check_names,
+    check_no_problems,
+    check_number,
+    check_positive_int,
+    check_positive_ints,
+    check_tokens,
+)
 from ..prune.sparsity import nm_violations, prunable_linears, split_linear_name
+from ..speed.latency import prefill_fn, random_prompt
+from ..speed.timing import decode_interleaved, time_interleaved
+from .graphs import GraphedForward, graphed_forward
+from .kernel import SparseLinear24, check_against_dense, search_alg_id
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 _FALLBACK_MIN_SHAPE = (16, 16)  # torch 2.13's cuSPARSELt multiples for 16-bit weights, if its private table moves

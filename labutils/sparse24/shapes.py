@@ -15,13 +15,13 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm  # plain text everywhere: a saved notebook shows the finished bar, not a widget
 
-from ..speed.timing import time_interleaved
 from ..core.errors import LabError
 from ..core.validation import check_not_empty, check_positive_ints
 from ..prune.masks import nm_mask
+from ..prune.sparsity import prunable_linears, split_linear_name
+from ..speed.timing import time_interleaved
 from .convert import kernel_problem, min_shape
 from .kernel import SparseLinear24, search_alg_id
-from ..prune.sparsity import prunable_linears, split_linear_name
 
 
 def linear_shapes(model: torch.nn.Module) -> dict[tuple[int, int], list[str]]:

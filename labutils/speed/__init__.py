@@ -1,2 +1,2 @@
-"""Timing and memory (04-Benchmark): interleaved timing with percentiles, prefill latency, decode throughput,
-memory tables. Builds on ``core`` and ``prune``."""
+"""Timing and memory (04-Benchmark): ``timing`` (interleaved rounds, percentiles, decode steps, peak memory) and
+``latency`` (prefill and decode tables, memory table, zeros × matmul). Builds on ``core`` and ``prune``."""

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.validation import check_fraction, check_not_empty, check_positive_int, check_seed, check_tensor
 from ..core.models import CompressedLinear, check_seqlen, model_device
+from ..core.validation import check_fraction, check_not_empty, check_positive_int, check_seed, check_tensor
 from ..prune.masks import unstructured_mask
 from .timing import decode_interleaved, measure, time_interleaved
 

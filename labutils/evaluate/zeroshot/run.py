@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from ...core.config import Profile
-from ...core.validation import check_positive_int
 from ...core.errors import BadInput, LabError
+from ...core.validation import check_positive_int
 from .tasks import TASKS_DIR
 
 LOCAL_TASKS = ("wiki_lastword", "wiki_nextsentence")
@@ -127,7 +127,7 @@ def _load_task(task: str):
     except OSError as exc:  # datasets and huggingface_hub report no network, offline mode and 404 as OSError
         if task in LOCAL_TASKS:
             raise LabError(f"task {task!r}: its files in {TASKS_DIR} could not be read ({exc}); regenerate them "
-                           "with labutils.zeroshot_tasks.write_tasks()") from exc
+                           "with labutils.evaluate.zeroshot.tasks.write_tasks()") from exc
         raise LabError(
             f"task {task!r}: its data is downloaded from the Hugging Face Hub, which could not be used (offline "
             "mode is on, or huggingface.co did not answer) and it is not in the local cache "

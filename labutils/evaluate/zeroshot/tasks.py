@@ -22,9 +22,9 @@ import random
 import re
 from pathlib import Path
 
-from ...core.validation import check_positive_int
 from ...core.data import Article, corpus_split
 from ...core.errors import BadInput
+from ...core.validation import check_positive_int
 
 TASKS_DIR = Path(__file__).resolve().parent / "lm_tasks"
 N_ITEMS = 300
@@ -59,7 +59,7 @@ _SENTENCE_END = re.compile(r"[.!?][\"'”’)\]]*\s+(?=[\"“(]?[A-Z])")
 _TRAILING_PUNCT = ".,;:!?\"'”’)]"
 
 _LOADER = '''"""Loads a task's JSONL file from this folder for lm-eval's ``custom_dataset`` (written by
-labutils.zeroshot_tasks.write_tasks; edit that, not this file)."""
+labutils.evaluate.zeroshot.tasks.write_tasks; edit that, not this file)."""
 import json
 from pathlib import Path
 
@@ -72,7 +72,7 @@ def load(data_file, **metadata):
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 '''
 
-_LASTWORD_YAML = """# Written by labutils.zeroshot_tasks.write_tasks; regenerate rather than edit.
+_LASTWORD_YAML = """# Written by labutils.evaluate.zeroshot.tasks.write_tasks; regenerate rather than edit.
 task: wiki_lastword
 custom_dataset: !function wiki_data.load
 dataset_kwargs:
@@ -89,7 +89,7 @@ metadata:
   version: 1.0
 """
 
-_NEXTSENTENCE_YAML = """# Written by labutils.zeroshot_tasks.write_tasks; regenerate rather than edit.
+_NEXTSENTENCE_YAML = """# Written by labutils.evaluate.zeroshot.tasks.write_tasks; regenerate rather than edit.
 task: wiki_nextsentence
 custom_dataset: !function wiki_data.load
 dataset_kwargs:
@@ -264,7 +264,7 @@ def write_tasks(folder: str | Path = TASKS_DIR, n_items: int = N_ITEMS, seed: in
     """Write the task folder (YAMLs, JSONL data, loader) into ``folder``; returns the paths written.
 
     Pass the folder to ``lm_eval.tasks.TaskManager(include_path=folder)``. Regenerate the committed copy with
-    ``python -c "import labutils.zeroshot_tasks as z; z.write_tasks()"``.
+    ``python -c "import labutils.evaluate.zeroshot.tasks as z; z.write_tasks()"``.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

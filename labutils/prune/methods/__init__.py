@@ -1,13 +1,10 @@
 """The method registry. Adding a method is one module in this folder plus one line in ``REGISTRY``.
 
 Each method turns one linear's weight and its calibration statistic into pruned weights; the layer-by-layer
-driver in ``labutils.pruning`` is shared by all of them.
+driver in ``labutils.prune.driver`` is shared by all of them.
 """
 from ...core.errors import BadInput
-from . import magnitude
-from . import ria
-from . import sparsegpt
-from . import wanda
+from . import magnitude, ria, sparsegpt, wanda
 from .base import Method
 from .magnitude import magnitude_score
 from .ria import ria_score
@@ -35,5 +32,5 @@ def get_method(name: str) -> Method:
     return REGISTRY[name]
 
 
-__all__ = ["METHODS", "REGISTRY", "Method", "get_method", "magnitude_score", "output_error", "ria_score", "sparsegpt_weights",
-           "wanda_score"]
+__all__ = ["METHODS", "REGISTRY", "Method", "get_method", "magnitude_score", "output_error", "ria_score",
+           "sparsegpt_weights", "wanda_score"]

@@ -7,10 +7,11 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ...core.errors import BadInput
+
 # Which calibration statistic a method needs for each linear, collected by the shared layer-by-layer driver:
 # NO_STATISTIC; INPUT_NORMS (in,) = Σ_t x_tj²; HESSIAN (in, in) = 2 · Σ_t x_t x_tᵀ. Re-exported for the methods.
 from ..calibration import HESSIAN, INPUT_NORMS, NO_STATISTIC  # noqa: F401
-from ...core.errors import BadInput
 from ..masks import SparsityTarget
 
 

@@ -6,8 +6,8 @@ weights of its output row and of its input column, so no row or column is emptie
 import torch
 from torch import nn
 
-from ..masks import SparsityTarget, prune_by_score
 from ...core.validation import check_number
+from ..masks import SparsityTarget, prune_by_score
 from .base import INPUT_NORMS, Method
 from .wanda import check_norm_shape
 

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from ...core.errors import BadInput, LabError
-from ..masks import SparsityTarget, nm_mask
 from ...core.validation import check_number
+from ..masks import SparsityTarget, nm_mask
 from .base import HESSIAN, Method
 
 

@@ -1,5 +1,5 @@
 """Loads a task's JSONL file from this folder for lm-eval's ``custom_dataset`` (written by
-labutils.zeroshot_tasks.write_tasks; edit that, not this file)."""
+labutils.evaluate.zeroshot.tasks.write_tasks; edit that, not this file)."""
 import json
 from pathlib import Path
 
