@@ -31,14 +31,14 @@ import pandas as pd
 import torch
 from transformers import LlamaConfig
 
-from labutils.speed.latency import latency_table, memory_table, random_prompt
-from labutils.jobs.compare import table_records
 from labutils.core.config import get_profile
 from labutils.core.device import device_summary, get_device, require_cuda, set_seed
 from labutils.core.errors import LabError
+from labutils.core.models import LLAMA2_7B_CONFIG, random_model, tiny_llama_config
+from labutils.jobs.compare import table_records
 from labutils.prune.masks import SparsityTarget, prune_by_score
 from labutils.prune.methods import magnitude_score
-from labutils.core.models import LLAMA2_7B_CONFIG, random_model, tiny_llama_config
+from labutils.prune.sparsity import nm_violations, prunable_linears
 from labutils.sparse24.convert import (
     prefill_speedup_table,
     semi_structured_ready,
@@ -46,7 +46,7 @@ from labutils.sparse24.convert import (
     verify_semi_structured,
 )
 from labutils.sparse24.shapes import linear_shapes, linear_speedup_table
-from labutils.prune.sparsity import nm_violations, prunable_linears
+from labutils.speed.latency import latency_table, memory_table, random_prompt
 
 PROFILE = "llama2-7b-random"
 TINY_LENGTHS = (128, 256, 512, 1024)  # the tiny model has 512 positions: 1024 shows the "skipped" row

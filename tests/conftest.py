@@ -16,6 +16,18 @@ def make_tiny(seed: int = 0, **overrides):
     return lu.random_model(lu.tiny_llama_config(**overrides), torch.float32, torch.device("cpu"), seed=seed)
 
 
+def random_tokens(shape: tuple[int, ...], seed: int = 0, vocab_size: int = 256) -> torch.Tensor:
+    """Token ids drawn uniformly from the tiny models' vocabulary, the same for the same seed."""
+    return torch.randint(0, vocab_size, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def raiser(exc: BaseException):
+    """A stand-in for any function that raises ``exc`` when called (for monkeypatch)."""
+    def fail(*args, **kwargs):
+        raise exc
+    return fail
+
+
 @pytest.fixture
 def tiny_model():
     return make_tiny()
@@ -23,7 +35,7 @@ def tiny_model():
 
 @pytest.fixture
 def calib_tokens():
-    return torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(1))
+    return random_tokens((6, 16), seed=1)
 
 
 NBVAL_OUTPUT_TIMEOUT = 60  # seconds

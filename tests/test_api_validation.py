@@ -6,12 +6,11 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny, raiser, random_tokens
 
 import labutils as lu
-from labutils.prune.owl import owl_sparsities
 from labutils.cli import main
-
-from conftest import make_tiny
+from labutils.prune.owl import owl_sparsities
 
 TARGET_FORMS = ("target must be a SparsityTarget, a sparsity in [0, 1) such as 0.5 or '50%', or an N:M pattern such as "
                 "'2:4'; got ")
@@ -27,18 +26,23 @@ def exactly(message: str) -> str:
 
 
 def refuses(model, message: str, method, target, tokens=None, **spec_options):
-    """Building the PruneSpec or pruning ``model`` with it raises BadInput with exactly ``message``, and the model
-    stays as it was."""
+    """Building the PruneSpec raises BadInput with exactly ``message``; or, if the spec is valid, pruning ``model``
+    with it does, and the model stays as it was."""
+    try:
+        spec = lu.PruneSpec(method, target, **spec_options)
+    except lu.BadInput as exc:
+        assert re.search(exactly(message), str(exc)), str(exc)
+        return
     before = lu.mask_sha256(model)
     with pytest.raises(lu.BadInput, match=exactly(message)):
-        lu.prune_model(model, lu.PruneSpec(method, target, **spec_options), tokens, progress=False)
+        lu.prune_model(model, spec, tokens, progress=False)
     assert lu.mask_sha256(model) == before
 
 
 @pytest.fixture(scope="module")
 def reference_hashes():
     """Mask hashes of wanda on the tiny model for the two SparsityTarget forms."""
-    tokens = torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(1))  # = calib_tokens
+    tokens = random_tokens((6, 16), 1)  # = calib_tokens
     hashes = {}
     for key, target in (("50%", lu.SparsityTarget.of(sparsity=0.5)), ("2:4", lu.SparsityTarget.of(nm="2:4"))):
         hashes[key] = lu.prune_model(make_tiny(), lu.PruneSpec("wanda", target), tokens, progress=False).mask_sha256
@@ -50,7 +54,8 @@ def reference_hashes():
 
 @pytest.mark.parametrize("target,label", [
     (0.5, "50%"), (np.float32(0.5), "50%"), (np.float64(0.5), "50%"), (lu.SparsityTarget(0.5), "50%"),
-    ("50%", "50%"), ("0.5", "50%"), (" 50 % ", "50%"), ("2:4", "2:4"), (" 2 : 4 ", "2:4"), (lu.SparsityTarget(n=2, m=4), "2:4"),
+    ("50%", "50%"), ("0.5", "50%"), (" 50 % ", "50%"), ("2:4", "2:4"), (" 2 : 4 ", "2:4"),
+    (lu.SparsityTarget(n=2, m=4), "2:4"),
     (lu.SparsityTarget.of(nm=(np.int64(2), np.int32(4))), "2:4"),
 ])
 def test_prune_model_accepts_every_target_form(target, label, tiny_model, calib_tokens, reference_hashes):
@@ -158,7 +163,7 @@ def test_not_a_model(model, shown, calib_tokens):
 
 
 def bad_calibration_tokens():
-    good = torch.randint(0, 256, (6, 16), generator=torch.Generator().manual_seed(1))
+    good = random_tokens((6, 16), 1)
     name = "calibration tokens"
     return [
         (good + 256, f"{name} must be token ids in [0, 256) (the model's vocab_size); got min {int(good.min()) + 256}, "
@@ -208,7 +213,7 @@ def test_bad_perplexity_tokens(tokens, message, tiny_model):
 
 
 def test_perplexity_accepts_other_integer_tokens(tiny_model):
-    tokens = torch.randint(0, 256, (64,), generator=torch.Generator().manual_seed(2))
+    tokens = random_tokens((64,), 2)
     expected = lu.perplexity(tiny_model, tokens, seqlen=16, progress=False)
     assert lu.perplexity(tiny_model, tokens.to(torch.int32), seqlen=16, progress=False) == expected
 
@@ -221,7 +226,7 @@ def test_method_that_is_not_a_name(tiny_model, calib_tokens):
 # --- perplexity that is not finite ----------------------------------------------------------------------------------
 
 def test_nan_weight_gives_a_clear_perplexity_error(tiny_model):
-    tokens = torch.randint(0, 256, (64,), generator=torch.Generator().manual_seed(2))
+    tokens = random_tokens((64,), 2)
     with torch.no_grad():
         tiny_model.lm_head.weight[7, 3] = float("nan")
     batches = []
@@ -264,11 +269,6 @@ def test_real_cpu_allocation_failure_is_recognised():
     else:
         pytest.skip("this machine allocated 4 PiB of virtual memory, so there is no allocator error to recognise")
 
-
-def raiser(exc):
-    def fail(*args, **kwargs):
-        raise exc
-    return fail
 
 
 def test_out_of_cpu_memory_while_pruning_gives_advice(tiny_model, calib_tokens, monkeypatch):

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from conftest import make_tiny
 
 import labutils as lu
+from labutils.cli import main
 from labutils.core.checkpoint import check_output_dir, load_report
 from labutils.core.models import load_pretrained
 from labutils.prune.masks import nm_mask
-from conftest import make_tiny
-from labutils.cli import main
 
 
 @pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5, float("nan"), "0.5", True])

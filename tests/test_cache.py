@@ -2,12 +2,11 @@
 import shutil
 
 import pytest
+from conftest import make_tiny
 
 import labutils as lu
-from conftest import make_tiny
-from labutils.core import models
-from labutils.core import storage
 from labutils.cli import main
+from labutils.core import models, storage
 
 
 @pytest.fixture

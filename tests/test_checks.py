@@ -1,9 +1,9 @@
 """Exercise checks, environment helpers and the profiles."""
 import pytest
 import torch
+from conftest import make_tiny
 
 import labutils as lu
-from conftest import make_tiny
 
 
 def test_check_wanda_score_passes_a_right_answer_and_fails_wrong_ones(capsys):

@@ -4,14 +4,14 @@ import shutil
 
 import pytest
 import torch
+from conftest import make_tiny
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import labutils as lu
+from labutils.cli import main
 from labutils.core.data import split_tokens
 from labutils.core.models import load_pretrained
-from conftest import make_tiny
-from labutils.cli import main
 from labutils.core.validation import check_seed
 
 SMALL = ["--nsamples", "2", "--seqlen", "16", "--eval-tokens", "64", "--eval-seqlen", "32"]

@@ -4,17 +4,17 @@ import math
 
 import pytest
 import torch
+from conftest import make_tiny, random_tokens
 from transformers import AutoTokenizer
 
 import labutils as lu
-from labutils.core.models import embedded_model_dir
-from conftest import make_tiny
 from labutils.cli import main
+from labutils.core.models import embedded_model_dir
 from labutils.evaluate.perplexity import window_batches
 
 
 def test_perplexity_matches_manual_computation(tiny_model):
-    tokens = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(0))
+    tokens = random_tokens((100,), 0)
     nll, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, 96, 32):  # 3 windows of 32; the last 4 tokens are dropped

@@ -3,8 +3,10 @@ import json
 
 import pytest
 import torch
+from conftest import make_tiny, random_tokens
 
 import labutils as lu
+from labutils.cli import main
 from labutils.core.models import embedded_model_dir
 from labutils.prune.calibration import HessianAccumulator, run_layer
 from labutils.prune.driver import calibration_stages
@@ -14,8 +16,6 @@ from labutils.prune.methods.base import Method
 from labutils.prune.methods.ria import ria_score
 from labutils.prune.owl import owl_sparsities
 from labutils.prune.sparsity import nm_violations, prunable_linears
-from conftest import make_tiny
-from labutils.cli import main
 
 
 def correlated_inputs(tokens=256, features=32, seed=0):
@@ -122,7 +122,7 @@ def test_ria_score_matches_direct_computation():
 @pytest.mark.parametrize("nm", ["2:4", "4:8"])
 def test_every_method_keeps_the_nm_pattern(method, nm, calib_tokens):
     model = make_tiny()
-    report = lu.prune_model(model, lu.PruneSpec(method, lu.SparsityTarget.of(nm=nm)), calib_tokens, progress=False)
+    report = lu.prune_model(model, lu.PruneSpec(method, nm), calib_tokens, progress=False)
     n, m = lu.parse_nm(nm)
     assert all(nm_violations(lin.weight, n, m) == 0 for lin in prunable_linears(model).values())
     assert report.measured_sparsity == pytest.approx(1 - n / m) and report.mask_sha256 == lu.mask_sha256(model)
@@ -130,7 +130,8 @@ def test_every_method_keeps_the_nm_pattern(method, nm, calib_tokens):
 
 def test_sparsegpt_through_driver_changes_weights_and_hits_target(calib_tokens):
     model, dense = make_tiny(), make_tiny()
-    report = lu.prune_model(model, lu.PruneSpec("sparsegpt", lu.SparsityTarget.of(sparsity=0.5), params={"blocksize": 32}), calib_tokens, progress=False)
+    spec = lu.PruneSpec("sparsegpt", 0.5, params={"blocksize": 32})
+    report = lu.prune_model(model, spec, calib_tokens, progress=False)
     assert report.params == {"dampening": 0.01, "blocksize": 32}
     for (name, lin), ref in zip(prunable_linears(model).items(), prunable_linears(dense).values()):
         kept = lin.weight != 0
@@ -150,7 +151,8 @@ def test_owl_sparsities_average_to_target_and_follow_outliers():
 
 def test_owl_in_the_driver(calib_tokens):
     model = make_tiny(num_hidden_layers=4)
-    report = lu.prune_model(model, lu.PruneSpec("wanda", lu.SparsityTarget.of(sparsity=0.7), owl=lu.OwlConfig(m=3, lam=0.05)), calib_tokens, progress=False)
+    spec = lu.PruneSpec("wanda", 0.7, owl=lu.OwlConfig(m=3, lam=0.05))
+    report = lu.prune_model(model, spec, calib_tokens, progress=False)
     layer_sparsity = report.layer_sparsity
     assert len(layer_sparsity) == 4 and sum(layer_sparsity) / 4 == pytest.approx(0.7)
     assert report.owl["M"] == 3 and len(report.owl["outlier_ratios"]) == 4
@@ -168,15 +170,15 @@ def test_owl_lambda_outside_range(lam, message, calib_tokens):
     model = make_tiny(num_hidden_layers=3)
     before = lu.mask_sha256(model)
     with pytest.raises(lu.BadInput, match=message):
-        lu.prune_model(model, lu.PruneSpec("wanda", lu.SparsityTarget.of(sparsity=0.9), owl=lu.OwlConfig(lam=lam)), calib_tokens, progress=False)
+        lu.prune_model(model, lu.PruneSpec("wanda", 0.9, owl=lu.OwlConfig(lam=lam)), calib_tokens, progress=False)
     assert lu.mask_sha256(model) == before
 
 
 def test_true_sequential_differs_only_where_expected(calib_tokens):
     # Within one layer (same inputs) only o_proj and down_proj may change; later layers see other inputs.
     plain, ts = make_tiny(num_hidden_layers=1), make_tiny(num_hidden_layers=1)
-    lu.prune_model(plain, lu.PruneSpec("wanda", lu.SparsityTarget.of(sparsity=0.5)), calib_tokens, progress=False)
-    report = lu.prune_model(ts, lu.PruneSpec("wanda", lu.SparsityTarget.of(sparsity=0.5), true_sequential=True), calib_tokens, progress=False)
+    lu.prune_model(plain, lu.PruneSpec("wanda", 0.5), calib_tokens, progress=False)
+    report = lu.prune_model(ts, lu.PruneSpec("wanda", 0.5, true_sequential=True), calib_tokens, progress=False)
     differs = {name.split(".", 2)[2] for (name, a), b in zip(prunable_linears(plain).items(),
                                                             prunable_linears(ts).values())
                if not torch.equal(a.weight == 0, b.weight == 0)}
@@ -189,7 +191,7 @@ def test_true_sequential_differs_only_where_expected(calib_tokens):
 def test_true_sequential_statistics_come_from_the_partly_pruned_layer(calib_tokens):
     """o_proj's mask must be Wanda's on the inputs it sees once q, k, v (and gate, up) are pruned."""
     model, reference = make_tiny(num_hidden_layers=1), make_tiny(num_hidden_layers=1)
-    lu.prune_model(model, lu.PruneSpec("wanda", lu.SparsityTarget.of(sparsity=0.5), true_sequential=True), calib_tokens, progress=False)
+    lu.prune_model(model, lu.PruneSpec("wanda", 0.5, true_sequential=True), calib_tokens, progress=False)
     layer = lu.find_decoder_layers(reference)[0]
     linears = lu.find_linears(layer)
     inputs = lu.capture_layer_inputs(reference, calib_tokens, batch_size=8)
@@ -212,18 +214,18 @@ def test_true_sequential_statistics_come_from_the_partly_pruned_layer(calib_toke
 ])
 def test_bad_method_parameters(method, params, message, tiny_model, calib_tokens):
     with pytest.raises(lu.BadInput, match=message):
-        lu.prune_model(tiny_model, lu.PruneSpec(method, lu.SparsityTarget.of(sparsity=0.5), params=params), calib_tokens)
+        lu.prune_model(tiny_model, lu.PruneSpec(method, 0.5, params=params), calib_tokens)
 
 
 def test_bad_combinations(tiny_model, calib_tokens):
     with pytest.raises(lu.BadInput, match="OWL sets a different sparsity per layer.*got 2:4"):
-        lu.prune_model(tiny_model, lu.PruneSpec("wanda", lu.SparsityTarget.of(nm="2:4"), owl=lu.OwlConfig()), calib_tokens)
+        lu.prune_model(tiny_model, lu.PruneSpec("wanda", "2:4", owl=lu.OwlConfig()), calib_tokens)
     with pytest.raises(lu.BadInput, match="true-sequential mode re-collects.*'magnitude' uses none"):
-        lu.prune_model(tiny_model, lu.PruneSpec("magnitude", lu.SparsityTarget.of(sparsity=0.5), true_sequential=True), calib_tokens)
+        lu.prune_model(tiny_model, lu.PruneSpec("magnitude", 0.5, true_sequential=True), calib_tokens)
     with pytest.raises(lu.BadInput, match="OWL M must be a number > 0"):
         lu.OwlConfig(m=0)
     with pytest.raises(lu.BadInput, match="'magnitude' with OWL needs calibration tokens"):
-        lu.prune_model(tiny_model, lu.PruneSpec("magnitude", lu.SparsityTarget.of(sparsity=0.5), owl=lu.OwlConfig()), None)
+        lu.prune_model(tiny_model, lu.PruneSpec("magnitude", 0.5, owl=lu.OwlConfig()), None)
 
 
 def test_sparsegpt_singular_hessian_gives_advice():
@@ -235,7 +237,7 @@ def test_registry_is_the_single_source_of_methods():
     assert tuple(REGISTRY) == ("magnitude", "wanda", "sparsegpt", "ria")
     for method in REGISTRY.values():
         assert isinstance(method, Method) and method.statistic in ("none", "norms", "hessian")
-        assert method.resolve(None) == method.params
+        assert method.resolve(None) == method.params  # the defaults pass the method's own check
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -280,11 +282,11 @@ def test_comparison_harness_on_a_tiny_model(tmp_path):
     model_dir = tmp_path / "tiny"
     make_tiny().save_pretrained(model_dir)
     profile = lu.get_profile("smollm2-135m", eval_seqlen=32, batch_size=4)
-    calib = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
-    test = torch.randint(0, 256, (128,), generator=torch.Generator().manual_seed(1))
-    variants = [lu.PruneSpec("wanda", lu.SparsityTarget.of(sparsity=0.5)),
-                lu.PruneSpec("sparsegpt", lu.SparsityTarget.of(sparsity=0.5)),
-                lu.PruneSpec("wanda", lu.SparsityTarget.of(sparsity=0.7), owl=lu.OwlConfig(lam=0.02))]
+    calib = random_tokens((4, 16), 0)
+    test = random_tokens((128,), 1)
+    variants = [lu.PruneSpec("wanda", 0.5),
+                lu.PruneSpec("sparsegpt", 0.5),
+                lu.PruneSpec("wanda", 0.7, owl=lu.OwlConfig(lam=0.02))]
     dense, _ = lu.load_model(profile, torch.device("cpu"), str(model_dir))
     result = lu.compare_methods(profile, variants, calib, test, dense, progress=False)
     table = result.table
@@ -304,11 +306,11 @@ def test_comparison_measures_a_repeated_variant_once_and_leaves_dense_alone():
     dense = make_tiny()
     before = {k: v.clone() for k, v in dense.state_dict().items()}
     profile = lu.get_profile("smollm2-135m", eval_seqlen=32, batch_size=4)
-    calib = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
-    test = torch.randint(0, 256, (128,), generator=torch.Generator().manual_seed(1))
+    calib = random_tokens((4, 16), 0)
+    test = random_tokens((128,), 1)
     sweep = lu.sweep_variants(("magnitude", "wanda"), (0.3, 0.6))
-    variants = sweep + [lu.PruneSpec("wanda", lu.SparsityTarget.of(sparsity=0.6)),
-                        lu.PruneSpec("wanda", lu.SparsityTarget.of(nm="2:4"))]
+    variants = sweep + [lu.PruneSpec("wanda", 0.6),
+                        lu.PruneSpec("wanda", "2:4")]
     result = lu.compare_methods(profile, variants, calib, test, dense, progress=False)
     assert list(result.table.index) == ["dense", "magnitude 30%", "magnitude 60%", "wanda 30%", "wanda 60%",
                                         "wanda 2:4"]
@@ -328,4 +330,4 @@ def test_spec_labels_and_folder_names():
     assert lu.PruneSpec("magnitude", "2:4").slug == "magnitude-2-4"
     assert lu.PruneSpec("wanda", target, true_sequential=True).label == "wanda (true-sequential) 70%"
     assert lu.PruneSpec("magnitude", target, owl=lu.OwlConfig()).label == "magnitude + OWL 70%"
-    assert lu.PruneSpec("ria", lu.SparsityTarget.of(nm="4:8")).label == "ria 4:8"
+    assert lu.PruneSpec("ria", "4:8").label == "ria 4:8"

@@ -1,14 +1,14 @@
 """The layer-by-layer driver on tiny random Llama-family models."""
 import pytest
 import torch
+from conftest import make_tiny, random_tokens
+from test_masks import slow_nm_mask, slow_unstructured_mask
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import labutils as lu
 from labutils.prune.calibration import InputNormAccumulator, run_layer
 from labutils.prune.sparsity import nm_violations, prunable_linears
-from conftest import make_tiny
-from test_masks import slow_nm_mask, slow_unstructured_mask
 
 
 def test_captured_inputs_reproduce_the_model(tiny_model, calib_tokens):
@@ -80,7 +80,7 @@ def test_exact_per_row_sparsity_and_untouched_embeddings(method, sparsity, calib
     model = make_tiny()
     embed, lm_head = model.model.embed_tokens.weight.clone(), model.lm_head.weight.clone()
     norms = [p.clone() for n, p in model.named_parameters() if "norm" in n]
-    report = lu.prune_model(model, lu.PruneSpec(method, lu.SparsityTarget.of(sparsity=sparsity)), calib_tokens, progress=False)
+    report = lu.prune_model(model, lu.PruneSpec(method, sparsity), calib_tokens, progress=False)
     for name, lin in prunable_linears(model).items():
         zeros_per_row = (lin.weight == 0).sum(dim=1)
         assert (zeros_per_row == int(lin.in_features * sparsity)).all(), name
@@ -96,7 +96,7 @@ def test_exact_per_row_sparsity_and_untouched_embeddings(method, sparsity, calib
 def test_nm_pattern_holds_everywhere(nm, calib_tokens):
     model = make_tiny()
     n, m = lu.parse_nm(nm)
-    lu.prune_model(model, lu.PruneSpec("wanda", lu.SparsityTarget.of(nm=nm)), calib_tokens, progress=False)
+    lu.prune_model(model, lu.PruneSpec("wanda", nm), calib_tokens, progress=False)
     table = lu.sparsity_table(model, nm=(n, m))
     assert (table[f"{nm} violations"] == 0).all()
     assert table["sparsity"].tolist() == pytest.approx([1 - n / m] * len(table))
@@ -104,26 +104,26 @@ def test_nm_pattern_holds_everywhere(nm, calib_tokens):
 
 def test_batched_and_one_sample_calibration_agree(calib_tokens):
     a, b = make_tiny(), make_tiny()
-    lu.prune_model(a, lu.PruneSpec("wanda", lu.SparsityTarget.of(sparsity=0.5)), calib_tokens, batch_size=6, progress=False)
-    lu.prune_model(b, lu.PruneSpec("wanda", lu.SparsityTarget.of(sparsity=0.5)), calib_tokens, batch_size=1, progress=False)
+    lu.prune_model(a, lu.PruneSpec("wanda", 0.5), calib_tokens, batch_size=6, progress=False)
+    lu.prune_model(b, lu.PruneSpec("wanda", 0.5), calib_tokens, batch_size=1, progress=False)
     assert lu.mask_sha256(a) == lu.mask_sha256(b)
 
 
 def test_same_seed_same_mask_other_seed_other_mask():
     def tokens(seed):
-        return torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(seed))
+        return random_tokens((8, 16), seed)
 
     hashes = []
     for seed in (0, 0, 1):
         model = make_tiny()
-        hashes.append(lu.prune_model(model, lu.PruneSpec("wanda", lu.SparsityTarget.of(sparsity=0.5)), tokens(seed), progress=False).mask_sha256)
+        hashes.append(lu.prune_model(model, lu.PruneSpec("wanda", 0.5), tokens(seed), progress=False).mask_sha256)
     assert hashes[0] == hashes[1] != hashes[2]
 
 
 def test_wanda_and_magnitude_differ(calib_tokens):
     a, b = make_tiny(), make_tiny()
-    lu.prune_model(a, lu.PruneSpec("wanda", lu.SparsityTarget.of(sparsity=0.5)), calib_tokens, progress=False)
-    lu.prune_model(b, lu.PruneSpec("magnitude", lu.SparsityTarget.of(sparsity=0.5)), None, progress=False)
+    lu.prune_model(a, lu.PruneSpec("wanda", 0.5), calib_tokens, progress=False)
+    lu.prune_model(b, lu.PruneSpec("magnitude", 0.5), None, progress=False)
     assert lu.mask_sha256(a) != lu.mask_sha256(b)
 
 
@@ -133,7 +133,7 @@ def test_other_llama_family_models(config_cls, model_cls, calib_tokens):
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     torch.manual_seed(0)
     model = model_cls(config).eval()
-    lu.prune_model(model, lu.PruneSpec("wanda", lu.SparsityTarget.of(nm="2:4")), calib_tokens, progress=False)
+    lu.prune_model(model, lu.PruneSpec("wanda", "2:4"), calib_tokens, progress=False)
     assert all(nm_violations(lin.weight, 2, 4) == 0 for lin in prunable_linears(model).values())
 
 

@@ -72,5 +72,24 @@ def test_prune_model_takes_only_a_spec(tiny_model, calib_tokens):
         lu.prune_model(tiny_model, "wanda", calib_tokens)
     report = lu.prune_model(tiny_model, lu.PruneSpec("wanda", "2:4", true_sequential=True), calib_tokens,
                             progress=False)
-    assert report.spec.label == report.label == "wanda (true-sequential) 2:4"
+    assert report.label == "wanda (true-sequential) 2:4"
     assert (report.method, report.target, report.nm, report.target_sparsity) == ("wanda", "2:4", (2, 4), 0.5)
+
+
+def test_changed_parameters_name_the_variant():
+    spec = lu.PruneSpec("ria", 0.5, params={"alpha": 1.0})
+    assert (spec.label, spec.slug) == ("ria (alpha=1) 50%", "ria-alpha1-50")
+    assert lu.PruneSpec("ria", 0.5, params={"alpha": 0.5}).label == "ria 50%"  # the default names nothing
+    profile = lu.get_profile("smollm2-135m")
+    assert lu.default_output_dir(profile, spec) != lu.default_output_dir(profile, lu.PruneSpec("ria", 0.5))
+
+
+def test_bench_setup_takes_specs_with_distinct_targets():
+    setup = lu.bench_setup(tiny=True, device="cpu", specs=[lu.PruneSpec("ria", "2:4")], sizes={"nsamples": 2})
+    assert setup.specs == (lu.PruneSpec("ria", "2:4"),) and setup.nsamples == 2 and setup.describe()["method"] == "ria"
+    with pytest.raises(lu.BadInput, match="give each target once; got 50%, 50%"):
+        lu.bench_setup(tiny=True, device="cpu", specs=[lu.PruneSpec("wanda", 0.5), lu.PruneSpec("ria", 0.5)])
+    with pytest.raises(lu.BadInput, match="sizes takes nsamples, seqlen and batch_size; got layers"):
+        lu.bench_setup(tiny=True, device="cpu", sizes={"layers": 2})
+    with pytest.raises(lu.BadInput, match="specs must be PruneSpecs"):
+        lu.bench_setup(tiny=True, device="cpu", specs=["wanda 50%"])

@@ -8,12 +8,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import make_tiny
 
 import labutils as lu
-from labutils.core.checkpoint import check_output_dir
-from conftest import make_tiny
-from labutils.core import storage
 from labutils.cli import main
+from labutils.core import storage
+from labutils.core.checkpoint import check_output_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

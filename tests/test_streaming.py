@@ -4,14 +4,14 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import make_tiny, random_tokens
 
 import labutils as lu
-from labutils.core.checkpoint import is_lab_output
-from labutils.prune.calibration import run_layer
 from labutils.cli import main
+from labutils.core.checkpoint import is_lab_output
 from labutils.core.device import SectionTimer
 from labutils.jobs.bench_prune import bench_prune, bench_setup, forward_floor
+from labutils.prune.calibration import run_layer
 from labutils.prune.streaming import OffloadedLayers, StreamedInputs, calibration_inputs, tree_to
 
 TARGETS = {"50%": lu.SparsityTarget.of(sparsity=0.5), "2:4": lu.SparsityTarget.of(nm="2:4"),
@@ -87,10 +87,14 @@ def test_low_memory_needs_the_model_in_cpu_memory(tiny_model, calib_tokens):
         lu.prune_model(tiny_model.to("meta"), lu.PruneSpec("wanda", target), calib_tokens, low_memory=True)
 
 
-@pytest.mark.parametrize("value", [1, None, "nowhere"])
-def test_low_memory_takes_a_flag_or_a_device(value, tiny_model, calib_tokens):
+@pytest.mark.parametrize("value,message", [
+    (1, "low_memory must be False, True or a device such as 'cuda'; got 1"),
+    (None, "low_memory must be False, True or a device such as 'cuda'; got None"),
+    ("nowhere", "device 'nowhere' is not one the lab can run on; allowed: cuda, cuda:N, mps, cpu"),
+])
+def test_low_memory_takes_a_flag_or_a_device(value, message, tiny_model, calib_tokens):
     before = lu.mask_sha256(tiny_model)
-    with pytest.raises(lu.BadInput, match="low_memory must be False, True or a device|device"):
+    with pytest.raises(lu.BadInput, match=message):
         lu.prune_model(tiny_model, lu.PruneSpec("wanda", TARGETS["50%"]), calib_tokens, low_memory=value)
     assert lu.mask_sha256(tiny_model) == before
 
@@ -112,6 +116,7 @@ def test_forward_floor_runs_each_layer_twice_but_the_last(tiny_model, calib_toke
     assert calls == [0] * 4 + [1] * 2  # 2 batches: layer 0 twice, the last layer once
 
 
+@pytest.mark.slow  # a whole CLI run
 def test_bench_prune_tiny_measures_floor_modes_and_masks(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench-prune", "--tiny", "--device", "cpu", "--json", str(out)]) == 0
@@ -180,7 +185,7 @@ def test_gpu_low_memory_same_weights_less_memory(target):
     """On a GPU: streamed from pinned CPU memory on copy streams, the weights still match the default mode's."""
     config = lu.tiny_llama_config(num_hidden_layers=4, hidden_size=256, intermediate_size=512,
                                   max_position_embeddings=256)
-    tokens = torch.randint(0, 256, (8, 128), generator=torch.Generator().manual_seed(0))
+    tokens = random_tokens((8, 128), 0)
     on_gpu = lu.random_model(config, torch.float16, torch.device("cuda"), seed=0)
     on_cpu = copy.deepcopy(on_gpu).to("cpu")
     torch.cuda.reset_peak_memory_stats()

@@ -53,7 +53,7 @@ CACHE_FOLDER = "smollm2-135m-instruct-q4_1"
 
 
 def embedded_model_dir(verify: str = "quick") -> Path:
-    """The default model as a safetensors folder, converting the GGUF file the first time (about 30 s).
+    """The default model as a safetensors folder, converting the GGUF file the first time.
 
     The converted folder is checked against the manifest written at conversion: ``verify="quick"`` (every
     load) compares sizes and a sampled hash and stops with "run prepare" if they differ; ``"full"`` (``python -m
@@ -173,8 +173,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def random_model(config, dtype: torch.dtype, device: torch.device, seed: int = 0) -> nn.Module:
-    """A causal LM with random weights for ``config``, initialised directly on ``device`` (a 7B model takes
-    seconds on a GPU). The caller's random state is left as it was."""
+    """A causal LM with random weights for ``config``, initialised directly on ``device`` (no CPU
+    initialisation first). The caller's random state is left as it was."""
     cuda_devices = [device] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices), torch.device(device):
         torch.manual_seed(seed)

@@ -12,21 +12,21 @@ from torch import nn
 from .errors import BadInput
 
 
-def _is_integer(value) -> bool:
+def is_integer(value) -> bool:
     """An int (numpy integers too), but not a bool."""
     return not isinstance(value, bool) and isinstance(value, numbers.Integral)
 
 
 def check_positive_int(name: str, value) -> int:
     """``value`` if it is an int ≥ 1, else a BadInput naming ``name`` and the value."""
-    if not _is_integer(value) or value <= 0:
+    if not is_integer(value) or value <= 0:
         raise BadInput(f"{name} must be a positive integer (≥ 1); got {value!r}")
     return int(value)
 
 
 def check_count(name: str, value, minimum: int = 0) -> int:
     """``value`` if it is an int ≥ ``minimum`` (a number of warm-up rounds may be 0), else BadInput."""
-    if not _is_integer(value) or value < minimum:
+    if not is_integer(value) or value < minimum:
         raise BadInput(f"{name} must be an integer ≥ {minimum}; got {value!r}")
     return int(value)
 
@@ -35,30 +35,31 @@ def check_positive_ints(name: str, values, length: int | None = None) -> tuple[i
     """``values`` as a tuple if it is a non-empty sequence (exactly ``length`` long, if given) of ints ≥ 1, such as
     prompt lengths or an (out, in) shape, else BadInput."""
     ok = (isinstance(values, Sequence) and not isinstance(values, str) and len(values) > 0
-          and (length is None or len(values) == length) and all(_is_integer(v) and v >= 1 for v in values))
+          and (length is None or len(values) == length) and all(is_integer(v) and v >= 1 for v in values))
     if not ok:
         size = "non-empty" if length is None else f"{length}-long"
         raise BadInput(f"{name} must be a {size} sequence of positive integers; got {describe(values)}")
     return tuple(int(v) for v in values)
 
 
-def check_number(name: str, value, low: float = -math.inf, high: float = math.inf, *, low_open: bool = False,
+def check_number(name: str, value, low: float = -math.inf, high: float = math.inf, *, interval: str = "[]",
                  allowed: str | None = None) -> float:
-    """``value`` as a float if it is a finite real number in [low, high] (or (low, high] with ``low_open``), else
-    BadInput. numpy scalars count as numbers; bools do not."""
-    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
-          and (value > low if low_open else value >= low) and value <= high)
+    """``value`` as a float if it is a finite real number between ``low`` and ``high``, ends included or not as
+    ``interval`` says ("[]", "[)", "(]" or "()"), else BadInput. numpy scalars count as numbers; bools do not."""
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    ok = ok and (value > low if interval[0] == "(" else value >= low)
+    ok = ok and (value < high if interval[1] == ")" else value <= high)
     if not ok:
-        raise BadInput(f"{name} must be {allowed or f'a number in [{low}, {high}]'}; got {value!r}")
+        raise BadInput(f"{name} must be {allowed or f'a number in {interval[0]}{low:g}, {high:g}{interval[1]}'}; "
+                       f"got {value!r}")
     return float(value)
 
 
-def check_fraction(name: str, value) -> float:
-    """``value`` as a float if it is a real number strictly between 0 and 1 (a share such as a sparsity), else
-    BadInput."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
-        raise BadInput(f"{name} must be a number in (0, 1); got {value!r}")
-    return float(value)
+def check_flag(name: str, value) -> bool:
+    """``value`` if it is True or False (not 0, 1 or "yes"), else BadInput."""
+    if not isinstance(value, bool):
+        raise BadInput(f"{name} must be True or False; got {describe(value)}")
+    return value
 
 
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit integer; NumPy gets seed mod 2**32

@@ -4,8 +4,8 @@ Wanda has to run every decoder layer twice on the calibration set: once with hoo
 once more after pruning to make the next layer's inputs (the last layer needs only the first). Scoring and
 selecting the mask cost little next to that, so those forward passes are the floor: ``forward_floor`` times
 exactly them (capture of the first layer's inputs, then 2L − 1 layer passes) with the driver's own code and
-batches. ``bench_prune`` builds one random model (on the GPU for the 7B shape: seconds instead of minutes on a
-CPU), times the floor, then prunes a fresh copy of the same weights for every target in the default mode and in
+batches. ``bench_prune`` builds one random model (on the GPU for the 7B shape), times the floor, then prunes a fresh
+copy of the same weights for every spec (one per target) in the default mode and in
 the low-memory mode (``streaming``), and reports wall time, × floor, peak GPU memory and each mask's hash.
 
     python -m labutils bench-prune          # Llama-2-7B shapes, fp16, 128 × 4096 tokens: needs a CUDA GPU
@@ -77,6 +77,9 @@ def bench_setup(tiny: bool = False, device: str | None = None, *, specs: Sequenc
     for spec in specs:
         if not isinstance(spec, PruneSpec):
             raise BadInput(f"specs must be PruneSpecs, e.g. lu.PruneSpec('wanda', '2:4'); got {describe(spec)}")
+    targets = [spec.target.label for spec in specs]
+    if len(set(targets)) < len(targets):
+        raise BadInput(f"each spec is a row named by its target: give each target once; got {', '.join(targets)}")
     for mode in modes:
         if mode not in MODES:
             raise BadInput(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
@@ -170,8 +173,7 @@ def bench_prune(setup: BenchSetup, progress: bool = True) -> BenchResult:
     hashes = {}
     for mode in setup.modes:
         low_memory = mode == "low-memory"
-        if low_memory:
-            model.to("cpu")
+        model.to("cpu" if low_memory else device)  # low-memory mode streams the layers from CPU memory
         for spec in setup.specs:
             model.load_state_dict(pristine)
             run = measure(device, lambda: prune_model(model, spec, tokens, setup.batch_size, progress,

@@ -56,7 +56,7 @@ def compare_methods(profile: Profile, variants: list[PruneSpec], calib: torch.Te
                     dense: nn.Module, progress: bool = True) -> Comparison:
     """Prune a fresh dense model with every variant (a PruneSpec) and measure it.
 
-    Table columns: target, method, measured sparsity, seconds (the whole pruning run), method seconds (score,
+    Table columns: target, method, sparsity (measured), seconds (the whole pruning run), method seconds (score,
     mask and weight update only, without forward passes), perplexity, and both times as a multiple of
     Wanda's at the same target. A variant listed twice (same label) is measured once, so several comparisons can
     share one run. ``dense``: the dense model (``lu.load_model``), copied for every variant and never modified.

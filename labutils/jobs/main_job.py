@@ -146,7 +146,8 @@ def _run_locked(job: PruneJob, profile: Profile, out: Path, progress: bool) -> d
 
     report = build_report(profile, model, prune, {"dense": dense_ppl, "pruned": pruned_ppl}, seed=job.seed,
                           eval_tokens=int(test.numel()))
-    report.update(model=job.model_path or report["model"], seconds={**seconds, **report["seconds"]})
+    report.update(model=job.model_path or report["model"], device=str(device),
+                  seconds={**seconds, **report["seconds"]})
     report["output"] = str(save_pruned(model, tokenizer, report, out))
     return report
 

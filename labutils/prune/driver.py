@@ -31,7 +31,7 @@ from .methods import METHODS  # noqa: F401  (re-exported: the driver runs these)
 from .owl import layer_outlier_ratios, owl_sparsities
 from .sparsity import mask_sha256
 from .spec import PruneSpec
-from .streaming import calibration_inputs, compute_device, layer_visits
+from .streaming import Placement, calibration_inputs, compute_device, layer_visits
 
 # True-sequential mode re-collects statistics for the sublayers that read other sublayers' outputs directly,
 # after everything before them in the block is pruned: o_proj (attention output), then down_proj (gated MLP).
@@ -66,7 +66,7 @@ class PruneReport:
     mask_sha256: str = ""
 
     method = property(lambda self: self.spec.method)
-    params = property(lambda self: self.spec.params)
+    params = property(lambda self: dict(self.spec.params))
     true_sequential = property(lambda self: self.spec.true_sequential)
     label = property(lambda self: self.spec.label, doc='e.g. "wanda 50%", "magnitude + OWL 70%"')
     target = property(lambda self: self.spec.target.label, doc='the target\'s label: "50%", "2:4"')
@@ -111,13 +111,13 @@ def prune_model(model: nn.Module, spec: PruneSpec, tokens: torch.Tensor | None =
     tokens = calibration_tokens(model, spec, tokens)
     check_positive_int("batch_size", batch_size)
     check_prunable(model, spec.target)
-    device, streamed = compute_device(model, low_memory)
+    where = compute_device(model, low_memory)
     try:
-        return prune_all(model, spec, tokens, batch_size, (device, streamed), progress)
+        return prune_all(model, spec, tokens, batch_size, where, progress)
     except RuntimeError as exc:
         if not is_out_of_memory(exc):
             raise
-        raise out_of_memory_advice(exc, spec.label, streamed) from exc
+        raise out_of_memory_advice(exc, spec.label, where.streamed) from exc
 
 
 def check_prunable(model: nn.Module, target: SparsityTarget) -> None:
@@ -154,8 +154,9 @@ def out_of_memory_advice(exc: RuntimeError, variant: str, low_memory: bool) -> L
 
 @torch.no_grad()
 def prune_all(model: nn.Module, spec: PruneSpec, tokens: torch.Tensor | None, batch_size: int,
-              where: tuple[torch.device, bool], progress: bool) -> PruneReport:
-    """The layer loop. ``where``: (the device the layers compute on, whether they stream from CPU memory).
+              where: Placement, progress: bool) -> PruneReport:
+    """The layer loop, on ``where.device``; with ``where.streamed`` the layers and activations stream from CPU
+    memory.
 
     No host-device syncs inside the loop: times are CUDA events read at the end, pruned counts stay on the GPU
     until then. The host runs ahead and the GPU never waits for Python."""

@@ -5,7 +5,6 @@ scores within each output row; N:M masks within each group of M consecutive inpu
 """
 from __future__ import annotations
 
-import math
 import numbers
 import re
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ import torch
 from torch import nn
 
 from ..core.errors import BadInput
-from ..core.validation import describe
+from ..core.validation import check_number, describe, is_integer
 
 
 @dataclass(frozen=True)
@@ -34,17 +33,13 @@ class SparsityTarget:
             raise BadInput(f"give exactly one of sparsity or nm (n and m); got sparsity={self.sparsity!r}, "
                            f"n={self.n!r}, m={self.m!r}")
         if self.n is not None:  # frozen: normalise through object.__setattr__
-            if not (_is_integer(self.n) and _is_integer(self.m)):
+            if not (is_integer(self.n) and is_integer(self.m)):
                 raise BadInput(f"N:M pattern must be a pair of integers; got n={self.n!r}, m={self.m!r}")
             n, m = _checked_nm(self.n, self.m)
             object.__setattr__(self, "n", n)
             object.__setattr__(self, "m", m)
             return
-        value = self.sparsity
-        if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
-                or not 0 <= value < 1):
-            raise BadInput(f"sparsity must be a number in [0, 1); got {value!r}")
-        object.__setattr__(self, "sparsity", float(value))
+        object.__setattr__(self, "sparsity", check_number("sparsity", self.sparsity, 0, 1, interval="[)"))
 
     @classmethod
     def of(cls, sparsity: float | None = None, nm: str | tuple[int, int] | None = None) -> "SparsityTarget":
@@ -101,13 +96,9 @@ def parse_nm(nm: str | tuple[int, int]) -> tuple[int, int]:
         n, m = nm
     except (TypeError, ValueError):
         n = m = None
-    if not (_is_integer(n) and _is_integer(m)):  # 2.9 must not become 2, nor True become 1
+    if not (is_integer(n) and is_integer(m)):  # 2.9 must not become 2, nor True become 1
         raise BadInput(f"N:M pattern must be 'N:M' or a pair of integers; got {describe(nm)}")
     return _checked_nm(n, m)
-
-
-def _is_integer(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _checked_nm(n: int, m: int) -> tuple[int, int]:

@@ -27,7 +27,7 @@ class OwlConfig:
     lam: float = 0.08
 
     def __post_init__(self):
-        check_number("OWL M", self.m, 0, 1e6, low_open=True, allowed="a number > 0 (the paper uses 5)")
+        check_number("OWL M", self.m, 0, 1e6, interval="(]", allowed="a number > 0 (the paper uses 5)")
         check_number("OWL lambda", self.lam, 0, 1, allowed="a number in [0, 1) that keeps every layer's sparsity "
                                                            "in [0, 1) (the paper uses 0.08)")
 

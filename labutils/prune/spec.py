@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.errors import BadInput
-from ..core.validation import describe
+from ..core.validation import check_flag, describe
 from .masks import SparsityTarget, as_target
 from .methods import REGISTRY, Method, get_method
 from .owl import OwlConfig, check_owl_lambda
@@ -42,8 +42,7 @@ class PruneSpec:
             raise BadInput(f"method must be a method's name, one of {', '.join(REGISTRY)}; got {describe(self.method)}")
         method = get_method(self.method)
         target = as_target(self.target)
-        if not isinstance(self.true_sequential, bool):
-            raise BadInput(f"true_sequential must be True or False; got {describe(self.true_sequential)}")
+        check_flag("true_sequential", self.true_sequential)
         owl = OwlConfig() if self.owl is True else (None if self.owl is False else self.owl)
         if owl is not None and not isinstance(owl, OwlConfig):
             raise BadInput(f"owl must be an OwlConfig, True or None; got {describe(self.owl)}")
@@ -76,7 +75,8 @@ class PruneSpec:
         target = SparsityTarget.of(nm=nm) if nm is not None else SparsityTarget.of(
             sparsity=0.5 if sparsity is None else sparsity)
         params = {k: flags[k] for k in METHOD_FLAGS if flags.get(k) is not None}
-        return cls(flags.get("method") or "wanda", target, params, bool(flags.get("true_sequential")), owl)
+        method = "wanda" if flags.get("method") is None else flags["method"]
+        return cls(method, target, params, flags.get("true_sequential", False), owl)
 
     @property
     def runner(self) -> Method:
@@ -89,9 +89,17 @@ class PruneSpec:
         return self.runner.needs_calibration or self.owl is not None
 
     @property
+    def changed_params(self) -> dict:
+        """The method's parameters that differ from its defaults (they name the variant)."""
+        return {k: v for k, v in self.params.items() if v != self.runner.params[k]}
+
+    @property
     def variant(self) -> str:
-        """The method and its options, without the target: "wanda", "wanda (true-sequential)", "magnitude + OWL"."""
-        return self.method + (" (true-sequential)" if self.true_sequential else "") + (" + OWL" if self.owl else "")
+        """The method and its options, without the target: "wanda", "wanda (true-sequential)", "magnitude + OWL",
+        "ria (alpha=1)"."""
+        changed = ", ".join(f"{k}={v:g}" for k, v in self.changed_params.items())
+        return (self.method + (f" ({changed})" if changed else "") + (" (true-sequential)" if self.true_sequential
+                                                                      else "") + (" + OWL" if self.owl else ""))
 
     @property
     def label(self) -> str:
@@ -100,8 +108,9 @@ class PruneSpec:
 
     @property
     def slug(self) -> str:
-        """The same in a folder name: "wanda-50", "wanda-ts-2-4", "magnitude-owl-70"."""
-        variant = self.method + ("-ts" if self.true_sequential else "") + ("-owl" if self.owl else "")
+        """The same in a folder name: "wanda-50", "wanda-ts-2-4", "magnitude-owl-70", "ria-alpha1-50"."""
+        changed = "".join(f"-{k}{v:g}" for k, v in self.changed_params.items())
+        variant = self.method + changed + ("-ts" if self.true_sequential else "") + ("-owl" if self.owl else "")
         return f"{variant}-{self.target.label.replace(':', '-').rstrip('%')}"
 
     def to_dict(self) -> dict:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -255,18 +256,25 @@ def calibration_inputs(model: nn.Module, tokens: torch.Tensor, batch_size: int, 
     return capture_layer_inputs(model, tokens, batch_size, device=device, into=into)
 
 
-def compute_device(model: nn.Module, low_memory: bool | str | torch.device) -> tuple[torch.device, bool]:
-    """(where the layers compute, whether they stream from CPU memory) for ``prune_model``'s ``low_memory``:
+class Placement(NamedTuple):
+    """Where the layers of a pruning run compute, and whether they stream from CPU memory (low-memory mode)."""
+
+    device: torch.device
+    streamed: bool
+
+
+def compute_device(model: nn.Module, low_memory: bool | str | torch.device) -> Placement:
+    """The placement that ``prune_model``'s ``low_memory`` asks for:
 
     False — the default mode: everything where the model is. True — the model stays in CPU memory and its layers
     visit the best device here (``get_device``); a device or its name ("cuda:1") — they visit that device.
     """
     home = model_device(model)
     if low_memory is False:
-        return home, False
+        return Placement(home, False)
     if not (low_memory is True or isinstance(low_memory, (str, torch.device))):
         raise BadInput(f"low_memory must be False, True or a device such as 'cuda'; got {describe(low_memory)}")
     if home.type != "cpu":
         raise BadInput(f"low_memory keeps the model in CPU memory and moves one layer at a time to the GPU; the "
                        f"model is on {home}: load it on the CPU (or move it with model.to('cpu')) first")
-    return get_device(None if low_memory is True else str(low_memory)), True
+    return Placement(get_device(None if low_memory is True else str(low_memory)), True)

@@ -7,7 +7,7 @@ weights of a pruned model's decoder linears for it, checks the result against th
 times both. We always use the cuSPARSELt backend: the CUTLASS one refuses compute capability 9.0 (H100/H200).
 
 Each eager call of the subclass pays Python and planning on the CPU; replayed from a CUDA graph
-(``cudagraphs``) only the kernels remain. Measured speeds live in the README and ``benchmarks/results/``, not here.
+(``sparse24.graphs``) only the kernels remain. Measured speeds live in the README and ``benchmarks/results/``, not here.
 """
 from __future__ import annotations
 
@@ -178,7 +178,7 @@ def to_semi_structured(model: nn.Module, *, linears: Sequence[str] | None = None
                        progress: bool = False) -> SemiStructuredReport:
     """Make every prunable decoder linear (or ``linears``, names as in ``prunable_linears``) run on its 2:4
     compressed weight, in place. ``kernel="lab"`` (default) replaces each ``nn.Linear`` by a ``SparseLinear24``
-    (one cuSPARSELt call, transpose fused, row-major output: see ``labutils.sparse24`` for why); ``"stock"``
+    (one cuSPARSELt call, transpose fused, row-major output: see ``sparse24.kernel`` for why); ``"stock"``
     keeps the ``nn.Linear`` and swaps its weight for torch's ``SparseSemiStructuredTensor`` (for comparison).
 
     Nothing is changed unless every selected weight passes first: exactly 2:4 (BadInput naming each layer and its

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.models import CompressedLinear, check_seqlen, model_device
-from ..core.validation import check_fraction, check_not_empty, check_positive_int, check_seed, check_tensor
+from ..core.validation import check_not_empty, check_number, check_positive_int, check_seed, check_tensor
 from ..prune.masks import unstructured_mask
 from .timing import decode_interleaved, measure, time_interleaved
 
@@ -132,7 +132,7 @@ def zeros_matmul_table(weight: torch.Tensor, tokens: int, *, sparsity: float = 0
     """
     check_tensor("weight", weight, 2, "(out, in)")
     check_positive_int("tokens", tokens)
-    check_fraction("sparsity", sparsity)
+    check_number("sparsity", sparsity, 0, 1, interval="()")
     w = weight.detach().float() if weight.device.type == "cpu" else weight.detach()
     zeroed = w.masked_fill(unstructured_mask(w.abs().float(), sparsity), 0)
     with warnings.catch_warnings():  # torch warns once that CSR support is "beta"; the timing is what we show

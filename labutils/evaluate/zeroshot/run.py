@@ -2,7 +2,7 @@
 
 The Wanda paper reports mean zero-shot accuracy over seven tasks from lm-eval (BoolQ, RTE, HellaSwag,
 WinoGrande, ARC-e, ARC-c, OBQA); their data comes from the Hugging Face Hub. The default profile runs offline,
-so it uses two local tasks built from the corpus's test split (see ``zeroshot_tasks``). Either way the model
+so it uses two local tasks built from the corpus's test split (see ``zeroshot.tasks``). Either way the model
 in memory is wrapped in lm-eval's ``HFLM`` and scored by ``lm_eval.simple_evaluate``, zero-shot.
 """
 from __future__ import annotations
@@ -54,8 +54,8 @@ def check_tasks(tasks: str | Sequence[str]) -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=2)
 def _task_manager(include_defaults: bool):
-    """lm-eval's task index with the local task folder; lm-eval's own ~5000 tasks only when needed, since
-    indexing them takes several seconds (cached per process)."""
+    """lm-eval's task index with the local task folder; lm-eval's own ~5000 tasks only when needed (indexing
+    them all is slow; cached per process)."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=str(TASKS_DIR), include_defaults=include_defaults)
@@ -77,7 +77,7 @@ def _hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
 @contextlib.contextmanager
 def _offline_if_unreachable(needed: bool):
     """Switch ``datasets`` and ``huggingface_hub`` to offline mode while the Hub cannot be reached, so cached
-    data still loads and missing data fails at once instead of after ~25 s of retries."""
+    data still loads and missing data fails at once instead of after rounds of retries."""
     import datasets
     from huggingface_hub import constants
 

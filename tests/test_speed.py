@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import make_tiny, random_tokens
 
 import labutils as lu
 from labutils.prune.sparsity import prunable_linears
@@ -127,7 +127,7 @@ def test_latency_table_decode_columns_pool_the_timed_steps(tiny_model, monkeypat
 
 
 def test_decode_matches_greedy_without_cache_and_counts_steps(tiny_model):
-    prompt = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
+    prompt = random_tokens((2, 8), 3)
     calls = []
     handle = tiny_model.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs["input_ids"].shape[1]),
                                               with_kwargs=True)

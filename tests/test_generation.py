@@ -4,16 +4,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny, random_tokens
 from transformers import AutoTokenizer
 
 import labutils as lu
+from labutils.core import storage
 from labutils.core.data import split_tokens
 from labutils.core.models import embedded_model_dir
 from labutils.evaluate.generation import Prompt, greedy_generate, repeated_ngram_ratio, top1_agreement
-from labutils.jobs import main_job as pipeline
-from labutils.core import storage
-
-from conftest import make_tiny
+from labutils.jobs import main_job
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +69,7 @@ def test_repeated_ngram_ratio_bad_input():
 def test_drift_table_against_direct_computation(tiny_model, calib_tokens):
     pruned = make_tiny()
     lu.prune_model(pruned, lu.PruneSpec("magnitude", lu.SparsityTarget.of(sparsity=0.5)), progress=False)
-    tokens = torch.randint(0, 256, (64,), generator=torch.Generator().manual_seed(3))
+    tokens = random_tokens((64,), 3)
     table = lu.drift_table(tiny_model, {"pruned": pruned}, tokens, seqlen=16, batch_size=3, progress=False)
     assert list(table.index) == ["dense", "pruned"]
     assert table.loc["dense", "top-1 agreement"] == 1.0
@@ -172,7 +171,7 @@ def recorded_jobs(monkeypatch, tmp_path):
         jobs.append(job)
         return {"output": "made-" + job.spec.method}
 
-    monkeypatch.setattr(pipeline, "run_prune_job", fake_run)
+    monkeypatch.setattr(main_job, "run_prune_job", fake_run)
     return jobs
 
 

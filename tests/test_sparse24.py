@@ -8,10 +8,6 @@ from conftest import make_tiny
 import labutils as lu
 from labutils.prune.masks import prune_by_score
 from labutils.prune.sparsity import nm_violations, prunable_linears
-from labutils.sparse24.shapes import linear_shapes
-from labutils.speed.latency import memory_table
-from labutils.sparse24.graphs import graphed_forward
-from labutils.sparse24.kernel import SparseLinear24
 from labutils.sparse24.convert import (
     SemiStructuredReport,
     prefill_speedup_table,
@@ -19,6 +15,10 @@ from labutils.sparse24.convert import (
     to_semi_structured,
     verify_semi_structured,
 )
+from labutils.sparse24.graphs import graphed_forward
+from labutils.sparse24.kernel import SparseLinear24
+from labutils.sparse24.shapes import linear_shapes
+from labutils.speed.latency import memory_table
 
 HAS_CUDA = torch.cuda.is_available()
 KERNELS_OK, KERNELS_REASON = lu.semi_structured_support()
