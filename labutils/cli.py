@@ -14,6 +14,7 @@ from .core.storage import PUBLISHED, interrupt_on_termination, strict_json
 from .core.validation import check_seed
 from .jobs.bench_prune import MODES, TARGETS, bench_prune, bench_setup, default_json_path, write_json
 from .jobs.main_job import PruneJob, run_prune_job, summary_table
+from .prune.masks import GROUPS
 from .prune.methods import METHODS
 from .prune.spec import CLI_FLAGS, METHOD_FLAGS, PruneSpec
 
@@ -38,6 +39,9 @@ def _add_prune(sub) -> None:
     prune.add_argument("--owl", action="store_true", help="OWL: per-layer sparsity from outlier ratios (unstructured)")
     prune.add_argument("--owl-m", type=float, default=None, help="OWL outlier threshold, × layer mean (default 5)")
     prune.add_argument("--owl-lambda", type=float, default=None, help="OWL sparsity spread λ (default 0.08)")
+    prune.add_argument("--group", choices=list(GROUPS), default=None,
+                       help="unstructured targets: compare scores per output row or per layer (whole matrix); "
+                            "default: magnitude and RIA per layer, Wanda per row, as in their papers' code")
     prune.add_argument("--alpha", type=float, default=None, help="RIA: exponent of the activation norm (default 0.5)")
     prune.add_argument("--dampening", type=float, default=None,
                        help="SparseGPT: share of the mean Hessian diagonal added to it (default 0.01)")

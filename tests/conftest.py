@@ -5,8 +5,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import shutil  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
+from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 import labutils as lu  # noqa: E402
 
@@ -36,6 +40,27 @@ def tiny_model():
 @pytest.fixture
 def calib_tokens():
     return random_tokens((6, 16), seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama saved like a hub folder, without tokenizer files (max_position_embeddings 128)."""
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    make_tiny().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_with_tokenizer(tiny_dir, tmp_path_factory):
+    """The tiny model plus a byte-level tokenizer (256 ids, the tiny vocabulary): real text, no download."""
+    path = tmp_path_factory.mktemp("tiny-tok") / "model"
+    shutil.copytree(tiny_dir, path)
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(path)
+    return path
 
 
 NBVAL_OUTPUT_TIMEOUT = 60  # seconds

@@ -4,9 +4,6 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_tiny
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 import labutils as lu
 from labutils.cli import main
@@ -26,27 +23,6 @@ def cli_error(argv, tmp_path, capsys) -> str:
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert not out.exists()
     return lines[0]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny random Llama saved like a hub folder, without tokenizer files (max_position_embeddings 128)."""
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    make_tiny().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_with_tokenizer(tiny_dir, tmp_path_factory):
-    """The tiny model plus a byte-level tokenizer (256 ids, the tiny vocabulary): real text, no download."""
-    path = tmp_path_factory.mktemp("tiny-tok") / "model"
-    shutil.copytree(tiny_dir, path)
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(path)
-    return path
 
 
 def copy_of(folder, tmp_path):

@@ -156,7 +156,7 @@ def test_check_top1_agreement_passes_and_fails(capsys):
 def _fake_lab_output(folder, **fields):
     folder.mkdir(parents=True)
     report = {"lab": "wanda-lab", "profile": "smollm2-135m", "method": "wanda", "target": "50%", "nsamples": 32,
-              "seqlen": 128, "seed": 0, "true_sequential": False, "owl": None, "params": {}, **fields}
+              "seqlen": 128, "seed": 0, "true_sequential": False, "owl": None, "params": {"group": "row"}, **fields}
     (folder / "report.json").write_text(json.dumps(report))
     storage.write_manifest(folder, "pruned-model")
 
@@ -202,7 +202,7 @@ def test_ensure_pruned_redoes_a_model_made_differently(recorded_jobs):
 def test_ensure_pruned_magnitude_ignores_calibration_settings(recorded_jobs):
     profile = lu.get_profile("smollm2-135m")
     folder = lu.default_output_dir(profile, lu.PruneSpec("magnitude", "50%"))
-    _fake_lab_output(folder, method="magnitude", nsamples=0, seqlen=0)
+    _fake_lab_output(folder, method="magnitude", nsamples=0, seqlen=0, params={"group": "layer"})
     _, how = lu.ensure_pruned(profile, lu.PruneSpec("magnitude", lu.SparsityTarget.of(sparsity=0.5)))
     assert how.startswith("found") and not recorded_jobs
 

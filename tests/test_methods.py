@@ -209,7 +209,7 @@ def test_true_sequential_statistics_come_from_the_partly_pruned_layer(calib_toke
     ("sparsegpt", {"blocksize": 0}, r"SparseGPT blocksize must be a whole number of columns in \[1, 65536\]; got 0"),
     ("sparsegpt", {"blocksize": 2.5}, "SparseGPT blocksize must be a whole number"),
     ("ria", {"alpha": -1}, r"RIA alpha must be a number in \[0, 10\]"),
-    ("wanda", {"alpha": 0.5}, "method 'wanda' does not take alpha; it takes no parameters"),
+    ("wanda", {"alpha": 0.5}, r"method 'wanda' does not take alpha; it takes group \(default row\)"),
     ("ria", {"dampening": 0.1}, r"method 'ria' does not take dampening; it takes alpha \(default 0.5\)"),
 ])
 def test_bad_method_parameters(method, params, message, tiny_model, calib_tokens):
@@ -266,14 +266,15 @@ def test_cli_runs_every_method_variant(tmp_path):
     common = ["--model", str(model_dir), "--nsamples", "4", "--seqlen", "32", "--eval-tokens", "256",
               "--eval-seqlen", "128"]
     runs = {"sgpt": ["--method", "sparsegpt", "--nm", "2:4", "--blocksize", "16"],
-            "ria": ["--method", "ria", "--alpha", "0.3"],
+            "ria": ["--method", "ria", "--alpha", "0.3", "--group", "row"],
             "owl": ["--method", "magnitude", "--owl", "--sparsity", "0.6", "--owl-lambda", "0.05"],
             "ts": ["--method", "wanda", "--true-sequential"]}
     for name, argv in runs.items():
         assert main(["prune", *common, *argv, "--out", str(tmp_path / name)]) == 0, name
     reports = {name: json.loads((tmp_path / name / "report.json").read_text()) for name in runs}
     assert reports["sgpt"]["params"] == {"dampening": 0.01, "blocksize": 16} and reports["sgpt"]["nm"] == "2:4"
-    assert reports["ria"]["params"] == {"alpha": 0.3}
+    assert reports["ria"]["params"] == {"alpha": 0.3, "group": "row"}
+    assert reports["ria"]["label"] == "ria (alpha=0.3, group=row) 50%"
     assert reports["owl"]["owl"]["lambda"] == 0.05 and len(reports["owl"]["layer_sparsity"]) == 2
     assert reports["ts"]["true_sequential"] and reports["ts"]["label"] == "wanda (true-sequential) 50%"
 

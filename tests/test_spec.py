@@ -7,11 +7,11 @@ from labutils.prune.owl import OwlConfig
 
 def test_spec_normalises_target_params_and_owl():
     spec = lu.PruneSpec("ria", "50%")
-    assert spec.target == lu.SparsityTarget(0.5) and spec.params == {"alpha": 0.5}  # defaults filled in
+    assert spec.target == lu.SparsityTarget(0.5) and spec.params == {"alpha": 0.5, "group": "layer"}  # defaults
     assert lu.PruneSpec("wanda", "2:4").target == lu.SparsityTarget(n=2, m=4)
     assert lu.PruneSpec("magnitude", 0.7, owl=True).owl == OwlConfig()
     assert lu.PruneSpec("wanda", 0.5, owl=False).owl is None
-    assert lu.PruneSpec("ria", 0.5, params={"alpha": 1.0}).params == {"alpha": 1.0}
+    assert lu.PruneSpec("ria", 0.5, params={"alpha": 1.0}).params == {"alpha": 1.0, "group": "layer"}
 
 
 def test_equal_specs_are_equal_and_hashable():
@@ -32,7 +32,7 @@ def test_labels_are_computed_from_the_spec(spec, variant, label, slug):
 
 def test_to_dict_is_what_reports_record():
     spec = lu.PruneSpec("wanda", 0.6, owl=OwlConfig(m=4.0, lam=0.1), true_sequential=True)
-    assert spec.to_dict() == {"method": "wanda", "target": "60%", "params": {}, "true_sequential": True,
+    assert spec.to_dict() == {"method": "wanda", "target": "60%", "params": {"group": "row"}, "true_sequential": True,
                               "owl": {"M": 4.0, "lambda": 0.1}}
 
 
@@ -44,7 +44,7 @@ def test_to_dict_is_what_reports_record():
     ({"true_sequential": "yes"}, "true_sequential must be True or False; got 'yes'"),
     ({"target": "2:4", "owl": True}, "OWL sets a different sparsity per layer and needs an unstructured target"),
     ({"owl": {"m": 5}}, "owl must be an OwlConfig, True or None; got {'m': 5}"),
-    ({"params": {"alpha": 0.5}}, "method 'wanda' does not take alpha; it takes no parameters"),
+    ({"params": {"alpha": 0.5}}, "method 'wanda' does not take alpha; it takes group \\(default row\\)"),
     ({"owl": OwlConfig(lam=0.6)}, "OWL lambda 0.6 moves some layer's sparsity out of"),
 ])
 def test_bad_specs_are_refused_when_built(kwargs, message):

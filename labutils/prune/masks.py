@@ -1,7 +1,9 @@
 """What to prune and which weights: sparsity targets and mask selection (introduced in 02-Prune).
 
 A mask is a bool tensor shaped like the weight, True where the weight is pruned. Unstructured masks compare
-scores within each output row; N:M masks within each group of M consecutive inputs of a row.
+scores within each output row (group "row", Wanda) or across the whole matrix (group "layer", the magnitude
+baseline); N:M masks within each group of M consecutive inputs of a row. Equal scores are pruned in index order
+(lower column first), on every device and for every selection.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 from torch import nn
 
 from ..core.errors import BadInput
-from ..core.validation import check_number, describe, is_integer
+from ..core.validation import check_choice, check_number, describe, is_integer
 
 
 @dataclass(frozen=True)
@@ -107,30 +109,55 @@ def _checked_nm(n: int, m: int) -> tuple[int, int]:
     return int(n), int(m)
 
 
+GROUPS = ("row", "layer")  # the comparison group of an unstructured target: each output row, or the whole matrix
+
+
+def lowest_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """True at the ``k`` lowest scores of each row of ``score`` (rows, n) → bool: the one selection every mask uses.
+
+    Ties follow a rule, not the kernel: among equal scores the one with the lower column index is pruned first,
+    the order a stable ascending sort gives, on every device. One ``kthvalue`` selection per row finds the k-th
+    lowest score t (no full sort); every score below t is pruned, then the first k − #below of those equal to t.
+    """
+    if k <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    if k >= score.shape[1]:
+        return torch.ones_like(score, dtype=torch.bool)
+    kth = score.kthvalue(k, dim=1, keepdim=True).values  # (rows, 1)
+    below = score < kth
+    tied = score == kth
+    room = k - below.sum(dim=1, keepdim=True, dtype=torch.int32)
+    return below | (tied & (tied.cumsum(dim=1, dtype=torch.int32) <= room))
+
+
 def unstructured_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """True where a weight is pruned: the ⌊in·sparsity⌋ lowest scores of every output row. (out, in) → bool."""
-    k = int(score.shape[1] * sparsity)
-    mask = torch.zeros_like(score, dtype=torch.bool)
-    if k > 0:
-        lowest = torch.topk(score, k, dim=1, largest=False, sorted=False).indices
-        mask.scatter_(1, lowest, True)
-    return mask
+    return lowest_mask(score, int(score.shape[1] * sparsity))
+
+
+def layer_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """True where a weight is pruned: the ⌊out·in·sparsity⌋ lowest scores of the whole matrix, one threshold for
+    all rows (rows end unevenly sparse; ties: lower row-major index first). (out, in) → bool."""
+    return lowest_mask(score.reshape(1, -1), int(score.numel() * sparsity)).reshape(score.shape)
 
 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """True where a weight is pruned: in every group of M consecutive inputs of a row, the M−N lowest scores.
-    (out, in) → bool, with in divisible by M."""
+    """True where a weight is pruned: in every group of M consecutive inputs of a row, the M−N lowest scores
+    (ties: lower index first). (out, in) → bool, with in divisible by M."""
     out_features, in_features = score.shape
     if in_features % m:
         raise BadInput(f"N:M pattern {n}:{m} needs the input size to be divisible by M={m}; got {in_features}")
-    groups = score.reshape(out_features, in_features // m, m)
-    lowest = torch.topk(groups, m - n, dim=2, largest=False, sorted=False).indices
-    return torch.zeros_like(groups, dtype=torch.bool).scatter_(2, lowest, True).reshape(out_features, in_features)
+    return lowest_mask(score.reshape(-1, m), m - n).reshape(out_features, in_features)
 
 
-def select_mask(score: torch.Tensor, target: SparsityTarget) -> torch.Tensor:
-    """The pruning mask for one weight's scores under ``target``."""
-    return nm_mask(score, target.n, target.m) if target.is_nm else unstructured_mask(score, target.sparsity)
+def select_mask(score: torch.Tensor, target: SparsityTarget, group: str = "row") -> torch.Tensor:
+    """The pruning mask for one weight's scores under ``target``. ``group``: what an unstructured target compares
+    scores within — "row" (each output row, Wanda's choice) or "layer" (the whole matrix, the magnitude baseline's);
+    an N:M target always compares within its groups of M."""
+    check_choice("group", group, GROUPS)
+    if target.is_nm:
+        return nm_mask(score, target.n, target.m)
+    return layer_mask(score, target.sparsity) if group == "layer" else unstructured_mask(score, target.sparsity)
 
 
 @torch.no_grad()
@@ -139,9 +166,10 @@ def apply_mask(linear: nn.Linear, mask: torch.Tensor) -> None:
     linear.weight.masked_fill_(mask.to(linear.weight.device), 0)
 
 
-def prune_by_score(linear: nn.Linear, score: torch.Tensor, target: SparsityTarget) -> torch.Tensor:
-    """Zero the lowest-scoring weights of ``linear`` under ``target`` and return the mask: the whole ``prune``
-    step of every method that only scores and masks (magnitude, Wanda, RIA)."""
-    mask = select_mask(score, target)
+def prune_by_score(linear: nn.Linear, score: torch.Tensor, target: SparsityTarget, group: str = "row"
+                   ) -> torch.Tensor:
+    """Zero the lowest-scoring weights of ``linear`` under ``target`` (compared within ``group``) and return the
+    mask: the whole ``prune`` step of every method that only scores and masks (magnitude, Wanda, RIA)."""
+    mask = select_mask(score, target, group)
     apply_mask(linear, mask)
     return mask

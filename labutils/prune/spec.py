@@ -97,7 +97,7 @@ class PruneSpec:
     def variant(self) -> str:
         """The method and its options, without the target: "wanda", "wanda (true-sequential)", "magnitude + OWL",
         "ria (alpha=1)"."""
-        changed = ", ".join(f"{k}={v:g}" for k, v in self.changed_params.items())
+        changed = ", ".join(f"{k}={_short(v)}" for k, v in self.changed_params.items())
         return (self.method + (f" ({changed})" if changed else "") + (" (true-sequential)" if self.true_sequential
                                                                       else "") + (" + OWL" if self.owl else ""))
 
@@ -109,7 +109,7 @@ class PruneSpec:
     @property
     def slug(self) -> str:
         """The same in a folder name: "wanda-50", "wanda-ts-2-4", "magnitude-owl-70", "ria-alpha1-50"."""
-        changed = "".join(f"-{k}{v:g}" for k, v in self.changed_params.items())
+        changed = "".join(f"-{k}{_short(v)}" for k, v in self.changed_params.items())
         variant = self.method + changed + ("-ts" if self.true_sequential else "") + ("-owl" if self.owl else "")
         return f"{variant}-{self.target.label.replace(':', '-').rstrip('%')}"
 
@@ -118,3 +118,8 @@ class PruneSpec:
         owl = None if self.owl is None else {"M": self.owl.m, "lambda": self.owl.lam}
         return {"method": self.method, "target": self.target.label, "params": dict(self.params),
                 "true_sequential": self.true_sequential, "owl": owl}
+
+
+def _short(value) -> str:
+    """A parameter's value in a label: 1.0 → "1", 0.05 → "0.05", "row" → "row"."""
+    return value if isinstance(value, str) else f"{value:g}"

@@ -100,7 +100,8 @@ def semi_structured_support() -> tuple[bool, str]:
     if problem is not None:
         return False, problem
     major, minor = cuda_capability()
-    return True, f"2:4 matmul ran on compute capability {major}.{minor} (cuSPARSELt {torch.backends.cusparselt.version()})"
+    version = torch.backends.cusparselt.version()
+    return True, f"2:4 matmul ran on compute capability {major}.{minor} (cuSPARSELt {version})"
 
 
 def semi_structured_ready(model: nn.Module) -> tuple[bool, str]:

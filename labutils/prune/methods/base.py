@@ -8,11 +8,12 @@ import torch
 from torch import nn
 
 from ...core.errors import BadInput
+from ...core.validation import check_choice
 
 # Which calibration statistic a method needs for each linear, collected by the shared layer-by-layer driver:
 # NO_STATISTIC; INPUT_NORMS (in,) = Σ_t x_tj²; HESSIAN (in, in) = 2 · Σ_t x_t x_tᵀ. Re-exported for the methods.
 from ..calibration import HESSIAN, INPUT_NORMS, NO_STATISTIC  # noqa: F401
-from ..masks import SparsityTarget
+from ..masks import GROUPS, SparsityTarget
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class Method:
     statistic: str
     prune: Callable[..., torch.Tensor]
     description: str
-    params: dict[str, float] = field(default_factory=dict)
+    params: dict[str, float | str] = field(default_factory=dict)
     check: Callable[[dict], None] | None = None
 
     @property
@@ -50,3 +51,7 @@ class Method:
     def apply(self, linear: nn.Linear, statistic: torch.Tensor | None, target: SparsityTarget, params: dict):
         return self.prune(linear, statistic, target, **params)
 
+
+def check_group(params: dict) -> None:
+    """The comparison group of a score-and-mask method: "row" (each output row) or "layer" (the whole matrix)."""
+    check_choice("group", params["group"], GROUPS)

@@ -8,7 +8,7 @@ from torch import nn
 
 from ...core.validation import check_number
 from ..masks import SparsityTarget, prune_by_score
-from .base import INPUT_NORMS, Method
+from .base import INPUT_NORMS, Method, check_group
 from .wanda import check_norm_shape
 
 
@@ -21,12 +21,16 @@ def ria_score(weight: torch.Tensor, sq_norm: torch.Tensor, alpha: float = 0.5) -
     return relative * sq_norm.float().sqrt().to(weight.device).pow(alpha).unsqueeze(0)
 
 
-def prune(linear: nn.Linear, sq_norm: torch.Tensor, target: SparsityTarget, alpha: float) -> torch.Tensor:
-    return prune_by_score(linear, ria_score(linear.weight, sq_norm, alpha), target)
+def prune(linear: nn.Linear, sq_norm: torch.Tensor, target: SparsityTarget, alpha: float, group: str
+          ) -> torch.Tensor:
+    return prune_by_score(linear, ria_score(linear.weight, sq_norm, alpha), target, group)
 
 
 def check(params: dict) -> None:
     check_number("RIA alpha", params["alpha"], 0, 10, allowed="a number in [0, 10] (the paper uses 0.5)")
+    check_group(params)
 
 
-METHOD = Method("ria", INPUT_NORMS, prune, "relative importance × ‖X‖^a, per row", {"alpha": 0.5}, check)
+# Per matrix by default, as the RIA authors' released code selects (per output row is its option).
+METHOD = Method("ria", INPUT_NORMS, prune, "relative importance × ‖X‖^a, per matrix", {"alpha": 0.5, "group": "layer"},
+                check)

@@ -11,7 +11,7 @@ from torch import nn
 
 from ...core.errors import BadInput, LabError
 from ...core.validation import check_number
-from ..masks import SparsityTarget, nm_mask
+from ..masks import SparsityTarget, lowest_mask, nm_mask
 from .base import HESSIAN, Method
 
 
@@ -60,9 +60,7 @@ def _prune_block(w: torch.Tensor, u: torch.Tensor, start: int, end: int, target:
     mask = torch.zeros_like(block, dtype=torch.bool)
     if not target.is_nm:
         k = int(block.numel() * target.sparsity)
-        if k:
-            lowest = torch.topk((block.pow(2) / d.pow(2)).flatten(), k, largest=False, sorted=False).indices
-            mask.view(-1)[lowest] = True
+        mask = lowest_mask((block.pow(2) / d.pow(2)).reshape(1, -1), k).reshape(block.shape)
     for j in range(end - start):
         if target.is_nm and j % target.m == 0:
             group = slice(j, j + target.m)

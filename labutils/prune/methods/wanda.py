@@ -4,7 +4,7 @@ from torch import nn
 
 from ...core.errors import BadInput
 from ..masks import SparsityTarget, prune_by_score
-from .base import INPUT_NORMS, Method
+from .base import INPUT_NORMS, Method, check_group
 
 
 def check_norm_shape(weight: torch.Tensor, sq_norm: torch.Tensor) -> None:
@@ -23,8 +23,9 @@ def wanda_score(weight: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
     return weight.detach().abs().float() * sq_norm.float().sqrt().to(weight.device).unsqueeze(0)
 
 
-def prune(linear: nn.Linear, sq_norm: torch.Tensor, target: SparsityTarget) -> torch.Tensor:
-    return prune_by_score(linear, wanda_score(linear.weight, sq_norm), target)
+def prune(linear: nn.Linear, sq_norm: torch.Tensor, target: SparsityTarget, group: str) -> torch.Tensor:
+    return prune_by_score(linear, wanda_score(linear.weight, sq_norm), target, group)
 
 
-METHOD = Method("wanda", INPUT_NORMS, prune, "|W|·‖X‖: weights times input norms, per row")
+METHOD = Method("wanda", INPUT_NORMS, prune, "|W|·‖X‖: weights times input norms, per row", {"group": "row"},
+                check_group)
