@@ -1,5 +1,6 @@
 """PruneSpec: the one value a pruning run is described by — validated once, labels computed from it."""
 import pytest
+import torch
 
 import labutils as lu
 from labutils.prune.owl import OwlConfig
@@ -91,5 +92,16 @@ def test_bench_setup_takes_specs_with_distinct_targets():
         lu.bench_setup(tiny=True, device="cpu", specs=[lu.PruneSpec("wanda", 0.5), lu.PruneSpec("ria", 0.5)])
     with pytest.raises(lu.BadInput, match="sizes takes nsamples, seqlen and batch_size; got layers"):
         lu.bench_setup(tiny=True, device="cpu", sizes={"layers": 2})
-    with pytest.raises(lu.BadInput, match="specs must be PruneSpecs"):
+    with pytest.raises(lu.BadInput, match=r"^each of specs must be a PruneSpec, e.g. lu.PruneSpec\('wanda', 0.5\); "
+                                          r"got 'wanda 50%'$"):
         lu.bench_setup(tiny=True, device="cpu", specs=["wanda 50%"])
+
+
+def test_every_entry_point_takes_only_specs(tiny_model):
+    profile, tokens = lu.get_profile("smollm2-135m"), torch.zeros(64, dtype=torch.long)
+    with pytest.raises(lu.BadInput, match=r"^each of variants must be a PruneSpec, e.g. lu.PruneSpec\('wanda', 0.5\); "
+                                          r"got \('wanda', 0.5\)$"):
+        lu.compare_methods(profile, [("wanda", 0.5)], tokens[None], tokens, tiny_model, progress=False)
+    with pytest.raises(lu.BadInput, match=r"^PruneJob.spec must be a PruneSpec, e.g. lu.PruneSpec\('wanda', 0.5\); "
+                                          r"got 'wanda'$"):
+        lu.run_prune_job(lu.PruneJob("wanda"), progress=False)

@@ -128,6 +128,11 @@ def _load_local(folder: Path, dtype: torch.dtype):
     return model, tokenizer
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a model folder (``WEIGHT_PATTERNS``: one file, or the shards of a large model), sorted."""
+    return sorted(w for pattern in WEIGHT_PATTERNS for w in folder.glob(pattern))
+
+
 def _check_model_folder(folder: Path) -> list[Path]:
     """The weight files of a model folder; LabError if config.json or the weights are missing or unreadable."""
     if not (folder / "config.json").is_file():
@@ -135,7 +140,7 @@ def _check_model_folder(folder: Path) -> list[Path]:
         holds = "it is empty" if not held else f"it holds {', '.join(held[:6])}{' …' if len(held) > 6 else ''}"
         raise LabError(f"model folder {folder} has no config.json ({holds}); allowed: a folder written by "
                        "save_pretrained (config.json and *.safetensors or pytorch_model.bin weights) or a Hub id")
-    weights = sorted(w for pattern in WEIGHT_PATTERNS for w in folder.glob(pattern))
+    weights = weight_files(folder)
     if not weights:
         raise LabError(f"model folder {folder} has config.json but no weights (*.safetensors or pytorch_model.bin); "
                        "copy the weight files into it, or save the model again with save_pretrained")

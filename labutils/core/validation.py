@@ -67,7 +67,7 @@ SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit integer; NumP
 
 def check_seed(value) -> int:
     """``value`` if it is an int in [0, 2**63 − 1] (what every random generator of the lab accepts), else BadInput."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= SEED_MAX:
+    if not is_integer(value) or not 0 <= value <= SEED_MAX:
         raise BadInput(f"seed must be an integer in [0, 2**63 − 1] = [0, {SEED_MAX}]; got {value!r}")
     return int(value)
 
@@ -106,7 +106,7 @@ def check_model(model) -> nn.Module:
     """``model`` if it is a torch module with a ``config`` that has an integer ``vocab_size`` (a Hugging Face
     causal language model, as ``load_model`` gives), else BadInput naming what was given."""
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
-    if not isinstance(model, nn.Module) or isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral):
+    if not isinstance(model, nn.Module) or not is_integer(vocab_size):
         raise BadInput(f"model must be a causal language model (a torch nn.Module whose config has vocab_size, as "
                        f"lu.load_model gives); got {describe(model)}")
     return model

@@ -28,9 +28,9 @@ from ..core.config import get_profile
 from ..core.device import get_device, require_cuda, set_seed, versions
 from ..core.errors import BadInput
 from ..core.models import LLAMA2_7B_CONFIG, check_seqlen, find_decoder_layers, random_model, tiny_llama_config
-from ..core.validation import check_positive_int, describe
+from ..core.validation import check_positive_int
 from ..prune.driver import prune_model
-from ..prune.spec import PruneSpec
+from ..prune.spec import PruneSpec, check_spec
 from ..prune.streaming import calibration_inputs
 from ..speed.timing import Measured, measure
 
@@ -74,10 +74,7 @@ def bench_setup(tiny: bool = False, device: str | None = None, *, specs: Sequenc
     specs = DEFAULT_SPECS if specs is None else tuple(specs)
     if not specs:
         raise BadInput("give at least one PruneSpec to time; got none")
-    for spec in specs:
-        if not isinstance(spec, PruneSpec):
-            raise BadInput(f"specs must be PruneSpecs, e.g. lu.PruneSpec('wanda', '2:4'); got {describe(spec)}")
-    targets = [spec.target.label for spec in specs]
+    targets = [check_spec(spec, "each of specs").target.label for spec in specs]
     if len(set(targets)) < len(targets):
         raise BadInput(f"each spec is a row named by its target: give each target once; got {', '.join(targets)}")
     for mode in modes:

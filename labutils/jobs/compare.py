@@ -15,13 +15,12 @@ import torch
 from torch import nn
 
 from ..core.config import Profile
-from ..core.errors import BadInput
-from ..core.validation import check_model, describe
+from ..core.validation import check_model
 from ..evaluate.perplexity import perplexity
 from ..prune.driver import PruneReport, prune_model
 from ..prune.masks import SparsityTarget
 from ..prune.owl import OwlConfig
-from ..prune.spec import PruneSpec
+from ..prune.spec import PruneSpec, check_spec
 
 
 def sweep_variants(methods: tuple[str, ...] = ("magnitude", "wanda"),
@@ -64,9 +63,7 @@ def compare_methods(profile: Profile, variants: list[PruneSpec], calib: torch.Te
     check_model(dense)
     unique: dict[str, PruneSpec] = {}
     for v in variants:
-        if not isinstance(v, PruneSpec):
-            raise BadInput(f"variants must be PruneSpecs, e.g. lu.PruneSpec('wanda', 0.5); got {describe(v)}")
-        unique.setdefault(v.label, v)
+        unique.setdefault(check_spec(v, "each of variants").label, v)
     rows = [{"variant": "dense", "target": "-", "method": "dense", "sparsity": 0.0, "seconds": 0.0,
              "method seconds": 0.0, "perplexity": _perplexity(dense, test, profile, "dense", progress)}]
     reports = {}

@@ -16,14 +16,12 @@ from ..core import data
 from ..core.checkpoint import check_output_dir, is_lab_output, load_report, save_pruned
 from ..core.config import Profile, get_profile
 from ..core.device import get_device, require_cuda, set_seed, versions
-from ..core.errors import BadInput
-from ..core.models import CACHE_FOLDER, WEIGHT_PATTERNS, check_seqlen, load_model
+from ..core.models import CACHE_FOLDER, check_seqlen, load_model, weight_files
 from ..core.storage import cache_dir, output_lock, verify_folder
-from ..core.validation import describe
 from ..evaluate.perplexity import perplexity
 from ..prune.driver import PruneReport, check_prunable, prune_model
 from ..prune.sparsity import model_sparsity
-from ..prune.spec import PruneSpec
+from ..prune.spec import PruneSpec, check_spec
 
 LLAMA2_7B_PARAMS = 6_738_415_616  # Llama-2-7B's parameter count (13.5 GB in float16)
 EMBEDDED_MODEL_BYTES = 538_000_000  # SmolLM2-135M in float32, before the cache exists to measure it
@@ -63,8 +61,7 @@ def default_output_dir(profile: Profile, spec: PruneSpec) -> Path:
 def validate_job(job: PruneJob) -> tuple[Profile, Path]:
     """Every check that needs no model, so bad input fails at once and writes nothing (the spec checked itself
     when it was built)."""
-    if not isinstance(job.spec, PruneSpec):
-        raise BadInput(f"PruneJob.spec must be a PruneSpec, e.g. lu.PruneSpec('wanda', 0.5); got {describe(job.spec)}")
+    check_spec(job.spec, "PruneJob.spec")
     profile = job.resolved_profile()
     if profile.needs_cuda:
         require_cuda(f"profile {profile.name!r}")
@@ -78,8 +75,7 @@ def expected_model_bytes(profile: Profile, model_path: str | None) -> int | None
     None where it cannot be known (a hub id other than the profile's)."""
     if model_path is not None:
         folder = Path(model_path).expanduser()
-        files = [f for pattern in WEIGHT_PATTERNS for f in folder.glob(pattern)] if folder.is_dir() else []
-        return sum(f.stat().st_size for f in files) or None
+        return (sum(f.stat().st_size for f in weight_files(folder)) or None) if folder.is_dir() else None
     if profile.model_source == "embedded":
         cached = cache_dir() / CACHE_FOLDER / "model.safetensors"
         return cached.stat().st_size if cached.is_file() else EMBEDDED_MODEL_BYTES

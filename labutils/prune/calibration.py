@@ -217,5 +217,5 @@ def collect_input_norms(model: nn.Module, tokens: torch.Tensor, layer_index: int
     for i in range(layer_index):
         inputs.run(layers[i], i, advance=True)
     stats = collect_statistics(layers[layer_index], layer_index, inputs, find_linears(layers[layer_index]),
-                                  INPUT_NORMS)
+                               INPUT_NORMS)
     return {name: sq.sqrt().cpu() for name, sq in stats.items()}

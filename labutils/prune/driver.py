@@ -24,13 +24,13 @@ from torch import nn
 from ..core.device import SectionTimer, synchronize
 from ..core.errors import BadInput, LabError, is_out_of_memory
 from ..core.models import find_decoder_layers, find_linears
-from ..core.validation import check_model, check_positive_int, check_tokens, describe
+from ..core.validation import check_model, check_positive_int, check_tokens
 from .calibration import LayerInputs, collect_statistics
 from .masks import SparsityTarget
 from .methods import METHODS  # noqa: F401  (re-exported: the driver runs these)
 from .owl import layer_outlier_ratios, owl_sparsities
 from .sparsity import mask_sha256
-from .spec import PruneSpec
+from .spec import PruneSpec, check_spec
 from .streaming import Placement, calibration_inputs, compute_device, layer_visits
 
 # True-sequential mode re-collects statistics for the sublayers that read other sublayers' outputs directly,
@@ -82,7 +82,7 @@ class PruneReport:
         """OWL's parameters and the measured outlier ratios; None without OWL."""
         if self.spec.owl is None:
             return None
-        return {"M": self.spec.owl.m, "lambda": self.spec.owl.lam, "outlier_ratios": self.outlier_ratios}
+        return {**self.spec.to_dict()["owl"], "outlier_ratios": self.outlier_ratios}
 
     @property
     def measured_sparsity(self) -> float:
@@ -106,8 +106,7 @@ def prune_model(model: nn.Module, spec: PruneSpec, tokens: torch.Tensor | None =
     default mode for the same ``batch_size``; GPU memory holds a few layers and batches, not a model.
     """
     check_model(model)
-    if not isinstance(spec, PruneSpec):
-        raise BadInput(f"spec must be a PruneSpec, e.g. lu.PruneSpec('wanda', 0.5); got {describe(spec)}")
+    check_spec(spec)
     tokens = calibration_tokens(model, spec, tokens)
     check_positive_int("batch_size", batch_size)
     check_prunable(model, spec.target)

@@ -98,8 +98,9 @@ class PruneSpec:
         """The method and its options, without the target: "wanda", "wanda (true-sequential)", "magnitude + OWL",
         "ria (alpha=1)"."""
         changed = ", ".join(f"{k}={_short(v)}" for k, v in self.changed_params.items())
-        return (self.method + (f" ({changed})" if changed else "") + (" (true-sequential)" if self.true_sequential
-                                                                      else "") + (" + OWL" if self.owl else ""))
+        variant = self.method + (f" ({changed})" if changed else "")
+        variant += " (true-sequential)" if self.true_sequential else ""
+        return variant + (" + OWL" if self.owl else "")
 
     @property
     def label(self) -> str:
@@ -118,6 +119,14 @@ class PruneSpec:
         owl = None if self.owl is None else {"M": self.owl.m, "lambda": self.owl.lam}
         return {"method": self.method, "target": self.target.label, "params": dict(self.params),
                 "true_sequential": self.true_sequential, "owl": owl}
+
+
+def check_spec(value, name: str = "spec") -> PruneSpec:
+    """``value`` if it is a PruneSpec, else BadInput naming ``name`` and what was given: the one check at every
+    entry point that takes a spec."""
+    if not isinstance(value, PruneSpec):
+        raise BadInput(f"{name} must be a PruneSpec, e.g. lu.PruneSpec('wanda', 0.5); got {describe(value)}")
+    return value
 
 
 def _short(value) -> str:
