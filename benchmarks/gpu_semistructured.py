@@ -4,7 +4,7 @@ Builds the ``llama2-7b-random`` profile's model (random init directly on the GPU
 linear to 2:4 by magnitude (cheap; quality means nothing with random weights), compresses a copy to cuSPARSELt 2:4
 weights, checks its logits against the masked dense model, and times prefill (eager and CUDA-graphed) at
 512–8192 tokens and batch-1 decode. Prints the tables and writes them as JSON.
-First every weight shape is timed alone (dense vs 2:4 with cuSPARSELt's default and searched algorithm), then
+First every weight shape is timed alone (dense vs 2:4 with cuSPARSELt's algorithm 0; ``--search`` adds the searched plan), then
 the whole model for each of ``--kernels``: ``lab`` (default; the lab's ``SparseLinear24``, one direct cuSPARSELt
 call per linear: see ``labutils/sparse24/kernel.py``) and/or ``stock`` (torch's ``SparseSemiStructuredTensor`` weights).
 
@@ -25,6 +25,7 @@ import json
 import sys
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -39,8 +40,8 @@ from labutils.jobs.compare import table_records
 from labutils.prune.masks import SparsityTarget, prune_by_score
 from labutils.prune.methods import magnitude_score
 from labutils.prune.sparsity import nm_violations, prunable_linears
+from labutils.sparse24.prefill import prefill_speedup_table
 from labutils.sparse24.convert import (
-    prefill_speedup_table,
     semi_structured_ready,
     to_semi_structured,
     verify_semi_structured,
@@ -49,7 +50,8 @@ from labutils.sparse24.shapes import linear_shapes, linear_speedup_table
 from labutils.speed.latency import latency_table, memory_table, random_prompt
 
 PROFILE = "llama2-7b-random"
-TINY_LENGTHS = (128, 256, 512, 1024)  # the tiny model has 512 positions: 1024 shows the "skipped" row
+TINY_LENGTHS = (128, 256, 512, 1024)
+KERNEL_CHOICES = ("lab", "lab-fused", "stock")  # the tiny model has 512 positions: 1024 shows the "skipped" row
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -63,9 +65,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--decode-repeats", type=int, default=2)
     parser.add_argument("--alg-search-tokens", type=int, default=None,
                         help="run cuSPARSELt's algorithm search per weight shape for this many tokens (off by default)")
-    parser.add_argument("--kernels", nargs="+", choices=("lab", "stock"), default=["lab"],
-                        help="lab: SparseLinear24 modules (default); stock: torch's SparseSemiStructuredTensor weights;"
-                             " both: one table each")
+    parser.add_argument("--kernels", nargs="+", choices=KERNEL_CHOICES, default=["lab"],
+                        help="lab: SparseLinear24 modules (default); lab-fused: the same with q/k/v and gate/up fused "
+                             "into one 2:4 GEMM each; stock: torch's SparseSemiStructuredTensor weights; several: one "
+                             "table each")
+    parser.add_argument("--parts", nargs="+", choices=("linears", "model"), default=["linears", "model"],
+                        help="linears: each weight shape alone; model: the whole model per kernel (default: both)")
+    parser.add_argument("--search", action="store_true",
+                        help="the per-linear table also times the plan cuSPARSELt's search picks (refused where the "
+                             "search is known to break: see labutils.sparse24.kernel.BROKEN_SEARCH)")
+    parser.add_argument("--fused-shapes", action="store_true",
+                        help="the per-linear table also times the fused q/k/v and gate/up shapes")
     parser.add_argument("--linear-lengths", type=int, nargs="+", default=None,
                         help="token counts of the per-linear timing (default 512 2048 4096 8192; tiny: 64 256)")
     parser.add_argument("--seed", type=int, default=0)
@@ -113,10 +123,19 @@ def main(argv: list[str] | None = None) -> int:
     ready, reason = semi_structured_ready(dense)
     result = {"model": description, "dtype": str(dtype), "device": device_summary(device),
               "semi_structured_ready": ready, "reason": reason}
+    out = args.out or (None if args.tiny else Path("results/gpu_semistructured.json"))
     if ready:
-        result["linears"] = run_linears(dense, args, step)
-        for kernel in args.kernels:
-            result[kernel] = run_sparse(dense, args, step, kernel)
+        parts = {"linears": lambda: run_linears(dense, args, step)} if "linears" in args.parts else {}
+        if "model" in args.parts:
+            parts.update({kernel: partial(run_sparse, dense, args, step, kernel) for kernel in args.kernels})
+        for name, run in parts.items():
+            try:
+                result[name] = run()
+            except (LabError, RuntimeError) as exc:  # one kernel failing must not cost the others' numbers
+                result[name] = {"error": f"{type(exc).__name__}: {exc}"}
+                step(f"{name} FAILED: {type(exc).__name__}: {exc}")
+                torch.cuda.empty_cache()
+            write_result(out, result, step)  # after every part: a run cut short keeps what it measured
     else:
         step(f"2:4 sparse kernels skipped: {reason}")
         try:
@@ -127,20 +146,28 @@ def main(argv: list[str] | None = None) -> int:
                                    progress=False)
         print(dense_only.round(2).to_string())
         result["dense_latency"] = table_records(dense_only)
-    out = args.out or (None if args.tiny else Path("results/gpu_semistructured.json"))
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2, default=str))
-        step(f"wrote {out}")
+        write_result(out, result, step)
     step("done")
     return 0
 
 
+def write_result(out: Path | None, result: dict, step) -> None:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, default=str))
+        step(f"wrote {out}")
+
+
 def run_linears(dense, args: argparse.Namespace, step) -> list[dict]:
-    """Each weight shape alone: dense vs 2:4 (algorithm 0 and searched) at several token counts."""
+    """Each weight shape alone: dense vs 2:4 (algorithm 0 and searched) at several token counts; with
+    ``--fused-shapes`` also the stacked q/k/v and gate/up shapes that ``lab-fused`` multiplies."""
     shapes = linear_shapes(dense)
+    if args.fused_shapes:  # a stacked shape equal to a single one keeps both names
+        for shape, names in linear_shapes(dense, fused=True).items():
+            shapes.setdefault(shape, []).extend(n for n in names if n not in shapes.get(shape, []))
     lengths = tuple(args.linear_lengths or ((64, 256) if args.tiny else (512, 2048, 4096, 8192)))
-    table = linear_speedup_table(list(shapes), lengths, dtype=next(dense.parameters()).dtype, progress=False)
+    table = linear_speedup_table(list(shapes), lengths, dtype=next(dense.parameters()).dtype, search=args.search,
+                                 progress=False)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table.round(3).to_string(), flush=True)
     step("timed each linear shape alone (" + "; ".join(f"{o}×{i}: {', '.join(n)}" for (o, i), n in shapes.items())
@@ -151,7 +178,8 @@ def run_linears(dense, args: argparse.Namespace, step) -> list[dict]:
 def run_sparse(dense, args: argparse.Namespace, step, kernel: str) -> dict:
     """Compress a copy, verify it, and time it against the masked dense model."""
     sparse = copy.deepcopy(dense)
-    report = to_semi_structured(sparse, alg_search_tokens=args.alg_search_tokens, kernel=kernel)
+    report = to_semi_structured(sparse, alg_search_tokens=args.alg_search_tokens, kernel=kernel.removesuffix("-fused"),
+                                fuse=kernel.endswith("-fused"))
     step(f"compressed {len(report.converted)} linears with {report.backend} ({report.kernel} kernel): "
          f"{report.dense_mib:.0f} MiB → {report.compressed_mib:.0f} MiB ({report.compression:.2f}); "
          f"alg ids {sorted(set(report.alg_ids.values()))}")

@@ -8,7 +8,7 @@ it, and each imports only from those before it in this list:
 - ``prune``     the run's spec, masks, calibration passes, methods, OWL, the layer-by-layer driver (02-Prune)
 - ``evaluate``  perplexity, generation and drift (03), zero-shot accuracy with lm-eval (04)
 - ``speed``     timing, latency and memory tables (04)
-- ``sparse24``  2:4 weights on sparse tensor cores: kernel, conversion, CUDA graphs, per-shape bench (04)
+- ``sparse24``  2:4 weights on sparse tensor cores: kernel, conversion, CUDA graphs, prefill and per-shape timing (04)
 - ``jobs``      whole runs: the main job (``python -m labutils prune``), method comparison, bench-prune
 - ``lab``       the course's exercise checks, plots and summary tables
 
@@ -63,12 +63,12 @@ from .prune.owl import OwlConfig
 from .prune.sparsity import mask_sha256, model_sparsity, sparsity_table
 from .prune.spec import PruneSpec
 from .sparse24.convert import (
-                                  prefill_speedup_table,
                                   semi_structured_ready,
                                   semi_structured_support,
                                   to_semi_structured,
                                   verify_semi_structured,
 )
+from .sparse24.prefill import prefill_speedup_table
 from .sparse24.shapes import linear_speedup_table
 from .speed.latency import latency_table, memory_table, random_prompt, zeros_matmul_table
 

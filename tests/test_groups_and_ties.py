@@ -5,7 +5,7 @@ import torch
 from conftest import make_tiny
 
 import labutils as lu
-from labutils.prune.masks import layer_mask, lowest_mask, nm_mask
+from labutils.prune.masks import SMALL_GROUP, group_rank, layer_mask, lowest_mask, nm_mask
 from labutils.prune.methods import sparsegpt
 from labutils.prune.sparsity import prunable_linears
 
@@ -46,6 +46,23 @@ def test_nm_mask_ties_prune_the_lower_index_in_each_group():
     assert nm_mask(score, 2, 4).tolist() == [[True, True, False, False, False, True, False, True]]
     score = tied_scores((5, 16), seed=2)
     assert torch.equal(nm_mask(score, 2, 4), stable_lowest(score.reshape(-1, 4), 2).reshape(5, 16))
+
+
+@pytest.mark.parametrize("m", [2, 4, 8, 16])
+@pytest.mark.parametrize("ties", [False, True])
+def test_nm_mask_by_comparison_equals_the_selection_per_group(m, ties):
+    """N:M groups up to SMALL_GROUP are ranked by comparing each score with the others (G1: no topk / kthvalue per
+    4-element slice); the result is the per-group selection's, with and without ties, for every N."""
+    generator = torch.Generator().manual_seed(m)
+    shape = (33, 6 * m)
+    score = (torch.randint(0, 3, shape, generator=generator).float() if ties
+             else torch.randn(shape, generator=generator))
+    for n in range(m + 1):
+        expected = lowest_mask(score.reshape(-1, m), m - n).reshape(shape)
+        assert torch.equal(nm_mask(score, n, m), expected), (n, m)
+    if m <= SMALL_GROUP:  # each row of ranks is a permutation of 0..m-1
+        ranks = group_rank(score.reshape(-1, m)).long()
+        assert torch.equal(ranks.sort(dim=1).values, torch.arange(m).expand_as(ranks))
 
 
 def test_sparsegpt_block_selection_ties_follow_the_same_rule():

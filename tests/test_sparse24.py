@@ -1,5 +1,6 @@
 """2:4 compression: clean refusals everywhere (CPU included), and on a GPU with 2:4 kernels, real conversion."""
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,15 +9,16 @@ from conftest import make_tiny
 import labutils as lu
 from labutils.prune.masks import prune_by_score
 from labutils.prune.sparsity import nm_violations, prunable_linears
+from labutils.sparse24.prefill import prefill_speedup_table
 from labutils.sparse24.convert import (
     SemiStructuredReport,
-    prefill_speedup_table,
     semi_structured_ready,
     to_semi_structured,
     verify_semi_structured,
 )
+from labutils.sparse24 import convert, kernel, shapes
 from labutils.sparse24.graphs import graphed_forward
-from labutils.sparse24.kernel import SparseLinear24
+from labutils.sparse24.kernel import CsltPlan, SparseLinear24
 from labutils.sparse24.shapes import linear_shapes
 from labutils.speed.latency import memory_table
 
@@ -214,6 +216,8 @@ def test_gpu_speed_table(gpu_pair):
 
 
 @needs_2_4_kernels
+@pytest.mark.skipif(KERNELS_OK and kernel.search_problem() is not None, reason="this cuSPARSELt's search is refused "
+                    "(kernel.BROKEN_SEARCH: it broke the CUDA context on an H200)")
 def test_gpu_algorithm_search(gpu_pair):
     dense, _, _ = gpu_pair
     searched = copy.deepcopy(dense)
@@ -236,16 +240,38 @@ def test_gpu_float32_model_is_refused():
 
 # ---- the lab's 2:4 linear, with cuSPARSELt emulated on the CPU ----------------------------------------------------
 
-def emulated_cslt(packed, dense_t, *, bias, transpose_result, alg_id):
-    """torch._cslt_sparse_mm's contract with ``packed`` = the dense 2:4 weight: W · B, transposed if asked."""
-    out = packed @ dense_t
+def emulated_compress(weight):
+    """torch._cslt_compress's layout, emulated: the kept values (out, in / 2) row after row, then metadata (here: the
+    position 0..3 of each kept value in its group of 4, as numbers of the weight's dtype), flattened."""
+    groups = weight.reshape(weight.shape[0], -1, 4)
+    positions = groups.abs().topk(2, dim=-1).indices.sort(dim=-1).values  # the 2 kept of each group of 4
+    values = groups.gather(-1, positions)
+    return torch.cat([values.reshape(-1), positions.reshape(-1).to(weight.dtype)])
+
+
+def emulated_decompress(packed, in_features):
+    half = packed.numel() // 2
+    values, positions = packed[:half], packed[half:].long()
+    out_features = half * 2 // in_features
+    groups = torch.zeros(out_features, in_features // 4, 4, dtype=packed.dtype, device=packed.device)
+    groups.scatter_(-1, positions.view(out_features, -1, 2), values.view(out_features, -1, 2))
+    return groups.view(out_features, in_features)
+
+
+def emulated_cslt(packed, dense_t, *, bias=None, transpose_result=False, alg_id=0, split_k=1, **split_k_mode):
+    """torch._cslt_sparse_mm's contract for an ``emulated_compress``-ed weight W: W · B (+ b), transposed if asked
+    (the split-K mode keyword is split_k_mode or, in some older torch, split_k_one_kernel). Summed in float64 and
+    rounded once to the weight's dtype, so a product does not depend on how BLAS blocks it (a stacked weight gives
+    its members' rows bit for bit)."""
+    out = emulated_decompress(packed, dense_t.shape[0]).double() @ dense_t.double()
     if bias is not None:
-        out = out + bias[:, None]
+        out = out + bias.double()[:, None]
+    out = out.to(packed.dtype)
     return out.t().contiguous() if transpose_result else out
 
 
 def emulated_module(linear, **kwargs):
-    return SparseLinear24.from_linear(linear, compress=lambda w: w.clone(), mm=emulated_cslt, **kwargs)
+    return SparseLinear24.from_linear(linear, compress=emulated_compress, mm=emulated_cslt, **kwargs)
 
 
 @pytest.mark.parametrize("shape", [(2, 37), (1, 1), (3, 8), (16,)])
@@ -282,13 +308,13 @@ def test_sparse_linear_algorithm_search_is_used():
     linear = prune_2_4_linear(torch.nn.Linear(32, 48, bias=False))
     seen = {}
 
-    def search(packed, in_features, tokens, dtype, device):
-        seen.update(in_features=in_features, tokens=tokens)
-        return 3
+    def search(module, tokens):
+        seen.update(in_features=module.in_features, tokens=tokens)
+        return CsltPlan(3, 2, 1)
 
     module = emulated_module(linear, alg_search_tokens=64, search=search)
-    assert module.alg_id == 3 and seen == {"in_features": 32, "tokens": 64}
-    assert "alg_id=3" in repr(module)
+    assert module.plan == CsltPlan(3, 2, 1) and module.alg_id == 3 and seen == {"in_features": 32, "tokens": 64}
+    assert "alg_id=3, split_k=2, split_k_mode=1" in repr(module)
 
 
 def test_unknown_kernel_is_refused(tiny_model):
@@ -318,3 +344,148 @@ def test_gpu_linear_speedup_table():
     table = lu.linear_speedup_table([(128, 256)], [64, 100], warmup=1, repeats=2, progress=False)
     assert list(table.index) == [("128×256", 64), ("128×256", 100)]
     assert (table[["dense ms", "2:4 alg 0 ms", "2:4 searched ms"]] > 0).all().all()
+
+
+# ---- cuSPARSELt's plan, padding, counts and errors, emulated on the CPU -------------------------------------------
+
+def use_emulated_kernels(monkeypatch, mm=emulated_cslt):
+    """cuSPARSELt emulated where the lab calls it: compression keeps the dense 2:4 weight, the product is
+    ``mm``, and the support checks pass. Returns the log of products: (packed, keywords) per call."""
+    from labutils.sparse24 import convert, shapes
+
+    calls = []
+
+    def logged_mm(packed, dense_t, **kwargs):
+        calls.append((packed, kwargs))
+        return mm(packed, dense_t, **kwargs)
+
+    monkeypatch.setattr(torch, "_cslt_compress", emulated_compress)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", logged_mm)
+    monkeypatch.setattr(convert, "kernel_problem", lambda device=None: None)
+    monkeypatch.setattr(shapes, "kernel_problem", lambda device=None: None)
+    return calls
+
+
+def fake_mm_search(monkeypatch, answer, log):
+    """torch._C._cusparselt.mm_search answering ``answer`` and logging (packed, dense_B shape)."""
+    def mm_search(compressed_a, dense_b, bias, alpha, out_dtype, transpose_result):
+        assert transpose_result is True and alpha is None and out_dtype is None
+        log.append((compressed_a, tuple(dense_b.shape)))
+        return answer
+
+    monkeypatch.setattr(torch._C, "_cusparselt", SimpleNamespace(mm_search=mm_search), raising=False)
+
+
+def test_plan_keywords_follow_the_schema(monkeypatch):
+    from labutils.sparse24 import kernel
+
+    names = [a.name for a in torch.ops.aten._cslt_sparse_mm.default._schema.arguments]
+    assert kernel.split_k_keyword() in names  # this torch's own spelling (torch 2.13: split_k_mode)
+    assert CsltPlan().mm_kwargs() == {"alg_id": 0, "split_k": 1} or kernel.split_k_keyword() is None
+    monkeypatch.setattr(kernel, "split_k_keyword", lambda: "split_k_mode")
+    assert CsltPlan(3, 2, 1).mm_kwargs() == {"alg_id": 3, "split_k": 2, "split_k_mode": 1}
+    monkeypatch.setattr(kernel, "split_k_keyword", lambda: "split_k_one_kernel")  # some older torch
+    assert CsltPlan(3, 2, False).mm_kwargs() == {"alg_id": 3, "split_k": 2, "split_k_one_kernel": False}
+    monkeypatch.setattr(kernel, "split_k_keyword", lambda: None)  # no split-K arguments at all
+    assert CsltPlan(3, 2, 1).mm_kwargs() == {"alg_id": 3}
+
+
+@pytest.mark.parametrize("answer,plan", [((5, 4, 1, 9), CsltPlan(5, 4, 1)), ((2, 3, True, 9), CsltPlan(2, 3, True))])
+def test_forward_runs_the_searched_split_k_on_a_padded_search(monkeypatch, answer, plan):
+    """The search's split-K choice reaches the kernel call, and the search saw 100 tokens padded to 104."""
+    from labutils.sparse24 import kernel
+
+    calls = use_emulated_kernels(monkeypatch)
+    searched = []
+    fake_mm_search(monkeypatch, answer, searched)
+    keyword = "split_k_one_kernel" if isinstance(answer[2], bool) else "split_k_mode"
+    monkeypatch.setattr(kernel, "split_k_keyword", lambda: keyword)
+    linear = prune_2_4_linear(torch.nn.Linear(32, 48, bias=True))
+    module = SparseLinear24.from_linear(linear, alg_search_tokens=100)
+    assert module.plan == plan and searched[0][1] == (32, 104)
+    x = torch.randn(3, 5, 32)
+    torch.testing.assert_close(module(x), linear(x))
+    assert calls[-1][1] == {"bias": module.bias, "transpose_result": True, "alg_id": plan.alg_id,
+                            "split_k": plan.split_k, keyword: plan.split_k_mode}
+    assert f"split_k={plan.split_k}, split_k_mode={plan.split_k_mode}" in repr(module)
+
+
+def test_search_without_mm_search_falls_back_to_the_algorithm_only(monkeypatch):
+    use_emulated_kernels(monkeypatch)
+    monkeypatch.delattr(torch._C, "_cusparselt", raising=False)
+    seen = []
+
+    def old_search(packed, dense_t, *, bias=None, transpose_result=False):
+        seen.append((tuple(dense_t.shape), transpose_result))
+        return 7
+
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", old_search)
+    module = SparseLinear24.from_linear(prune_2_4_linear(torch.nn.Linear(32, 48)), alg_search_tokens=9)
+    assert module.plan == CsltPlan(7, 1, None) and seen == [((32, 16), True)]
+
+
+def test_nonzero_count_skips_the_metadata_of_a_2d_packed_weight():
+    """A 2-D packed tensor (rows, values + metadata): only the first out · in / 2 elements are values."""
+    values = torch.zeros(16, 16)
+    values[:, ::2] = 1.0  # 128 non-zero kept values of a (16, 32) weight
+    metadata = torch.full((16, 4), 3.0)  # non-zero index bits
+    packed = torch.cat([values.reshape(-1), metadata.reshape(-1)]).view(16, -1)  # (16, 20)
+    module = SparseLinear24(packed, 16, 32)
+    assert module.nonzero_weights() == 128
+    assert SparseLinear24(packed.reshape(-1), 16, 32).nonzero_weights() == 128
+
+
+def test_wrong_numbers_are_reported_by_the_dense_check_not_as_a_compression_failure(monkeypatch):
+    use_emulated_kernels(monkeypatch, mm=lambda packed, dense_t, **kw: 2 * emulated_cslt(packed, dense_t, **kw))
+    model = prune_2_4(make_tiny()).half()
+    with pytest.raises(lu.LabError, match=r"2:4 kernel for layers.0.self_attn.q_proj differs from the dense "
+                                          r"product") as info:
+        to_semi_structured(model)
+    assert "could not compress" not in str(info.value)
+
+
+def test_speedup_table_searches_first_on_its_own_copy(monkeypatch):
+    """Every search runs before anything is timed, on a compressed copy that algorithm 0 never uses."""
+    calls = use_emulated_kernels(monkeypatch)
+    searched = []
+    fake_mm_search(monkeypatch, (5, 2, 1, 9), searched)
+    table = lu.linear_speedup_table([(32, 64)], [8, 12], dtype=torch.float32, device="cpu", warmup=0, repeats=1,
+                                    search=True, progress=False)
+    assert [shape for _, shape in searched] == [(64, 8), (64, 16)]  # 12 tokens padded to 16
+    assert len(calls) == 2 * 2  # alg 0 and searched, once per length: all after the searches (no mm before)
+    alg0 = [packed for packed, kw in calls if kw["alg_id"] == 0]
+    tuned = [packed for packed, kw in calls if kw["alg_id"] == 5]
+    assert len(alg0) == len(tuned) == 2
+    assert all(p.data_ptr() != searched[0][0].data_ptr() for p in alg0)
+    assert all(p.data_ptr() == searched[0][0].data_ptr() for p in tuned)
+    assert table.loc[("32×64", 12), "searched split_k"] == 2
+    assert (table[["dense ms", "2:4 alg 0 ms", "2:4 searched ms"]] > 0).all().all()
+
+
+def test_a_failed_search_is_named_as_such(monkeypatch):
+    use_emulated_kernels(monkeypatch)
+
+    def mm_search(*args):
+        raise RuntimeError("CUDA error: internal error when calling `cusparseLtMatmulSearch(...)`")
+
+    monkeypatch.setattr(torch._C, "_cusparselt", SimpleNamespace(mm_search=mm_search), raising=False)
+    with pytest.raises(lu.LabError, match=r"cuSPARSELt's search failed for a \(64, 64\) weight at 32 tokens: CUDA "
+                                          r"error: .*Convert without alg_search_tokens"):
+        to_semi_structured(prune_2_4(make_tiny()).half(), alg_search_tokens=32)
+
+
+def test_a_search_of_a_broken_cusparselt_is_refused_before_any_work(monkeypatch, tiny_model):
+    """cuSPARSELt 0.8.0's search broke the CUDA context on an H200: it is refused with the reason, nothing converted,
+    and the speedup table refuses ``search=True`` at once."""
+    monkeypatch.setattr(torch.backends.cusparselt, "version", lambda: 800)
+    monkeypatch.setattr(convert, "kernel_problem", lambda device=None: None)
+    monkeypatch.setattr(shapes, "kernel_problem", lambda device=None: None)
+    model = prune_2_4(tiny_model).half()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lu.LabError, match=r"alg_search_tokens: cuSPARSELt's algorithm search is refused .*0\.8\.0"):
+        to_semi_structured(model, alg_search_tokens=64)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(lu.LabError, match="search=True: cuSPARSELt's algorithm search is refused"):
+        lu.linear_speedup_table([(32, 64)], [8], dtype=torch.float32, device="cpu", search=True)
+    monkeypatch.setattr(torch.backends.cusparselt, "version", lambda: 701)
+    assert kernel.search_problem() is None

@@ -224,3 +224,17 @@ def test_zeros_matmul_table_rows(tiny_model):
 def test_zeros_matmul_bad_input(kwargs, message):
     with pytest.raises(lu.BadInput, match=message):
         zeros_matmul_table(**kwargs)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of SparseSemiStructuredTensor")
+def test_nonzero_count_of_a_stock_2_4_weight_skips_its_metadata():
+    """torch's cuSPARSELt weight keeps the kept values, then the metadata, in one buffer that some torch versions hold
+    2-D: only the values part (out · in / 2 elements) is counted."""
+    from labutils.speed.latency import _count_nonzero
+    values = torch.ones(16 * 8, dtype=torch.float16)
+    values[::3] = 0
+    flat = torch.cat([values, torch.full((16,), 7.0, dtype=torch.float16)])  # metadata: never zero here
+    weight = torch.sparse.SparseSemiStructuredTensorCUSPARSELT(
+        torch.Size([16, 16]), flat.view(16, 9), None, None, None, None, fuse_transpose_cusparselt=False,
+        alg_id_cusparselt=0, requires_grad=False)
+    assert _count_nonzero(weight) == int(values.count_nonzero()) == 85

@@ -75,22 +75,24 @@ def synchronize(device: torch.device) -> None:
 class SectionTimer:
     """Times ``with timer.section():`` blocks without making the host wait for the GPU inside a loop.
 
-    On CUDA each section records two events on the current stream and the times are read once, at the end
+    On CUDA each section records two events on ``device``'s current stream (named explicitly, so a ``cuda:N`` that
+    is not the current device is timed on its own stream) and the times are read once, at the end
     (``seconds()``); a host sync per section would leave the GPU idle while Python queues the next kernels. On
     other devices work is synchronous and the wall clock is used.
     """
 
     def __init__(self, device: torch.device):
-        self.cuda = torch.device(device).type == "cuda"
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
         self._sections: list = []
 
     @contextlib.contextmanager
     def section(self):
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            start.record(torch.cuda.current_stream(self.device))
             yield
-            end.record()
+            end.record(torch.cuda.current_stream(self.device))
             self._sections.append((start, end))
         else:
             start = time.perf_counter()

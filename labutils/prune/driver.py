@@ -24,7 +24,7 @@ from torch import nn
 from ..core.device import SectionTimer, synchronize
 from ..core.errors import BadInput, LabError, is_out_of_memory
 from ..core.models import find_decoder_layers, find_linears
-from ..core.validation import check_model, check_positive_int, check_tokens
+from ..core.validation import check_flag, check_model, check_positive_int, check_tokens
 from .calibration import LayerInputs, collect_statistics
 from .masks import SparsityTarget
 from .methods import METHODS  # noqa: F401  (re-exported: the driver runs these)
@@ -95,7 +95,8 @@ class PruneReport:
 
 
 def prune_model(model: nn.Module, spec: PruneSpec, tokens: torch.Tensor | None = None, batch_size: int = 8,
-                progress: bool = True, *, low_memory: bool | str | torch.device = False) -> PruneReport:
+                progress: bool = True, *, low_memory: bool | str | torch.device = False,
+                fingerprint: bool = True) -> PruneReport:
     """Prune every linear of every decoder layer in place as ``spec`` says (embeddings and lm_head are never
     touched): ``lu.prune_model(model, lu.PruneSpec("wanda", 0.5), tokens, batch_size=8)``.
 
@@ -104,15 +105,21 @@ def prune_model(model: nn.Module, spec: PruneSpec, tokens: torch.Tensor | None =
     memory; each decoder layer, and each batch of calibration activations (kept in pinned CPU memory), is copied
     to the device (True: the best one here) while the previous one computes (``streaming``). Same masks as the
     default mode for the same ``batch_size``; GPU memory holds a few layers and batches, not a model.
+    fingerprint: fill ``report.mask_sha256`` (after ``report.seconds`` is taken). False leaves it "" — for a
+    benchmark that times pruning alone and hashes the masks afterwards (``lu.mask_sha256(model)``).
     """
     check_model(model)
     check_spec(spec)
+    check_flag("fingerprint", fingerprint)
     tokens = calibration_tokens(model, spec, tokens)
     check_positive_int("batch_size", batch_size)
     check_prunable(model, spec.target)
     where = compute_device(model, low_memory)
     try:
-        return prune_all(model, spec, tokens, batch_size, where, progress)
+        report = prune_all(model, spec, tokens, batch_size, where, progress)
+        if fingerprint:
+            report.mask_sha256 = mask_sha256(model)
+        return report
     except RuntimeError as exc:
         if not is_out_of_memory(exc):
             raise
@@ -155,7 +162,7 @@ def out_of_memory_advice(exc: RuntimeError, variant: str, low_memory: bool) -> L
 def prune_all(model: nn.Module, spec: PruneSpec, tokens: torch.Tensor | None, batch_size: int,
               where: Placement, progress: bool) -> PruneReport:
     """The layer loop, on ``where.device``; with ``where.streamed`` the layers and activations stream from CPU
-    memory.
+    memory. The report's ``mask_sha256`` is left to the caller (``prune_model``).
 
     No host-device syncs inside the loop: times are CUDA events read at the end, pruned counts stay on the GPU
     until then. The host runs ahead and the GPU never waits for Python."""
@@ -185,7 +192,6 @@ def prune_all(model: nn.Module, spec: PruneSpec, tokens: torch.Tensor | None, ba
     report.sublayers = sublayer_reports(pruned)
     report.method_seconds = sum(method_timer.seconds())
     report.layer_seconds = layer_timer.seconds()
-    report.mask_sha256 = mask_sha256(model)
     return report
 
 

@@ -141,13 +141,32 @@ def layer_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     return lowest_mask(score.reshape(1, -1), int(score.numel() * sparsity)).reshape(score.shape)
 
 
+SMALL_GROUP = 8  # N:M groups up to this size are ranked by pairwise comparison instead of a selection per group
+
+
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """True where a weight is pruned: in every group of M consecutive inputs of a row, the M−N lowest scores
     (ties: lower index first). (out, in) → bool, with in divisible by M."""
     out_features, in_features = score.shape
     if in_features % m:
         raise BadInput(f"N:M pattern {n}:{m} needs the input size to be divisible by M={m}; got {in_features}")
-    return lowest_mask(score.reshape(-1, m), m - n).reshape(out_features, in_features)
+    groups = score.reshape(-1, m)
+    mask = group_rank(groups) < m - n if m <= SMALL_GROUP else lowest_mask(groups, m - n)
+    return mask.reshape(out_features, in_features)
+
+
+def group_rank(groups: torch.Tensor) -> torch.Tensor:
+    """Each score's place (0 = pruned first) within its row of ``groups`` (G, M) → int, under ``lowest_mask``'s rule:
+    lower score first, and among equal scores the lower index. Element j's rank counts the i that come before it,
+    M vectorised comparisons of the whole tensor: for 2:4 this replaces ~11 M tiny selections per MLP weight (one
+    radix-select block each on CUDA) with 4 elementwise passes."""
+    m = groups.shape[1]
+    index = torch.arange(m, device=groups.device)
+    rank = torch.zeros(groups.shape, dtype=torch.int8 if m < 128 else torch.int32, device=groups.device)
+    for i in range(m):
+        other = groups[:, i:i + 1]
+        rank += (other < groups) | ((other == groups) & (i < index))
+    return rank
 
 
 def select_mask(score: torch.Tensor, target: SparsityTarget, group: str = "row") -> torch.Tensor:

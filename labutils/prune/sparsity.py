@@ -28,13 +28,44 @@ def split_linear_name(name: str) -> tuple[int, str]:
     return int(layer), sublayer
 
 
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """``np.packbits`` on ``bits``' own device: the flattened booleans eight to a byte, the first in the highest bit,
+    the last byte padded with zeros. (any shape) bool → (⌈numel / 8⌉,) uint8, same device."""
+    flat = bits.reshape(-1)
+    pad = -flat.numel() % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    octets = flat.view(torch.uint8).view(-1, 8)  # bool is one byte holding 0 or 1
+    packed = octets[:, 0] << 7
+    for k in range(1, 8):
+        packed |= octets[:, k] << (7 - k)
+    return packed
+
+
+def _numpy_packbits(bits: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.packbits(bits.numpy()))  # faster than ``pack_bits`` on a CPU
+
+
 def mask_sha256(model: nn.Module) -> str:
-    """SHA-256 of the zero pattern of all prunable weights: equal hashes mean identical masks."""
+    """SHA-256 of the zero pattern of all prunable weights: equal hashes mean identical masks.
+
+    What is hashed, per linear in layer order: "layers.{i}.{name}:(out, in)", then its zeros packed as
+    ``np.packbits`` packs them. The packing runs where the weights are and the packed bits (1/8 of the weights'
+    count: 0.8 GB for Llama-2-7B) cross to the host in one copy, not one blocking copy per linear."""
+    linears = prunable_linears(model)
+    sizes = [-(-lin.weight.numel() // 8) for lin in linears.values()]
+    weights = [lin.weight.detach() for lin in linears.values()]
+    device = weights[0].device if weights else torch.device("cpu")
+    packed = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
+    offsets = np.cumsum([0, *sizes]).tolist()
+    for weight, start, end in zip(weights, offsets, offsets[1:]):
+        pack = _numpy_packbits if weight.device.type == "cpu" else pack_bits
+        packed[start:end] = pack(weight == 0)
+    host = packed.cpu().numpy()  # the one device → host copy
     digest = hashlib.sha256()
-    for name, lin in prunable_linears(model).items():
-        zeros = (lin.weight.detach() == 0).cpu().numpy()
-        digest.update(f"{name}:{zeros.shape}".encode())
-        digest.update(np.packbits(zeros).tobytes())
+    for (name, weight), start, end in zip(zip(linears, weights), offsets, offsets[1:]):
+        digest.update(f"{name}:{tuple(weight.shape)}".encode())
+        digest.update(host[start:end])
     return digest.hexdigest()
 
 

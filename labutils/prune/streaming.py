@@ -10,9 +10,13 @@ decoder layer and ONE batch at a time, so the low-memory mode keeps everything e
   run alongside compute.
 - ``OffloadedLayers``: the model's weights stay in CPU memory. A background thread copies layer i + 1 to the GPU
   while layer i computes, and copies layer i back (with its zeros) while layer i + 1 computes.
+- ``PinnedPool``: pinned buffers reserved once and reused by every low-memory run (``bench-prune`` times runs that
+  allocate nothing).
 
-Nothing changes in what is computed, batch by batch and in the same order, so the masks are exactly the default
-mode's. On a CPU the same code runs with copies from one CPU tensor to another (that is how the tests exercise it).
+Every CUDA call names the device (streams, events, the copy thread's current device), so cuda:1 works while cuda:0
+is current. Nothing changes in what is computed, batch by batch and in the same order, so the masks are exactly the
+default mode's. On a CPU the same code runs with copies from one CPU tensor to another (that is how the tests
+exercise it).
 """
 from __future__ import annotations
 
@@ -29,52 +33,54 @@ from ..core.errors import BadInput
 from ..core.models import model_device
 from ..core.validation import describe
 from .calibration import LayerInputs, capture_layer_inputs, layer_output
+from .copies import CopyStreams, tensors_in, tree_to
 
 
-def tree_to(obj, device: torch.device, *, pin: bool = False, non_blocking: bool = False, memo: dict | None = None):
-    """``obj`` with every tensor inside (dicts, lists, tuples) copied to ``device``; other values are kept.
+class PinnedPool:
+    """CPU buffers (page-locked on CUDA) kept from one low-memory run to the next, for a benchmark.
 
-    A tensor reached twice is copied once (``memo``, by id), so tensors the layers share stay shared. ``pin``
-    puts CPU copies in page-locked memory. A copy is always made, even to the tensor's own device, so the
-    streamed path really copies when it runs on a CPU.
+    A low-memory run on Llama-2-7B at 128 × 4096 tokens holds 8 GiB of pinned activations (two sets). Allocating
+    them inside a timed run costs seconds, and torch's host caching allocator makes every later run cheaper than
+    the first; ``bench-prune`` reserves them once, untimed (``reserve``), and every timed run reuses them. Inside
+    ``with pool.reuse():`` each ``StreamedInputs`` takes its buffers from the pool and gives them back at
+    ``finish``; outside, each run allocates its own, as always.
     """
-    memo = {} if memo is None else memo
-    if isinstance(obj, torch.Tensor):
-        if id(obj) not in memo:
-            copy = torch.empty(obj.shape, dtype=obj.dtype, device=device, pin_memory=pin)
-            memo[id(obj)] = copy.copy_(obj, non_blocking=non_blocking)
-        return memo[id(obj)]
-    if isinstance(obj, dict):
-        return {k: tree_to(v, device, pin=pin, non_blocking=non_blocking, memo=memo) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(tree_to(v, device, pin=pin, non_blocking=non_blocking, memo=memo) for v in obj)
-    return obj
+
+    def __init__(self):
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self.allocations = 0  # buffers this pool had to make (a reused one does not count)
+
+    def empty(self, shape: torch.Size, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+        """A free buffer of this shape, dtype and pinning, or a new one."""
+        free = self._free.get((tuple(shape), dtype, pin))
+        if free:
+            return free.pop()
+        self.allocations += 1
+        return torch.empty(shape, dtype=dtype, pin_memory=pin)
+
+    def give_back(self, tensors: list[torch.Tensor], pin: bool) -> None:
+        """Return buffers (each once, however often listed); nothing may still read or write them."""
+        for t in {id(t): t for t in tensors}.values():
+            self._free.setdefault((tuple(t.shape), t.dtype, pin), []).append(t)
+
+    @contextlib.contextmanager
+    def reuse(self):
+        global _reused_pool
+        previous, _reused_pool = _reused_pool, self
+        try:
+            yield self
+        finally:
+            _reused_pool = previous
+
+    def reserve(self, model: nn.Module, tokens: torch.Tensor, batch_size: int, device: torch.device) -> None:
+        """Fill the pool with every buffer a low-memory run on these tokens takes (both sets), untimed."""
+        with self.reuse():
+            inputs = calibration_inputs(model, tokens, batch_size, device, low_memory=True)
+            inputs.output_buffers()
+            inputs.finish()
 
 
-class _Streams:
-    """Two side streams on CUDA, one per copy direction, so a fetch never queues behind a write-back (the GPU has a
-    copy engine for each direction). Off CUDA every method is a no-op and copies are synchronous."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.fetch = torch.cuda.Stream(device) if self.cuda else None  # host → device
-        self.store = torch.cuda.Stream(device) if self.cuda else None  # device → host
-
-    def on(self, stream):
-        return torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext()
-
-    def event(self, stream=None):
-        """An event recorded now on ``stream`` (default: the compute stream); None off CUDA."""
-        if not self.cuda:
-            return None
-        event = torch.cuda.Event()
-        event.record(stream or torch.cuda.current_stream())
-        return event
-
-    def after(self, stream, event) -> None:
-        """Work queued on ``stream`` from now on waits for ``event`` (None: nothing to wait for)."""
-        if self.cuda and event is not None:
-            stream.wait_event(event)
+_reused_pool: PinnedPool | None = None  # set by ``PinnedPool.reuse``
 
 
 class StreamedInputs(LayerInputs):
@@ -83,26 +89,33 @@ class StreamedInputs(LayerInputs):
     ``hidden[b]`` (batch, seq, hidden) and ``kwargs[b][layer]`` are CPU tensors. ``run`` fetches batch b + 1 on
     one stream while the layer computes batch b, and writes outputs back on another into a second set of buffers,
     which become the inputs of the next layer (the old inputs become the next output buffers: two sets in all).
+    Made inside ``PinnedPool.reuse``, the buffers come from that pool and go back to it at ``finish``.
     """
 
     def __init__(self, device: torch.device):
         super().__init__(hidden=[], kwargs=[])
-        self.device = torch.device(device)
+        self.streams = CopyStreams(torch.device(device))
+        self.device = self.streams.device
         self.pin = self.device.type == "cuda"
-        self.streams = _Streams(self.device)
+        self.pool = _reused_pool
         self._spare: list[torch.Tensor] = []
+
+    def _empty(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        if self.pool is None:
+            return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
+        return self.pool.empty(shape, dtype, self.pin)
 
     def add_batch(self, hidden: torch.Tensor, layer_kwargs: list[dict]) -> None:
         """Copy one captured batch (on the device) into CPU memory, on the store stream."""
-        streams = self.streams
+        streams, cpu = self.streams, torch.device("cpu")
         streams.after(streams.store, streams.event())
         with streams.on(streams.store):
             memo: dict = {}  # every layer's kwargs hold the same tensors: copy them once
-            self.hidden.append(tree_to(hidden, torch.device("cpu"), pin=self.pin, non_blocking=True, memo=memo))
-            self.kwargs.append([tree_to(kw, torch.device("cpu"), pin=self.pin, non_blocking=True, memo=memo)
+            self.hidden.append(tree_to(hidden, cpu, non_blocking=True, memo=memo, empty=self._empty))
+            self.kwargs.append([tree_to(kw, cpu, non_blocking=True, memo=memo, empty=self._empty)
                                 for kw in layer_kwargs])
-        if self.pin:  # the device tensors must outlive the copies reading them
-            for t in [hidden, *_tensors(layer_kwargs)]:
+        if streams.cuda:  # the device tensors must outlive the copies reading them
+            for t in [hidden, *tensors_in(layer_kwargs)]:
                 t.record_stream(streams.store)
 
     def _fetch(self, b: int, layer_index: int):
@@ -113,19 +126,25 @@ class StreamedInputs(LayerInputs):
 
     def _use(self, fetched):
         hidden, kwargs, arrived = fetched
-        if arrived is not None:  # the compute stream waits for this batch, on the GPU
-            torch.cuda.current_stream().wait_event(arrived)
-        if self.pin:  # allocated on the fetch stream, used on the compute stream
-            for t in [hidden, *_tensors(kwargs)]:
-                t.record_stream(torch.cuda.current_stream())
+        if self.streams.cuda:
+            compute = self.streams.compute()
+            compute.wait_event(arrived)  # the compute stream waits for this batch, on the GPU
+            for t in [hidden, *tensors_in(kwargs)]:  # allocated on the fetch stream, used on the compute stream
+                t.record_stream(compute)
         return hidden, kwargs
 
     def _store(self, out: torch.Tensor, target: torch.Tensor, computed) -> None:
         self.streams.after(self.streams.store, computed)
         with self.streams.on(self.streams.store):
             target.copy_(out, non_blocking=True)
-        if self.pin:
+        if self.streams.cuda:
             out.record_stream(self.streams.store)
+
+    def output_buffers(self) -> list[torch.Tensor]:
+        """The second set of CPU buffers, which the outputs are written into (made once, shaped like the inputs)."""
+        if len(self._spare) != len(self.hidden):
+            self._spare = [self._empty(h.shape, h.dtype) for h in self.hidden]
+        return self._spare
 
     def run(self, layer: nn.Module, layer_index: int, advance: bool) -> None:
         """Run ``layer`` on every batch, the next batch arriving while this one computes; ``advance``: the outputs
@@ -135,8 +154,7 @@ class StreamedInputs(LayerInputs):
             # Buffers change roles between passes: reads wait for the last writes into them, writes for the reads.
             streams.fetch.wait_stream(streams.store)
             streams.store.wait_stream(streams.fetch)
-        if advance and len(self._spare) != len(self.hidden):
-            self._spare = [torch.empty(h.shape, dtype=h.dtype, pin_memory=self.pin) for h in self.hidden]
+        spare = self.output_buffers() if advance else None
         n = len(self.hidden)
         ahead = self._fetch(0, layer_index)
         done = []  # compute-finished events, one per batch
@@ -145,7 +163,7 @@ class StreamedInputs(LayerInputs):
             out = layer_output(layer(hidden, **kwargs))
             done.append(streams.event())
             if advance:
-                self._store(out, self._spare[b], done[b])
+                self._store(out, spare[b], done[b])
             del hidden, kwargs, out
             if b + 1 < n:
                 if b >= 1 and done[b - 1] is not None:
@@ -154,22 +172,17 @@ class StreamedInputs(LayerInputs):
                     done[b - 1].synchronize()
                 ahead = self._fetch(b + 1, layer_index)
         if advance:
-            self.hidden, self._spare = self._spare, self.hidden
+            self.hidden, self._spare = spare, self.hidden
 
     def finish(self) -> None:
-        """Wait until every copy to CPU memory has landed."""
+        """Wait until every copy has landed. Buffers taken from a ``PinnedPool`` go back to it (the store is then
+        empty): nothing on either stream may still touch them."""
         if self.streams.cuda:
+            self.streams.fetch.synchronize()
             self.streams.store.synchronize()
-
-
-def _tensors(obj) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in _tensors(v)]
-    return []
+        if self.pool is not None:
+            self.pool.give_back([*self.hidden, *self._spare, *tensors_in(self.kwargs)], self.pin)
+            self.hidden, self.kwargs, self._spare = [], [], []
 
 
 class OffloadedLayers:
@@ -178,41 +191,51 @@ class OffloadedLayers:
     ``prefetch(i)`` starts copying layer i to the device; ``attach(i)`` waits for that copy (the compute stream
     waits on the GPU, the host only for the thread); ``release(i)`` copies layer i back to CPU memory once the
     GPU has finished with it. Use as a context manager: leaving it waits for every copy back.
+
+    Lifetimes: a layer's device weights are allocated on the fetch stream, read on the compute stream, and freed
+    as soon as the copy back returns, without ``record_stream``. That is safe because the copy back waits for the
+    compute that used the layer (an event recorded at ``release``) and is blocking (device → pageable CPU memory,
+    ``non_blocking=False``): when it returns no stream reads those weights any more. Making it non-blocking would
+    need ``record_stream`` on the compute stream at ``attach``.
     """
 
     def __init__(self, layers: nn.ModuleList, device: torch.device):
         self.layers = layers
-        self.device = torch.device(device)
-        self.streams = _Streams(self.device)
+        self.streams = CopyStreams(torch.device(device))
+        self.device = self.streams.device
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-copies")
         self._fetches: dict[int, Future] = {}
         self._releases: list[Future] = []
 
-    def _to(self, layer: nn.Module, device: torch.device, after) -> object:
-        # Runs on the worker thread. To the GPU: queued on the copy stream, the host thread returns once the pageable
-        # source is staged. Back to the CPU: waits for ``after`` (the compute that used the layer), then copies.
-        stream = self.streams.fetch
-        self.streams.after(stream, after)
-        with self.streams.on(stream):
-            layer.to(device, non_blocking=device.type == "cuda")
-        return self.streams.event(stream)
+    def _copy(self, layer: nn.Module, to_device: bool, after) -> object:
+        # Runs on the worker thread, on the copy stream. To the GPU: the host returns once the pageable source is
+        # staged. Back to the CPU: waits for ``after`` (the compute that used the layer), then copies, blocking
+        # (the lifetime rule in the class docstring).
+        streams = self.streams
+        with streams.on_device():
+            streams.after(streams.fetch, after)
+            with streams.on(streams.fetch):
+                if to_device:
+                    layer.to(self.device, non_blocking=streams.cuda)
+                else:
+                    layer.to("cpu", non_blocking=False)
+            return streams.event(streams.fetch)
 
     def prefetch(self, i: int) -> None:
         if 0 <= i < len(self.layers) and i not in self._fetches:
-            self._fetches[i] = self._pool.submit(self._to, self.layers[i], self.device, None)
+            self._fetches[i] = self._pool.submit(self._copy, self.layers[i], True, None)
 
     def attach(self, i: int) -> nn.Module:
         """Layer i on the device, ready for the compute stream."""
         self.prefetch(i)
         arrived = self._fetches.pop(i).result()
         if arrived is not None:
-            torch.cuda.current_stream().wait_event(arrived)
+            self.streams.compute().wait_event(arrived)
         return self.layers[i]
 
     def release(self, i: int) -> None:
         """Copy layer i back to CPU memory after the work queued on it so far (the caller must not touch it)."""
-        self._releases.append(self._pool.submit(self._to, self.layers[i], torch.device("cpu"),
-                                                self.streams.event()))
+        self._releases.append(self._pool.submit(self._copy, self.layers[i], False, self.streams.event()))
 
     def __enter__(self):
         return self

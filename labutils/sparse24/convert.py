@@ -3,8 +3,8 @@
 A 2:4-pruned weight is still a dense tensor full of zeros, and a dense GEMM multiplies zeros like any other
 number. Sparse tensor cores (compute capability ≥ 8.0) skip them, if the weight is compressed first: the kept
 half of the values plus 2-bit indices. ``torch.sparse`` does that with a tensor subclass; this module swaps the
-weights of a pruned model's decoder linears for it, checks the result against the masked dense model, and
-times both. We always use the cuSPARSELt backend: the CUTLASS one refuses compute capability 9.0 (H100/H200).
+weights of a pruned model's decoder linears for it and checks the result against the masked dense model
+(``sparse24.prefill`` times both). We always use the cuSPARSELt backend: the CUTLASS one refuses compute capability 9.0 (H100/H200).
 
 Each eager call of the subclass pays Python and planning on the CPU; replayed from a CUDA graph
 (``sparse24.graphs``) only the kernels remain. Measured speeds live in the README and ``benchmarks/results/``, not here.
@@ -14,30 +14,35 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 
-import pandas as pd
 import torch
 from torch import nn
 from tqdm import tqdm  # plain text everywhere: a saved notebook shows the finished bar, not a widget
 
 from ..core.device import cuda_capability, get_device
-from ..core.errors import LabError
-from ..core.models import find_decoder_layers, max_sequence_length, model_device
+from ..core.errors import BadInput, LabError
+from ..core.models import CompressedLinear, find_decoder_layers, model_device
 from ..core.validation import (
     check_choice,
+    check_flag,
     check_names,
     check_no_problems,
     check_number,
     check_positive_int,
-    check_positive_ints,
     check_tokens,
 )
 from ..prune.sparsity import nm_violations, prunable_linears, split_linear_name
-from ..speed.latency import prefill_fn, random_prompt
-from ..speed.timing import decode_interleaved, time_interleaved
-from .graphs import GraphedForward, graphed_forward
-from .kernel import SparseLinear24, check_against_dense, search_alg_id
+from .kernel import (
+    CsltPlan,
+    FusedSlice24,
+    FusedSparse24,
+    SparseLinear24,
+    SparseMatmul24,
+    check_against_dense,
+    fusion_groups,
+    search_plan,
+    search_problem,
+)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 _FALLBACK_MIN_SHAPE = (16, 16)  # torch 2.13's cuSPARSELt multiples for 16-bit weights, if its private table moves
@@ -124,15 +129,23 @@ def semi_structured_ready(model: nn.Module) -> tuple[bool, str]:
 
 @dataclass(frozen=True)
 class SemiStructuredReport:
-    """What ``to_semi_structured`` did: the linears converted, weight memory before / after, and the
-    cuSPARSELt algorithm id each uses (0 = the library's default choice)."""
+    """What ``to_semi_structured`` did: the linears converted, weight memory before / after (a fused group's packed
+    weight counted once, each member's dense weight by itself), the cuSPARSELt plan each linear runs
+    (``CsltPlan``: algorithm id and split-K; algorithm 0 = the library's default choice) and the groups of linears
+    fused into one GEMM."""
 
     converted: tuple[str, ...]
     dense_mib: float
     compressed_mib: float
-    alg_ids: dict[str, int] = field(default_factory=dict)
+    plans: dict[str, CsltPlan] = field(default_factory=dict)
     backend: str = "cuSPARSELt"
     kernel: str = "lab"  # "lab": SparseLinear24 modules; "stock": torch's SparseSemiStructuredTensor weights
+    fused: tuple[tuple[str, ...], ...] = ()
+
+    @property
+    def alg_ids(self) -> dict[str, int]:
+        """The cuSPARSELt algorithm id of each converted linear (its plan's ``alg_id``)."""
+        return {name: plan.alg_id for name, plan in self.plans.items()}
 
     @property
     def compression(self) -> float:
@@ -151,7 +164,7 @@ def _select(model: nn.Module, linears: Sequence[str] | None) -> dict[str, nn.Lin
 def _pattern_and_shape_problems(selected: dict[str, nn.Linear]) -> list[str]:
     problems = []
     for name, lin in selected.items():
-        if isinstance(lin, SparseLinear24):
+        if isinstance(lin, CompressedLinear):
             problems.append(f"{name} is already a 2:4 compressed linear")
             continue
         weight = lin.weight
@@ -172,22 +185,26 @@ def _pattern_and_shape_problems(selected: dict[str, nn.Linear]) -> list[str]:
 
 
 KERNELS = ("lab", "stock")
-
-
 def to_semi_structured(model: nn.Module, *, linears: Sequence[str] | None = None,
-                       alg_search_tokens: int | None = None, kernel: str = "lab",
+                       alg_search_tokens: int | None = None, kernel: str = "lab", fuse: bool = False,
                        progress: bool = False) -> SemiStructuredReport:
     """Make every prunable decoder linear (or ``linears``, names as in ``prunable_linears``) run on its 2:4
     compressed weight, in place. ``kernel="lab"`` (default) replaces each ``nn.Linear`` by a ``SparseLinear24``
     (one cuSPARSELt call, transpose fused, row-major output: see ``sparse24.kernel`` for why); ``"stock"``
     keeps the ``nn.Linear`` and swaps its weight for torch's ``SparseSemiStructuredTensor`` (for comparison).
+    ``fuse=True`` (lab kernel only) stacks q/k/v and gate/up of each layer into one 2:4 weight each, multiplied
+    once per input (``FusedSparse24``); each projection becomes a ``FusedSlice24`` returning its columns. A group
+    is fused only if all its members are selected and alike (``fusion_groups``); the others convert one by one.
 
     Nothing is changed unless every selected weight passes first: exactly 2:4 (BadInput naming each layer and its
     violating groups), shape multiples of the kernel's tile (BadInput), a device that can run it (LabError saying
-    why), float16 / bfloat16 (BadInput). ``alg_search_tokens`` runs cuSPARSELt's algorithm search once per weight
-    shape for inputs of that many tokens (slower conversion, sometimes faster matmuls); None keeps algorithm 0.
+    why), float16 / bfloat16 (BadInput). ``alg_search_tokens`` runs cuSPARSELt's search (algorithm and split-K)
+    once per weight shape for inputs of that many tokens (slower conversion, sometimes faster matmuls); None keeps
+    algorithm 0. The stock kernel can only take the algorithm id: its plans record split_k 1.
     """
     check_choice("kernel", kernel, KERNELS)
+    if check_flag("fuse", fuse) and kernel != "lab":
+        raise BadInput(f"fuse=True needs kernel='lab' (torch's stock 2:4 weights cannot be fused); got {kernel!r}")
     selected = _select(model, linears)
     problems = _pattern_and_shape_problems(selected)
     check_no_problems(f"{len(problems)} of {len(selected)} linears cannot become 2:4 weights", problems)
@@ -200,49 +217,86 @@ def to_semi_structured(model: nn.Module, *, linears: Sequence[str] | None = None
                       wrong, limit=3)
     if alg_search_tokens is not None:
         check_positive_int("alg_search_tokens", alg_search_tokens)
-    return _convert(model, selected, alg_search_tokens, kernel, progress)
+        if (problem := search_problem()) is not None:  # before anything is converted
+            raise LabError(f"alg_search_tokens: {problem}")
+    converter = _Converter(find_decoder_layers(model), kernel, alg_search_tokens)
+    return converter.convert(selected, fusion_groups(selected) if fuse else [], progress)
 
 
-@torch.no_grad()
-def _convert(model: nn.Module, selected: dict[str, nn.Linear], alg_search_tokens: int | None, kernel: str,
-             progress: bool) -> SemiStructuredReport:
-    dense_bytes = compressed_bytes = 0
-    alg_ids: dict[str, int] = {}
-    by_shape: dict[tuple[int, int], int] = {}
-    layers = find_decoder_layers(model)
-    for name, lin in tqdm(selected.items(), desc="2:4 compress", unit="linear", disable=not progress):
-        weight = lin.weight.detach().contiguous()
-        try:
-            if kernel == "lab":
-                packed = torch._cslt_compress(weight)
-            else:
-                sparse = _backend().from_dense(weight)  # compresses with torch._cslt_compress too
-                packed = sparse.packed
-            first_of_shape = weight.shape not in by_shape
-            if first_of_shape:  # the search runs once per weight shape, on this compressed weight
-                by_shape[weight.shape] = 0 if alg_search_tokens is None else search_alg_id(
-                    packed, weight.shape[1], alg_search_tokens, weight.dtype, weight.device)
-            alg_id = by_shape[weight.shape]
-            if kernel == "lab":
-                bias = None if lin.bias is None else lin.bias.detach().clone()
-                module = SparseLinear24(packed, *weight.shape, bias, alg_id=alg_id,
-                                        pad_to=min_shape(weight.dtype, dense=True)[0])
-                if first_of_shape:  # one check per shape catches a wrong layout at once
-                    check_against_dense(module, weight, lin.bias, name)
-                index, path = split_linear_name(name)
-                parent, _, attr = path.rpartition(".")
-                setattr(layers[index].get_submodule(parent), attr, module)
-            else:
-                sparse.alg_id_cusparselt = alg_id
-                lin.weight = nn.Parameter(sparse, requires_grad=False)
-        except RuntimeError as exc:  # a cuSPARSELt failure: say where, and that earlier layers are converted
-            raise LabError(f"cuSPARSELt could not compress {name} {tuple(weight.shape)} {weight.dtype}: {exc}. "
-                           f"{len(alg_ids)} linears before it are already converted; rebuild the model.") from exc
-        dense_bytes += weight.numel() * weight.element_size()
-        compressed_bytes += packed.numel() * packed.element_size()
-        alg_ids[name] = alg_id
-    return SemiStructuredReport(converted=tuple(alg_ids), dense_mib=dense_bytes / 2**20,
-                                compressed_mib=compressed_bytes / 2**20, alg_ids=alg_ids, kernel=kernel)
+@dataclass
+class _Converter:
+    """One conversion: compresses each unit (one linear, or a fused group), searches a plan once per weight shape,
+    checks each new shape against F.linear and puts the new modules in place."""
+
+    layers: list[nn.Module]
+    kernel: str
+    alg_search_tokens: int | None
+    by_shape: dict[tuple[int, int], CsltPlan] = field(default_factory=dict)
+
+    @torch.no_grad()
+    def convert(self, selected: dict[str, nn.Linear], groups: list[tuple[str, ...]],
+                progress: bool) -> SemiStructuredReport:
+        grouped = {name for group in groups for name in group}
+        order = {name: i for i, name in enumerate(selected)}
+        units = sorted(groups + [(name,) for name in selected if name not in grouped], key=lambda u: order[u[0]])
+        dense_bytes = compressed_bytes = 0
+        plans: dict[str, CsltPlan] = {}
+        for names in tqdm(units, desc="2:4 compress", unit="GEMM", disable=not progress):
+            lins = [selected[name] for name in names]
+            weight = torch.cat([lin.weight.detach() for lin in lins]).contiguous()  # (Σ out, in)
+            try:
+                packed, plan = self._unit(names, lins, weight)
+            except LabError:  # check_against_dense's verdict: already says what is wrong
+                raise
+            except RuntimeError as exc:  # a cuSPARSELt failure: say where, and that earlier layers are converted
+                raise LabError(f"cuSPARSELt could not compress {' + '.join(names)} {tuple(weight.shape)} "
+                               f"{weight.dtype}: {exc}. {len(plans)} linears before it are already converted; "
+                               "rebuild the model.") from exc
+            dense_bytes += weight.numel() * weight.element_size()
+            compressed_bytes += packed.numel() * packed.element_size()
+            plans.update(dict.fromkeys(names, plan))
+        return SemiStructuredReport(converted=tuple(plans), dense_mib=dense_bytes / 2**20,
+                                    compressed_mib=compressed_bytes / 2**20, plans=plans, kernel=self.kernel,
+                                    fused=tuple(groups))
+
+    def _unit(self, names: tuple[str, ...], lins: list[nn.Linear],
+              weight: torch.Tensor) -> tuple[torch.Tensor, CsltPlan]:
+        pad_to = min_shape(weight.dtype, dense=True)[0]
+        if self.kernel == "stock":
+            sparse = _backend().from_dense(weight)  # compresses with torch._cslt_compress too
+            plan = CsltPlan(self._plan(SparseMatmul24(sparse.packed, *weight.shape, pad_to=pad_to)).alg_id)
+            sparse.alg_id_cusparselt = plan.alg_id  # the stock path takes no split-K
+            lins[0].weight = nn.Parameter(sparse, requires_grad=False)
+            return sparse.packed, plan
+        bias = None if lins[0].bias is None else torch.cat([lin.bias.detach() for lin in lins])
+        packed = torch._cslt_compress(weight)
+        if len(lins) == 1:
+            module = SparseLinear24(packed, *weight.shape, bias, pad_to=pad_to)
+        else:
+            module = FusedSparse24(packed, tuple(lin.out_features for lin in lins), weight.shape[1], bias,
+                                   pad_to=pad_to)
+        first_of_shape = weight.shape not in self.by_shape
+        module.plan = self._plan(module)
+        if first_of_shape:  # one check per shape catches a wrong layout at once
+            check_against_dense(module, weight, bias, " + ".join(names))
+        members = [module] if len(lins) == 1 else [FusedSlice24(module, i) for i in range(len(lins))]
+        for name, member in zip(names, members):
+            index, path = split_linear_name(name)
+            parent, _, attr = path.rpartition(".")
+            setattr(self.layers[index].get_submodule(parent), attr, member)
+        return packed, module.plan
+
+    def _plan(self, module: SparseMatmul24) -> CsltPlan:
+        """The plan for this weight shape: searched on the first weight of the shape, then reused."""
+        shape = (module.out_features, module.in_features)
+        if shape not in self.by_shape:
+            tokens = self.alg_search_tokens
+            try:
+                self.by_shape[shape] = CsltPlan() if tokens is None else search_plan(module, tokens)
+            except RuntimeError as exc:  # seen on torch 2.11 + cuSPARSELt 0.8 (H200): every search fails
+                raise LabError(f"cuSPARSELt's search failed for a {shape} weight at {tokens} tokens: {exc}. "
+                               "Convert without alg_search_tokens (in a fresh process).") from exc
+        return self.by_shape[shape]
 
 
 @dataclass(frozen=True)
@@ -275,78 +329,3 @@ def verify_semi_structured(dense_masked_model: nn.Module, sparse_model: nn.Modul
     agreement = float((logits.argmax(-1) == reference.argmax(-1)).float().mean())
     return SemiStructuredCheck(max_abs_diff=max_diff, max_abs_reference=max_ref, tolerance=tolerance,
                                top1_agreement=agreement, passed=max_diff <= tolerance)
-
-
-def prefill_speedup_table(dense_model: nn.Module, sparse_model: nn.Module,
-                          lengths: Sequence[int] = (512, 1024, 2048, 4096, 8192), *, warmup: int = 2, repeats: int = 5,
-                          graphs: bool = True, decode_prompt_len: int = 128, decode_tokens: int = 32,
-                          decode_repeats: int = 3, seed: int = 0, progress: bool = True) -> pd.DataFrame:
-    """Batch-1 speed of the 2:4 model against the masked dense model, on the GPU.
-
-    One row per prefill length: P50 ms of dense and 2:4, eager and replayed from a CUDA graph
-    (``graphed_forward``), and "× dense" = dense ms / 2:4 ms (> 1: the sparse model is faster). Each length
-    times its four variants in interleaved, rotated rounds (``time_interleaved``) on one fixed prompt;
-    only the last position's logits are computed, as in ``generate()``. A length above the models' maximum
-    positions, or one that runs out of GPU memory, gets a note instead of numbers. The last row is decode:
-    P50 ms per token over ``decode_tokens`` steps after a ``decode_prompt_len`` prefill, one untimed warm-up run
-    then ``decode_repeats`` timed runs, eager only (replaying decode from a graph needs a static KV cache).
-    """
-    lengths = check_positive_ints("lengths", lengths)
-    check_positive_int("decode_repeats", decode_repeats)
-    for name, model in (("dense_model", dense_model), ("sparse_model", sparse_model)):
-        problem = kernel_problem(model_device(model))
-        if problem is not None:
-            raise LabError(f"cannot time 2:4 kernels ({name}): {problem}")
-    limit = min(max_sequence_length(dense_model), max_sequence_length(sparse_model))
-    rows = [_prefill_row(dense_model, sparse_model, n, limit, warmup, repeats, graphs, seed)
-            for n in tqdm(lengths, desc="prefill lengths", unit="length", disable=not progress)]
-    rows.append(_decode_row(dense_model, sparse_model, decode_prompt_len, decode_tokens, decode_repeats, seed))
-    table = pd.DataFrame(rows).set_index(["phase", "tokens"])
-    table.attrs.update(warmup=warmup, repeats=repeats, device=torch.cuda.get_device_name(model_device(dense_model)))
-    return table
-
-
-def _prefill_row(dense: nn.Module, sparse: nn.Module, length: int, limit: int, warmup: int, repeats: int,
-                 graphs: bool, seed: int) -> dict:
-    row = {"phase": "prefill", "tokens": length}
-    if length > limit:
-        return {**row, "note": f"skipped: {length} tokens exceed the models' {limit} positions"}
-    ids = random_prompt(dense, length, 1, seed)
-    captured: list[GraphedForward] = []
-    try:
-        fns = {"dense eager": prefill_fn(dense, ids), "2:4 eager": prefill_fn(sparse, ids)}
-        if graphs:
-            for label, model in (("dense graphed", dense), ("2:4 graphed", sparse)):
-                captured.append(graphed_forward(model, ids, logits_to_keep=1))
-                fns[label] = partial(captured[-1], ids)
-        stats = time_interleaved(fns, warmup=warmup, repeats=repeats, device=ids.device)
-    except torch.cuda.OutOfMemoryError:
-        return {**row, "note": f"skipped: out of GPU memory at {length} tokens"}
-    finally:
-        for graph in captured:
-            graph.release()
-        torch.cuda.empty_cache()
-    return {**row, **_speed_columns(stats), "note": ""}
-
-
-def _speed_columns(stats: dict) -> dict:
-    columns = {}
-    for mode in ("eager", "graphed"):
-        if f"dense {mode}" in stats:
-            dense_ms, sparse_ms = stats[f"dense {mode}"].p50 * 1e3, stats[f"2:4 {mode}"].p50 * 1e3
-            columns.update({f"dense {mode} ms": dense_ms, f"2:4 {mode} ms": sparse_ms,
-                            f"{mode} × dense": dense_ms / sparse_ms})
-    return columns
-
-
-def _decode_row(dense: nn.Module, sparse: nn.Module, prompt_len: int, new_tokens: int, repeats: int,
-                seed: int) -> dict:
-    row = {"phase": "decode", "tokens": new_tokens}
-    try:
-        models = {"dense eager": dense, "2:4 eager": sparse}
-        prompts = {label: random_prompt(model, prompt_len, 1, seed) for label, model in models.items()}
-        stats = decode_interleaved(models, prompts, new_tokens, warmup=1, repeats=repeats)
-    except torch.cuda.OutOfMemoryError:
-        return {**row, "note": "skipped: out of GPU memory while decoding"}
-    note = f"ms per token (P50) after a {prompt_len}-token prompt, batch 1, eager only"
-    return {**row, **_speed_columns(stats), "note": note}

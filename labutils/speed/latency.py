@@ -81,6 +81,9 @@ def _tensor_bytes(t: torch.Tensor) -> int:
 
 def _count_nonzero(t: torch.Tensor) -> int:
     if isinstance(t, torch.sparse.SparseSemiStructuredTensor):  # the kept half of every group of 4
+        if t.meta is None:  # cuSPARSELt: kept values, then metadata, in one buffer (2-D on some torch versions)
+            rows, cols = t.shape
+            return int(t.packed.reshape(-1)[:rows * cols // 2].count_nonzero())
         return int(t.values().count_nonzero())
     return int(t.detach().count_nonzero())
 

@@ -1,0 +1,318 @@
+"""The GPU paths of pruning, checked on the CPU (issue G1): the mask fingerprint off the timed path and packed where the
+weights are, pinned buffers reserved once for every low-memory run, and every CUDA call naming its device."""
+import contextlib
+import copy
+import hashlib
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny, random_tokens
+
+import labutils as lu
+from labutils.jobs import bench_prune as bench
+from labutils.prune import driver, sparsity, streaming
+from labutils.prune.sparsity import pack_bits, prunable_linears
+from labutils.prune.streaming import OffloadedLayers, PinnedPool, StreamedInputs, calibration_inputs
+
+
+def reference_mask_sha256(model) -> str:
+    """The fingerprint as it was first written: one numpy ``packbits`` per linear, on the host."""
+    digest = hashlib.sha256()
+    for name, lin in prunable_linears(model).items():
+        zeros = (lin.weight.detach() == 0).cpu().numpy()
+        digest.update(f"{name}:{zeros.shape}".encode())
+        digest.update(np.packbits(zeros).tobytes())
+    return digest.hexdigest()
+
+
+def odd_model():
+    """Linears whose sizes are not multiples of 8 (30 × 30, 10 × 30, 77 × 30 …) with random zeros: no linear ends on a
+    byte boundary."""
+    model = make_tiny(hidden_size=30, intermediate_size=77, num_attention_heads=3, num_key_value_heads=1)
+    gen = torch.Generator().manual_seed(3)
+    for lin in prunable_linears(model).values():
+        lin.weight.data[torch.rand(lin.weight.shape, generator=gen) < 0.5] = 0
+    return model
+
+
+# --- 1. the mask fingerprint ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(0,), (1,), (7,), (8,), (9,), (3, 5), (13, 7), (2, 3, 5), (77, 36)])
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_pack_bits_is_numpys_packbits(shape, density):
+    bits = torch.rand(shape, generator=torch.Generator().manual_seed(sum(shape))) < density
+    packed = pack_bits(bits)
+    assert packed.dtype == torch.uint8
+    np.testing.assert_array_equal(packed.numpy(), np.packbits(bits.numpy()))
+
+
+def test_mask_sha256_is_the_reference_digest_in_one_transfer(monkeypatch):
+    model = odd_model()
+    expected = reference_mask_sha256(model)
+    assert lu.mask_sha256(model) == expected
+    # The device path (what runs on a GPU): packed by torch, then one copy to the host for all linears.
+    monkeypatch.setattr(sparsity, "_numpy_packbits", pack_bits)
+    copies = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: copies.append(t.shape) or real_cpu(t, *a, **k))
+    assert lu.mask_sha256(model) == expected
+    assert len(copies) == 1 and len(prunable_linears(model)) == 14
+
+
+def test_prune_model_can_leave_the_fingerprint_to_the_caller(monkeypatch, calib_tokens):
+    a, b = make_tiny(), make_tiny()
+    spec = lu.PruneSpec("wanda", 0.5)
+    full = lu.prune_model(a, spec, calib_tokens, progress=False)
+    assert full.mask_sha256 == reference_mask_sha256(a)
+    monkeypatch.setattr(driver, "mask_sha256", lambda model: pytest.fail("hashed although fingerprint=False"))
+    bare = lu.prune_model(b, spec, calib_tokens, progress=False, fingerprint=False)
+    assert bare.mask_sha256 == "" and lu.mask_sha256(b) == full.mask_sha256
+
+
+def test_bench_prune_times_pruning_alone(monkeypatch):
+    """No fingerprint and no pinned allocation inside ``measure``; every row still has its hash."""
+    timing, hashed, pools = [], [], []
+    real_measure, real_hash = bench.measure, sparsity.mask_sha256
+
+    def measure(device, fn):
+        before = [p.allocations for p in pools]
+        timing.append(True)
+        try:
+            return real_measure(device, fn)
+        finally:
+            timing.pop()
+            assert [p.allocations for p in pools] == before, "pinned buffers allocated inside a timed run"
+
+    def mask_hash(model):
+        hashed.append(bool(timing))
+        return real_hash(model)
+
+    class CountedPool(PinnedPool):
+        def __init__(self):
+            super().__init__()
+            pools.append(self)
+
+    monkeypatch.setattr(bench, "measure", measure)
+    monkeypatch.setattr(bench, "mask_sha256", mask_hash)
+    monkeypatch.setattr(driver, "mask_sha256", mask_hash)
+    monkeypatch.setattr(bench, "PinnedPool", CountedPool)
+    setup = bench.bench_setup(tiny=True, device="cpu", sizes={"nsamples": 4, "seqlen": 32})
+    result = bench.bench_prune(setup, progress=False)
+    assert hashed == [False] * 4 and len(pools) == 1 and pools[0].allocations > 0
+    rows = result.rows
+    assert rows[0]["mask sha256"] == rows[2]["mask sha256"] != rows[1]["mask sha256"] == rows[3]["mask sha256"]
+    assert [r["same masks as default"] for r in rows] == ["", "", True, True]
+
+
+# --- 5. pinned buffers reserved once ----------------------------------------------------------------------------
+
+def test_a_reserved_pool_serves_every_low_memory_run(calib_tokens):
+    model = make_tiny(num_hidden_layers=3)
+    pool = PinnedPool()
+    pool.reserve(model, calib_tokens, 4, torch.device("cpu"))
+    reserved = pool.allocations
+    assert reserved > 0
+    hashes = {}
+    with pool.reuse():
+        for target in ("50%", "2:4", "50%"):
+            low = copy.deepcopy(model)
+            report = lu.prune_model(low, lu.PruneSpec("wanda", target), calib_tokens, batch_size=4, progress=False,
+                                    low_memory="cpu")
+            assert pool.allocations == reserved, f"the {target} run allocated buffers"
+            hashes.setdefault(target, set()).add(report.mask_sha256)
+    for target, found in hashes.items():  # the same masks as without a pool, in either mode
+        alone = lu.prune_model(copy.deepcopy(model), lu.PruneSpec("wanda", target), calib_tokens, batch_size=4,
+                               progress=False, low_memory="cpu")
+        default = lu.prune_model(copy.deepcopy(model), lu.PruneSpec("wanda", target), calib_tokens, batch_size=4,
+                                 progress=False)
+        assert found == {alone.mask_sha256} == {default.mask_sha256}
+    assert pool.allocations == reserved  # outside ``reuse`` the pool is not touched
+
+
+def test_without_a_pool_a_second_run_counts_its_first_allocations_once(calib_tokens):
+    """Unreserved, the first run inside ``reuse`` allocates and the second takes the same buffers back."""
+    model = make_tiny()
+    pool = PinnedPool()
+    with pool.reuse():
+        first = calibration_inputs(model, calib_tokens, 4, torch.device("cpu"), low_memory=True)
+        first.run(lu.find_decoder_layers(model)[0], 0, advance=True)
+        first.finish()
+        after_first = pool.allocations
+        second = calibration_inputs(model, calib_tokens, 4, torch.device("cpu"), low_memory=True)
+        second.output_buffers()
+        second.finish()
+    assert after_first > 0 and pool.allocations == after_first
+    assert StreamedInputs(torch.device("cpu")).pool is None  # ordinary use: nothing reserved
+
+
+# --- 8. every CUDA call names the device -------------------------------------------------------------------------
+
+class CudaFakes:
+    """Stand-ins for the CUDA stream API that record which device each call named, and in which thread."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, object]] = []
+        self.entered = threading.local()
+        self.layer_moves: list[tuple[str, object, object]] = []  # (thread, target, device entered)
+
+    def install(self, monkeypatch):
+        fakes = self
+
+        class Stream:
+            def __init__(self, device=None):
+                self.device = device
+                fakes.calls.append(("Stream", device))
+
+            def wait_event(self, event):
+                assert event is not None
+
+            def wait_stream(self, stream):
+                pass
+
+            def synchronize(self):
+                pass
+
+        class Event:
+            def record(self, stream):
+                fakes.calls.append(("Event.record", stream.device))
+
+            def synchronize(self):
+                pass
+
+        @contextlib.contextmanager
+        def device(d):
+            fakes.entered.device = d
+            yield
+
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self._current(Stream, device))
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "device", device)
+        monkeypatch.setattr(torch.Tensor, "record_stream",
+                            lambda t, s: fakes.calls.append(("record_stream", s.device)))
+        real = streaming.tree_to  # tensors stay on the CPU, where the test can compute with them
+        monkeypatch.setattr(streaming, "tree_to", lambda obj, device, **kw: real(obj, torch.device("cpu"), **kw))
+
+    def _current(self, stream_type, device):
+        self.calls.append(("current_stream", device))
+        return stream_type(device)
+
+    def watch_moves(self, monkeypatch, layers):
+        def move(target, non_blocking=False):
+            self.layer_moves.append((threading.current_thread().name, target, getattr(self.entered, "device", None)))
+        for layer in layers:
+            monkeypatch.setattr(layer, "to", move)
+
+
+@pytest.mark.parametrize("given", ["cuda:1", "cuda"])  # "cuda" while cuda:1 is current: fixed at construction
+def test_every_cuda_call_names_the_device_of_a_non_default_gpu(given, monkeypatch, tiny_model, calib_tokens):
+    fakes = CudaFakes()
+    fakes.install(monkeypatch)
+    cuda1 = torch.device("cuda", 1)
+    resident = calibration_inputs(tiny_model, calib_tokens, 4, torch.device("cpu"), low_memory=False)
+    streamed = StreamedInputs(torch.device(given))
+    streamed.pin = False  # no page-locked memory without CUDA
+    assert streamed.device == cuda1
+    for hidden, kwargs in zip(resident.hidden, resident.kwargs):
+        streamed.add_batch(hidden, kwargs)
+    layers = lu.find_decoder_layers(tiny_model)
+    fakes.watch_moves(monkeypatch, layers)
+    with OffloadedLayers(layers, torch.device(given)) as placement:
+        for i in range(len(layers)):
+            layer = placement.attach(i)
+            placement.prefetch(i + 1)
+            streamed.run(layer, i, advance=True)
+            resident.run(layer, i, advance=True)
+            placement.release(i)
+    streamed.finish()
+    for s, r in zip(streamed.hidden, resident.hidden):
+        torch.testing.assert_close(s, r, rtol=0, atol=0)
+    kinds = {kind for kind, _ in fakes.calls}
+    assert {"Stream", "current_stream", "Event.record", "record_stream"} <= kinds
+    assert all(device == cuda1 for _, device in fakes.calls), fakes.calls
+    # Every layer went to cuda:1 and back, each time from the copy thread with cuda:1 entered explicitly.
+    assert sorted(str(target) for _, target, _ in fakes.layer_moves) == ["cpu"] * len(layers) + ["cuda:1"] * len(layers)
+    assert all(thread.startswith("layer-copies") and entered == cuda1 for thread, _, entered in fakes.layer_moves)
+
+
+def test_cpu_streaming_makes_no_cuda_call(monkeypatch, tiny_model, calib_tokens):
+    """The CPU path stays as it was: no stream, event or device call at all."""
+    for name in ("Stream", "Event", "current_stream", "stream", "device"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, name=name, **k: pytest.fail(f"torch.cuda.{name} called"))
+    low = lu.prune_model(copy.deepcopy(tiny_model), lu.PruneSpec("wanda", 0.5), random_tokens((4, 16)), batch_size=2,
+                         progress=False, low_memory="cpu")
+    assert low.low_memory
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: packing on the device, "
+                                "pinned memory, streams")
+
+
+@needs_cuda
+def test_gpu_mask_sha256_packs_on_the_device_to_the_same_digest():
+    model = odd_model()
+    expected = reference_mask_sha256(model)
+    assert lu.mask_sha256(model.to("cuda")) == expected
+
+
+@needs_cuda
+def test_gpu_reserved_pinned_pool_serves_low_memory_runs_with_the_default_masks():
+    config = lu.tiny_llama_config(num_hidden_layers=3, hidden_size=256, intermediate_size=512,
+                                  max_position_embeddings=256)
+    tokens = random_tokens((8, 128), 0)
+    model = lu.random_model(config, torch.float16, torch.device("cpu"), seed=0)
+    pool = PinnedPool()
+    pool.reserve(model, tokens, 2, torch.device("cuda"))
+    reserved = pool.allocations
+    with pool.reuse():
+        for target in ("50%", "2:4"):
+            spec = lu.PruneSpec("wanda", target)
+            low = lu.prune_model(copy.deepcopy(model), spec, tokens, batch_size=2, progress=False,
+                                 low_memory="cuda")
+            default = lu.prune_model(copy.deepcopy(model).to("cuda"), spec, tokens, batch_size=2, progress=False)
+            assert pool.allocations == reserved and low.mask_sha256 == default.mask_sha256
+
+
+def test_section_timer_records_on_its_own_devices_stream(monkeypatch):
+    """The driver's CUDA-event timer records on the named device's stream, not on the current device's."""
+    from labutils.core.device import SectionTimer
+    asked, recorded = [], []
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self, stream=None):
+            recorded.append(stream)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: asked.append(device) or f"stream of {device}")
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    timer = SectionTimer(torch.device("cuda", 1))
+    with timer.section():
+        pass
+    assert asked == [torch.device("cuda", 1)] * 2 and recorded == ["stream of cuda:1"] * 2
+
+
+def test_fingerprint_must_be_a_flag(tiny_model, calib_tokens):
+    with pytest.raises(lu.BadInput, match="fingerprint must be True or False; got 'no'"):
+        lu.prune_model(tiny_model, lu.PruneSpec("wanda", 0.5), calib_tokens, progress=False, fingerprint="no")
+
+
+def test_saved_bench_results_reads_back_a_written_run(tmp_path):
+    """A run written by bench-prune (its setup and environment both name a device) reads back as 04 shows it: the
+    newest file of the folder, floor first, with date, GPU and calibration size in attrs."""
+    result = bench.bench_prune(bench.bench_setup(tiny=True, device="cpu", sizes={"nsamples": 4}), progress=False)
+    bench.write_json(result, tmp_path / "2026-01-01-bench-prune.json")
+    newer = result.to_json()
+    newer["environment"]["gpu"] = "a newer GPU"
+    (tmp_path / "2026-02-01-bench-prune.json").write_text(json.dumps(newer))
+    table = lu.saved_bench_results(tmp_path)
+    assert list(table.index)[0] == ("floor: 2 passes / layer", "") and len(table) == 1 + len(result.rows)
+    assert table.attrs["gpu"] == "a newer GPU" and table.attrs["nsamples"] == 4
+    assert table.attrs["device"] == "cpu" and table.attrs["file"].endswith("2026-02-01-bench-prune.json")
+    assert lu.saved_bench_results(tmp_path / "empty") is None
