@@ -58,6 +58,8 @@ def _add_prune(sub) -> None:
     prune.add_argument("--out", default=None, help="output folder (default outputs/<profile>-<method>-<target>)")
     prune.add_argument("--model", dest="model_path", default=None,
                        help="local folder or hub id replacing the profile's model")
+    prune.add_argument("--tokenizer", dest="tokenizer_path", default=None, metavar="PATH_OR_ID",
+                       help="folder or hub id of the tokenizer, for a --model folder saved without one")
     prune.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: best available)")
     prune.add_argument("--low-memory", action="store_true",
                        help="keep the model in CPU memory while pruning; one layer at a time visits the GPU")

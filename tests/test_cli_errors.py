@@ -1,9 +1,12 @@
 """Every error of ``python -m labutils prune`` is one line on stderr, exit code 2 and nothing written — never a
 traceback: damaged model folders, a model without a tokenizer, unknown devices, out-of-range seeds and sizes."""
+import json
+import re
 import shutil
 
 import pytest
 import torch
+from conftest import make_tiny
 
 import labutils as lu
 from labutils.cli import main
@@ -72,8 +75,8 @@ def test_model_path_that_is_a_file(tiny_dir, tmp_path, capsys):
 # 2. A model without a tokenizer, on a profile that tokenizes text
 
 NO_TOKENIZER = ("the model has no tokenizer (its folder holds no tokenizer.json / tokenizer_config.json) and "
-                "profile 'smollm2-135m' needs one to tokenize the corpus; copy the base model's tokenizer files "
-                "into the folder")
+                "profile 'smollm2-135m' needs one to tokenize the corpus; pass --tokenizer PATH (the base model's "
+                "folder or hub id) or copy its tokenizer files into the folder")
 
 
 def test_model_without_tokenizer_stops_before_evaluating(tiny_dir, tmp_path, capsys, monkeypatch):
@@ -83,6 +86,36 @@ def test_model_without_tokenizer_stops_before_evaluating(tiny_dir, tmp_path, cap
     monkeypatch.setattr("labutils.jobs.main_job.perplexity", no_heavy_work)
     line = cli_error(["prune", "--profile", "smollm2-135m", "--model", str(tiny_dir), *SMALL], tmp_path, capsys)
     assert line == f"error: {NO_TOKENIZER}"
+
+
+def test_tokenizer_flag_gives_a_folder_without_one_its_tokenizer(tiny_dir, tiny_with_tokenizer, tmp_path, capsys):
+    """``--tokenizer PATH`` for a model folder saved without tokenizer files: the job runs and saves it with the
+    pruned model."""
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(tiny_dir), "--tokenizer", str(tiny_with_tokenizer), *SMALL,
+                 "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["perplexity"]["dense"] > 0 and (out / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("case", ["no tokenizer files", "a file", "too many tokens", "without --model"])
+def test_bad_tokenizer_flags_are_one_line(case, tiny_dir, tiny_with_tokenizer, tmp_path, capsys):
+    model, tokenizer = str(tiny_dir), str(tiny_with_tokenizer)
+    if case == "too many tokens":  # the byte-level tokenizer has 256 tokens; this model embeds 128
+        small = tmp_path / "small"
+        make_tiny(vocab_size=128).save_pretrained(small)
+        model = str(small)
+        capsys.readouterr()  # the save's own progress bar
+    argv = {"no tokenizer files": ["--model", model, "--tokenizer", model],
+            "a file": ["--model", model, "--tokenizer", str(tiny_dir / "config.json")],
+            "too many tokens": ["--model", model, "--tokenizer", tokenizer],
+            "without --model": ["--tokenizer", tokenizer]}[case]
+    expected = {"no tokenizer files": r"--tokenizer .*model: allowed: a folder holding tokenizer.json or "
+                                      r"tokenizer_config.json, or a Hugging Face Hub id",
+                "a file": r"--tokenizer .*config.json: allowed: a folder holding",
+                "too many tokens": r"--tokenizer .* has 256 tokens but the model embeds 128: it is not this model's",
+                "without --model": r"--tokenizer goes with --model"}[case]
+    assert re.search(expected, cli_error(["prune", *argv, *SMALL], tmp_path, capsys))
 
 
 def test_data_functions_need_a_tokenizer_but_random_profiles_do_not():

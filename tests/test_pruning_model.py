@@ -138,17 +138,27 @@ def test_other_llama_family_models(config_cls, model_cls, calib_tokens):
     assert all(nm_violations(lin.weight, 2, 4) == 0 for lin in prunable_linears(model).values())
 
 
-def test_unsupported_architecture_names_what_was_found():
+def test_gpt2_conv1d_projections_are_refused_by_name():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    found = r"unsupported architecture GPT2LMHeadModel \(model_type='gpt2'\).*transformer, lm_head"
+    found = (r"unsupported architecture GPT2LMHeadModel \(model_type='gpt2'\): decoder layer 0 projects with "
+             r"GPT-2-style Conv1D modules \(attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj\)")
     with pytest.raises(lu.BadInput, match=found):
         lu.find_decoder_layers(model)
 
 
-def test_layer_without_llama_linears_is_refused():
+def test_a_model_without_a_decoder_stack_names_what_was_found():
+    model = nn.Sequential(nn.Embedding(8, 4), nn.Linear(4, 8))
+    with pytest.raises(lu.BadInput, match=r"unsupported architecture Sequential .*no decoder layers at model.layers, "
+                                          r"model.decoder.layers.*top-level modules: 0, 1"):
+        lu.find_decoder_layers(model)
+
+
+def test_every_layer_is_checked_not_only_the_first():
     model = make_tiny()
-    model.model.layers[0].mlp = nn.Identity()
-    with pytest.raises(lu.BadInput, match="has linears .*expected .*mlp.down_proj"):
+    model.model.layers[1].mlp = nn.Identity()  # a layer may lack some linears (MoE models differ per layer) …
+    assert "mlp.up_proj" not in lu.find_linears(lu.find_decoder_layers(model)[1])
+    model.model.layers[1].self_attn = nn.Identity()  # … but one with none at all is refused, by its index
+    with pytest.raises(lu.BadInput, match=r"decoder layer 1 \(LlamaDecoderLayer\) holds no nn.Linear to prune"):
         lu.find_decoder_layers(model)
 
 

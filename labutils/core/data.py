@@ -89,8 +89,8 @@ def require_tokenizer(tokenizer, needed_by: str) -> None:
     """LabError unless there is a tokenizer: a model folder without tokenizer files loads with None (02-Prune)."""
     if tokenizer is None:
         raise LabError(f"the model has no tokenizer (its folder holds no tokenizer.json / tokenizer_config.json) "
-                       f"and {needed_by} needs one to tokenize the corpus; copy the base model's tokenizer files "
-                       "into the folder")
+                       f"and {needed_by} needs one to tokenize the corpus; pass --tokenizer PATH (the base model's "
+                       "folder or hub id) or copy its tokenizer files into the folder")
 
 
 def _tokenizer_key(tokenizer) -> str:

@@ -109,6 +109,26 @@ def load_pretrained(name_or_path: str | os.PathLike, dtype: torch.dtype, device:
     return model, tokenizer
 
 
+def load_tokenizer(name_or_path: str | os.PathLike, model: nn.Module):
+    """The tokenizer of a folder (tokenizer.json / tokenizer_config.json) or hub id, for ``model``: BadInput for a
+    path that holds none or a tokenizer with more tokens than the model embeds, LabError when it cannot load."""
+    name = str(name_or_path)
+    local = Path(name).expanduser()
+    if local.exists() and not (local.is_dir() and any((local / f).is_file() for f in TOKENIZER_FILES)):
+        raise BadInput(f"--tokenizer {name}: allowed: a folder holding {' or '.join(TOKENIZER_FILES)}, or a Hugging "
+                       "Face Hub id")
+    try:
+        with quiet_hf_progress():
+            tokenizer = AutoTokenizer.from_pretrained(local if local.exists() else name)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise LabError(f"--tokenizer {name} could not be loaded ({_first_line(exc)})") from exc
+    embedded = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > embedded:
+        raise BadInput(f"--tokenizer {name} has {len(tokenizer)} tokens but the model embeds {embedded}: it is not "
+                       "this model's tokenizer")
+    return tokenizer
+
+
 def _load_local(folder: Path, dtype: torch.dtype):
     """(model, tokenizer) from a folder that exists; LabError naming what is missing or damaged in it."""
     weights = _check_model_folder(folder)
@@ -195,16 +215,22 @@ def tiny_llama_config(**overrides) -> LlamaConfig:
     return LlamaConfig(**params)
 
 
-def load_model(profile: Profile, device: torch.device, model_path: str | None = None):
+def load_model(profile: Profile, device: torch.device, model_path: str | None = None,
+               tokenizer_path: str | None = None):
     """(model, tokenizer) for a profile, on ``device``, in eval mode. Random profiles have no tokenizer.
 
-    ``model_path`` replaces the profile's model with a local folder or hub id (for example a pruned model).
+    ``model_path`` replaces the profile's model with a local folder or hub id (for example a pruned model);
+    ``tokenizer_path`` gives it a tokenizer from another folder or hub id (a model folder saved without one).
     """
     if profile.needs_cuda:
         require_cuda(f"profile {profile.name!r}")
     dtype = getattr(torch, profile.dtype)
     if model_path is not None:
-        return load_pretrained(model_path, dtype, device)
+        model, tokenizer = load_pretrained(model_path, dtype, device)
+        return model, (tokenizer if tokenizer_path is None else load_tokenizer(tokenizer_path, model))
+    if tokenizer_path is not None:
+        raise BadInput("--tokenizer goes with --model (a model folder without tokenizer files); the profile's own "
+                       "model brings its tokenizer")
     if profile.model_source == "embedded":
         return load_pretrained(embedded_model_dir(), dtype, device)
     if profile.model_source == "hub":
@@ -214,25 +240,58 @@ def load_model(profile: Profile, device: torch.device, model_path: str | None = 
     raise BadInput(f"profile {profile.name!r} has unknown model_source {profile.model_source!r}")
 
 
-def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a Llama-family causal LM (Llama, Mistral, Qwen2/3, SmolLM).
+# Where decoder stacks live: Llama, Mistral, Qwen2/3, Gemma/2/3 (text), Phi-3 and Mixtral-style MoE at
+# model.layers; OPT at model.decoder.layers; Gemma 3's multimodal model at model.language_model.layers; GPT-2 at
+# transformer.h and GPT-NeoX at gpt_neox.layers (found, then judged by their projections).
+DECODER_STACKS = ("model.layers", "model.decoder.layers", "model.language_model.layers", "transformer.h",
+                  "gpt_neox.layers", "layers")
 
-    Each must hold ``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj`` linears; anything else is
-    refused with an error naming what was found.
-    """
-    base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
+
+def decoder_stack(model: nn.Module) -> tuple[nn.Module, str]:
+    """(owner, attribute): the module whose ``owner.attribute`` is ``model``'s list of decoder layers, from the
+    first path of ``DECODER_STACKS`` that holds a non-empty ``nn.ModuleList``. The owner's forward runs the
+    embeddings and then the layers (calibration calls it with the layers replaced). BadInput naming what was found
+    when there is none."""
+    for path in DECODER_STACKS:
+        owner_path, _, attribute = path.rpartition(".")
+        try:
+            owner = model.get_submodule(owner_path) if owner_path else model
+        except AttributeError:
+            continue
+        layers = getattr(owner, attribute, None)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return owner, attribute
     model_type = getattr(getattr(model, "config", None), "model_type", "unknown")
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        found = ", ".join(name for name, _ in base.named_children()) or "no sub-modules"
-        raise BadInput(f"unsupported architecture {type(model).__name__} (model_type={model_type!r}): expected "
-                       f"decoder layers at model.layers, found top-level modules: {found}. "
-                       "Supported: Llama-family decoders (Llama, Mistral, Qwen2, Qwen3, SmolLM).")
-    expected = {f"self_attn.{n}" for n in ATTENTION_LINEARS} | {f"mlp.{n}" for n in MLP_LINEARS}
-    found = set(find_linears(layers[0]))
-    if not expected <= found:
-        raise BadInput(f"unsupported architecture {type(model).__name__} (model_type={model_type!r}): decoder layer "
-                       f"{type(layers[0]).__name__} has linears {sorted(found)}, expected {sorted(expected)}")
+    found = ", ".join(name for name, _ in model.named_children()) or "no sub-modules"
+    raise BadInput(f"unsupported architecture {type(model).__name__} (model_type={model_type!r}): no decoder layers "
+                   f"at {', '.join(DECODER_STACKS)}; top-level modules: {found}")
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a causal LM, wherever its stack lives (``decoder_stack``).
+
+    Every layer is checked, not only the first: each must hold at least one ``nn.Linear`` (what the lab prunes);
+    GPT-2-style ``Conv1D`` projections (weight stored (in, out)) and mixture-of-experts layers (3-D expert weights,
+    Mixtral, Qwen2-MoE) are refused by name rather than half pruned.
+    """
+    owner, attribute = decoder_stack(model)
+    layers = getattr(owner, attribute)
+    model_type = getattr(getattr(model, "config", None), "model_type", "unknown")
+    for i, layer in enumerate(layers):
+        conv = [name for name, m in layer.named_modules() if type(m).__name__ == "Conv1D"]
+        if conv:
+            raise BadInput(f"unsupported architecture {type(model).__name__} (model_type={model_type!r}): decoder "
+                           f"layer {i} projects with GPT-2-style Conv1D modules ({', '.join(conv)}), whose weight is "
+                           "stored (in, out); the lab prunes nn.Linear weights (out, in) only")
+        experts = [name for name, p in layer.named_parameters() if p.dim() > 2]
+        if experts:
+            raise BadInput(f"unsupported architecture {type(model).__name__} (model_type={model_type!r}): decoder "
+                           f"layer {i} holds mixture-of-experts weights ({', '.join(experts)}: one matrix per "
+                           "expert, stacked in 3-D); the lab prunes nn.Linear weights only, and pruning its "
+                           "attention alone would leave the experts dense without saying so")
+        if not find_linears(layer):
+            raise BadInput(f"unsupported architecture {type(model).__name__} (model_type={model_type!r}): decoder "
+                           f"layer {i} ({type(layer).__name__}) holds no nn.Linear to prune")
     return layers
 
 

@@ -42,6 +42,7 @@ class PruneJob:
     seed: int = 0
     out: str | None = None
     model_path: str | None = None
+    tokenizer_path: str | None = None  # for a model folder saved without a tokenizer (``--tokenizer``)
     device: str | None = None
     low_memory: bool = False  # keep the model in CPU memory while pruning; layers visit the device one at a time
 
@@ -117,7 +118,7 @@ def _run_locked(job: PruneJob, profile: Profile, out: Path, progress: bool) -> d
     device = get_device(job.device)
     set_seed(job.seed)
     home = torch.device("cpu") if job.low_memory else device  # where the model lives between steps
-    model, tokenizer = load_model(profile, home, job.model_path)
+    model, tokenizer = load_model(profile, home, job.model_path, job.tokenizer_path)
     check_seqlen(model, "seqlen", profile.seqlen)
     check_seqlen(model, "eval seqlen", profile.eval_seqlen)
     check_prunable(model, job.spec.target)

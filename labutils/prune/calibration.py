@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..core.errors import BadInput, LabError
-from ..core.models import find_decoder_layers, find_linears
+from ..core.models import decoder_stack, find_decoder_layers, find_linears
 from ..core.validation import check_positive_int
 
 
@@ -59,20 +59,20 @@ class _Recorder(nn.Module):
 
 @contextlib.contextmanager
 def _layers_replaced(model: nn.Module, replacement: nn.ModuleList):
-    base = getattr(model, "model", model)
-    original = base.layers
-    base.layers = replacement
+    owner, attribute = decoder_stack(model)
+    original = getattr(owner, attribute)
+    setattr(owner, attribute, replacement)
     try:
         yield
     finally:
-        base.layers = original
+        setattr(owner, attribute, original)
 
 
 @contextlib.contextmanager
 def _outer_modules_on(model: nn.Module, device: torch.device):
     """Embeddings, final norm and rotary embedding on ``device`` for the duration (the decoder layers stay put)."""
-    base = getattr(model, "model", model)
-    outer = [child for name, child in base.named_children() if name != "layers"]
+    owner, attribute = decoder_stack(model)
+    outer = [child for name, child in owner.named_children() if name != attribute]
     homes = [next(iter(m.parameters()), next(iter(m.buffers()), None)) for m in outer]
     homes = [device if t is None else t.device for t in homes]
     for module in outer:
@@ -97,7 +97,7 @@ def capture_layer_inputs(model: nn.Module, tokens: torch.Tensor, batch_size: int
     check_positive_int("batch_size", batch_size)
     layers = find_decoder_layers(model)
     device = device or next(model.parameters()).device
-    base = getattr(model, "model", model)
+    base, _ = decoder_stack(model)  # its forward runs the embeddings, then the (replaced) layers
     captured = LayerInputs(hidden=[]) if into is None else into
     with _outer_modules_on(model, device):
         for batch in tokens.split(batch_size):

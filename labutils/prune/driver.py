@@ -34,8 +34,9 @@ from .spec import PruneSpec, check_spec
 from .streaming import Placement, calibration_inputs, compute_device, layer_visits
 
 # True-sequential mode re-collects statistics for the sublayers that read other sublayers' outputs directly,
-# after everything before them in the block is pruned: o_proj (attention output), then down_proj (gated MLP).
-TRUE_SEQUENTIAL_LATER = ("self_attn.o_proj", "mlp.down_proj")
+# after everything before them in the block is pruned: the attention output (o_proj; OPT's out_proj), then the MLP
+# output (down_proj; OPT's fc2), each in the order the layer registers them.
+TRUE_SEQUENTIAL_LATER = ("o_proj", "out_proj", "down_proj", "fc2")
 
 
 @dataclass
@@ -206,8 +207,8 @@ def calibration_stages(names: Sequence[str], true_sequential: bool) -> list[list
     """Groups of sublayers whose statistics are collected in one pass, in order."""
     if not true_sequential:
         return [list(names)]
-    first = [n for n in names if n not in TRUE_SEQUENTIAL_LATER]
-    return [first] + [[n] for n in TRUE_SEQUENTIAL_LATER if n in names]
+    later = [n for n in names if n.rpartition(".")[2] in TRUE_SEQUENTIAL_LATER]
+    return [[n for n in names if n not in later]] + [[n] for n in later]
 
 
 def prune_layer(layer: nn.Module, index: int, inputs: LayerInputs | None, spec: PruneSpec, target: SparsityTarget,
