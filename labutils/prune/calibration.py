@@ -58,8 +58,7 @@ class _Recorder(nn.Module):
 
 
 @contextlib.contextmanager
-def _layers_replaced(model: nn.Module, replacement: nn.ModuleList):
-    owner, attribute = decoder_stack(model)
+def _layers_replaced(owner: nn.Module, attribute: str, replacement: nn.ModuleList):
     original = getattr(owner, attribute)
     setattr(owner, attribute, replacement)
     try:
@@ -69,9 +68,9 @@ def _layers_replaced(model: nn.Module, replacement: nn.ModuleList):
 
 
 @contextlib.contextmanager
-def _outer_modules_on(model: nn.Module, device: torch.device):
-    """Embeddings, final norm and rotary embedding on ``device`` for the duration (the decoder layers stay put)."""
-    owner, attribute = decoder_stack(model)
+def _outer_modules_on(owner: nn.Module, attribute: str, device: torch.device):
+    """``owner``'s modules beside its decoder stack ``owner.attribute`` (embeddings, final norm, rotary embedding)
+    on ``device`` for the duration; the decoder layers stay put."""
     outer = [child for name, child in owner.named_children() if name != attribute]
     homes = [next(iter(m.parameters()), next(iter(m.buffers()), None)) for m in outer]
     homes = [device if t is None else t.device for t in homes]
@@ -97,13 +96,13 @@ def capture_layer_inputs(model: nn.Module, tokens: torch.Tensor, batch_size: int
     check_positive_int("batch_size", batch_size)
     layers = find_decoder_layers(model)
     device = device or next(model.parameters()).device
-    base, _ = decoder_stack(model)  # its forward runs the embeddings, then the (replaced) layers
+    base, attribute = decoder_stack(model)  # its forward runs the embeddings, then the (replaced) layers
     captured = LayerInputs(hidden=[]) if into is None else into
-    with _outer_modules_on(model, device):
+    with _outer_modules_on(base, attribute, device):
         for batch in tokens.split(batch_size):
             calls: list[tuple[torch.Tensor, dict]] = []
             recorders = nn.ModuleList(_Recorder(layer, calls) for layer in layers)
-            with _layers_replaced(model, recorders):
+            with _layers_replaced(base, attribute, recorders):
                 base(input_ids=batch.to(device), use_cache=False)
             if len(calls) != len(layers):
                 raise LabError(f"{type(model).__name__} called {len(calls)} of its {len(layers)} decoder layers; "

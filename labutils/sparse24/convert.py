@@ -4,7 +4,8 @@ A 2:4-pruned weight is still a dense tensor full of zeros, and a dense GEMM mult
 number. Sparse tensor cores (compute capability ≥ 8.0) skip them, if the weight is compressed first: the kept
 half of the values plus 2-bit indices. ``torch.sparse`` does that with a tensor subclass; this module swaps the
 weights of a pruned model's decoder linears for it and checks the result against the masked dense model
-(``sparse24.prefill`` times both). We always use the cuSPARSELt backend: the CUTLASS one refuses compute capability 9.0 (H100/H200).
+(``sparse24.prefill`` times both). We always use the cuSPARSELt backend: the CUTLASS one refuses compute
+capability 9.0 (H100/H200).
 
 Each eager call of the subclass pays Python and planning on the CPU; replayed from a CUDA graph
 (``sparse24.graphs``) only the kernels remain. Measured speeds live in the README and ``benchmarks/results/``, not here.
@@ -39,7 +40,7 @@ from .kernel import (
     SparseLinear24,
     SparseMatmul24,
     check_against_dense,
-    fusion_groups,
+    fusion_units,
     search_plan,
     search_problem,
 )
@@ -220,7 +221,7 @@ def to_semi_structured(model: nn.Module, *, linears: Sequence[str] | None = None
         if (problem := search_problem()) is not None:  # before anything is converted
             raise LabError(f"alg_search_tokens: {problem}")
     converter = _Converter(find_decoder_layers(model), kernel, alg_search_tokens)
-    return converter.convert(selected, fusion_groups(selected) if fuse else [], progress)
+    return converter.convert(selected, fusion_units(selected, fuse), progress)
 
 
 @dataclass
@@ -234,11 +235,8 @@ class _Converter:
     by_shape: dict[tuple[int, int], CsltPlan] = field(default_factory=dict)
 
     @torch.no_grad()
-    def convert(self, selected: dict[str, nn.Linear], groups: list[tuple[str, ...]],
+    def convert(self, selected: dict[str, nn.Linear], units: list[tuple[str, ...]],
                 progress: bool) -> SemiStructuredReport:
-        grouped = {name for group in groups for name in group}
-        order = {name: i for i, name in enumerate(selected)}
-        units = sorted(groups + [(name,) for name in selected if name not in grouped], key=lambda u: order[u[0]])
         dense_bytes = compressed_bytes = 0
         plans: dict[str, CsltPlan] = {}
         for names in tqdm(units, desc="2:4 compress", unit="GEMM", disable=not progress):
@@ -257,7 +255,7 @@ class _Converter:
             plans.update(dict.fromkeys(names, plan))
         return SemiStructuredReport(converted=tuple(plans), dense_mib=dense_bytes / 2**20,
                                     compressed_mib=compressed_bytes / 2**20, plans=plans, kernel=self.kernel,
-                                    fused=tuple(groups))
+                                    fused=tuple(unit for unit in units if len(unit) > 1))
 
     def _unit(self, names: tuple[str, ...], lins: list[nn.Linear],
               weight: torch.Tensor) -> tuple[torch.Tensor, CsltPlan]:

@@ -156,6 +156,7 @@ class FusedSparse24(SparseMatmul24):
                  bias: torch.Tensor | None = None, **kwargs):
         super().__init__(packed, sum(splits), in_features, bias, **kwargs)
         self.splits = tuple(splits)
+        self.starts = tuple(sum(splits[:i]) for i in range(len(splits)))  # each projection's first row
         self._input: torch.Tensor | None = None
         self._output: torch.Tensor | None = None
         self._waiting: set[int] = set()
@@ -166,7 +167,7 @@ class FusedSparse24(SparseMatmul24):
             self._input, self._output = x, self(x)
             self._waiting = set(range(len(self.splits)))
         self._waiting.discard(index)
-        start = sum(self.splits[:index])
+        start = self.starts[index]
         out = self._output[..., start:start + self.splits[index]]
         if not self._waiting:
             self._input = self._output = None
@@ -185,7 +186,7 @@ class FusedSlice24(CompressedLinear):
         super().__init__()
         self.fused, self.index = fused, index  # the same module in every slice: its buffers count once
         self.out_features, self.in_features = fused.splits[index], fused.in_features
-        self._start = sum(fused.splits[:index])
+        self._start = fused.starts[index]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fused.take(self.index, x)
@@ -213,6 +214,15 @@ def fusion_groups(linears: dict[str, nn.Module]) -> list[tuple[str, ...]]:
             if sub == members[0] and all(n in linears for n in names) and _fusible([linears[n] for n in names]):
                 groups.append(names)
     return groups
+
+
+def fusion_units(linears: dict[str, nn.Module], fuse: bool) -> list[tuple[str, ...]]:
+    """What one GEMM each multiplies, in the order of ``linears``: every fusible group (``fusion_groups``) when
+    ``fuse``, every other linear alone. A group stands at its first member's place."""
+    groups = fusion_groups(linears) if fuse else []
+    grouped = {name for group in groups for name in group}
+    order = {name: i for i, name in enumerate(linears)}
+    return sorted(groups + [(name,) for name in linears if name not in grouped], key=lambda unit: order[unit[0]])
 
 
 def _fusible(lins: list[nn.Module]) -> bool:

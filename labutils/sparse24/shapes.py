@@ -23,7 +23,7 @@ from ..prune.masks import nm_mask
 from ..prune.sparsity import prunable_linears, split_linear_name
 from ..speed.timing import time_interleaved
 from .convert import kernel_problem, min_shape
-from .kernel import SparseLinear24, SparseMatmul24, fusion_groups, search_plan, search_problem
+from .kernel import SparseLinear24, SparseMatmul24, fusion_units, search_plan, search_problem
 
 
 def linear_shapes(model: torch.nn.Module, fused: bool = False) -> dict[tuple[int, int], list[str]]:
@@ -32,13 +32,7 @@ def linear_shapes(model: torch.nn.Module, fused: bool = False) -> dict[tuple[int
     as one stacked weight (Σ out, in) named like "self_attn.q_proj+k_proj+v_proj", the other linears as they are."""
     check_flag("fused", fused)
     linears = prunable_linears(model)
-    units = [(name,) for name in linears]
-    if fused:
-        groups = fusion_groups(linears)
-        grouped = {name for group in groups for name in group}
-        units = [unit for unit in units if unit[0] not in grouped] + groups
-        order = {name: i for i, name in enumerate(linears)}
-        units.sort(key=lambda unit: order[unit[0]])  # by the first member's place: layer order
+    units = fusion_units(linears, fused)
     shapes: dict[tuple[int, int], list[str]] = {}
     for unit in units:
         _, sub = split_linear_name(unit[0])
