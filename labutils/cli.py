@@ -93,6 +93,12 @@ def _prune(args: argparse.Namespace) -> None:
         print(f"WARNING: {report['quality_warning']}")
     print(summary_table(report).to_string(float_format=lambda v: f"{v:.3f}"))
     print(f"\nmask sha256 {report['mask_sha256']}")
+    if report["left_dense"]:
+        reasons = sorted({d["reason"] for d in report["left_dense"]})
+        print(f"left dense: {len(report['left_dense'])} weights ({'; '.join(reasons)}), listed in report.json")
+    if report["empty_experts"]:
+        print(f"{len(report['empty_experts'])} expert matrices received no calibration token and were pruned by "
+              f"|W| alone: {', '.join(report['empty_experts'][:4])}{' …' if len(report['empty_experts']) > 4 else ''}")
     print(f"seconds: {', '.join(f'{k} {v:.1f}' for k, v in report['seconds'].items())}")
     print(f"saved to {report['output']}")
 

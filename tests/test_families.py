@@ -123,21 +123,6 @@ def test_driver_matches_the_slow_whole_model_reference(family, tokens):
         assert torch.equal(a.weight == 0, b.weight == 0), name
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
-def test_mixture_of_experts_is_refused_not_half_pruned(model_type):
-    """Experts are 3-D parameters, not linears: pruning only the attention would leave them dense silently."""
-    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
-    if model_type == "mixtral":
-        model = MixtralForCausalLM(MixtralConfig(**COMMON, num_local_experts=4))
-    else:  # layer 0 a plain MLP, layer 1 MoE: the check must look past layer 0
-        model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**COMMON, moe_intermediate_size=32, num_experts=4,
-                                                   shared_expert_intermediate_size=32, mlp_only_layers=[0]))
-    layer = 1 if model_type == "qwen2_moe" else 0
-    with pytest.raises(lu.BadInput, match=rf"decoder layer {layer} holds mixture-of-experts weights "
-                                          r"\(mlp.experts.gate_up_proj, mlp.experts.down_proj: one matrix per expert"):
-        lu.find_decoder_layers(model)
-
-
 @pytest.mark.parametrize("family, later", [("opt", ["self_attn.out_proj", "fc2"]),
                                            ("phi3", ["self_attn.o_proj", "mlp.down_proj"])])
 def test_true_sequential_stages_follow_each_familys_names(family, later, tokens):

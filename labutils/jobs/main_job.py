@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -101,7 +101,8 @@ def build_report(profile: Profile, model, prune: PruneReport, perplexities: dict
         "device": prune.device, "dtype": profile.dtype,
         "seconds": {"prune": round(prune.seconds, 3), "method": round(prune.method_seconds, 3)},
         "versions": versions(), "quality_warning": profile.quality_warning,
-        "sublayers": prune.to_frame().to_dict(orient="records"),
+        "sublayers": prune.records(),
+        "left_dense": [asdict(d) for d in prune.left_dense], "empty_experts": prune.empty_experts,
     }
 
 

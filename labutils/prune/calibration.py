@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..core.errors import BadInput, LabError
-from ..core.models import decoder_stack, find_decoder_layers, find_linears
+from ..core.models import ExpertWeight, decoder_stack, expert_hidden, find_decoder_layers, find_linears
 from ..core.validation import check_positive_int
 
 
@@ -128,16 +128,44 @@ def run_layer(layer: nn.Module, layer_index: int, inputs: LayerInputs, keep: boo
     return outputs
 
 
+class LayerStatistics(dict):
+    """name → statistic, as ``collect_statistics`` returns it; ``routed``: for each expert (``ExpertWeight``), how many
+    calibration tokens its router sent to it."""
+
+    routed: dict[str, int]
+
+
+def _routing(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden states (tokens, hidden), chosen experts (tokens, top-k)) of a call to a stacked-experts module:
+    ``experts(hidden_states, top_k_index, top_k_weights)``."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+    return hidden, index
+
+
 class _InputHooks:
     """Forward hooks on linears that fold every batch of inputs into one float32 statistic per linear.
 
-    Linears fed the very same tensor (q, k and v; gate and up) share one computation of the batch's term.
+    Linears fed the very same tensor (q, k and v; gate and up) share one computation of the batch's term. Routed
+    experts (``ExpertWeight``) are not modules: a pre-hook on their experts module reads the router's choice and
+    folds in, for each expert, only the tokens sent to it — their hidden states for gate and up, and what its down
+    projection reads (``expert_hidden``) for down. That takes one host sync per expert and batch (an empty expert
+    is skipped).
     """
 
-    def __init__(self, linears: dict[str, nn.Linear]):
+    def __init__(self, linears: dict[str, nn.Linear | ExpertWeight]):
         self.stats = {name: self._empty(lin) for name, lin in linears.items()}
+        self.routed = {name: 0 for name, lin in linears.items() if isinstance(lin, ExpertWeight)}
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (input seen, its term)
-        self._handles = [lin.register_forward_hook(self._hook(name)) for name, lin in linears.items()]
+        self._handles = [lin.register_forward_hook(self._hook(name)) for name, lin in linears.items()
+                         if not isinstance(lin, ExpertWeight)]
+        by_module: dict[int, tuple[nn.Module, dict[int, dict[str, str]]]] = {}
+        for name, lin in linears.items():
+            if isinstance(lin, ExpertWeight):
+                _, experts = by_module.setdefault(id(lin.experts), (lin.experts, {}))
+                experts.setdefault(lin.index, {})[lin.kind] = name
+        self._handles += [module.register_forward_pre_hook(self._experts_hook(experts), with_kwargs=True)
+                          for module, experts in by_module.values()]
 
     def _hook(self, name: str):
         def hook(module, args, output):
@@ -145,6 +173,27 @@ class _InputHooks:
             if self._last is None or self._last[0] is not x:
                 self._last = (x, self._term(x.detach().reshape(-1, x.shape[-1])))
             self.stats[name].add_(self._last[1])
+        return hook
+
+    def _experts_hook(self, experts: dict[int, dict[str, str]]):
+        """A pre-hook for one stacked-experts module; ``experts``: expert index → {kind: statistic name}."""
+        def hook(module, args, kwargs):
+            hidden, index = _routing(args, kwargs)
+            hidden = hidden.detach().reshape(-1, hidden.shape[-1])
+            index = index.reshape(hidden.shape[0], -1)
+            for expert, names in experts.items():
+                x = hidden[(index == expert).any(dim=1)]
+                if x.shape[0] == 0:
+                    continue
+                for name in names.values():
+                    self.routed[name] += x.shape[0]
+                first = [names[k] for k in ("gate_proj", "up_proj") if k in names]
+                if first:
+                    term = self._term(x)
+                    for name in first:
+                        self.stats[name].add_(term)
+                if "down_proj" in names:
+                    self.stats[names["down_proj"]].add_(self._term(expert_hidden(module, expert, x)))
         return hook
 
     def remove(self) -> None:
@@ -168,6 +217,11 @@ class InputNormAccumulator(_InputHooks):
         return torch.zeros(lin.in_features, dtype=torch.float32, device=lin.weight.device)
 
     @staticmethod
+    def isotropic(lin: nn.Linear) -> torch.Tensor:
+        """The statistic of inputs that favour no feature: every norm 1 (Wanda's score becomes |W|)."""
+        return torch.ones(lin.in_features, dtype=torch.float32, device=lin.weight.device)
+
+    @staticmethod
     def _term(x: torch.Tensor) -> torch.Tensor:  # x: (tokens, in), the layer's dtype
         if x.dtype in (torch.float16, torch.bfloat16):
             # Accumulate in float32 without a float32 copy of x (1.4 GiB for one batch of 8 × 4096 tokens into
@@ -184,6 +238,12 @@ class HessianAccumulator(_InputHooks):
         return torch.zeros(lin.in_features, lin.in_features, dtype=torch.float32, device=lin.weight.device)
 
     @staticmethod
+    def isotropic(lin: nn.Linear) -> torch.Tensor:
+        """The statistic of inputs that favour no feature: H = I (SparseGPT then prunes by |W| and compensates
+        nothing)."""
+        return torch.eye(lin.in_features, dtype=torch.float32, device=lin.weight.device)
+
+    @staticmethod
     def _term(x: torch.Tensor) -> torch.Tensor:  # x: (tokens, in), the layer's dtype
         x = x.float()
         return 2 * x.T @ x
@@ -194,13 +254,23 @@ ACCUMULATORS = {INPUT_NORMS: InputNormAccumulator, HESSIAN: HessianAccumulator}
 
 
 def collect_statistics(layer: nn.Module, layer_index: int, inputs: LayerInputs, linears: dict[str, nn.Linear],
-                       statistic: str, advance: bool = False) -> dict[str, torch.Tensor]:
+                       statistic: str, advance: bool = False) -> LayerStatistics:
     """Run ``layer`` on every calibration batch of ``inputs`` (resident or streamed) with hooks on ``linears`` and
     return their statistics: name → (in,) Σ_t x_tj² for "norms", (in, in) 2 XᵀX for "hessian". With ``advance``,
-    the layer's outputs become the inputs of the next layer (only right if the layer is not changed afterwards)."""
-    with ACCUMULATORS[statistic](linears) as acc:
+    the layer's outputs become the inputs of the next layer (only right if the layer is not changed afterwards).
+
+    A routed expert's statistic sums only the tokens its router sent to it (``.routed`` counts them). An expert
+    that received no token gets the statistic of inputs that favour no feature (``isotropic``: norms of 1, H = I),
+    so it is pruned by weight magnitude alone, within the method's own comparison group."""
+    accumulator = ACCUMULATORS[statistic]
+    with accumulator(linears) as acc:
         inputs.run(layer, layer_index, advance)
-    return acc.stats
+    stats = LayerStatistics(acc.stats)
+    stats.routed = {name: int(count) for name, count in acc.routed.items()}
+    for name, count in stats.routed.items():
+        if count == 0:
+            stats[name] = accumulator.isotropic(linears[name])
+    return stats
 
 
 @torch.no_grad()

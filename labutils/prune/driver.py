@@ -23,7 +23,7 @@ from torch import nn
 
 from ..core.device import SectionTimer, synchronize
 from ..core.errors import BadInput, LabError, is_out_of_memory
-from ..core.models import find_decoder_layers, find_linears
+from ..core.models import find_decoder_layers, find_linears, find_routers
 from ..core.validation import check_flag, check_model, check_positive_int, check_tokens
 from .calibration import LayerInputs, collect_statistics
 from .masks import SparsityTarget
@@ -35,7 +35,8 @@ from .streaming import Placement, calibration_inputs, compute_device, layer_visi
 
 # True-sequential mode re-collects statistics for the sublayers that read other sublayers' outputs directly,
 # after everything before them in the block is pruned: the attention output (o_proj; OPT's out_proj), then the MLP
-# output (down_proj; OPT's fc2), each in the order the layer registers them.
+# output (down_proj; OPT's fc2; every expert's and the shared expert's down_proj together), in the order the layer
+# registers them.
 TRUE_SEQUENTIAL_LATER = ("o_proj", "out_proj", "down_proj", "fc2")
 
 
@@ -47,6 +48,20 @@ class SublayerReport:
     in_features: int
     pruned: int
     sparsity: float
+    tokens: int | None = None  # a routed expert's: calibration tokens its router sent to it (0: pruned by |W|)
+
+
+@dataclass
+class DenseReport:
+    """A weight matrix of a decoder layer that was left dense on purpose, and why."""
+
+    layer: int
+    weight: str
+    shape: tuple[int, ...]
+    reason: str
+
+
+ROUTER_REASON = "router: weighs the experts for each token; never pruned"
 
 
 @dataclass
@@ -64,6 +79,7 @@ class PruneReport:
     method_seconds: float = 0.0  # time inside the method's score / mask / update, without forward passes
     layer_seconds: list[float] = field(default_factory=list)  # each layer's passes and pruning (GPU time on CUDA)
     sublayers: list[SublayerReport] = field(default_factory=list)
+    left_dense: list[DenseReport] = field(default_factory=list)  # weights of decoder layers not pruned, and why
     mask_sha256: str = ""
 
     method = property(lambda self: self.spec.method)
@@ -87,12 +103,41 @@ class PruneReport:
 
     @property
     def measured_sparsity(self) -> float:
-        """Share of pruned weights over all pruned linears."""
+        """Share of pruned weights over all pruned linears (and experts)."""
         total = sum(s.out_features * s.in_features for s in self.sublayers)
         return sum(s.pruned for s in self.sublayers) / total if total else 0.0
 
+    @property
+    def empty_experts(self) -> list[str]:
+        """"layers.{i}.{sublayer}" of every routed expert matrix that received no calibration token."""
+        return [f"layers.{s.layer}.{s.sublayer}" for s in self.sublayers if s.tokens == 0]
+
     def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame([asdict(s) for s in self.sublayers])
+        """One row per pruned linear; the ``tokens`` column only when the model has routed experts."""
+        frame = pd.DataFrame(self.records())
+        return frame.astype({"tokens": "Int64"}) if "tokens" in frame else frame
+
+    def records(self) -> list[dict]:
+        """The sublayer rows as dicts (report.json); "tokens" only on routed experts' rows."""
+        return [{k: v for k, v in asdict(s).items() if k != "tokens" or v is not None} for s in self.sublayers]
+
+    def layer_table(self) -> pd.DataFrame:
+        """One row per decoder layer: what was pruned (matrices: linears and routed experts' matrices, their weights,
+        how many were pruned, experts that received no calibration token) and what was left dense, and why."""
+        rows: dict[int, dict] = {}
+        for s in self.sublayers:
+            row = rows.setdefault(s.layer, {"matrices": 0, "weights": 0, "pruned": 0, "experts without tokens": 0,
+                                            "left dense": ""})
+            row["matrices"] += 1
+            row["weights"] += s.out_features * s.in_features
+            row["pruned"] += s.pruned
+            row["experts without tokens"] += s.tokens == 0
+        for d in self.left_dense:
+            row = rows[d.layer]
+            row["left dense"] = "; ".join(filter(None, [row["left dense"], f"{d.weight} ({d.reason})"]))
+        frame = pd.DataFrame.from_dict(rows, orient="index").rename_axis("layer")
+        frame.insert(3, "sparsity", frame["pruned"] / frame["weights"])
+        return frame
 
 
 def prune_model(model: nn.Module, spec: PruneSpec, tokens: torch.Tensor | None = None, batch_size: int = 8,
@@ -186,6 +231,7 @@ def prune_all(model: nn.Module, spec: PruneSpec, tokens: torch.Tensor | None, ba
             with layer_timer.section():
                 pruned += prune_layer(layer, i, inputs, spec, targets[i], method_timer)
                 feed_next_layer(inputs, layer, i, len(layers))
+            report.left_dense += routers_left_dense(layer, i)
     if inputs is not None:
         inputs.finish()
     synchronize(device)
@@ -204,28 +250,43 @@ def layer_targets(spec: PruneSpec, n_layers: int, layer_sparsity: list[float] | 
 
 
 def calibration_stages(names: Sequence[str], true_sequential: bool) -> list[list[str]]:
-    """Groups of sublayers whose statistics are collected in one pass, in order."""
+    """Groups of sublayers whose statistics are collected in one pass, in order: with ``true_sequential``, first
+    all but the later ones, then each later kind (``TRUE_SEQUENTIAL_LATER``: o_proj, then every down_proj …)."""
     if not true_sequential:
         return [list(names)]
-    later = [n for n in names if n.rpartition(".")[2] in TRUE_SEQUENTIAL_LATER]
-    return [[n for n in names if n not in later]] + [[n] for n in later]
+    later: dict[str, list[str]] = {}
+    for name in names:
+        kind = name.rpartition(".")[2]
+        if kind in TRUE_SEQUENTIAL_LATER:
+            later.setdefault(kind, []).append(name)
+    first = [n for n in names if n.rpartition(".")[2] not in later]
+    return [first, *later.values()]
 
 
 def prune_layer(layer: nn.Module, index: int, inputs: LayerInputs | None, spec: PruneSpec, target: SparsityTarget,
-                timer: SectionTimer) -> list[tuple[int, str, torch.Size, torch.Tensor]]:
+                timer: SectionTimer) -> list[tuple[int, str, torch.Size, torch.Tensor, int | None]]:
     """Prune every linear of one decoder layer: collect each stage's statistics on ``inputs``, then let the method
-    score, mask and apply. Returns (layer, sublayer, weight shape, pruned count on the device) per linear."""
+    score, mask and apply. Returns (layer, sublayer, weight shape, pruned count on the device, tokens routed to it
+    or None) per linear; an expert's count is None without calibration."""
     linears = find_linears(layer)
     method, pruned = spec.runner, []
     for stage in calibration_stages(list(linears), spec.true_sequential):
-        stats = {}
+        stats, routed = {}, {}
         if inputs is not None:
             stats = collect_statistics(layer, index, inputs, {n: linears[n] for n in stage}, method.statistic)
+            routed = stats.routed
         for name in stage:
             with timer.section():
                 mask = method.apply(linears[name], stats.get(name), target, spec.params)
-            pruned.append((index, name, mask.shape, mask.sum()))
+            pruned.append((index, name, mask.shape, mask.sum(), routed.get(name)))
     return pruned
+
+
+def routers_left_dense(layer: nn.Module, index: int) -> list[DenseReport]:
+    """One row per weight matrix of the layer's routers (never pruned)."""
+    return [DenseReport(index, f"{name}.{param_name}", tuple(param.shape), ROUTER_REASON)
+            for name, router in find_routers(layer).items()
+            for param_name, param in router.named_parameters() if param.dim() > 1]
 
 
 def feed_next_layer(inputs: LayerInputs | None, layer: nn.Module, index: int, n_layers: int) -> None:
@@ -235,9 +296,10 @@ def feed_next_layer(inputs: LayerInputs | None, layer: nn.Module, index: int, n_
         inputs.run(layer, index, advance=True)
 
 
-def sublayer_reports(pruned: list[tuple[int, str, torch.Size, torch.Tensor]]) -> list[SublayerReport]:
+def sublayer_reports(pruned: list[tuple[int, str, torch.Size, torch.Tensor, int | None]]) -> list[SublayerReport]:
     """One row per pruned linear; the counts cross from the device in one sync."""
     if not pruned:
         return []
-    counts = torch.stack([count for *_, count in pruned]).tolist()
-    return [SublayerReport(i, name, *shape, n, n / shape.numel()) for (i, name, shape, _), n in zip(pruned, counts)]
+    counts = torch.stack([count for _, _, _, count, _ in pruned]).tolist()
+    return [SublayerReport(i, name, *shape, n, n / shape.numel(), tokens)
+            for (i, name, shape, _, tokens), n in zip(pruned, counts)]

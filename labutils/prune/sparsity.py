@@ -12,14 +12,16 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..core.models import find_decoder_layers, find_linears
+from ..core.models import ExpertWeight, find_decoder_layers, find_linears
 
 
-def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every linear of every decoder layer, keyed "layers.{i}.{name}", in layer order."""
+def prunable_linears(model: nn.Module, experts: bool = True) -> dict[str, nn.Linear | ExpertWeight]:
+    """Every linear of every decoder layer (``find_linears``: routed experts' matrices included), keyed
+    "layers.{i}.{name}", in layer order. ``experts=False``: the linear modules only (what a 2:4 kernel can
+    replace)."""
     return {f"layers.{i}.{name}": lin
             for i, layer in enumerate(find_decoder_layers(model))
-            for name, lin in find_linears(layer).items()}
+            for name, lin in find_linears(layer).items() if experts or not isinstance(lin, ExpertWeight)}
 
 
 def split_linear_name(name: str) -> tuple[int, str]:

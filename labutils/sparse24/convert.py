@@ -119,7 +119,7 @@ def semi_structured_ready(model: nn.Module) -> tuple[bool, str]:
     problem = kernel_problem(device)
     if problem is not None:
         return False, problem
-    dtypes = {lin.weight.dtype for lin in prunable_linears(model).values()}
+    dtypes = {lin.weight.dtype for lin in prunable_linears(model, experts=False).values()}
     names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
     if not dtypes <= set(SUPPORTED_DTYPES):
         return False, f"weights are {names}; 2:4 kernels take float16 or bfloat16 (model.half())"
@@ -155,7 +155,7 @@ class SemiStructuredReport:
 
 
 def _select(model: nn.Module, linears: Sequence[str] | None) -> dict[str, nn.Linear]:
-    available = prunable_linears(model)
+    available = prunable_linears(model, experts=False)  # stacked experts have no 2:4 kernel here: left dense
     if linears is None:
         return available
     return {name: available[name] for name in check_names("linears", linears, list(available),

@@ -31,7 +31,7 @@ def linear_shapes(model: torch.nn.Module, fused: bool = False) -> dict[tuple[int
     ``fused``, the shapes ``to_semi_structured(..., fuse=True)`` multiplies: each fusible group (``fusion_groups``)
     as one stacked weight (Σ out, in) named like "self_attn.q_proj+k_proj+v_proj", the other linears as they are."""
     check_flag("fused", fused)
-    linears = prunable_linears(model)
+    linears = prunable_linears(model, experts=False)
     units = fusion_units(linears, fused)
     shapes: dict[tuple[int, int], list[str]] = {}
     for unit in units:
