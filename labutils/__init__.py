@@ -24,6 +24,7 @@ from .evaluate.generation import (
                                   PROMPTS,
                                   degeneration_table,
                                   drift_table,
+                                  format_answers,
                                   mean_kl,
                                   passage_starts,
                                   prompt_text,
@@ -33,7 +34,7 @@ from .evaluate.perplexity import perplexity
 from .evaluate.zeroshot.run import LOCAL_TASKS, profile_tasks, task_examples, zero_shot, zero_shot_table
 from .evaluate.zeroshot.tasks import write_tasks
 from .jobs.bench_prune import bench_prune, bench_setup, saved_bench_results
-from .jobs.compare import compare_methods, standard_variants, sweep_variants, write_results
+from .jobs.compare import Comparison, compare_methods, standard_variants, sweep_variants, write_results
 from .jobs.main_job import PruneJob, build_report, default_output_dir, ensure_pruned, run_prune_job
 from .lab.checks import (
                                   check_close,
@@ -85,13 +86,13 @@ __all__ = [
     "model_sparsity", "sparsity_table",
     # evaluate
     "perplexity", "PROMPTS", "degeneration_table", "drift_table", "mean_kl", "passage_starts", "prompt_text",
-    "side_by_side", "LOCAL_TASKS", "profile_tasks", "task_examples", "zero_shot", "zero_shot_table", "write_tasks",
+    "side_by_side", "format_answers", "LOCAL_TASKS", "profile_tasks", "task_examples", "zero_shot", "zero_shot_table", "write_tasks",
     # speed and 2:4
     "latency_table", "memory_table", "random_prompt", "zeros_matmul_table", "prefill_speedup_table",
     "semi_structured_ready", "semi_structured_support", "to_semi_structured", "verify_semi_structured",
     "linear_speedup_table",
     # jobs
-    "PruneJob", "build_report", "default_output_dir", "ensure_pruned", "run_prune_job", "compare_methods",
+    "PruneJob", "build_report", "default_output_dir", "ensure_pruned", "run_prune_job", "Comparison", "compare_methods",
     "standard_variants", "sweep_variants", "write_results", "bench_prune", "bench_setup", "saved_bench_results",
     # lab
     "check_close", "check_layer_sparsity", "check_ria_score", "check_top1_agreement", "check_wanda_score",

@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from conftest import make_tiny, random_tokens
@@ -214,3 +215,12 @@ def test_ensure_pruned_redoes_a_damaged_model(recorded_jobs):
     (folder / "report.json").write_text((folder / "report.json").read_text() + " ")
     _, how = lu.ensure_pruned(profile, lu.PruneSpec("wanda", lu.SparsityTarget.of(sparsity=0.5)))
     assert "is damaged (report.json has" in how and len(recorded_jobs) == 1
+
+
+def test_format_answers_shows_each_prompt_and_keeps_line_breaks():
+    answers = pd.DataFrame({"prompt": ["List three fruits."], "dense": ["1. apple\n2. pear"], "wanda 50%": [""]},
+                           index=["instruction"])
+    assert lu.format_answers(answers).splitlines() == ["▶ instruction: List three fruits.",
+                                                       "  dense      1. apple",
+                                                       "             2. pear",
+                                                       "  wanda 50%  (nothing)"]

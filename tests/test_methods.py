@@ -325,6 +325,39 @@ def test_comparison_measures_a_repeated_variant_once_and_leaves_dense_alone():
     assert fig.axes[0].get_xlabel() == "sparsity of the decoder linears (%)"
 
 
+def test_comparison_keeps_the_models_asked_for(calib_tokens):
+    dense = make_tiny()
+    profile = lu.get_profile("smollm2-135m", eval_seqlen=32, batch_size=4)
+    test = random_tokens((128,), 1)
+    variants = [lu.PruneSpec("magnitude", 0.5), lu.PruneSpec("wanda", 0.5)]
+    result = lu.compare_methods(profile, variants, calib_tokens, test, dense, progress=False, keep=["wanda 50%"])
+    assert list(result.models) == ["wanda 50%"]
+    alone = make_tiny()
+    report = lu.prune_model(alone, variants[1], calib_tokens, profile.batch_size, progress=False)
+    assert lu.mask_sha256(result.models["wanda 50%"]) == report.mask_sha256  # the very model that was measured
+    assert result.table.loc["wanda 50%", "perplexity"] == lu.perplexity(result.models["wanda 50%"], test, 32, 4,
+                                                                        progress=False)
+    with pytest.raises(lu.BadInput, match=r"keep has unknown name\(s\) \['wanda 2:4'\]"):
+        lu.compare_methods(profile, variants, calib_tokens, test, dense, progress=False, keep=["wanda 2:4"])
+
+
+def test_a_comparison_grows_over_several_adds_and_measures_each_variant_once(calib_tokens, monkeypatch):
+    dense = make_tiny()
+    profile = lu.get_profile("smollm2-135m", eval_seqlen=32, batch_size=4)
+    comparison = lu.Comparison(profile, calib_tokens, random_tokens((128,), 1), dense, progress=False)
+    first = comparison.add([lu.PruneSpec("magnitude", 0.5), lu.PruneSpec("wanda", 0.5)])
+    assert list(first.index) == ["magnitude 50%", "wanda 50%"]
+    pruned = []
+    monkeypatch.setattr("labutils.jobs.compare.prune_model", lambda model, spec, *a: pruned.append(spec.label) or
+                        lu.prune_model(model, spec, *a))
+    second = comparison.add([lu.PruneSpec("wanda", 0.5), lu.PruneSpec("wanda", "2:4")], keep=["wanda 2:4"])
+    assert pruned == ["wanda 2:4"] and list(second.index) == ["wanda 50%", "wanda 2:4"]
+    assert list(comparison.table.index) == ["dense", "magnitude 50%", "wanda 50%", "wanda 2:4"]
+    assert comparison.table.loc["wanda 2:4", "seconds / wanda"] == 1.0 and list(comparison.models) == ["wanda 2:4"]
+    with pytest.raises(lu.BadInput, match=r"keep: \['wanda 50%'\] were measured by an earlier add\(\) without keep"):
+        comparison.add([lu.PruneSpec("wanda", 0.5)], keep=["wanda 50%"])
+
+
 def test_spec_labels_and_folder_names():
     target = lu.SparsityTarget.of(sparsity=0.7)
     assert lu.PruneSpec("wanda", target, true_sequential=True).slug == "wanda-ts-70"

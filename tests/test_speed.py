@@ -117,12 +117,12 @@ def test_latency_table_runs_one_prefill_and_one_decode_per_round(tiny_model):
 
 
 def test_latency_table_decode_columns_pool_the_timed_steps(tiny_model, monkeypatch):
-    """decode tokens/s P50 and ms/token P95 come from every step of the timed rounds only (warm-up dropped)."""
+    """decode ms/token P50 and P95 come from every step of the timed rounds only (warm-up dropped)."""
     steps = iter([[9.0, 9.0, 9.0], [0.01, 0.02, 0.03], [0.04, 0.05, 0.06]])  # warm-up round, then 2 timed rounds
     monkeypatch.setattr(timing, "timed_greedy_decode", lambda model, ids, new_tokens: (None, next(steps)))
     table = latency_table({"m": tiny_model}, prompt_len=8, new_tokens=3, warmup=1, repeats=2, progress=False)
     pooled = [0.01, 0.02, 0.03, 0.04, 0.05, 0.06]
-    assert table.loc["m", "decode tokens/s P50"] == pytest.approx(1 / np.percentile(pooled, 50))
+    assert table.loc["m", "decode ms/token P50"] == pytest.approx(np.percentile(pooled, 50) * 1e3)
     assert table.loc["m", "decode ms/token P95"] == pytest.approx(np.percentile(pooled, 95) * 1e3)
 
 
@@ -154,7 +154,7 @@ def test_latency_table_columns_and_reference(tiny_model):
     table = latency_table({"dense": tiny_model, "again": tiny_model}, prompt_len=8, new_tokens=3, warmup=0,
                           repeats=2, progress=False)
     assert list(table.index) == ["dense", "again"]
-    assert list(table.columns) == ["prefill ms P50", "prefill ms P95", "decode tokens/s P50", "decode ms/token P95",
+    assert list(table.columns) == ["prefill ms P50", "prefill ms P95", "decode ms/token P50", "decode ms/token P95",
                                    "prefill × dense", "decode × dense"]
     assert table.loc["dense", "prefill × dense"] == 1.0 and table.loc["dense", "decode × dense"] == 1.0
     assert (table.to_numpy() > 0).all()
@@ -182,10 +182,10 @@ def test_memory_table_counts(tiny_model):
         weight[0] = 0
     after = memory_table({"m": tiny_model}).loc["m"]
     assert before["non-zero parameters"] - after["non-zero parameters"] == nonzero_in_first_row
-    assert after["zero share"] == pytest.approx(1 - after["non-zero parameters"] / direct)
+    assert after["zero share"] == pytest.approx(1 - after["non-zero parameters"] / direct, abs=5e-5)  # 4 decimals
     buffer_bytes = sum(b.numel() * b.element_size() for b in tiny_model.buffers())
     assert after["MiB (params + buffers)"] * 2**20 == pytest.approx(direct * 4 + buffer_bytes)
-    assert math.isnan(after["peak prefill MiB (CUDA)"])  # CPU: not tracked
+    assert "peak prefill MiB (CUDA)" not in after  # CPU: not tracked, so no column of NaN
 
 
 def test_memory_table_counts_tied_weights_once():

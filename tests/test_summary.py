@@ -14,7 +14,7 @@ def _parts():
     models = ["dense", "wanda 50%", "wanda 2:4"]
     ppl = pd.Series({"dense": 13.5, "magnitude 50%": 270.0, "wanda 50%": 34.0, "wanda 2:4": 140.0})
     accuracy = pd.DataFrame({"wiki_lastword": [0.46, 0.33], "mean": [0.6, 0.45]}, index=["dense", "wanda 50%"])
-    latency = pd.DataFrame({"prefill ms P50": [100.0, 98.0, 101.0], "decode tokens/s P50": [20.0, 21.0, 19.0],
+    latency = pd.DataFrame({"prefill ms P50": [100.0, 98.0, 101.0], "decode ms/token P50": [50.0, 47.6, 52.6],
                             "prefill × dense": [1.0, 1.02, 0.99], "decode × dense": [1.0, 1.05, 0.95]},
                            index=pd.Index(models, name="model"))
     memory = pd.DataFrame({"non-zero parameters": [100, 50, 50], "MiB (params + buffers)": [4.0, 4.0, 4.0],
@@ -42,3 +42,6 @@ def test_summary_figure_has_titled_panels():
     titles = [ax.get_title() for ax in fig.axes]
     assert titles == ["quality: perplexity", "quality: zero-shot accuracy", "cost: speed", "cost: memory"]
     assert all(ax.get_xlabel() for ax in fig.axes)
+    accuracy_panel, speed_panel = fig.axes[1], fig.axes[2]
+    assert [t.get_text() for t in accuracy_panel.texts] == ["not evaluated"]  # wanda 2:4's row is labelled, not blank
+    assert speed_panel.get_xlabel() == "× dense: dense time ÷ model time (higher is faster)"

@@ -10,6 +10,7 @@ Three measurements, all against the dense model on the same input:
 from __future__ import annotations
 
 import math
+import textwrap
 from collections import Counter
 from dataclasses import dataclass
 
@@ -90,6 +91,24 @@ def side_by_side(models: dict[str, nn.Module], tokenizer, prompts: tuple[Prompt,
         answers = greedy_generate(model, tokenizer, texts, max_new_tokens)
         table[name] = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in answers]
     return table
+
+
+def format_answers(answers: pd.DataFrame, width: int = 110) -> str:
+    """``side_by_side``'s table as text to print (03-Inference): for each prompt, its text, then each model's answer
+    left-aligned under it; an answer's own line breaks start indented lines (shown, not escaped as "\\n"), and
+    lines longer than ``width`` wrap."""
+    models = [c for c in answers.columns if c != "prompt"]
+    pad = max(len(m) for m in models) + 2
+    blocks = []
+    for name, row in answers.iterrows():
+        lines = [f"▶ {name}: {row['prompt']}"]
+        for model in models:
+            text = str(row[model]).strip() or "(nothing)"
+            wrapped = [piece for part in text.splitlines() or [""]
+                       for piece in textwrap.wrap(part, width - pad - 2) or [""]]
+            lines += [f"  {(model if k == 0 else ''):<{pad}}{piece}" for k, piece in enumerate(wrapped)]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def top1_agreement(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
 import torch
 from torch import nn
 
 from ..core.config import Profile
-from ..core.validation import check_model
+from ..core.errors import BadInput
+from ..core.validation import check_model, check_names
 from ..evaluate.perplexity import perplexity
 from ..prune.driver import PruneReport, prune_model
 from ..prune.masks import SparsityTarget
@@ -43,44 +44,70 @@ def standard_variants(sparsity: float = 0.5, nm: str = "2:4", owl_sparsity: floa
     return rows
 
 
-@dataclass
 class Comparison:
-    """``table``: one row per variant plus "dense"; ``reports``: each variant's PruneReport by its label."""
+    """One harness for every method: the same dense model, calibration and test tokens for every variant, one table.
 
-    table: pd.DataFrame
-    reports: dict[str, PruneReport]
+    ``Comparison(profile, calib, test, dense)`` measures the dense model's perplexity; each ``add(variants)`` prunes
+    a fresh copy of the dense model with every variant not measured yet and measures it, so a notebook can grow one
+    comparison over several short cells. ``table``: one row per variant plus "dense"; ``reports``: each variant's
+    PruneReport by its label; ``models``: the pruned models asked to be kept, by label.
+    """
+
+    def __init__(self, profile: Profile, calib: torch.Tensor, test: torch.Tensor, dense: nn.Module,
+                 progress: bool = True):
+        check_model(dense)
+        self.profile, self.calib, self.test, self.dense, self.progress = profile, calib, test, dense, progress
+        self.reports: dict[str, PruneReport] = {}
+        self.models: dict[str, nn.Module] = {}
+        self._rows = [{"variant": "dense", "target": "-", "method": "dense", "sparsity": 0.0, "seconds": 0.0,
+                       "method seconds": 0.0, "perplexity": self._perplexity(dense, "dense")}]
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """Columns: target, method, sparsity (measured), seconds (the whole pruning run), method seconds (score, mask
+        and weight update only, without forward passes), perplexity, and both times as a multiple of Wanda's at the
+        same target (NaN where Wanda was not run at that target)."""
+        return _add_wanda_ratios(pd.DataFrame(self._rows).set_index("variant"))
+
+    def add(self, variants: Sequence[PruneSpec], keep: Sequence[str] = ()) -> pd.DataFrame:
+        """Prune and measure every variant (a PruneSpec) not measured yet — a label listed twice, or already in the
+        table, is measured once — and return their rows of ``table``. ``keep``: labels among ``variants`` whose
+        pruned model is kept in ``models`` (for later measurements in the same run: zero-shot accuracy, latency)."""
+        unique: dict[str, PruneSpec] = {}
+        for v in variants:
+            unique.setdefault(check_spec(v, "each of variants").label, v)
+        keep = check_names("keep", keep, list(unique), "the variants' labels") if keep else []
+        for spec in unique.values():
+            if spec.label in self.reports:
+                continue
+            model = copy.deepcopy(self.dense)  # a fresh dense copy; faster than reloading it from disk
+            report = prune_model(model, spec, self.calib, self.profile.batch_size, self.progress)
+            self._rows.append({"variant": spec.label, "target": spec.target.label, "method": spec.variant,
+                               "sparsity": report.measured_sparsity, "seconds": report.seconds,
+                               "method seconds": report.method_seconds,
+                               "perplexity": self._perplexity(model, spec.label)})
+            self.reports[spec.label] = report
+            if spec.label in keep:
+                self.models[spec.label] = model
+            del model
+        missing = [label for label in keep if label not in self.models]
+        if missing:
+            raise BadInput(f"keep: {missing} were measured by an earlier add() without keep, and their models are "
+                           "gone; list them in keep the first time they are added")
+        return self.table.loc[list(unique)]
+
+    def _perplexity(self, model: nn.Module, desc: str) -> float:
+        profile = self.profile
+        return perplexity(model, self.test, profile.eval_seqlen, profile.batch_size, self.progress, desc)
 
 
 def compare_methods(profile: Profile, variants: list[PruneSpec], calib: torch.Tensor, test: torch.Tensor,
-                    dense: nn.Module, progress: bool = True) -> Comparison:
-    """Prune a fresh dense model with every variant (a PruneSpec) and measure it.
-
-    Table columns: target, method, sparsity (measured), seconds (the whole pruning run), method seconds (score,
-    mask and weight update only, without forward passes), perplexity, and both times as a multiple of
-    Wanda's at the same target. A variant listed twice (same label) is measured once, so several comparisons can
-    share one run. ``dense``: the dense model (``lu.load_model``), copied for every variant and never modified.
-    """
-    check_model(dense)
-    unique: dict[str, PruneSpec] = {}
-    for v in variants:
-        unique.setdefault(check_spec(v, "each of variants").label, v)
-    rows = [{"variant": "dense", "target": "-", "method": "dense", "sparsity": 0.0, "seconds": 0.0,
-             "method seconds": 0.0, "perplexity": _perplexity(dense, test, profile, "dense", progress)}]
-    reports = {}
-    for spec in unique.values():
-        model = copy.deepcopy(dense)  # a fresh dense copy; faster than reloading it from disk
-        report = prune_model(model, spec, calib, profile.batch_size, progress)
-        rows.append({"variant": spec.label, "target": spec.target.label, "method": spec.variant,
-                     "sparsity": report.measured_sparsity, "seconds": report.seconds,
-                     "method seconds": report.method_seconds, "perplexity": _perplexity(model, test, profile,
-                                                                                        spec.label, progress)})
-        reports[spec.label] = report
-        del model
-    return Comparison(_add_wanda_ratios(pd.DataFrame(rows).set_index("variant")), reports)
-
-
-def _perplexity(model: nn.Module, test: torch.Tensor, profile: Profile, desc: str, progress: bool) -> float:
-    return perplexity(model, test, profile.eval_seqlen, profile.batch_size, progress, desc)
+                    dense: nn.Module, progress: bool = True, keep: Sequence[str] = ()) -> Comparison:
+    """Prune a fresh dense model with every variant and measure it, in one call: ``Comparison`` and one ``add``.
+    ``dense`` (``lu.load_model``) is copied for every variant and never modified."""
+    comparison = Comparison(profile, calib, test, dense, progress)
+    comparison.add(variants, keep)
+    return comparison
 
 
 def _add_wanda_ratios(table: pd.DataFrame) -> pd.DataFrame:

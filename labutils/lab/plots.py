@@ -97,7 +97,7 @@ def plot_layer_sparsity(layer_sparsity: list[float], outlier_ratios: list[float]
     layers = range(len(layer_sparsity))
     ax.bar(layers, layer_sparsity, color="tab:blue", label="OWL sparsity (left axis)")
     ax.axhline(target, color="black", ls="--", lw=1, label=f"uniform {target:.0%}")
-    ax.set_ylim(min(layer_sparsity) - 0.05, max(layer_sparsity) + 0.08)
+    ax.set_ylim(0, min(1.0, max(layer_sparsity) + 0.2))  # bars from zero: their heights compare honestly
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("sparsity (share removed)")
     twin = ax.twinx()
@@ -177,6 +177,9 @@ def plot_benchmark_summary(summary: pd.DataFrame, title: str = "Quality and cost
     for k, task in enumerate(tasks):
         offsets = [v + (k - (len(tasks) - 1) / 2) * height for v in y]
         axes[1].barh(offsets, summary[task], height, label=task.removesuffix(" acc"), alpha=0.85)
+    for v, missing in zip(y, summary[tasks].isna().all(axis=1) if tasks else [True] * len(models)):
+        if missing:
+            axes[1].text(0.02, v, "not evaluated", va="center", fontsize=8, color="gray")
     axes[1].set_xlim(0, 1.6)  # room on the right for the legend
     axes[1].set_xticks([0, 0.25, 0.5, 0.75, 1])
     axes[1].set_xlabel("zero-shot accuracy (share correct, higher is better)")
@@ -188,7 +191,7 @@ def plot_benchmark_summary(summary: pd.DataFrame, title: str = "Quality and cost
         axes[2].barh(offsets, summary[column], 0.4, label=column.removesuffix(" × dense"))
     axes[2].axvline(1, color="black", ls="--", lw=1)
     axes[2].set_xlim(0, 1.6 * max(1.0, summary[["prefill × dense", "decode × dense"]].max().max()))
-    axes[2].set_xlabel("speed relative to dense (× , higher is faster)")
+    axes[2].set_xlabel("× dense: dense time ÷ model time (higher is faster)")
     axes[2].legend(fontsize=8, loc="lower right")
 
     axes[3].barh(y, summary["MiB (params + buffers)"], color=colors)

@@ -5,7 +5,7 @@ import pandas as pd
 
 from ..core.errors import BadInput
 
-COST_COLUMNS = ("prefill ms P50", "decode tokens/s P50", "prefill × dense", "decode × dense")
+COST_COLUMNS = ("prefill ms P50", "decode ms/token P50", "prefill × dense", "decode × dense")
 MEMORY_COLUMNS = ("non-zero parameters", "MiB (params + buffers)", "peak prefill MiB (CUDA)")
 
 

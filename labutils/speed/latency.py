@@ -44,9 +44,10 @@ def latency_table(models: dict[str, nn.Module], *, prompt_len: int, new_tokens: 
     (> 1 means faster than it). Prefills and decodes are each timed in interleaved, rotated rounds
     (``time_interleaved``), so no model systematically gets the cooler GPU or the warmer cache.
 
-    Columns: prefill ms P50 / P95 (batch 1, ``prompt_len`` tokens), decode tokens/s at the P50 step time,
-    decode ms per token P95 (the slow steps), and the two speed ratios against the first model. Each model's
-    prompt is the fixed random one of ``random_prompt`` (seed 0), for prefill and decode alike.
+    Columns: prefill ms P50 / P95 (batch 1, ``prompt_len`` tokens), decode ms per token P50 / P95 (the typical and
+    the slow steps), and the two speed ratios against the first model: "× dense" = the first model's P50 time ÷
+    this model's. Each model's prompt is the fixed random one of ``random_prompt`` (seed 0), for prefill and decode
+    alike.
     """
     check_not_empty("models", models, "model")
     check_positive_int("prompt_len", prompt_len)
@@ -61,12 +62,12 @@ def latency_table(models: dict[str, nn.Module], *, prompt_len: int, new_tokens: 
     table = pd.DataFrame({
         "prefill ms P50": [prefill[n].p50 * 1e3 for n in models],
         "prefill ms P95": [prefill[n].p95 * 1e3 for n in models],
-        "decode tokens/s P50": [decode[n].rate_p50 for n in models],
+        "decode ms/token P50": [decode[n].p50 * 1e3 for n in models],
         "decode ms/token P95": [decode[n].p95 * 1e3 for n in models],
     }, index=pd.Index(list(models), name="model"))
     first = table.iloc[0]
     table["prefill × dense"] = first["prefill ms P50"] / table["prefill ms P50"]
-    table["decode × dense"] = table["decode tokens/s P50"] / first["decode tokens/s P50"]
+    table["decode × dense"] = first["decode ms/token P50"] / table["decode ms/token P50"]
     table.attrs.update(prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
                        device=str(model_device(next(iter(models.values())))))
     return table
@@ -91,10 +92,12 @@ def _count_nonzero(t: torch.Tensor) -> int:
 def memory_table(models: dict[str, nn.Module], *, prompt_len: int = 128, seed: int = 0) -> pd.DataFrame:
     """Size of each model in memory. Tied weights (SmolLM2 ties embedding and output) count once.
 
-    Columns: parameters (logical: a 2:4 compressed weight counts its dense shape), non-zero parameters, zero share,
-    MiB of parameters + buffers as stored (a 2:4 compressed weight counts its packed values and metadata), and
-    "peak prefill MiB (CUDA)": the peak memory allocated on the GPU during one prefill of ``prompt_len`` tokens,
-    weights included (``torch.cuda.max_memory_allocated``); NaN off CUDA, where torch does not track it.
+    Columns: parameters (logical: a 2:4 compressed weight counts its dense shape), non-zero parameters, zero share
+    (rounded to 4 decimals: a dense model's few exact zeros read 0.00, not 3e-05), MiB of parameters + buffers as
+    stored (a 2:4 compressed weight counts its packed values and metadata), and, when a model is on a GPU,
+    "peak prefill MiB (CUDA)": the peak memory allocated there during one prefill of ``prompt_len`` tokens,
+    weights included (``torch.cuda.max_memory_allocated``; NaN for a model off CUDA). On a CPU torch tracks no such
+    peak, and the column is left out.
     """
     check_not_empty("models", models, "model")
     rows = []
@@ -106,10 +109,11 @@ def memory_table(models: dict[str, nn.Module], *, prompt_len: int = 128, seed: i
         nonzero = (sum(_count_nonzero(p) for p in params)
                    + sum(m.nonzero_weights() for m in compressed))
         rows.append({"model": name, "parameters": total, "non-zero parameters": nonzero,
-                     "zero share": 1 - nonzero / total if total else math.nan,
+                     "zero share": round(1 - nonzero / total, 4) if total else math.nan,
                      "MiB (params + buffers)": sum(_tensor_bytes(t) for t in params + buffers) / 2**20,
                      "peak prefill MiB (CUDA)": _peak_prefill_mib(model, prompt_len, seed)})
-    return pd.DataFrame(rows).set_index("model")
+    table = pd.DataFrame(rows).set_index("model")
+    return table if table["peak prefill MiB (CUDA)"].notna().any() else table.drop(columns="peak prefill MiB (CUDA)")
 
 
 def _peak_prefill_mib(model: nn.Module, prompt_len: int, seed: int) -> float:
