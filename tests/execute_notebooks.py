@@ -4,11 +4,40 @@ Progress bars are plain text: a bar rewrites its line with carriage returns, and
 state of each line. The saved outputs are collapsed the same way (consecutive stream outputs merged, each line cut
 to what follows its last ``\\r``), so the file holds what a student sees: one finished bar per loop.
 """
+import json
 import sys
 import time
+from datetime import datetime
+from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
+
+SECONDS_FILE = Path("results/notebook-seconds.json")  # read by the README's "notebook-seconds" table
+
+
+def cell_seconds(nb) -> list[float]:
+    """Each code cell's run time, from the timestamps nbclient records in its metadata (0 for a cell without)."""
+    seconds = []
+    for cell in nb.cells:
+        timing = cell.get("metadata", {}).get("execution", {})
+        if cell.cell_type == "code" and "iopub.execute_input" in timing and "shell.execute_reply" in timing:
+            start, end = (datetime.fromisoformat(timing[k].replace("Z", "+00:00"))
+                          for k in ("iopub.execute_input", "shell.execute_reply"))
+            seconds.append((end - start).total_seconds())
+        elif cell.cell_type == "code":
+            seconds.append(0.0)
+    return seconds
+
+
+def record_seconds(path: str, nb) -> None:
+    """Write this notebook's run time and slowest cell into ``SECONDS_FILE`` (other notebooks' rows kept)."""
+    rows = json.loads(SECONDS_FILE.read_text())["rows"] if SECONDS_FILE.is_file() else []
+    seconds = cell_seconds(nb)
+    row = {"notebook": path, "seconds": round(sum(seconds), 1), "slowest cell": round(max(seconds, default=0), 1)}
+    rows = sorted([r for r in rows if r["notebook"] != path] + [row], key=lambda r: r["notebook"])
+    SECONDS_FILE.parent.mkdir(exist_ok=True)
+    SECONDS_FILE.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
 
 
 def collapse_streams(nb) -> None:
@@ -36,4 +65,5 @@ if __name__ == "__main__":
         NotebookClient(nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": "."}}).execute()
         collapse_streams(nb)
         nbformat.write(nb, path)
+        record_seconds(path, nb)
         print(f"{path}: executed in {time.perf_counter() - start:.0f} s")

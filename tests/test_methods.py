@@ -1,6 +1,7 @@
 """Beyond Wanda: SparseGPT, RIA, OWL and true-sequential calibration, through the shared driver."""
 import json
 
+import pandas as pd
 import pytest
 import torch
 from conftest import make_tiny, random_tokens
@@ -365,3 +366,9 @@ def test_spec_labels_and_folder_names():
     assert lu.PruneSpec("wanda", target, true_sequential=True).label == "wanda (true-sequential) 70%"
     assert lu.PruneSpec("magnitude", target, owl=lu.OwlConfig()).label == "magnitude + OWL 70%"
     assert lu.PruneSpec("ria", "4:8").label == "ria 4:8"
+
+
+def test_write_results_goes_where_lab_results_says(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAB_RESULTS", str(tmp_path / "elsewhere"))
+    path = lu.write_results(pd.DataFrame({"x": [1.0]}), "t", lu.get_profile("smollm2-135m"))
+    assert path == tmp_path / "elsewhere" / "smollm2-135m-t.csv" and path.with_suffix(".json").is_file()

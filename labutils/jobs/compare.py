@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -118,9 +119,16 @@ def _add_wanda_ratios(table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def write_results(table: pd.DataFrame, name: str, profile: Profile, folder: str | Path = "results") -> Path:
-    """Save a results table as ``<folder>/<profile>-<name>.csv`` and ``.json`` so runs can be compared."""
-    folder = Path(folder)
+RESULTS_ENV = "LAB_RESULTS"  # where write_results writes when no folder is given; default results/
+
+
+def write_results(table: pd.DataFrame, name: str, profile: Profile, folder: str | Path | None = None) -> Path:
+    """Save a results table as ``<folder>/<profile>-<name>.csv`` and ``.json`` so runs can be compared.
+
+    ``folder`` defaults to ``$LAB_RESULTS`` or ``results/``: the committed run of the notebooks writes the
+    README's numbers there (``labutils.lab.readme``); ``make test`` points it elsewhere, so re-running the notebooks
+    under test leaves the committed results alone."""
+    folder = Path(folder if folder is not None else os.environ.get(RESULTS_ENV, "results"))
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / f"{profile.name}-{name}"
     table.to_csv(stem.with_suffix(".csv"))

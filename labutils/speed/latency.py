@@ -152,8 +152,7 @@ def zeros_matmul_table(weight: torch.Tensor, tokens: int, *, sparsity: float = 0
               f"{sparsity:.0%} zeros, dense matmul": lambda: F.linear(x, zeroed),
               f"{sparsity:.0%} zeros, CSR sparse matmul": lambda: torch.sparse.mm(csr, x_t)}
     stats = time_interleaved(labels, warmup=warmup, repeats=repeats, device=w.device)
-    zero_share = [float((w == 0).float().mean()), float((zeroed == 0).float().mean()),
-                  float((zeroed == 0).float().mean())]
+    zero_share = [round(float((m == 0).float().mean()), 4) for m in (w, zeroed, zeroed)]  # 0.0003, not 3.41e-04
     table = pd.DataFrame({"zero share": zero_share, "P50 ms": [s.p50 * 1e3 for s in stats.values()],
                           "P95 ms": [s.p95 * 1e3 for s in stats.values()]},
                          index=pd.Index(list(labels), name="weight, kernel"))

@@ -1,0 +1,194 @@
+"""The README's result tables, generated from the results files the notebooks write, so they cannot drift.
+
+Each generated table in README.md sits between ``<!-- results: NAME -->`` and ``<!-- /results -->``.
+``README_TABLES[NAME]`` names the results file it reads (``results/<profile>-<stem>.json``, written by
+``lu.write_results`` in a notebook; ``results/notebook-seconds.json`` by ``tests/execute_notebooks.py``) and turns
+its rows into the table. ``python -m labutils readme`` rewrites every block from the files; a test checks that
+README.md equals what the committed results files give.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from ..core.config import DEFAULT_PROFILE
+from ..core.errors import BadInput, LabError
+
+BLOCK = re.compile(r"(<!-- results: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class ReadmeTable:
+    """One generated table: the results file's stem and what turns its rows (a DataFrame) into the table."""
+
+    stem: str
+    build: Callable[[pd.DataFrame], pd.DataFrame]
+    profile: bool = True  # the file is results/<profile>-<stem>.json (False: results/<stem>.json)
+
+
+def _num(value: float, digits: int = 2) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def _label(name: str) -> str:
+    """"wanda 50%" → "Wanda 50 %": the README's spelling of a variant label."""
+    for raw, shown in (("wanda", "Wanda"), ("sparsegpt", "SparseGPT"), ("ria", "RIA")):
+        name = re.sub(rf"\b{raw}\b", shown, name)
+    return re.sub(r"(\d)%", r"\1 %", name)
+
+
+def _prune(rows: pd.DataFrame) -> pd.DataFrame:
+    rows = rows.set_index("model")
+    dense = rows.loc["dense", "perplexity"]
+    return pd.DataFrame({"model": [_label(m) for m in rows.index],
+                         "perplexity": [_num(p) for p in rows["perplexity"]],
+                         "perplexity ÷ dense": [_num(p / dense) for p in rows["perplexity"]]})
+
+
+def _groups(rows: pd.DataFrame) -> pd.DataFrame:
+    table = {}
+    for r in rows.itertuples():
+        text = _num(r.perplexity)
+        table.setdefault(_label(r.method), {})[f"per {r.group}"] = f"**{text}** (default)" if r.default else text
+    return pd.DataFrame(table).T.rename_axis("method").reset_index()[["method", "per layer", "per row"]]
+
+
+def _methods(rows: pd.DataFrame) -> pd.DataFrame:
+    """04's comparison: every variant at 50 %, 2:4 and 70 % (the sweep's other points are in ``_sweep``)."""
+    order = ("-", "50%", "2:4", "70%")
+    rows = rows[rows["target"].isin(order)].copy()
+    rows["order"] = rows["target"].map(order.index)
+    out = []
+    for r in rows.sort_values("order", kind="stable").to_dict("records"):
+        times = ["", ""]
+        if r["method"] == "wanda":
+            times = [f"1.00 ({r['seconds']:.1f} s)", f"1.00 ({r['method seconds']:.1f} s)"]
+        elif r["variant"] != "dense":
+            times = [_num(r["seconds / wanda"]), _num(r["method seconds / wanda"])]
+        out.append({"variant": _label(r["variant"]), "perplexity": _num(r["perplexity"]),
+                    "pruning time / Wanda": times[0], "method time / Wanda": times[1]})
+    return pd.DataFrame(out)
+
+
+def _nm(rows: pd.DataFrame) -> pd.DataFrame:
+    rows = rows.set_index("variant")
+    targets = ["50%", "4:8", "2:4"]
+    dense = _num(rows.loc["dense", "perplexity"])
+    table = [{"model": "dense", **{_label(t): dense for t in targets}}]
+    for method in ("magnitude", "wanda"):
+        table.append({"model": _label(method),
+                      **{_label(t): _num(rows.loc[f"{method} {t}", "perplexity"]) for t in targets}})
+    return pd.DataFrame(table)
+
+
+def _sweep(rows: pd.DataFrame) -> pd.DataFrame:
+    rows = rows.set_index("variant")
+    swept = sorted({t for t in rows["target"] if t.endswith("%") and f"magnitude {t}" in rows.index
+                    and f"wanda {t}" in rows.index}, key=lambda t: float(t[:-1]))
+    return pd.DataFrame([{"sparsity": _label(t), "magnitude": _num(rows.loc[f"magnitude {t}", "perplexity"]),
+                          "Wanda": _num(rows.loc[f"wanda {t}", "perplexity"]),
+                          "magnitude / Wanda": _num(rows.loc[f"magnitude {t}", "perplexity"]
+                                                    / rows.loc[f"wanda {t}", "perplexity"])} for t in swept])
+
+
+def _zeroshot(rows: pd.DataFrame) -> pd.DataFrame:
+    table = {}
+    for r in rows.itertuples():
+        row = table.setdefault(_label(r.model), {})
+        row[f"{r.task} acc"] = f"{r.acc:.3f} ± {r.acc_stderr:.3f}"
+        if pd.notna(r.acc_norm) and r.task != "wiki_lastword":
+            row[f"{r.task} acc_norm"] = f"{r.acc_norm:.3f} ± {r.acc_norm_stderr:.3f}"
+        row.setdefault("_n", []).append(int(r.n))
+    for row in table.values():
+        row["items"] = " / ".join(str(n) for n in row.pop("_n"))
+    return pd.DataFrame(table).T.rename_axis("model").reset_index()
+
+
+def _latency(rows: pd.DataFrame) -> pd.DataFrame:
+    out = rows[["model"]].assign(model=rows["model"].map(_label))
+    for column in rows.columns.drop("model"):
+        out[column] = [_num(v, 2 if "×" in column else 1) for v in rows[column]]
+    return out
+
+
+def _drift(rows: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({"model": rows["model"].map(_label),
+                         "top-1 agreement with dense": [f"{v:.3f}" for v in rows["top-1 agreement"]],
+                         "mean KL(dense ‖ model), nats": [f"{v:.3f}" for v in rows["KL(dense ‖ model)"]],
+                         "held-out perplexity": [_num(v) for v in rows["perplexity"]],
+                         "repeated 3-gram ratio": [_num(v) for v in rows["repeated 3-gram ratio"]]})
+
+
+def _zeros(rows: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({"weight, kernel": rows["weight, kernel"], "zero share": [f"{v:.2f}" for v in rows["zero share"]],
+                         "P50 ms": [f"{v:.3f}" for v in rows["P50 ms"]], "× dense": [_num(v) for v in rows["× dense"]]})
+
+
+def _memory(rows: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({"model": rows["model"].map(_label), "parameters": [f"{v:,}" for v in rows["parameters"]],
+                         "non-zero parameters": [f"{v:,}" for v in rows["non-zero parameters"]],
+                         "zero share": [f"{v:.4f}" for v in rows["zero share"]],
+                         "MiB (params + buffers)": [f"{v:.0f}" for v in rows["MiB (params + buffers)"]]})
+
+
+def _notebook_seconds(rows: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({"notebook": [f"`{n}`" for n in rows["notebook"]],
+                         "seconds": [f"{v:.0f}" for v in rows["seconds"]],
+                         "slowest cell, seconds": [f"{v:.0f}" for v in rows["slowest cell"]]})
+
+
+README_TABLES: dict[str, ReadmeTable] = {
+    "prune": ReadmeTable("prune", _prune),  # 02-Prune
+    "groups": ReadmeTable("groups", _groups),  # 02-Prune
+    "drift": ReadmeTable("drift", _drift),  # 03-Inference
+    "methods": ReadmeTable("perplexity", _methods),  # 04-Benchmark
+    "nm": ReadmeTable("perplexity", _nm),
+    "sweep": ReadmeTable("perplexity", _sweep),
+    "zeroshot": ReadmeTable("zeroshot", _zeroshot),
+    "latency": ReadmeTable("latency", _latency),
+    "memory": ReadmeTable("memory", _memory),
+    "zeros": ReadmeTable("zeros", _zeros),
+    "notebook-seconds": ReadmeTable("notebook-seconds", _notebook_seconds, profile=False),
+}
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A DataFrame of display strings as a GitHub markdown table (``|`` inside a cell escaped)."""
+    def row(cells) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+    lines = [row(frame.columns), row(["---"] * len(frame.columns))] + [row(r) for r in frame.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def results_rows(folder: Path, table: ReadmeTable, profile: str = DEFAULT_PROFILE) -> pd.DataFrame:
+    """The rows of the results file ``table`` reads, from ``folder``; LabError naming the file if it is missing."""
+    path = folder / (f"{profile}-{table.stem}.json" if table.profile else f"{table.stem}.json")
+    if not path.is_file():
+        raise LabError(f"{path} is missing: run the notebook that writes it (make notebooks), then "
+                       "`python -m labutils readme`")
+    return pd.DataFrame(json.loads(path.read_text())["rows"])
+
+
+def render_readme(text: str, folder: Path, profile: str = DEFAULT_PROFILE) -> str:
+    """``text`` (README.md) with every ``<!-- results: NAME -->`` block regenerated from the results in ``folder``."""
+    def replace(match: re.Match) -> str:
+        name = match["name"]
+        if name not in README_TABLES:
+            raise BadInput(f"README block {name!r} is unknown; allowed: {', '.join(README_TABLES)}")
+        table = README_TABLES[name]
+        return match[1] + markdown_table(table.build(results_rows(folder, table, profile))) + match[4]
+    return BLOCK.sub(replace, text)
+
+
+def update_readme(readme: Path, folder: Path | None = None) -> bool:
+    """Rewrite ``readme``'s generated tables from ``folder`` (default: ``results/`` beside it); True if it changed."""
+    old = readme.read_text()
+    new = render_readme(old, folder or readme.parent / "results")
+    if new != old:
+        readme.write_text(new)
+    return new != old
