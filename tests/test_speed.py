@@ -1,5 +1,4 @@
 """Timing statistics, fair timing loops, prefill / decode on a tiny model, memory counts, the zeros demo."""
-import math
 import random
 
 import numpy as np

@@ -1,6 +1,8 @@
 """Zero-shot evaluation: the local tasks built from the corpus, and running them through stock lm-eval."""
 import collections
+import json
 import random
+import re
 import time
 
 import numpy as np
@@ -11,12 +13,16 @@ import torch
 import labutils as lu
 from labutils.core.data import corpus_split
 from labutils.core.errors import BadInput, LabError
+from labutils.evaluate.zeroshot import lastword as lastword_module
+from labutils.evaluate.zeroshot import nextsentence as nextsentence_module
 from labutils.evaluate.zeroshot import run as zeroshot
 from labutils.evaluate.zeroshot import tasks as zeroshot_tasks
+from labutils.evaluate.zeroshot.sentences import (article_sentences, brackets_balanced, clean_text, is_invisible,
+                                                  is_pronoun_led, split_sentences)
 
 
-def _normalised_texts() -> dict[str, str]:
-    return {a.title: " ".join(a.text.split()) for a in corpus_split("test")}
+def _clean_texts() -> dict[str, str]:
+    return {a.title: clean_text(a.text) for a in corpus_split("test")}
 
 
 def test_split_sentences_keeps_initials_and_abbreviations():
@@ -25,17 +31,73 @@ def test_split_sentences_keeps_initials_and_abbreviations():
         "J. R. R. Tolkien lived in St. Louis.", "The U.S. Army is large!", "\"Yes,\" he said.", "It was c. 1900."]
 
 
+@pytest.mark.parametrize("sentences", [
+    ["She finished 6.", "The race was won by Dr. Smith with 3.5 points."],
+    ["It sells apples, pears, etc.", "The shop is No. 5 on the street."],
+    ["He moved to the U.S.", "In 1990 he joined the U.S. Army."],
+    ["Vitamin C.", "It is found in fruit, e.g. oranges."],
+    ["Works by E. A. Poe (b. 1809) are read.", "Prunus sect. Armeniaca are apricots, plums, etc.",
+     "Since 1900 they grow in the U.S. and Canada."],
+])
+def test_split_sentences_handles_numbers_and_abbreviations(sentences):
+    assert split_sentences(" ".join(sentences)) == sentences
+
+
+def test_clean_text_removes_extraction_artefacts():
+    raw = ("the symbol , representing \u20603/4\u2060 ( CHEL-oh) , bonds\u2060\u200d—\u200dthat \"Urvogel\u200a\" "
+           "is\xa0a  co\u00adop ; days .The form () ends .")
+    assert clean_text(raw) == 'the symbol, representing 3/4 (CHEL-oh), bonds—that "Urvogel" is a coop; days. ' \
+                              'The form ends.'
+    assert all(is_invisible(c) for c in "\u200b\u200c\u200d\u2060\ufeff\u00ad\xa0\u2009\n\t")
+    assert not any(is_invisible(c) for c in " aé—’")
+
+
 def test_generators_are_deterministic_and_match_committed_files():
     files = zeroshot_tasks.task_files()
     assert files == zeroshot_tasks.task_files()
     on_disk = {p.name: p.read_text(encoding="utf-8") for p in zeroshot_tasks.TASKS_DIR.iterdir() if p.is_file()}
     assert on_disk == files, "labutils/evaluate/zeroshot/lm_tasks is stale: run lu.write_tasks()"
     assert sum(len(text.encode()) for text in files.values()) < 400_000
+    text = "".join(files[name] for name in ("wiki_lastword.jsonl", "wiki_nextsentence.jsonl"))
+    items = [json.loads(line) for line in text.splitlines()]
+    strings = [s for item in items for s in (item["context"], item.get("target", ""), *item.get("choices", ()))]
+    bad = [s for s in strings if any(map(is_invisible, s)) or re.search(r" [,.;:)]|\( |  ", s)]
+    assert not bad, bad[:3]
 
 
-def test_lastword_items_are_passages_ending_in_their_target():
+def test_task_stats_are_the_docstrings_counts():
+    stats = zeroshot_tasks.task_stats()
+    doc = zeroshot_tasks.__doc__
+    for task, counts in stats.items():
+        section = doc[doc.index(f"- {task} candidates:"):].split("\n\n")[0]  # the task's list of counts
+        listed = dict(line[2:].rsplit(": ", 1) for line in section.splitlines())
+        assert listed == {f"{task} candidates" if k == "candidates" else k: f"{n:,}" for k, n in counts.items()}
+    lastword = stats["wiki_lastword"]
+    assert lastword["candidates"] == sum(v for k, v in lastword.items() if k != "candidates")
+    nextsentence = stats["wiki_nextsentence"]
+    assert nextsentence["candidates"] == sum(nextsentence[k] for k in (*nextsentence_module.DROP_REASONS, "kept"))
+
+
+@pytest.mark.parametrize("context, final, reason", [
+    ("The battle was fought in", "1066.", "number"),
+    ("The city lies at an altitude of 400", "m.", "not a word"),
+    ("The house was built in the style it is known", "for.", "function word"),
+    ("The vanilla orchid (V.", "planifolia).", "inside brackets or quotes"),
+    ('A judo practitioner is called a "judoka', 'uniform".', "inside brackets or quotes"),
+    ("The subgenus of the raspberry is called", "Idaeobatus.", "rare proper noun"),
+    ("Newton described the force of", "gravitation.", "no earlier support"),
+    ("Gravity is a force. Newton described the law of", "gravitation.", None),
+    ("The Idaeobatus are raspberries. Many species belong to", "Idaeobatus.", None),
+    ("The river flows into the", "sea.", None),  # a common word needs no support
+    ("The Lakers are a team in the United", "States.", None),
+])
+def test_lastword_drop_reasons(context, final, reason):
+    assert lastword_module.lastword_drop_reason(context, final) == reason
+
+
+def test_lastword_items_are_predictable_passages_ending_in_their_target():
     items = zeroshot_tasks.lastword_items()
-    texts = _normalised_texts()
+    texts = _clean_texts()
     assert [item["id"] for item in items] == list(range(300))
     assert len({item["title"] for item in items}) == 300 and len({item["context"] for item in items}) == 300
     for item in items:
@@ -44,37 +106,73 @@ def test_lastword_items_are_passages_ending_in_their_target():
         words = len(context.split())
         assert zeroshot_tasks.MIN_SENTENCE_WORDS - 1 <= words <= zeroshot_tasks.LASTWORD_MAX_CONTEXT_WORDS
         assert target.isalpha() and len(target) >= 3 and target.lower() not in zeroshot_tasks.STOPWORDS
-        assert context == context.strip() and context.split()[-1] != target
-        # The passage is whole sentences of its article, and the target is its final word.
+        assert brackets_balanced(context) and lastword_module.is_supported(target, context), item
+        # The passage is whole sentences of its cleaned article, and the target is its final word.
         text = texts[item["title"]]
         start = text.index(context + " " + target)
         after = text[start + len(context) + 1 + len(target):]
-        assert after[:1] in {".", "!", "?", "\"", "”", ")"}, (item, after[:20])
+        assert after[:1] in {".", "!", "?"} and after[1:2] in {"", " "}, (item, after[:20])
         assert start == 0 or text[:start].rstrip()[-1] in ".!?\"”)", item
 
 
-def test_nextsentence_items_have_one_true_next_sentence_and_foreign_distractors():
+def test_next_sentence_context_keeps_the_referent_of_a_leading_pronoun():
+    sentences = ("Ada Lovelace was a mathematician.", "She wrote the first program.", "It ran on no machine.",
+                 "Babbage designed the machine.", "His engine was never built.")
+    assert [nextsentence_module.context_start(sentences, answer) for answer in range(1, 5)] == [0, 0, -1, 3]
+    assert nextsentence_module.next_drop_reason(sentences, 3) == "pronoun-led without its referent"
+    assert nextsentence_module.next_drop_reason(sentences, 2) is None
+    assert nextsentence_module.next_drop_reason(("A b c d " * 12 + ".", "The end is near now."), 1) == \
+        "context too long"
+
+
+def _sentence_sources() -> dict[str, list[int]]:
+    """Sentence → indices (in the test split's order) of the articles it is a sentence of."""
+    sources = collections.defaultdict(list)
+    for index, article in enumerate(corpus_split("test")):
+        for sentence in article_sentences(article.text):
+            sources[sentence].append(index)
+    return sources
+
+
+def test_nextsentence_items_have_one_true_next_sentence_and_unused_distractors():
     items = zeroshot_tasks.nextsentence_items()
-    texts = _normalised_texts()
+    articles = corpus_split("test")
+    position = {article.title: i for i, article in enumerate(articles)}
+    sources, near = _sentence_sources(), nextsentence_module.neighbours()
     assert [item["id"] for item in items] == list(range(300))
     assert len({item["context"] for item in items}) == 300
+    answers = {item["choices"][item["label"]] for item in items}
+    choices = [c for item in items for c in item["choices"]]
+    assert len(answers) == 300 and len(set(choices)) == len(choices) == 1200  # no choice serves two items
+    same_article = 0
     for item in items:
         assert set(item) == {"id", "title", "context", "choices", "label"}
-        choices, label = item["choices"], item["label"]
+        context, choices, label = item["context"], item["choices"], item["label"]
         assert len(choices) == 4 and len(set(choices)) == 4 and label in range(4)
-        assert len(item["context"].split()) <= zeroshot_tasks.NEXT_MAX_CONTEXT_WORDS
-        assert all(5 <= len(c.split()) <= zeroshot_tasks.NEXT_MAX_CHOICE_WORDS for c in choices)
-        own = texts[item["title"]]
-        follows = [i for i, c in enumerate(choices) if item["context"] + " " + c in own]
-        assert follows == [label], item
-        sources = set()
+        assert len(context.split()) <= zeroshot_tasks.NEXT_MAX_CONTEXT_WORDS and brackets_balanced(context)
+        assert all(5 <= len(c.split()) <= zeroshot_tasks.NEXT_MAX_CHOICE_WORDS and brackets_balanced(c)
+                   for c in choices)
+        own_index = position[item["title"]]
+        own = article_sentences(articles[own_index].text)
+        first = own.index(split_sentences(context)[0])
+        answer = first + len(split_sentences(context))
+        assert " ".join(own[first:answer]) == context and own[answer] == choices[label], item
+        assert not is_pronoun_led(own[first]), context  # a leading pronoun comes with its referent
+        assert len(split_sentences(context)) == 1 or is_pronoun_led(own[first + 1])
+        origins = set()
         for i, choice in enumerate(choices):
-            if i != label:
-                assert choice not in own
-                found = [title for title, text in texts.items() if choice in text]
-                assert found and item["title"] not in found
-                sources.add(found[0])
-        assert len(sources) == 3
+            if i == label:
+                continue
+            assert choice not in answers, choice
+            found = sources[choice]
+            if own_index in found:  # from the same article: not its first sentence, not next to the context
+                assert own.index(choice) not in {0, *range(first - 1, answer + 2)}, (item, choice)
+                origins.add(own_index)
+            else:
+                origins.add(next(j for j in found if j in near[own_index]))
+        same_article += own_index in origins
+        assert len(origins) == 3, item  # three different articles
+    assert same_article >= 20, same_article  # leads are short: most articles have no sentence to spare
     # Neither the answer's position nor its length gives it away.
     positions = collections.Counter(item["label"] for item in items)
     assert min(positions.values()) >= 50, positions

@@ -2,61 +2,73 @@
 
 The paper's seven zero-shot tasks (BoolQ, RTE, HellaSwag, …) download from the Hugging Face Hub. The default
 profile runs offline, so it gets two tasks in the same spirit, made from Wikipedia leads the model never saw
-during calibration:
+during calibration, cleaned of extraction artefacts and split into sentences by ``zeroshot.sentences``:
 
-- ``wiki_lastword`` (like LAMBADA): a passage of whole sentences; predict its final word. A hit means the
-  greedy continuation is exactly that word (lm-eval ``loglikelihood``, metric ``acc``).
-- ``wiki_nextsentence`` (like HellaSwag): a sentence, then four candidate next sentences: the true one and
-  three of similar length from other articles (lm-eval ``multiple_choice``, metrics ``acc`` and ``acc_norm``).
+- ``wiki_lastword`` (like LAMBADA, built by ``zeroshot.lastword``): a passage of whole sentences (≤ 41 words);
+  predict its final word. A hit means the greedy continuation is exactly that word (lm-eval ``loglikelihood``,
+  metric ``acc``).
+- ``wiki_nextsentence`` (like HellaSwag, built by ``zeroshot.nextsentence``): a context of one sentence, or of
+  two where the second opens with a pronoun and needs the first, then four candidate next sentences (lm-eval
+  ``multiple_choice``, metrics ``acc`` and ``acc_norm``).
 
-``write_tasks`` writes the lm-eval task folder: one YAML and one JSONL file per task, and a tiny loader module
-that the YAMLs name through lm-eval's ``custom_dataset: !function``. The loader finds each JSONL file next to
-itself, so the folder works from any working directory and offline. The copy in ``TASKS_DIR`` is committed;
-a test checks it equals a fresh ``write_tasks``.
+Last-word targets must be predictable from the passage. A candidate is a passage ending at any sentence end of
+a test article; the first rule that applies drops it when its final word is a number; not a plain word of ≥ 3
+letters ("km²", "well-known"); a function word; inside brackets or quotes (the context would end with a mark
+left open, as "… (V." before "planifolia)." did: such items are dropped, never cut); or unsupported: no word of
+the passage shares its stem (same word, one a prefix of the other, or ≥ 6 letters in common: gravity /
+gravitation) and it is not a common word (in ≥ 1 % of the calibration split's articles, so "river", not
+"rainfall"). Unsupported capitalised words are counted as rare proper nouns. Counts (``task_stats()``):
+
+- wiki_lastword candidates: 3,399
+- number: 162
+- not a word: 140
+- function word: 35
+- inside brackets or quotes: 49
+- rare proper noun: 357
+- no earlier support: 1,294
+- kept: 1,362
+
+Next-sentence candidates are adjacent sentences whose first has ≥ 5 words and whose second (the answer) has
+5–25. Dropped: a pronoun-led context whose previous sentence is missing or pronoun-led too, a context over 30
+words, an unclosed bracket or quote in context or answer; then, per article, an item whose distractors ran out.
+Distractors: one sentence of the same article that neither opens it nor touches the context or the answer,
+where there is one, the others from different articles among the 30 closest in topic (TF-IDF cosine over the
+test articles); each within the tightest length window around the answer (± 15, 30 or 60 % of its characters)
+that works, so length gives little away. No sentence is a choice twice: a distractor is never any article's
+answer nor another item's distractor. Counts (pairs; the last line counts articles, until ``N_ITEMS`` items):
+
+- wiki_nextsentence candidates: 1,808
+- pronoun-led without its referent: 56
+- context too long: 423
+- unclosed bracket or quote: 2
+- kept: 1,327
+- no distractors left: 21
+
+Each article gives at most one item per task, drawn from its kept candidates with a seed; the first
+``N_ITEMS`` articles of the split's fixed order that have one make the task. ``write_tasks`` writes the lm-eval
+task folder: one YAML and one JSONL file per task, and a loader module that the YAMLs name through lm-eval's
+``custom_dataset: !function``. The loader finds each JSONL file next to itself, so the folder works from any
+working directory and offline. The copy in ``TASKS_DIR`` is committed; a test checks it equals a fresh
+``write_tasks`` and that the counts above are ``task_stats()``'s.
 """
 from __future__ import annotations
 
-import itertools
 import json
-import random
-import re
 from pathlib import Path
 
-from ...core.data import Article, corpus_split
 from ...core.errors import BadInput
 from ...core.validation import check_positive_int
+from .lastword import LASTWORD_MAX_CONTEXT_WORDS, lastword_candidates
+from .nextsentence import N_CHOICES, NEXT_MAX_CHOICE_WORDS, NEXT_MAX_CONTEXT_WORDS, nextsentence_candidates
+from .sentences import MIN_SENTENCE_WORDS, STOPWORDS, split_sentences
+
+__all__ = ["TASKS_DIR", "N_ITEMS", "SEED", "LASTWORD_MAX_CONTEXT_WORDS", "NEXT_MAX_CONTEXT_WORDS",
+           "NEXT_MAX_CHOICE_WORDS", "MIN_SENTENCE_WORDS", "N_CHOICES", "STOPWORDS", "split_sentences",
+           "lastword_items", "nextsentence_items", "task_stats", "task_files", "write_tasks"]
 
 TASKS_DIR = Path(__file__).resolve().parent / "lm_tasks"
 N_ITEMS = 300
 SEED = 0
-LASTWORD_MAX_CONTEXT_WORDS = 40
-NEXT_MAX_CONTEXT_WORDS = 30
-NEXT_MAX_CHOICE_WORDS = 25
-MIN_SENTENCE_WORDS = 5
-N_CHOICES = 4
-LENGTH_TOLERANCES = (0.15, 0.3, 0.6)  # relative character-length windows tried for distractors, in turn
-
-# Final words a model could guess without reading the passage.
-STOPWORDS = frozenset((
-    "a", "about", "above", "after", "again", "against", "all", "also", "am", "an", "and", "any", "are", "as",
-    "at", "be", "because", "been", "before", "being", "below", "between", "both", "but", "by", "can", "could",
-    "did", "do", "does", "doing", "down", "during", "each", "etc", "few", "for", "from", "further", "had", "has",
-    "have", "having", "he", "her", "here", "hers", "herself", "him", "himself", "his", "how", "however", "i",
-    "if", "in", "into", "is", "it", "its", "itself", "just", "more", "most", "my", "myself", "no", "nor", "not",
-    "now", "of", "off", "on", "once", "one", "only", "or", "other", "our", "ours", "ourselves", "out", "over",
-    "own", "same", "she", "should", "so", "some", "such", "than", "that", "the", "their", "theirs", "them",
-    "themselves", "then", "there", "these", "they", "this", "those", "through", "thus", "to", "too", "two",
-    "under", "until", "up", "upon", "us", "very", "was", "we", "were", "what", "when", "where", "which", "while",
-    "who", "whom", "why", "will", "with", "within", "without", "would", "you", "your", "yours",
-))
-
-# Words that end in a full stop without ending a sentence.
-_ABBREVIATIONS = frozenset((
-    "mr", "mrs", "ms", "dr", "prof", "st", "mt", "ft", "jr", "sr", "vs", "etc", "c", "ca", "no", "nos", "fig",
-    "gen", "col", "lt", "sgt", "capt", "rev", "hon", "inc", "ltd", "co", "corp", "bros", "approx",
-))
-_SENTENCE_END = re.compile(r"[.!?][\"'”’)\]]*\s+(?=[\"“(]?[A-Z])")
-_TRAILING_PUNCT = ".,;:!?\"'”’)]"
 
 _LOADER = '''"""Loads a task's JSONL file from this folder for lm-eval's ``custom_dataset`` (written by
 labutils.evaluate.zeroshot.tasks.write_tasks; edit that, not this file)."""
@@ -86,7 +98,7 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 metadata:
-  version: 1.0
+  version: 2.0
 """
 
 _NEXTSENTENCE_YAML = """# Written by labutils.evaluate.zeroshot.tasks.write_tasks; regenerate rather than edit.
@@ -107,142 +119,49 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 metadata:
-  version: 1.0
+  version: 2.0
 """
-
-
-def split_sentences(text: str) -> list[str]:
-    """The sentences of ``text``: a break after . ! or ? followed by a capital, unless the word before the stop
-    is an initial ("J.") or a common abbreviation ("St.", "U.S.")."""
-    text = " ".join(text.split())  # a few leads hold line breaks
-    sentences, start = [], 0
-    for match in _SENTENCE_END.finditer(text):
-        before = text[start : match.start()].split()
-        bare = before[-1].lstrip("\"'“(").lower() if before else ""
-        if len(bare) <= 1 or bare in _ABBREVIATIONS or "." in bare:
-            continue
-        sentences.append(text[start : match.end()].strip())
-        start = match.end()
-    sentences.append(text[start:].strip())
-    return [s for s in sentences if s]
-
-
-def _final_word(sentence: str) -> str | None:
-    """The sentence's last word without trailing punctuation, if it is a good target (alphabetic, ≥ 3 letters,
-    not a stopword); otherwise None."""
-    word = sentence.split()[-1].rstrip(_TRAILING_PUNCT)
-    if len(word) >= 3 and word.isalpha() and word.lower() not in STOPWORDS:
-        return word
-    return None
-
-
-def _n_words(text: str) -> int:
-    return len(text.split())
-
-
-def _lastword_item(article: Article, rng: random.Random) -> dict | None:
-    """One passage of whole sentences ending in a good target word, or None if the article has none."""
-    sentences = split_sentences(article.text)
-    candidates = []
-    for end, sentence in enumerate(sentences):
-        if _n_words(sentence) < MIN_SENTENCE_WORDS or _final_word(sentence) is None:
-            continue
-        start = end
-        while start > 0 and sum(map(_n_words, sentences[start - 1 : end + 1])) <= LASTWORD_MAX_CONTEXT_WORDS + 1:
-            start -= 1  # as much preceding context as fits: the passage, not the sentence, carries the clue
-        passage = " ".join(sentences[start : end + 1])
-        if _n_words(passage) <= LASTWORD_MAX_CONTEXT_WORDS + 1:
-            candidates.append(passage)
-    if not candidates:
-        return None
-    passage = rng.choice(candidates)
-    target = _final_word(passage)
-    context = passage[: passage.rstrip().rindex(" ")]
-    return {"title": article.title, "context": context, "target": target}
-
-
-def lastword_items(n_items: int = N_ITEMS, seed: int = SEED) -> list[dict]:
-    """``n_items`` LAMBADA-style items, at most one per test article, in the split's fixed order.
-
-    Each item: {"id", "title", "context", "target"}; ``context + " " + target`` is a passage of the article
-    (≤ 40 + 1 words) with its final punctuation dropped; the model must continue ``context`` with ``" " + target``.
-    """
-    check_positive_int("n_items", n_items)
-    candidates = (_lastword_item(article, random.Random(f"wiki_lastword:{seed}:{article.title}"))
-                  for article in corpus_split("test"))
-    return _first_items(candidates, n_items, "wiki_lastword")
 
 
 def _first_items(candidates, n_items: int, task: str) -> list[dict]:
     """The first ``n_items`` candidates (None = the article gave no item) whose context is new, numbered by
-    "id"; BadInput if the test split yields fewer."""
+    "id" (copies: the candidates are cached); BadInput if the test split yields fewer."""
+    check_positive_int("n_items", n_items)
     items, contexts = [], set()
     for item in candidates:
         if item is None or item["context"] in contexts:
             continue
         contexts.add(item["context"])
-        items.append({"id": len(items), **item})
+        items.append({"id": len(items), **{k: list(v) if isinstance(v, tuple) else v for k, v in item.items()}})
         if len(items) == n_items:
             return items
     raise BadInput(f"n_items={n_items} is more than the test split yields; allowed: 1..{len(items)} {task} items")
 
 
-def _distractor_pool(articles: tuple[Article, ...]) -> list[tuple[str, str]]:
-    """(title, sentence) for every usable non-first sentence: first sentences ("X is a …") would stand out,
-    because the true next sentence is never a first sentence."""
-    pool = []
-    for article in articles:
-        for sentence in split_sentences(article.text)[1:]:
-            if MIN_SENTENCE_WORDS <= _n_words(sentence) <= NEXT_MAX_CHOICE_WORDS:
-                pool.append((article.title, sentence))
-    return pool
+def lastword_items(n_items: int = N_ITEMS, seed: int = SEED) -> list[dict]:
+    """``n_items`` LAMBADA-style items, at most one per test article, in the split's fixed order.
 
-
-def _distractors(true: str, title: str, pool: list[tuple[str, str]], rng: random.Random) -> list[str] | None:
-    """Three sentences from three other articles, each within a tolerance of the true sentence's length."""
-    for tolerance in LENGTH_TOLERANCES:
-        close = [(t, s) for t, s in pool
-                 if t != title and s != true and abs(len(s) - len(true)) <= tolerance * len(true)]
-        rng.shuffle(close)
-        chosen: dict[str, str] = {}  # title -> sentence, so each distractor has its own article
-        for other_title, sentence in close:
-            if other_title not in chosen and sentence not in chosen.values():
-                chosen[other_title] = sentence
-            if len(chosen) == N_CHOICES - 1:
-                return list(chosen.values())
-    return None
+    Each item: {"id", "title", "context", "target"}; ``context + " " + target`` is a passage of the cleaned
+    article (≤ 41 words) without its final punctuation; the model must continue ``context`` with ``" " + target``.
+    """
+    return _first_items(lastword_candidates(seed)[0], n_items, "wiki_lastword")
 
 
 def nextsentence_items(n_items: int = N_ITEMS, seed: int = SEED) -> list[dict]:
     """``n_items`` four-way next-sentence items, at most one per test article, in the split's fixed order.
 
     Each item: {"id", "title", "context", "choices" (4 sentences), "label" (index of the true next sentence)}.
-    The context has ≤ 30 words, every choice 5–25 words; distractors come from other test articles.
+    The context has ≤ 30 words, every choice 5–25 words.
     """
+    return _first_items(nextsentence_candidates(n_items, seed)[0], n_items, "wiki_nextsentence")
+
+
+def task_stats(n_items: int = N_ITEMS, seed: int = SEED) -> dict[str, dict[str, int]]:
+    """Per task, how many candidates the test split has, how many each filter drops and how many it keeps; for
+    the next-sentence task also the articles whose distractors ran out before ``n_items`` items were made."""
     check_positive_int("n_items", n_items)
-    articles = corpus_split("test")
-    pool = _distractor_pool(articles)
-    candidates = (_nextsentence_item(article, pool, random.Random(f"wiki_nextsentence:{seed}:{article.title}"))
-                  for article in articles)
-    return _first_items(candidates, n_items, "wiki_nextsentence")
-
-
-def _nextsentence_item(article: Article, pool: list[tuple[str, str]], rng: random.Random) -> dict | None:
-    """A sentence of the article, its true next sentence and three distractors in a random order; None if the
-    article has no usable pair of sentences or no distractors fit."""
-    sentences = split_sentences(article.text)
-    pairs = [(a, b) for a, b in itertools.pairwise(sentences)
-             if MIN_SENTENCE_WORDS <= _n_words(a) <= NEXT_MAX_CONTEXT_WORDS
-             and MIN_SENTENCE_WORDS <= _n_words(b) <= NEXT_MAX_CHOICE_WORDS]
-    if not pairs:
-        return None
-    context, true = rng.choice(pairs)
-    distractors = _distractors(true, article.title, pool, rng)
-    if distractors is None:
-        return None
-    label = rng.randrange(N_CHOICES)
-    choices = distractors[:label] + [true] + distractors[label:]
-    return {"title": article.title, "context": context, "choices": choices, "label": label}
+    return {"wiki_lastword": lastword_candidates(seed)[1],
+            "wiki_nextsentence": nextsentence_candidates(n_items, seed)[1]}
 
 
 def _jsonl(items: list[dict]) -> str:
@@ -264,7 +183,7 @@ def write_tasks(folder: str | Path = TASKS_DIR, n_items: int = N_ITEMS, seed: in
     """Write the task folder (YAMLs, JSONL data, loader) into ``folder``; returns the paths written.
 
     Pass the folder to ``lm_eval.tasks.TaskManager(include_path=folder)``. Regenerate the committed copy with
-    ``python -c "import labutils.evaluate.zeroshot.tasks as z; z.write_tasks()"``.
+    ``python -c "import labutils as lu; lu.write_tasks()"``.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
