@@ -1,12 +1,43 @@
-# The lab's three commands: `make setup`, `python -m labutils prune`, `make test`.
+# The lab's commands: `make lab` (JupyterLab, the notebooks 01 → 04), `make run` (the main job), `make test` (every
+# test). Each sets up first; `make setup` alone also works, and so do the README's `python -m labutils prune`.
 PYTHON ?= python
 # Installed only when no torch is importable; a GPU user's own CUDA build is kept. Override: make setup TORCH=…
 TORCH ?= torch==2.13.0
 NOTEBOOKS := 01-Setup.ipynb 02-Prune.ipynb 03-Inference.ipynb 04-Benchmark.ipynb
+# Extra arguments for `make lab`, e.g. LAB_ARGS="--no-browser --port 8899".
+LAB_ARGS ?=
 
-.PHONY: setup test test-unit notebooks
+# `make setup` is idempotent and takes about a second once done: after a full run it writes .setup.stamp (ignored by
+# git) with a key of what it installed from (requirements.txt, pyproject.toml, this Makefile, the interpreter, TORCH).
+# While the key matches and labutils still imports from this folder, the pip steps and `labutils prepare` are skipped
+# (the model cache is still checked on every load; `python -m labutils prepare` re-hashes it fully).
+# `make setup FORCE=1` redoes everything.
+STAMP := .setup.stamp
+SETUP_KEY_PY = import hashlib, sys; \
+  files = b''.join(open(f, 'rb').read() for f in ('requirements.txt', 'pyproject.toml', 'Makefile')); \
+  print(hashlib.sha256(files).hexdigest()[:16], sys.executable, sys.argv[1])
+# Still true after setup: this folder is the editable install of labutils (its wanda_lab.egg-info, seen through the
+# current directory on sys.path, is left out), and torch, JupyterLab and Playwright import.
+SETUP_OK_PY = import importlib.metadata as m, importlib.util as u, json, pathlib, sys; sys.path.remove(''); \
+  url = json.loads(m.distribution('wanda-lab').read_text('direct_url.json') or '{}').get('url'); \
+  sys.exit(url != pathlib.Path.cwd().resolve().as_uri() \
+           or not all(u.find_spec(p) for p in ('torch', 'jupyterlab', 'playwright')))
+
+.PHONY: setup setup-packages chromium run lab test test-unit notebooks
 
 setup:
+	@key="$$($(PYTHON) -c "$(SETUP_KEY_PY)" '$(TORCH)')" || exit 1; \
+	if [ -z "$(FORCE)" ] && [ "$$(cat $(STAMP) 2>/dev/null)" = "$$key" ] \
+	   && $(PYTHON) -c "$(SETUP_OK_PY)" 2>/dev/null; then \
+	  echo "setup: already done for these requirements and $$($(PYTHON) -c 'import sys; print(sys.executable)')" \
+	       "($(STAMP); make setup FORCE=1 redoes it)"; \
+	else \
+	  rm -f $(STAMP) && $(MAKE) --no-print-directory setup-packages && echo "$$key" > $(STAMP); \
+	fi
+	@$(MAKE) --no-print-directory chromium
+
+# The full install, in order (README "Setup"); `make setup` runs it when needed.
+setup-packages:
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
 	  echo "keeping the installed torch $$($(PYTHON) -c 'import torch; print(torch.__version__)')"; \
 	else \
@@ -17,8 +48,35 @@ setup:
 	$(PYTHON) -m pip install --no-deps -e .
 	$(PYTHON) -m labutils prepare
 
-test:
-	$(PYTHON) -m pytest tests --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
+# Debian's Chromium, for the browser test (tests/test_browser.py; Playwright drives it, nothing is downloaded).
+# Installed only where that is possible: as root with apt-get (CI, a container). Elsewhere nothing is installed and
+# the test skips, saying why; `sudo apt-get install chromium`, or LAB_CHROMIUM=/path/to/chromium, enables it.
+chromium:
+	@if [ -n "$$LAB_CHROMIUM" ] || command -v chromium >/dev/null 2>&1 \
+	   || command -v chromium-browser >/dev/null 2>&1; then \
+	  :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's chromium for the browser test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium \
+	    || echo "WARNING: apt-get could not install chromium: tests/test_browser.py will fail as root"; \
+	else \
+	  echo "no Chromium: tests/test_browser.py will be skipped (sudo apt-get install chromium enables it)"; \
+	fi
+
+# The main job: Wanda 50 % on the default model, dense vs pruned perplexity (README "The main job").
+run: setup
+	$(PYTHON) -m labutils prune
+
+# The lab itself: JupyterLab in this folder; open the notebooks in order, 01-Setup first. As root (a container)
+# JupyterLab refuses to start without --allow-root, so it is added there.
+lab: setup
+	$(PYTHON) -m jupyterlab $$([ "$$(id -u)" = 0 ] && echo --allow-root) $(LAB_ARGS)
+
+# Every test: unit tests, the browser test (JupyterLab in Chromium) and strict nbval on the four notebooks.
+# LAB_RESULTS: the notebooks' result tables go to outputs/ here, so the committed results/ (the README's numbers,
+# written by `make notebooks`) stay as committed.
+test: setup
+	LAB_RESULTS=outputs/test-results $(PYTHON) -m pytest tests --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
 	  --nbval-cell-timeout 600 $(NOTEBOOKS)
 
 # The fast loop while changing labutils: unit tests without the notebooks and without real-model loads (< 1 min).
