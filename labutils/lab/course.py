@@ -1,0 +1,193 @@
+"""The notebooks as the course tools read them: tagged cells, exercises, and the student copies
+(``python -m labutils student``).
+
+Cell tags (a cell's ``metadata.tags``, shown in JupyterLab's property inspector) say what a cell is, so no tool
+guesses:
+
+- ``exercise:<id>`` — the code cell the student writes; ``<id>`` is ``<notebook number>.<exercise number>``, e.g.
+  ``02.1``. The reference solution sits between ``### BEGIN SOLUTION`` and ``### END SOLUTION`` lines (nbgrader's
+  markers); what is outside them (a ``def`` line and its docstring, set-up code) stays in the student copy, so the
+  cell still defines its names. The cell's ``metadata.task`` is one line saying what to write.
+- ``check:<id>`` — a check cell scoring exercise ``<id>``, after it: ``lu.check_…(…, points=N)`` calls. The exercise
+  is worth the sum of those ``points=`` numbers, read from the source, so a tool knows the maximum without running
+  anything.
+- ``instructor`` — for instructors only (the answer key of the open and predict questions): left out of student
+  copies and of graded runs.
+
+Open questions have no code cell and no tag: a markdown cell asks, an ``instructor`` cell answers.
+
+A student copy (``student_copy``) is the master with outputs and execution counts cleared, execution timings and
+widget state dropped, every solution region replaced by ``raise NotImplementedError("Exercise <id>: <task>")`` at
+the region's indentation, and the instructor cells removed. Everything else, cell ids included, is kept, so two
+runs write byte-identical files, and every cell outside the exercises runs as in the master.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbformat
+
+from ..core.errors import BadInput
+
+NOTEBOOKS = ("01-Setup.ipynb", "02-Prune.ipynb", "03-Inference.ipynb", "04-Benchmark.ipynb")
+BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
+INSTRUCTOR = "instructor"
+EXERCISE_ID = re.compile(r"\d\d\.\d+")
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """One scored exercise of a notebook: its cell, its check cells (indices into ``nb.cells``) and its worth."""
+
+    id: str
+    task: str
+    cell: int
+    checks: tuple[int, ...]
+    max_points: int
+
+
+def tagged(cell, kind: str) -> str | None:
+    """The ``<id>`` of a cell's ``<kind>:<id>`` tag (kind: ``exercise`` or ``check``), or None."""
+    ids = [tag.split(":", 1)[1] for tag in cell.get("metadata", {}).get("tags", []) if tag.startswith(f"{kind}:")]
+    return ids[0] if ids else None
+
+
+def is_instructor(cell) -> bool:
+    return INSTRUCTOR in cell.get("metadata", {}).get("tags", [])
+
+
+def read_notebook(path: str | Path, what: str = "notebook"):
+    """An nbformat 4 notebook from ``path``; BadInput (saying which file) when it is missing or not a notebook."""
+    try:
+        return nbformat.read(str(path), as_version=4)
+    except FileNotFoundError:
+        raise BadInput(f"{what} {path} does not exist") from None
+    except Exception as exc:  # nbformat raises JSON, validation and version errors of several types
+        raise BadInput(f"{what} {path} is not a readable notebook: {str(exc).splitlines()[0]}") from None
+
+
+def is_check_call(node: ast.AST) -> bool:
+    """A call of ``<something>.check_…(…)``, such as ``lu.check_wanda_score(my_wanda_score, points=3)``."""
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr.startswith("check_")
+
+
+def check_points(source: str, where: str) -> int:
+    """The sum of the ``points=`` numbers of a check cell's ``….check_…(…)`` calls, each a statement of its own (so
+    the grader can keep what each returns)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as exc:
+        raise BadInput(f"{where}: the check cell is not valid Python ({exc.msg}, line {exc.lineno})") from None
+    calls = [node for node in ast.walk(tree) if is_check_call(node)]
+    statements = [node.value for node in tree.body if isinstance(node, ast.Expr) and is_check_call(node.value)]
+    points = [kw.value.value for call in statements for kw in call.keywords
+              if kw.arg == "points" and isinstance(kw.value, ast.Constant) and type(kw.value.value) is int]
+    if not calls or len(points) != len(calls):
+        raise BadInput(f"{where}: a check cell needs lu.check_…(…, points=<whole number>) calls, each a statement of "
+                       f"its own; found {len(calls)} calls, {len(points)} of them like that")
+    return sum(points)
+
+
+def solution_regions(source: str, where: str) -> list[tuple[int, int]]:
+    """(BEGIN line, END line) index pairs of a cell's solution regions, checked to be well nested."""
+    lines, regions, begin = source.split("\n"), [], None
+    for i, line in enumerate(lines):
+        marker = line.strip()
+        if marker == BEGIN and begin is None:
+            begin = i
+        elif marker == END and begin is not None:
+            regions.append((begin, i))
+            begin = None
+        elif marker in (BEGIN, END):
+            other = END if begin is None else BEGIN
+            raise BadInput(f"{where}: {marker!r} on line {i + 1} does not pair with a {other!r}")
+    if begin is not None:
+        raise BadInput(f"{where}: {BEGIN!r} on line {begin + 1} has no {END!r}")
+    return regions
+
+
+def exercises(nb, name: str) -> dict[str, Exercise]:
+    """The scored exercises of a master notebook, by id, validated: each has one code cell with a task and a
+    solution region, and one or more check cells after it; solution markers appear nowhere else."""
+    cells, checks = {}, {}
+    for index, cell in enumerate(nb.cells):
+        where = f"{name} cell {index} (id {cell.get('id')})"
+        exercise, check = tagged(cell, "exercise"), tagged(cell, "check")
+        regions = solution_regions(cell.source, where)
+        if exercise is not None:
+            if cell.cell_type != "code" or not regions or not cell.metadata.get("task"):
+                raise BadInput(f"{where}: an exercise cell must be a code cell with a solution region and a task")
+            if exercise in cells or not EXERCISE_ID.fullmatch(exercise):
+                raise BadInput(f"{where}: exercise id {exercise!r} is repeated or not like 02.1")
+            cells[exercise] = index
+        elif regions:
+            raise BadInput(f"{where}: solution markers outside an exercise cell (tag it exercise:<id>)")
+        if check is not None:
+            if check not in cells:
+                raise BadInput(f"{where}: check:{check} comes before (or without) its exercise cell")
+            checks.setdefault(check, []).append((index, check_points(cell.source, where)))
+    missing = sorted(set(cells) - set(checks))
+    if missing:
+        raise BadInput(f"{name}: exercises {missing} have no check cell")
+    return {ex: Exercise(ex, nb.cells[index].metadata["task"], index, tuple(i for i, _ in checks[ex]),
+                         sum(p for _, p in checks[ex])) for ex, index in cells.items()}
+
+
+def stub_source(source: str, exercise: str, task: str) -> str:
+    """The cell with each solution region replaced by ``raise NotImplementedError(…)`` at the region's indentation."""
+    lines, out, skipping = source.split("\n"), [], False
+    message = f"Exercise {exercise}: {task}"
+    for line in lines:
+        marker = line.strip()
+        if marker == BEGIN:
+            indent = line[:len(line) - len(line.lstrip())]
+            out.append(f"{indent}raise NotImplementedError({message!r})")
+            skipping = True
+        elif marker == END:
+            skipping = False
+        elif not skipping:
+            out.append(line)
+    return "\n".join(out)
+
+
+def student_copy(nb, name: str):
+    """A student's copy of a master notebook (see the module docstring); the master is left unchanged."""
+    found = exercises(nb, name)
+    copy = nbformat.from_dict(nb)
+    copy.metadata.pop("widgets", None)
+    copy.cells = [cell for cell in copy.cells if not is_instructor(cell)]
+    for cell in copy.cells:
+        cell.metadata.pop("execution", None)
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+        exercise = tagged(cell, "exercise")
+        if exercise is not None:
+            cell.source = stub_source(cell.source, exercise, found[exercise].task)
+    nbformat.validate(copy)
+    return copy
+
+
+def master_paths(folder: str | Path) -> list[Path]:
+    """The four master notebooks in ``folder`` (the lab's root); BadInput naming the first one missing."""
+    paths = [Path(folder) / name for name in NOTEBOOKS]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise BadInput(f"master notebook {missing[0]} not found: run from the lab's folder or pass --masters")
+    return paths
+
+
+def write_student_copies(masters: list[Path], out: str | Path) -> list[Path]:
+    """Write a student copy of each master into ``out`` (created if missing), under the master's file name.
+
+    Every copy is built before the first is written, so a bad master writes nothing."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out} exists and is not a folder")
+    copies = {path.name: student_copy(read_notebook(path, "master notebook"), path.name) for path in masters}
+    out.mkdir(parents=True, exist_ok=True)
+    for name, copy in copies.items():
+        nbformat.write(copy, str(out / name))
+    return [out / name for name in copies]
