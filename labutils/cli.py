@@ -1,19 +1,25 @@
-"""Command line: ``python -m labutils prune …`` (the main job), ``prepare`` and ``bench-prune`` (04-Benchmark)."""
+"""Command line: ``python -m labutils prune …`` (the main job), ``prepare``, ``bench-prune`` (04-Benchmark), for
+instructors ``student`` (student copies of the notebooks) and ``grade`` (score submitted notebooks), and for
+maintainers ``readme`` (the README's result tables from ``results/``)."""
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import pandas as pd
 
 from .core.config import DEFAULT_PROFILE, PROFILES
 from .core.data import corpus_split
-from .core.errors import LabError
+from .core.errors import BadInput, LabError
 from .core.models import embedded_model_dir
 from .core.storage import PUBLISHED, interrupt_on_termination, strict_json
 from .core.validation import check_seed
 from .jobs.bench_prune import MODES, TARGETS, bench_prune, bench_setup, default_json_path, write_json
 from .jobs.main_job import PruneJob, run_prune_job, summary_table
+from .lab.course import master_paths, write_student_copies
+from .lab.grading import feedback_folder, grade
+from .lab.readme import update_readme
 from .prune.masks import GROUPS
 from .prune.methods import METHODS
 from .prune.spec import CLI_FLAGS, METHOD_FLAGS, PruneSpec
@@ -25,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune(sub)
     sub.add_parser("prepare", help="convert the embedded model once and check the corpus (setup runs this)")
     _add_bench_prune(sub)
+    _add_course(sub)
+    readme = sub.add_parser("readme", help="rewrite the README's result tables from results/ (after make notebooks)")
+    readme.add_argument("--readme", default="README.md", help="the README to update (default README.md)")
     return parser
 
 
@@ -82,6 +91,36 @@ def _add_bench_prune(sub) -> None:
                        help="where to write the JSON (default results/bench-prune-<setup>-<date>.json)")
 
 
+def _add_course(sub) -> None:
+    student = sub.add_parser("student", help="write the student copies of the four notebooks (solutions replaced by "
+                                             "stubs, outputs cleared, instructor cells removed)")
+    student.add_argument("--out", default="student", help="folder for the copies (default: student/)")
+    student.add_argument("--masters", default=".", help="folder holding the master notebooks (default: .)")
+    grading = sub.add_parser("grade", help="run every submitted notebook with the instructor's checks; write grades "
+                                           "and one feedback file per student",
+                             description="SUBMISSIONS holds one folder per student with their notebooks under the "
+                                         "masters' names: SUBMISSIONS/<student>/01-Setup.ipynb …")
+    grading.add_argument("submissions", metavar="SUBMISSIONS", help="folder of student folders")
+    grading.add_argument("--out", default="grades.csv", help="grades table (default: grades.csv)")
+    grading.add_argument("--feedback", default=None, help="folder for <student>.md (default: feedback/ next to --out)")
+    grading.add_argument("--timeout", type=float, default=120,
+                         help="seconds for each exercise and check cell (default 120; the notebooks' own cells get "
+                              "600)")
+    grading.add_argument("--masters", default=".", help="folder holding the master notebooks (default: .)")
+
+
+def _student(args: argparse.Namespace) -> None:
+    for path in write_student_copies(master_paths(args.masters), args.out):
+        print(f"wrote {path}")
+
+
+def _grade(args: argparse.Namespace) -> None:
+    table = grade(args.submissions, master_paths(args.masters), args.out, args.feedback, args.timeout)
+    totals = table.groupby("student")[["points", "max"]].sum()
+    print(totals.to_string())
+    print(f"wrote {args.out} and {feedback_folder(args.out, args.feedback) / '<student>.md'}")
+
+
 def _prune(args: argparse.Namespace) -> None:
     flags = vars(args)
     job = {k: v for k, v in flags.items() if k not in ("command", "json", *CLI_FLAGS, *METHOD_FLAGS)}
@@ -126,6 +165,13 @@ def _bench_prune(args: argparse.Namespace) -> None:
     print(f"wrote {write_json(result, args.json_path or default_json_path(setup))}")
 
 
+def _readme(args: argparse.Namespace) -> None:
+    path = Path(args.readme)
+    if not path.is_file():
+        raise BadInput(f"--readme {path}: no such file; allowed: the lab's README.md")
+    print(f"{path}: {'tables rewritten from results/' if update_readme(path) else 'already equal to results/'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     interrupt_on_termination()  # SIGTERM and SIGHUP clean up like Ctrl-C
@@ -134,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
             _prune(args)
         elif args.command == "bench-prune":
             _bench_prune(args)
+        elif args.command == "student":
+            _student(args)
+        elif args.command == "grade":
+            _grade(args)
+        elif args.command == "readme":
+            _readme(args)
         else:
             _prepare()
     except LabError as exc:

@@ -5,6 +5,7 @@ time budget (issue E, items 8 and 9).
 the notebooks write (``lu.write_results``) when they are executed for a commit (``make notebooks``); the same run
 records each notebook's run time. So a README number that differs from the committed run fails here.
 """
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -45,3 +46,15 @@ def test_the_committed_run_kept_the_time_budget(notebook):
     assert max(seconds) <= CELL_BUDGET, f"a cell ran {max(seconds):.0f} s (budget {CELL_BUDGET} s)"
     if notebook == "04-Benchmark.ipynb":
         assert sum(seconds) <= BENCHMARK_BUDGET, f"04 ran {sum(seconds):.0f} s (budget {BENCHMARK_BUDGET} s)"
+
+
+def test_the_readme_command_rewrites_a_drifted_table(tmp_path, capsys):
+    from labutils.cli import main
+    shutil.copytree(ROOT / "results", tmp_path / "results")
+    text = (ROOT / "README.md").read_text()
+    block = next(BLOCK.finditer(text))
+    (tmp_path / "README.md").write_text(text.replace(block["body"], "| stale | table |\n"))
+    assert main(["readme", "--readme", str(tmp_path / "README.md")]) == 0
+    assert (tmp_path / "README.md").read_text() == text and "tables rewritten" in capsys.readouterr().out
+    assert main(["readme", "--readme", str(tmp_path / "nothing.md")]) == 2
+    assert capsys.readouterr().err.startswith("error: --readme")

@@ -106,6 +106,8 @@ def compare_methods(profile: Profile, variants: list[PruneSpec], calib: torch.Te
                     dense: nn.Module, progress: bool = True, keep: Sequence[str] = ()) -> Comparison:
     """Prune a fresh dense model with every variant and measure it, in one call: ``Comparison`` and one ``add``.
     ``dense`` (``lu.load_model``) is copied for every variant and never modified."""
+    for v in variants:  # bad input fails before the dense model is scored
+        check_spec(v, "each of variants")
     comparison = Comparison(profile, calib, test, dense, progress)
     comparison.add(variants, keep)
     return comparison
