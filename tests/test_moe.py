@@ -9,7 +9,9 @@ from the router weights by hand and compute every expert's inputs with their own
 import pytest
 import torch
 import torch.nn.functional as F
+from test_families import COMMON
 from test_masks import slow_nm_mask, slow_unstructured_mask
+from test_pruning_model import whole_model_inputs
 from transformers import (
     GptOssConfig,
     GptOssForCausalLM,
@@ -29,8 +31,6 @@ from labutils.prune.driver import calibration_stages
 from labutils.prune.masks import select_mask
 from labutils.prune.sparsity import nm_violations, prunable_linears
 
-COMMON = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64)
 QWEN2_MOE = dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=32)
 MOE = {  # name: (config class, model class, config overrides)
     "mixtral": (MixtralConfig, MixtralForCausalLM, dict(num_local_experts=4, num_experts_per_tok=2)),
@@ -178,15 +178,7 @@ def slow_moe_wanda(model, tokens, mask_fn):
     for i, layer in enumerate(lu.find_decoder_layers(model)):
         linears = lu.find_linears(layer)
         modules = {n: lin for n, lin in linears.items() if isinstance(lin, torch.nn.Module)}
-        xs = {name: [] for name in modules}
-        handles = [lin.register_forward_hook(lambda m, a, o, n=name: xs[n].append(a[0].reshape(-1, a[0].shape[-1])))
-                   for name, lin in modules.items()]
-        with torch.no_grad():
-            for sample in tokens:
-                model(sample[None])
-        for h in handles:
-            h.remove()
-        sq = {name: (torch.cat(x) ** 2).sum(0) for name, x in xs.items()}
+        sq = {name: (x ** 2).sum(0) for name, x in whole_model_inputs(model, tokens, modules).items()}
         if len(linears) > len(modules):
             reference = reference_expert_statistics(model, tokens, i)
             for e in range(4):  # the documented rule: an expert that received no token is scored by |W| alone

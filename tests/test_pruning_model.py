@@ -41,22 +41,28 @@ def test_norm_hooks_match_direct_sum_of_squares(tiny_model, calib_tokens):
         torch.testing.assert_close(acc.stats[name], x.pow(2).sum(0))
 
 
+def whole_model_inputs(model, tokens, modules: dict) -> dict:
+    """name → (tokens, in): every input each of ``modules`` receives while the WHOLE model runs one sample at a time."""
+    xs = {name: [] for name in modules}
+    handles = [m.register_forward_hook(lambda mod, a, o, n=name: xs[n].append(a[0].reshape(-1, a[0].shape[-1])))
+               for name, m in modules.items()]
+    with torch.no_grad():
+        for sample in tokens:
+            model(sample[None])
+    for h in handles:
+        h.remove()
+    return {name: torch.cat(x) for name, x in xs.items()}
+
+
 def slow_sequential_wanda(model, tokens, mask_fn):
     """Reference Wanda: for each layer in order, run the WHOLE (partly pruned) model one sample at a time with
     hooks on that layer's linears, compute |W|·‖X‖ by hand and prune with a Python-loop mask."""
     for layer in lu.find_decoder_layers(model):
         linears = lu.find_linears(layer)
-        xs = {name: [] for name in linears}
-        handles = [lin.register_forward_hook(lambda m, a, o, n=name: xs[n].append(a[0].reshape(-1, a[0].shape[-1])))
-                   for name, lin in linears.items()]
-        with torch.no_grad():
-            for sample in tokens:
-                model(sample[None])
-        for h in handles:
-            h.remove()
+        xs = whole_model_inputs(model, tokens, linears)
         with torch.no_grad():
             for name, lin in linears.items():
-                x = torch.cat(xs[name])
+                x = xs[name]
                 score = lin.weight.abs() * torch.sqrt((x * x).sum(0))
                 lin.weight[mask_fn(score)] = 0
 
