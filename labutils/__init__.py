@@ -14,11 +14,12 @@ it, and each imports only from those before it in this list:
 
 ``lu.*`` is exactly ``__all__`` below: what the notebooks and README use, and the types needed to call it.
 """
-from .core.checkpoint import load_pruned, save_pruned
+from .core.checkpoint import disk_table, export_dense, load_pruned, load_report, save_pruned
 from .core.config import DEFAULT_PROFILE, get_profile
 from .core.data import calibration_data, corpus_split, heldout_tokens, test_tokens
 from .core.device import cuda_capability, device_summary, get_device, set_seed, versions_table
 from .core.errors import BadInput, LabError
+from .core.kept_masks import KeptMasks, kept_masks
 from .core.models import find_decoder_layers, find_linears, load_model, random_model, tiny_llama_config
 from .evaluate.generation import (
                                   PROMPTS,
@@ -77,14 +78,14 @@ from .sparse24.convert import (
 )
 from .sparse24.prefill import prefill_speedup_table
 from .sparse24.shapes import linear_speedup_table
-from .speed.latency import latency_table, memory_table, random_prompt, zeros_matmul_table
+from .speed.latency import latency_table, load_time_table, memory_table, random_prompt, zeros_matmul_table
 
 __all__ = [
     # core
     "BadInput", "LabError", "DEFAULT_PROFILE", "get_profile", "cuda_capability", "device_summary", "get_device",
     "set_seed", "versions_table", "find_decoder_layers", "find_linears", "load_model", "random_model",
     "tiny_llama_config", "calibration_data", "corpus_split", "heldout_tokens", "test_tokens", "load_pruned",
-    "save_pruned",
+    "save_pruned", "load_report", "export_dense", "disk_table", "KeptMasks", "kept_masks",
     # prune
     "SparsityTarget", "as_target", "parse_nm", "select_mask", "unstructured_mask", "capture_layer_inputs",
     "collect_input_norms", "collect_statistics", "METHODS", "get_method", "magnitude_score", "output_error",
@@ -94,7 +95,7 @@ __all__ = [
     "perplexity", "PROMPTS", "degeneration_table", "drift_table", "mean_kl", "passage_starts", "prompt_text",
     "side_by_side", "format_answers", "LOCAL_TASKS", "profile_tasks", "task_examples", "zero_shot", "zero_shot_table", "write_tasks",
     # speed and 2:4
-    "latency_table", "memory_table", "random_prompt", "zeros_matmul_table", "prefill_speedup_table",
+    "latency_table", "load_time_table", "memory_table", "random_prompt", "zeros_matmul_table", "prefill_speedup_table",
     "semi_structured_ready", "semi_structured_support", "to_semi_structured", "verify_semi_structured",
     "linear_speedup_table",
     # jobs

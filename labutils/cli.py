@@ -1,4 +1,5 @@
-"""Command line: ``python -m labutils prune …`` (the main job), ``prepare``, ``bench-prune`` (04-Benchmark), for
+"""Command line: ``python -m labutils prune …`` (the main job), ``export`` (a dense copy of a saved model),
+``prepare``, ``bench-prune`` (04-Benchmark), for
 instructors ``student`` (student copies of the notebooks) and ``grade`` (score submitted notebooks), and for
 maintainers ``readme`` (the README's result tables from ``results/``)."""
 from __future__ import annotations
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .core.checkpoint import SAVE_FORMATS, disk_table, export_dense, load_report
 from .core.config import DEFAULT_PROFILE, PROFILES
 from .core.data import corpus_split
 from .core.errors import BadInput, LabError
@@ -32,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("prepare", help="convert the embedded model once and check the corpus (setup runs this)")
     _add_bench_prune(sub)
     _add_course(sub)
+    export = sub.add_parser("export", help="write a lab output folder (sparse or dense) as an ordinary dense "
+                                           "transformers folder, for from_pretrained, vLLM or llama.cpp's converter")
+    export.add_argument("folder", metavar="FOLDER", help="a folder written by prune or lu.save_pruned")
+    export.add_argument("out", metavar="OUT", help="the dense folder to write (new, or an earlier lab output)")
     readme = sub.add_parser("readme", help="rewrite the README's result tables from results/ (after make notebooks)")
     readme.add_argument("--readme", default="README.md", help="the README to update (default README.md)")
     return parser
@@ -72,6 +78,10 @@ def _add_prune(sub) -> None:
     prune.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: best available)")
     prune.add_argument("--low-memory", action="store_true",
                        help="keep the model in CPU memory while pruning; one layer at a time visits the GPU")
+    prune.add_argument("--save-format", choices=list(SAVE_FORMATS), default="sparse",
+                       help="sparse: kept values and masks, about half the bytes at 50%% (load with lu.load_pruned, "
+                            "or write a dense copy with export); dense: an ordinary transformers folder "
+                            "(default: sparse)")
     prune.add_argument("--json", action="store_true", help="print the whole report as JSON instead of a table")
 
 
@@ -139,7 +149,17 @@ def _prune(args: argparse.Namespace) -> None:
         print(f"{len(report['empty_experts'])} expert matrices received no calibration token and were pruned by "
               f"|W| alone: {', '.join(report['empty_experts'][:4])}{' …' if len(report['empty_experts']) > 4 else ''}")
     print(f"seconds: {', '.join(f'{k} {v:.1f}' for k, v in report['seconds'].items())}")
+    print(f"\n{disk_table(report).to_string(formatters=DISK_FORMAT)}")
     print(f"saved to {report['output']}")
+
+
+DISK_FORMAT = {"dense bytes": "{:,}".format, "sparse bytes": "{:,}".format, "sparse / dense": "{:.1%}".format}
+
+
+def _export(args: argparse.Namespace) -> None:
+    out = export_dense(args.folder, args.out)
+    print(disk_table(load_report(out)).to_string(formatters=DISK_FORMAT))
+    print(f"wrote {out}: an ordinary transformers folder (AutoModelForCausalLM.from_pretrained({str(out)!r}))")
 
 
 def _prepare() -> None:
@@ -186,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             _grade(args)
         elif args.command == "readme":
             _readme(args)
+        elif args.command == "export":
+            _export(args)
         else:
             _prepare()
     except LabError as exc:

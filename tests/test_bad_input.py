@@ -113,9 +113,9 @@ def test_output_path_that_is_a_file(tmp_path):
 
 
 def test_previous_lab_output_may_be_replaced(tmp_path):
-    previous = lu.save_pruned(make_tiny(), None, {"run": 1}, tmp_path / "run")
+    previous = lu.save_pruned(make_tiny(), tmp_path / "run", None, {"run": 1})
     assert check_output_dir(previous) == previous
-    lu.save_pruned(make_tiny(seed=1), None, {"run": 2}, previous)
+    lu.save_pruned(make_tiny(seed=1), previous, None, {"run": 2})
     assert load_report(previous)["run"] == 2
 
 

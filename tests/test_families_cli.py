@@ -14,8 +14,8 @@ import test_families
 import test_moe
 import torch
 
+import labutils as lu
 from labutils.cli import main
-from labutils.core.models import load_pretrained
 
 FAMILIES = [*test_families.FAMILIES, *test_moe.MOE]
 SMALL = ["--nsamples", "4", "--seqlen", "16", "--eval-tokens", "64", "--eval-seqlen", "32", "--batch-size", "2"]
@@ -61,7 +61,7 @@ def test_prune_through_the_cli(family, method, target, saved, tiny_with_tokenize
     assert {d["reason"] for d in report["left_dense"]} <= {"router: weighs the experts for each token; never pruned"}
     assert bool(report["left_dense"]) == (family in test_moe.MOE)
 
-    pruned = load_pretrained(out, torch.float32, torch.device("cpu"))[0].state_dict()  # MoE: saved in legacy names
+    pruned = lu.load_pruned(out, "cpu")[0].state_dict()  # sparse: bit for bit, in the model's own names
     assert pruned.keys() == original.keys()
     changed = {name for name in pruned if not torch.equal(pruned[name], original[name])}
     for name in changed:  # only decoder weight matrices: linears' and stacked experts' weights

@@ -310,16 +310,17 @@ def test_too_little_free_space_is_refused_before_any_work(tmp_path, monkeypatch,
 
 def test_report_is_strict_json(tmp_path):
     report = {"perplexity": {"dense": float("nan"), "pruned": float("inf")}, "sizes": [1.0, float("-inf")]}
-    out = lu.save_pruned(make_tiny(), None, report, tmp_path / "run")
+    out = lu.save_pruned(make_tiny(), tmp_path / "run", None, report)
     saved = json.loads((out / "report.json").read_text(), parse_constant=lambda name: pytest.fail(name))
     assert saved["perplexity"] == {"dense": None, "pruned": None} and saved["sizes"] == [1.0, None]
 
 
-def test_damaged_output_is_not_loaded(tmp_path):
-    out = lu.save_pruned(make_tiny(), None, {}, tmp_path / "run")
-    with (out / "model.safetensors").open("r+b") as f:
+@pytest.mark.parametrize("fmt, file", [("dense", "model.safetensors"), ("sparse", "sparse-model.safetensors")])
+def test_damaged_output_is_not_loaded(fmt, file, tmp_path):
+    out = lu.save_pruned(make_tiny(), tmp_path / "run", None, {}, format=fmt)
+    with (out / file).open("r+b") as f:
         f.truncate(1000)
-    with pytest.raises(lu.LabError, match="saved model .* is damaged \\(model.safetensors has 1,000 bytes"):
+    with pytest.raises(lu.LabError, match=f"saved model .* is damaged \\({file} has 1,000 bytes"):
         lu.load_pruned(out, "cpu")
 
 
@@ -349,7 +350,7 @@ def test_full_disk_while_safetensors_writes_is_one_line(tmpfs, monkeypatch):
     disk = tmpfs("size=200k")
     monkeypatch.setattr("labutils.core.checkpoint.check_writable", lambda path, need_bytes=None: None)  # space taken later
     with pytest.raises(lu.LabError, match="could not write .*\\(the disk is full\\); nothing was written"):
-        lu.save_pruned(make_tiny(), None, {}, disk / "run")
+        lu.save_pruned(make_tiny(), disk / "run", None, {})
     assert list(disk.iterdir()) == []
 
 

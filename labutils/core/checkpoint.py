@@ -1,8 +1,9 @@
 """Saving and loading pruned models so that none is ever lost or half-made (introduced in 02-Prune, used by 03
 and 04).
 
-A lab output folder holds the model (safetensors), the tokenizer, ``report.json`` and ``lab-manifest.json``
-(every file's size and SHA-256). It is written under a temporary name and published in one atomic step
+A lab output folder holds the model — sparse (``sparse-model.safetensors``: kept values and masks, the default) or
+dense (``save_pretrained``'s safetensors) —, the tokenizer, ``report.json``, a model card (``README.md``) and
+``lab-manifest.json`` (every file's size and SHA-256). It is written under a temporary name and published in one atomic step
 (``storage.atomic_folder``); an existing folder is replaced only if its manifest lists everything in it.
 """
 from __future__ import annotations
@@ -11,10 +12,21 @@ import json
 import os
 from pathlib import Path
 
+import pandas as pd
 import torch
 
+from .card import CARD_FILE, model_card
+from .device import get_device
 from .errors import BadInput, LabError
-from .models import load_pretrained
+from .models import folder_tokenizer, load_pretrained, weight_files
+from .validation import check_choice
+from .sparse_model import (
+    is_sparse_folder,
+    load_sparse_model,
+    save_sparse_model,
+    sparse_sizes,
+    zero_masks,
+)
 from .storage import (
     LAB_MARKER,
     atomic_folder,
@@ -29,6 +41,7 @@ from .storage import (
 
 REPORT_FILE = "report.json"
 OUTPUT_KIND = "pruned-model"
+SAVE_FORMATS = ("sparse", "dense")
 
 
 def is_lab_output(path: str | os.PathLike) -> bool:
@@ -61,16 +74,69 @@ def model_bytes(model) -> int:
     return total
 
 
-def save_pruned(model, tokenizer, report: dict, path: str | os.PathLike) -> Path:
-    """Write model, tokenizer and report (strict JSON) to ``path`` atomically; returns ``path``."""
-    path = check_output_dir(path, need_bytes=model_bytes(model))
+def save_pruned(model, folder: str | os.PathLike, tokenizer=None, report: dict | None = None, *,
+                format: str = "sparse") -> Path:
+    """Write the model, its tokenizer, ``report.json`` (strict JSON, with the bytes on disk added as "disk") and a
+    model card (README.md) to ``folder`` atomically; returns ``folder``.
+
+    format "sparse" (default): each pruned weight as its kept values and mask (``sparse_format``), about half
+    the bytes at 50 %; "dense": an ordinary transformers folder (``save_pretrained``). Either loads back bit for
+    bit with ``load_pruned``; ``python -m labutils export`` turns a sparse folder into a dense one.
+    """
+    if not isinstance(folder, (str, os.PathLike)):
+        raise BadInput(f"save_pruned(model, folder, tokenizer=None, report=None, format='sparse'): folder must be a "
+                       f"path; got {type(folder).__name__}")
+    check_choice("format", format, SAVE_FORMATS)
+    report = dict(report or {})
+    report.setdefault("dtype", str(model.dtype).removeprefix("torch."))  # what load_pruned gives back
+    nm = parse_nm_label(report.get("nm"))
+    path = check_output_dir(folder, need_bytes=model_bytes(model))
     with atomic_folder(path, OUTPUT_KIND) as tmp:
-        with quiet_hf_progress():
-            model.save_pretrained(tmp)
+        if format == "sparse":
+            sizes = save_sparse_model(model, tmp, nm)
+        else:
+            with quiet_hf_progress():
+                model.save_pretrained(tmp)
+            state = model.state_dict()
+            sizes = sparse_sizes(state, zero_masks(model, state), nm)
+            sizes["model"]["dense"] = sum(f.stat().st_size for f in weight_files(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        report["disk"] = {"format": format, **sizes}
         (tmp / REPORT_FILE).write_text(strict_json({"lab": LAB_MARKER, **report}) + "\n")
+        (tmp / CARD_FILE).write_text(model_card(report, report["disk"], str(folder)))
     return path
+
+
+def model_file_bytes(path: str | os.PathLike) -> int:
+    """Bytes on disk of a saved model's weight files (sparse-model.safetensors, or the dense safetensors)."""
+    folder = Path(path)
+    return sum(f.stat().st_size for f in weight_files(folder))
+
+
+def parse_nm_label(label) -> tuple[int, int] | None:
+    """(2, 4) for a report's "2:4"; None for anything else."""
+    if isinstance(label, str) and label.count(":") == 1 and all(part.isdigit() for part in label.split(":")):
+        n, m = label.split(":")
+        return int(n), int(m)
+    return None
+
+
+def disk_table(report: dict, unit: str = "bytes") -> pd.DataFrame:
+    """Bytes on disk of a saved model, dense vs sparse, for the whole model and for the pruned linears alone (the
+    saved format measured on disk, the other from its tensors' sizes). ``report``: what ``load_report``,
+    ``load_pruned`` or the main job returns; ``unit``: "bytes" or "MB" (10⁶ bytes, one decimal)."""
+    check_choice("unit", unit, ("bytes", "MB"))
+    if "disk" not in report:
+        raise BadInput("this report has no 'disk' sizes: it was saved before the lab wrote them; save it again")
+    disk, scale = report["disk"], 1 if unit == "bytes" else 1e6
+    rows = {part: {f"dense {unit}": disk[part]["dense"] / scale, f"sparse {unit}": disk[part]["sparse"] / scale,
+                   "sparse / dense": disk[part]["sparse"] / disk[part]["dense"] if disk[part]["dense"] else None}
+            for part in ("model", "pruned linears")}
+    frame = pd.DataFrame.from_dict(rows, orient="index").rename_axis(f"saved {disk['format']}")
+    if unit == "bytes":
+        return frame.astype({"dense bytes": "int64", "sparse bytes": "int64"})
+    return frame.round({"dense MB": 1, "sparse MB": 1, "sparse / dense": 3})
 
 
 def load_report(path: str | os.PathLike) -> dict:
@@ -89,10 +155,31 @@ def check_intact(path: str | os.PathLike) -> None:
                        "python -m labutils prune --out …)")
 
 
-def load_pruned(path: str | os.PathLike, device: torch.device, dtype: torch.dtype | None = None):
-    """(model, tokenizer, report) from a lab output folder, after checking it against its manifest."""
+def load_pruned(path: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    """(model, tokenizer, report) from a lab output folder in either format, after checking it against its
+    manifest. The model is an ordinary transformers model, its weights bit for bit those saved (in ``dtype`` if
+    given), on ``device`` (default: the best one here); a sparse folder's masks are recorded on it (``KeptMasks``).
+    """
     report = load_report(path)
     check_intact(path)
+    device = get_device(device)
+    folder = Path(path)
+    if is_sparse_folder(folder):
+        model = load_sparse_model(folder, dtype).to(device)
+        return model, folder_tokenizer(folder), report
     dtype = dtype or getattr(torch, report.get("dtype", "float32"))
     model, tokenizer = load_pretrained(path, dtype, device)
     return model, tokenizer, report
+
+
+def export_dense(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the lab output at ``folder`` (either format) to ``out`` as an ordinary dense transformers folder, for
+    tools that know nothing of the lab; ``out`` is itself a lab output (dense), with report and model card."""
+    if not is_lab_output(folder):
+        raise BadInput(f"{str(folder)!r} is not a lab output folder (no lab-manifest.json listing a report.json); "
+                       "allowed: a folder written by python -m labutils prune or lu.save_pruned")
+    if resolve_target(Path(out)) == resolve_target(Path(folder)):
+        raise BadInput(f"export writes a new folder; OUT {str(out)!r} is the folder being exported")
+    check_output_dir(out)
+    model, tokenizer, report = load_pruned(folder, "cpu")
+    return save_pruned(model, out, tokenizer, {**report, "exported_from": str(folder)}, format="dense")

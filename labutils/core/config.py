@@ -36,6 +36,8 @@ class Profile:
     batch_size: int  # calibration / evaluation windows per forward pass
     quality_meaningful: bool  # False where weights or data are random
     description: str
+    base_model: str | None = None  # the Hub id the weights come from (model cards); None for random weights
+    license: str | None = None  # the base model's licence, as the Hub's model cards name it
 
     @property
     def quality_warning(self) -> str | None:
@@ -64,6 +66,8 @@ PROFILES: dict[str, Profile] = {
             batch_size=8,
             quality_meaningful=True,
             description="SmolLM2-135M-Instruct on offline Wikipedia leads; runs on a laptop CPU",
+            base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+            license="apache-2.0",
         ),
         Profile(
             name="llama2-7b",
@@ -80,6 +84,8 @@ PROFILES: dict[str, Profile] = {
             batch_size=8,
             quality_meaningful=True,
             description="the paper's setting: Llama-2-7B, C4 calibration, WikiText-2 test; one CUDA GPU",
+            base_model="meta-llama/Llama-2-7b-hf",
+            license="llama2",
         ),
         Profile(
             name="llama2-7b-random",

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Pretr
 from .config import Profile, flag_note
 from .device import require_cuda
 from .errors import BadInput, LabError
+from .sparse_format import SPARSE_FILE
 from .storage import (
     MANIFEST_FILE,
     atomic_folder,
@@ -138,14 +139,19 @@ def _load_local(folder: Path, dtype: torch.dtype):
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # damaged config or weights
         raise LabError(f"model folder {folder} could not be loaded from config.json and "
                        f"{', '.join(w.name for w in weights)} ({_first_line(exc)})") from exc
+    return model, folder_tokenizer(folder)
+
+
+def folder_tokenizer(folder: str | os.PathLike):
+    """The tokenizer saved in a model folder, or None where it holds no tokenizer files (a random-profile model)."""
+    folder = Path(folder)
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        return model, None
+        return None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise LabError(f"the tokenizer files in model folder {folder} could not be loaded ({_first_line(exc)}); "
                        "copy the base model's tokenizer files into the folder again") from exc
-    return model, tokenizer
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -160,6 +166,10 @@ def _check_model_folder(folder: Path) -> list[Path]:
         holds = "it is empty" if not held else f"it holds {', '.join(held[:6])}{' …' if len(held) > 6 else ''}"
         raise LabError(f"model folder {folder} has no config.json ({holds}); allowed: a folder written by "
                        "save_pretrained (config.json and *.safetensors or pytorch_model.bin weights) or a Hub id")
+    if (folder / SPARSE_FILE).is_file():
+        raise LabError(f"model folder {folder} holds the lab's sparse checkpoint ({SPARSE_FILE}), which transformers "
+                       f"cannot read: load it with lu.load_pruned, or write a dense copy for --model and other tools "
+                       f"with: python -m labutils export {folder} OUT")
     weights = weight_files(folder)
     if not weights:
         raise LabError(f"model folder {folder} has config.json but no weights (*.safetensors or pytorch_model.bin); "

@@ -13,11 +13,13 @@ import pandas as pd
 import torch
 
 from ..core import data
-from ..core.checkpoint import check_output_dir, is_lab_output, load_report, save_pruned
+from ..core.card import folder_card_fields
+from ..core.checkpoint import SAVE_FORMATS, check_output_dir, is_lab_output, load_report, save_pruned
 from ..core.config import Profile, get_profile
 from ..core.device import get_device, require_cuda, set_seed, versions
 from ..core.models import CACHE_FOLDER, check_seqlen, load_model, weight_files
 from ..core.storage import cache_dir, output_lock, verify_folder
+from ..core.validation import check_choice
 from ..evaluate.perplexity import perplexity
 from ..prune.driver import PruneReport, check_prunable, prune_model
 from ..prune.sparsity import model_sparsity
@@ -45,6 +47,7 @@ class PruneJob:
     tokenizer_path: str | None = None  # for a model folder saved without a tokenizer (``--tokenizer``)
     device: str | None = None
     low_memory: bool = False  # keep the model in CPU memory while pruning; layers visit the device one at a time
+    save_format: str = "sparse"  # "sparse": kept values and masks (about half the bytes at 50 %); "dense"
 
     def resolved_profile(self) -> Profile:
         return get_profile(self.profile, nsamples=self.nsamples, seqlen=self.seqlen, eval_tokens=self.eval_tokens,
@@ -63,6 +66,7 @@ def validate_job(job: PruneJob) -> tuple[Profile, Path]:
     """Every check that needs no model, so bad input fails at once and writes nothing (the spec checked itself
     when it was built)."""
     check_spec(job.spec, "PruneJob.spec")
+    check_choice("save format", job.save_format, SAVE_FORMATS)
     profile = job.resolved_profile()
     if profile.needs_cuda:
         require_cuda(f"profile {profile.name!r}")
@@ -88,7 +92,8 @@ def build_report(profile: Profile, model, prune: PruneReport, perplexities: dict
     """The report.json of a pruned model: what was done, what it measured, and with which versions. The main job
     adds its model label and the seconds it spent loading and evaluating."""
     return {
-        "profile": profile.name, "model": profile.model_id, "method": prune.method,
+        "profile": profile.name, "model": profile.model_id, "base_model": profile.base_model,
+        "license": profile.license, "method": prune.method,
         "label": prune.label, "params": prune.params, "true_sequential": prune.true_sequential,
         "owl": prune.owl, "layer_sparsity": prune.layer_sparsity, "low_memory": prune.low_memory,
         "target": prune.target,
@@ -146,7 +151,11 @@ def _run_locked(job: PruneJob, profile: Profile, out: Path, progress: bool) -> d
                           eval_tokens=int(test.numel()))
     report.update(model=job.model_path or report["model"], device=str(device),
                   seconds={**seconds, **report["seconds"]})
-    report["output"] = str(save_pruned(model, tokenizer, report, out))
+    if job.model_path is not None:  # the card's base model and licence: what the folder's own card says
+        card = folder_card_fields(job.model_path)
+        report.update(base_model=card.get("base_model", job.model_path), license=card.get("license"))
+    report["output"] = str(save_pruned(model, out, tokenizer, report, format=job.save_format))
+    report["disk"] = load_report(out)["disk"]
     return report
 
 

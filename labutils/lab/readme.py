@@ -142,9 +142,25 @@ def _notebook_seconds(rows: pd.DataFrame) -> pd.DataFrame:
                          "slowest cell, seconds": [f"{v:.0f}" for v in rows["slowest cell"]]})
 
 
+def _disk(rows: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({"model": rows["model"].map(_label), "part": rows["part"],
+                         "dense MB": [_num(v, 1) for v in rows["dense MB"]],
+                         "sparse MB": [_num(v, 1) for v in rows["sparse MB"]],
+                         "sparse / dense": [f"{v:.1%}".replace("%", " %") for v in rows["sparse / dense"]]})
+
+
+def _load_times(rows: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({"folder": rows["folder"], "format": rows["format"],
+                         "model file, MB": [_num(v / 1e6, 1) for v in rows["model bytes"]],
+                         "load s P50": [f"{v:.3f}" for v in rows["seconds P50"]],
+                         "load s P95": [f"{v:.3f}" for v in rows["seconds P95"]],
+                         "× dense copy": [_num(v) for v in rows["× first"]]})
+
+
 README_TABLES: dict[str, ReadmeTable] = {
     "prune": ReadmeTable("prune", _prune),  # 02-Prune
     "groups": ReadmeTable("groups", _groups),  # 02-Prune
+    "disk": ReadmeTable("disk", _disk),  # 02-Prune
     "drift": ReadmeTable("drift", _drift),  # 03-Inference
     "methods": ReadmeTable("perplexity", _methods),  # 04-Benchmark
     "nm": ReadmeTable("perplexity", _nm),
@@ -153,6 +169,7 @@ README_TABLES: dict[str, ReadmeTable] = {
     "latency": ReadmeTable("latency", _latency),
     "memory": ReadmeTable("memory", _memory),
     "zeros": ReadmeTable("zeros", _zeros),
+    "load-times": ReadmeTable("load-times", _load_times),  # 04-Benchmark
     "notebook-seconds": ReadmeTable("notebook-seconds", _notebook_seconds, profile=False),
 }
 

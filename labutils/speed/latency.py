@@ -1,4 +1,5 @@
-"""Latency and memory of whole models, and why zeros alone are not faster (introduced in 04-Benchmark).
+"""Latency and memory of whole models, why zeros alone are not faster, and how long a saved model takes to load
+(introduced in 04-Benchmark).
 
 Each table times its candidates with the fair, interleaved loops of ``timing``; the first model of a table is the
 reference of its "× dense" columns.
@@ -6,6 +7,7 @@ reference of its "× dense" columns.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable
 
@@ -14,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.checkpoint import load_pruned, load_report, model_file_bytes
+from ..core.device import get_device
 from ..core.models import CompressedLinear, check_seqlen, model_device
 from ..core.validation import check_not_empty, check_number, check_positive_int, check_seed, check_tensor
 from ..prune.masks import unstructured_mask
@@ -159,3 +163,19 @@ def zeros_matmul_table(weight: torch.Tensor, tokens: int, *, sparsity: float = 0
     table["× dense"] = table["P50 ms"].iloc[0] / table["P50 ms"]
     table.attrs.update(shape=tuple(w.shape), tokens=tokens, device=str(w.device), dtype=str(w.dtype))
     return table
+
+
+def load_time_table(folders: dict[str, str | os.PathLike], *, device: torch.device | str | None = None,
+                    warmup: int = 1, repeats: int = 3, progress: bool = False) -> pd.DataFrame:
+    """How long ``lu.load_pruned`` takes for each saved folder (sparse or dense), interleaved: one row per folder
+    with its format, the bytes of its model file and the median and P95 seconds; "× first" is this folder's
+    median over the first folder's (the reference, e.g. the dense copy)."""
+    check_not_empty("folders", folders, "folder")
+    reports = {name: load_report(path) for name, path in folders.items()}  # BadInput for a non-lab folder
+    fns = {name: (lambda path=path: load_pruned(path, device)) for name, path in folders.items()}
+    stats = time_interleaved(fns, warmup=warmup, repeats=repeats, device=get_device(device), progress=progress)
+    first = stats[next(iter(folders))].p50
+    rows = {name: {"format": reports[name]["disk"]["format"], "model bytes": model_file_bytes(folders[name]),
+                   "seconds P50": s.p50, "seconds P95": s.p95, "× first": s.p50 / first}
+            for name, s in stats.items()}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("folder")

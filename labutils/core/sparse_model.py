@@ -1,0 +1,118 @@
+"""A whole model to and from the sparse checkpoint (``sparse_format``): which weights are pruned, with which masks,
+and an ordinary transformers model built back from the file (02-Prune saves, 03 and 04 load).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from transformers import initialization
+
+from .errors import BadInput, LabError
+from .kept_masks import kept_masks, record_kept, storage_names
+from .models import find_decoder_layers, find_linears
+from .sparse_format import SPARSE_FILE, encoded_bytes, nonzero_bits, read_sparse, write_sparse
+
+GENERATION_FILE = "generation_config.json"
+
+
+def pruned_parameter_names(model: nn.Module) -> list[str]:
+    """State-dict names of the parameters that hold the linears (and routed experts' matrices) the lab prunes."""
+    params, names = storage_names(model), []
+    for layer in find_decoder_layers(model):
+        for linear in find_linears(layer).values():
+            name = params[linear.weight.untyped_storage().data_ptr()][0]
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def pruned_masks(model: nn.Module, state: dict[str, torch.Tensor], nm: tuple[int, int] | None = None
+                 ) -> tuple[dict[str, torch.Tensor], tuple[int, int] | None]:
+    """(kept mask per pruned parameter name, N:M pattern or None): the masks ``prune_model`` or ``load_pruned``
+    recorded, else (a model loaded from a dense folder, or pruned some other way) every non-zero of the prunable
+    parameters, with ``nm`` the pattern it was pruned to if known (a kept weight that was exactly +0.0 is then
+    indistinguishable from a pruned one: only the sparse format keeps the difference). BadInput if a weight is
+    non-zero where its recorded mask says pruned: the sparse format would lose it."""
+    record = kept_masks(model)
+    if record is None:
+        return zero_masks(model, state), nm
+    kept = {name: record.kept(name) for name in record.packed if name in state}
+    for name, mask in kept.items():
+        stray = int((nonzero_bits(state[name].detach().cpu()) & ~mask).sum())
+        if stray:
+            raise BadInput(f"{name} holds {stray} non-zero weights where pruning removed them, so the sparse format "
+                           "would lose them; save with format='dense' (--save-format dense), or prune again")
+    return kept, record.nm
+
+
+def zero_masks(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per prunable parameter name, True where its weight is not +0.0: the masks as the weights alone show them."""
+    return {name: nonzero_bits(state[name].detach().cpu()) for name in pruned_parameter_names(model)}
+
+
+def sparse_sizes(state: dict[str, torch.Tensor], kept: dict[str, torch.Tensor], nm: tuple[int, int] | None) -> dict:
+    """Bytes of the model's tensors (each shared tensor once) and of the pruned ones alone, dense and sparse."""
+    seen, dense, sparse = set(), 0, 0
+    pruned_dense = pruned_sparse = 0
+    for name, tensor in state.items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        size = tensor.numel() * tensor.element_size()
+        dense += size
+        if name in kept:
+            coded = encoded_bytes(kept[name], tensor.element_size(), nm)
+            pruned_dense, pruned_sparse, sparse = pruned_dense + size, pruned_sparse + coded, sparse + coded
+        else:
+            sparse += size
+    return {"model": {"dense": dense, "sparse": sparse}, "pruned linears": {"dense": pruned_dense,
+                                                                             "sparse": pruned_sparse}}
+
+
+def save_sparse_model(model: nn.Module, folder: Path, nm: tuple[int, int] | None = None) -> dict:
+    """Write the model's weights as ``sparse-model.safetensors`` with its config (and generation config) into
+    ``folder``; returns the sizes (``sparse_sizes``), the model's sparse bytes measured on disk. ``nm``: the
+    pattern of a model without recorded masks (``pruned_masks``)."""
+    state = model.state_dict()
+    kept, nm = pruned_masks(model, state, nm)
+    sizes = sparse_sizes(state, kept, nm)
+    write_sparse(folder / SPARSE_FILE, state, kept, nm)
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    sizes["model"]["sparse"] = (folder / SPARSE_FILE).stat().st_size
+    return sizes
+
+
+def is_sparse_folder(folder: Path) -> bool:
+    return (folder / SPARSE_FILE).is_file()
+
+
+def load_sparse_model(folder: Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """An ordinary transformers model from a sparse folder, its weights bit for bit those saved (then converted to
+    ``dtype`` if given and different) and its kept masks recorded on it. Everything is decoded and checked before
+    the model is built."""
+    state, kept, nm = read_sparse(folder / SPARSE_FILE)  # kept: packed bits per pruned weight
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise LabError(f"{folder / 'config.json'} could not be read ({exc}); save the model again") from exc
+    stored = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    with initialization.no_init_weights():  # every weight comes from the file: skip the random initialisation
+        model = AutoModelForCausalLM.from_config(config, dtype=stored)
+    expected = set(model.state_dict())
+    if expected != set(state):
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise LabError(f"{folder / SPARSE_FILE} does not fit its config.json (missing {missing[:3]}, unexpected "
+                       f"{extra[:3]}); save the model again")
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    if (folder / GENERATION_FILE).is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    record_kept(model, kept, {name: tuple(state[name].shape) for name in kept}, nm)
+    if dtype is not None and dtype != stored:
+        model.to(dtype)
+    return model.eval()
