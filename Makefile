@@ -4,6 +4,8 @@ PYTHON ?= python
 # Installed only when no torch is importable; a GPU user's own CUDA build is kept. Override: make setup TORCH=…
 TORCH ?= torch==2.13.0
 NOTEBOOKS := 01-Setup.ipynb 02-Prune.ipynb 03-Inference.ipynb 04-Benchmark.ipynb
+# Optional notebooks: executed by `make notebooks`, checked by `make test-optional`, not by `make test` (its budget).
+OPTIONAL_NOTEBOOKS := 05-Recover.ipynb
 # Extra arguments for `make lab`, e.g. LAB_ARGS="--no-browser --port 8899".
 LAB_ARGS ?=
 
@@ -23,7 +25,7 @@ SETUP_OK_PY = import importlib.metadata as m, importlib.util as u, json, pathlib
   sys.exit(url != pathlib.Path.cwd().resolve().as_uri() \
            or not all(u.find_spec(p) for p in ('torch', 'jupyterlab', 'playwright')))
 
-.PHONY: setup setup-packages chromium run lab test test-unit notebooks
+.PHONY: setup setup-packages chromium run lab test test-unit test-optional notebooks
 
 setup:
 	@key="$$($(PYTHON) -c "$(SETUP_KEY_PY)" '$(TORCH)')" || exit 1; \
@@ -85,4 +87,9 @@ test-unit:
 
 # Re-execute every notebook in place from a fresh kernel (run after changing labutils, then commit).
 notebooks:
-	$(PYTHON) tests/execute_notebooks.py $(NOTEBOOKS)
+	$(PYTHON) tests/execute_notebooks.py $(NOTEBOOKS) $(OPTIONAL_NOTEBOOKS)
+
+# Strict nbval on the optional notebooks (05-Recover: about 5 minutes on 2 cores).
+test-optional: setup
+	LAB_RESULTS=outputs/test-results $(PYTHON) -m pytest --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
+	  --nbval-cell-timeout 600 $(OPTIONAL_NOTEBOOKS)

@@ -42,6 +42,7 @@ from .lab.checks import (
                                   CheckResult,
                                   check_close,
                                   check_layer_sparsity,
+                                  check_masked_merge,
                                   check_mean_kl,
                                   check_nm_mask,
                                   check_perplexity,
@@ -54,20 +55,31 @@ from .lab.checks import (
 from .lab.environment import data_sources, model_summary
 from .lab.plots import (
                                   outlier_summary,
+                                  plot_admm_convergence,
                                   plot_benchmark_summary,
                                   plot_drift,
                                   plot_input_norms,
                                   plot_layer_sparsity,
                                   plot_method_comparison,
                                   plot_perplexity,
+                                  plot_recovery_losses,
                                   plot_sparsity_sweep,
 )
 from .lab.tables import benchmark_summary
 from .prune.calibration import capture_layer_inputs, collect_input_norms, collect_statistics
 from .prune.driver import PruneReport, prune_model
 from .prune.masks import SparsityTarget, as_target, parse_nm, select_mask, unstructured_mask
-from .prune.methods import METHODS, get_method, magnitude_score, output_error, sparsegpt_weights, wanda_score
+from .prune.methods import (
+                                  METHODS,
+                                  admm_update,
+                                  get_method,
+                                  magnitude_score,
+                                  output_error,
+                                  sparsegpt_weights,
+                                  wanda_score,
+)
 from .prune.owl import OwlConfig
+from .prune.recovery import RecoveryReport, recover
 from .prune.sparsity import mask_sha256, model_sparsity, sparsity_table
 from .prune.spec import PruneSpec
 from .sparse24.convert import (
@@ -89,7 +101,8 @@ __all__ = [
     # prune
     "SparsityTarget", "as_target", "parse_nm", "select_mask", "unstructured_mask", "capture_layer_inputs",
     "collect_input_norms", "collect_statistics", "METHODS", "get_method", "magnitude_score", "output_error",
-    "sparsegpt_weights", "wanda_score", "OwlConfig", "PruneSpec", "PruneReport", "prune_model", "mask_sha256",
+    "sparsegpt_weights", "admm_update", "wanda_score", "OwlConfig", "recover", "RecoveryReport", "PruneSpec",
+    "PruneReport", "prune_model", "mask_sha256",
     "model_sparsity", "sparsity_table",
     # evaluate
     "perplexity", "PROMPTS", "degeneration_table", "drift_table", "mean_kl", "passage_starts", "prompt_text",
@@ -102,8 +115,8 @@ __all__ = [
     "PruneJob", "build_report", "default_output_dir", "ensure_pruned", "run_prune_job", "Comparison", "compare_methods",
     "standard_variants", "sweep_variants", "write_results", "bench_prune", "bench_setup", "saved_bench_results",
     # lab
-    "CheckFailed", "CheckResult", "check_close", "check_layer_sparsity", "check_mean_kl", "check_nm_mask",
+    "CheckFailed", "CheckResult", "check_close", "check_layer_sparsity", "check_masked_merge", "check_mean_kl", "check_nm_mask",
     "check_perplexity", "check_prediction", "check_ria_score", "check_row_mask", "check_top1_agreement",
-    "check_wanda_score", "data_sources", "model_summary", "outlier_summary", "plot_benchmark_summary", "plot_drift", "plot_input_norms",
+    "check_wanda_score", "data_sources", "model_summary", "outlier_summary", "plot_admm_convergence", "plot_benchmark_summary", "plot_recovery_losses", "plot_drift", "plot_input_norms",
     "plot_layer_sparsity", "plot_method_comparison", "plot_perplexity", "plot_sparsity_sweep", "benchmark_summary",
 ]

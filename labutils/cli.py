@@ -59,8 +59,18 @@ def _add_prune(sub) -> None:
                             "default: magnitude and RIA per layer, Wanda per row, as in their papers' code")
     prune.add_argument("--alpha", type=float, default=None, help="RIA: exponent of the activation norm (default 0.5)")
     prune.add_argument("--dampening", type=float, default=None,
-                       help="SparseGPT: share of the mean Hessian diagonal added to it (default 0.01)")
+                       help="SparseGPT and ADMM: share of the mean Hessian diagonal added to it (default 0.01; "
+                            "ADMM: 0.1 of the scaled Hessian)")
     prune.add_argument("--blocksize", type=int, default=None, help="SparseGPT: columns per block (default 128)")
+    prune.add_argument("--selection", choices=["wanda", "gradual"], default=None,
+                       help="ADMM: the mask from Wanda's score, or chosen gradually over the first iterations "
+                            "(default wanda)")
+    prune.add_argument("--iterations", type=int, default=None, help="ADMM: iterations (default 20)")
+    prune.add_argument("--rho", type=float, default=None, help="ADMM: penalty ρ (default 1)")
+    prune.add_argument("--rho-growth", type=float, default=None,
+                       help="ADMM: ρ is multiplied by this every iteration (default 1: constant)")
+    prune.add_argument("--gradual-steps", type=int, default=None,
+                       help="ADMM with --selection gradual: iterations over which sparsity rises (default 15)")
     target = prune.add_mutually_exclusive_group()
     target.add_argument("--sparsity", type=float, default=None, help="unstructured sparsity in [0, 1) (default 0.5)")
     target.add_argument("--nm", default=None, help="N:M semi-structured pattern, e.g. 2:4 or 4:8")
@@ -102,7 +112,7 @@ def _add_bench_prune(sub) -> None:
 
 
 def _add_course(sub) -> None:
-    student = sub.add_parser("student", help="write the student copies of the four notebooks (solutions replaced by "
+    student = sub.add_parser("student", help="write the student copies of the notebooks, 01 to 05 (solutions replaced by "
                                              "stubs, outputs cleared, instructor cells removed)")
     student.add_argument("--out", default="student", help="folder for the copies (default: student/)")
     student.add_argument("--masters", default=".", help="folder holding the master notebooks (default: .)")

@@ -219,7 +219,7 @@ def test_perplexity_accepts_other_integer_tokens(tiny_model):
 
 
 def test_method_that_is_not_a_name(tiny_model, calib_tokens):
-    refuses(tiny_model, "method must be a method's name, one of magnitude, wanda, sparsegpt, ria; got ['wanda']",
+    refuses(tiny_model, "method must be a method's name, one of magnitude, wanda, sparsegpt, ria, admm; got ['wanda']",
             ["wanda"], 0.5, calib_tokens)
 
 

@@ -235,7 +235,7 @@ def test_sparsegpt_singular_hessian_gives_advice():
 
 
 def test_registry_is_the_single_source_of_methods():
-    assert tuple(REGISTRY) == ("magnitude", "wanda", "sparsegpt", "ria")
+    assert tuple(REGISTRY) == ("magnitude", "wanda", "sparsegpt", "ria", "admm")
     for method in REGISTRY.values():
         assert isinstance(method, Method) and method.statistic in ("none", "norms", "hessian")
         assert method.resolve(None) == method.params  # the defaults pass the method's own check

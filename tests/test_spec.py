@@ -39,7 +39,7 @@ def test_to_dict_is_what_reports_record():
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"method": "obc"}, "unknown method 'obc'; allowed: magnitude, wanda, sparsegpt, ria"),
-    ({"method": 3}, "method must be a method's name, one of magnitude, wanda, sparsegpt, ria; got 3"),
+    ({"method": 3}, "method must be a method's name, one of magnitude, wanda, sparsegpt, ria, admm; got 3"),
     ({"target": 1.5}, r"sparsity must be a number in \[0, 1\); got 1.5"),
     ({"method": "magnitude", "true_sequential": True}, "true-sequential mode re-collects calibration statistics"),
     ({"true_sequential": "yes"}, "true_sequential must be True or False; got 'yes'"),

@@ -31,6 +31,7 @@ from ..evaluate.generation import mean_kl, top1_agreement
 from ..evaluate.perplexity import perplexity
 from ..prune.masks import nm_mask, unstructured_mask
 from ..prune.methods import ria_score, wanda_score
+from ..prune.recovery import masked_merge
 
 @dataclass(frozen=True)
 class CheckResult:
@@ -231,6 +232,19 @@ def check_nm_mask(student_fn: Callable[[torch.Tensor, int, int], torch.Tensor], 
     cases = {"2:4 random": ((random, 2, 4), nm_mask(random, 2, 4)), "2:4 ties": ((tied, 2, 4), nm_mask(tied, 2, 4)),
              "4:8 random": ((random, 4, 8), nm_mask(random, 4, 8)), "4:8 ties": ((tied, 4, 8), nm_mask(tied, 4, 8))}
     return _graded("N:M mask", points, hint, lambda: _compare_masks(student_fn, cases))
+
+
+def check_masked_merge(student_fn: Callable[..., torch.Tensor], points: int = 1,
+                       hint: str = "the dense update is lora_b @ lora_a * scale; multiply it by (weight != 0) before "
+                                   "adding it, so every zero of the weight stays zero", seed: int = 0) -> CheckResult:
+    """``student_fn(weight, lora_a, lora_b, scale)`` → the merged weight (05-Recover), against the package's
+    ``masked_merge``: W + (B·A · scale) ⊙ (W ≠ 0), on a half-pruned weight."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(6, 16, generator=generator)
+    weight = weight.masked_fill(unstructured_mask(weight.abs(), 0.5), 0)
+    lora_a, lora_b = torch.randn(2, 16, generator=generator), torch.randn(6, 2, generator=generator)
+    return _graded("masked LoRA merge", points, hint, lambda: _compare_tensor(
+        student_fn(weight, lora_a, lora_b, 0.5), masked_merge(weight, lora_a, lora_b, 0.5)))
 
 
 def check_layer_sparsity(model: torch.nn.Module, sparsity: float, points: int = 1,

@@ -210,3 +210,36 @@ def plot_benchmark_summary(summary: pd.DataFrame, title: str = "Quality and cost
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def plot_admm_convergence(trace: list[tuple[float, float]], references: dict[str, float],
+                          title: str = "ADMM on one layer"):
+    """Output error of ADMM's pruned iterate per iteration (from ``admm_update``'s ``trace``: the squared error
+    of the scaled problem), log scale, with other methods' errors (``references``: label → error) as lines
+    (05-Recover)."""
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    errors = [max(objective, 0.0) ** 0.5 for objective, _ in trace]
+    ax.plot(range(1, len(errors) + 1), errors, marker="o", markersize=3, label="ADMM, pruned iterate Z")
+    for k, (label, value) in enumerate(references.items()):
+        ax.axhline(value, linestyle="--", color=plt.get_cmap("tab10")(k + 1), label=label)
+    _plain_log_axis(ax, "y")
+    return _labelled(fig, ax, "iteration", "output error ‖XWᵀ − XŴᵀ‖ (log scale)", title)
+
+
+def plot_recovery_losses(losses: dict[str, list[float]], title: str = "LoRA recovery: training loss"):
+    """Training loss per step of each recovered model (``RecoveryReport.losses`` by label) (05-Recover)."""
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    for label, values in losses.items():
+        ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=label)
+    return _labelled(fig, ax, "training step (one batch of calibration windows)", "cross-entropy loss, nats per token",
+                     title)
+
+
+def _labelled(fig, ax, xlabel: str, ylabel: str, title: str):
+    """Axis labels, title and a small legend on a one-panel figure; the figure, laid out."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -37,7 +37,7 @@ def _num(value: float, digits: int = 2) -> str:
 
 def _label(name: str) -> str:
     """"wanda 50%" → "Wanda 50 %": the README's spelling of a variant label."""
-    for raw, shown in (("wanda", "Wanda"), ("sparsegpt", "SparseGPT"), ("ria", "RIA")):
+    for raw, shown in (("wanda", "Wanda"), ("sparsegpt", "SparseGPT"), ("ria", "RIA"), ("admm", "ADMM")):
         name = re.sub(rf"\b{raw}\b", shown, name)
     return re.sub(r"(\d)%", r"\1 %", name)
 
@@ -157,6 +157,16 @@ def _load_times(rows: pd.DataFrame) -> pd.DataFrame:
                          "× dense copy": [_num(v) for v in rows["× first"]]})
 
 
+def _recovery(rows: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({"model": rows["model"].map(_label),
+                         "perplexity before": [_num(v) for v in rows["perplexity before"]],
+                         "perplexity after": [_num(v) for v in rows["perplexity after"]],
+                         "after ÷ before": [_num(v) for v in rows["after ÷ before"]],
+                         "mask hash unchanged": ["yes" if v else "NO" for v in rows["mask hash unchanged"]],
+                         "sparsity after": [f"{v:.4f}" for v in rows["sparsity after"]],
+                         "LoRA parameters": [f"{v:,}" for v in rows["LoRA parameters"]]})
+
+
 README_TABLES: dict[str, ReadmeTable] = {
     "prune": ReadmeTable("prune", _prune),  # 02-Prune
     "groups": ReadmeTable("groups", _groups),  # 02-Prune
@@ -170,6 +180,8 @@ README_TABLES: dict[str, ReadmeTable] = {
     "memory": ReadmeTable("memory", _memory),
     "zeros": ReadmeTable("zeros", _zeros),
     "load-times": ReadmeTable("load-times", _load_times),  # 04-Benchmark
+    "admm": ReadmeTable("admm", _methods),  # 05-Recover
+    "recovery": ReadmeTable("recovery", _recovery),  # 05-Recover
     "notebook-seconds": ReadmeTable("notebook-seconds", _notebook_seconds, profile=False),
 }
 

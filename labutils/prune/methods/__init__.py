@@ -4,7 +4,8 @@ Each method turns one linear's weight and its calibration statistic into pruned 
 driver in ``labutils.prune.driver`` is shared by all of them.
 """
 from ...core.errors import BadInput
-from . import magnitude, ria, sparsegpt, wanda
+from . import admm, magnitude, ria, sparsegpt, wanda
+from .admm import admm_update
 from .base import Method
 from .magnitude import magnitude_score
 from .ria import ria_score
@@ -18,6 +19,7 @@ REGISTRY: dict[str, Method] = {
         wanda.METHOD,
         sparsegpt.METHOD,
         ria.METHOD,
+        admm.METHOD,
     )
 }
 
@@ -32,5 +34,5 @@ def get_method(name: str) -> Method:
     return REGISTRY[name]
 
 
-__all__ = ["METHODS", "REGISTRY", "Method", "get_method", "magnitude_score", "output_error", "ria_score",
+__all__ = ["METHODS", "REGISTRY", "Method", "admm_update", "get_method", "magnitude_score", "output_error", "ria_score",
            "sparsegpt_weights", "wanda_score"]

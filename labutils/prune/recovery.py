@@ -1,0 +1,162 @@
+"""Recovery by fine-tuning a pruned model with LoRA, the mask kept (introduced in 04-Benchmark, section 3b).
+
+Sun et al. (arXiv 2306.11695, §5) recover part of what 2:4 costs by LoRA fine-tuning (rank 8 on q_proj and v_proj).
+A LoRA update B·A is dense, so merging it into a pruned weight would fill its zeros. Here every LoRA layer uses
+the masked update (B·A · scale) ⊙ M, with M the weight's non-zeros, in training as in the merge: the model that is
+trained is the model that is kept, and every pruned weight is exactly zero before, during and after. The LoRA
+layers are peft's (``peft.tuners.lora.Linear``), with that one change in ``get_delta_weight`` and ``forward``.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import Linear as LoraLinear
+from torch import nn
+from tqdm import tqdm  # plain text everywhere: a saved notebook shows the finished bar, not a widget
+
+from ..core.errors import BadInput
+from ..core.kept_masks import kept_masks, storage_names
+from ..core.sparse_format import nonzero_bits
+from ..core.validation import check_model, check_number, check_positive_int, check_tokens
+from .sparsity import mask_sha256, model_sparsity
+
+KEPT_ATTRIBUTE = "lab_lora_kept"  # the kept mask a target linear carries while peft wraps it
+
+
+def masked_merge(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                 kept: torch.Tensor | None = None) -> torch.Tensor:
+    """W + (B·A · scale) ⊙ M: a LoRA update merged into a pruned weight without filling its zeros. weight (out, in),
+    lora_a (r, in), lora_b (out, r); kept (out, in) bool, default the non-zeros of ``weight``."""
+    kept = nonzero_bits(weight) if kept is None else kept
+    return weight + (lora_b @ lora_a * scale).to(weight.dtype) * kept
+
+
+class MaskedLoraLinear(LoraLinear):
+    """peft's LoRA linear whose update keeps the base weight's pruned weights at zero: W + (B·A · scale) ⊙ M."""
+
+    def __init__(self, base_layer: nn.Linear, adapter_name: str, **kwargs):
+        super().__init__(base_layer, adapter_name, **kwargs)
+        kept = getattr(base_layer, KEPT_ATTRIBUTE)
+        self.register_buffer("kept", kept.to(base_layer.weight.device), persistent=False)
+
+    def get_delta_weight(self, adapter) -> torch.Tensor:
+        return super().get_delta_weight(adapter) * self.kept
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters or self.merged:
+            return super().forward(x, *args, **kwargs)
+        base = self.get_base_layer()
+        weight = base.weight.float()  # adapters train in float32 (peft casts them up for 16-bit bases)
+        for name in self.active_adapters:
+            if name in self.lora_A:
+                weight = weight + self.get_delta_weight(name).float()
+        bias = None if base.bias is None else base.bias.float()
+        return F.linear(x.float(), weight, bias).to(x.dtype)
+
+
+@dataclass
+class RecoveryReport:
+    """What ``recover`` did: the adapter, the training run, and the check that the mask survived."""
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    steps: int
+    tokens: int  # training tokens seen
+    trainable: int  # LoRA parameters trained
+    seconds: float
+    losses: list[float] = field(default_factory=list)  # training loss per step
+    mask_sha256: str = ""  # before and after: equal
+    sparsity: float = 0.0  # of the decoder linears, after the merge
+
+
+def recover(model: nn.Module, tokens: torch.Tensor, *, rank: int = 8, alpha: float = 16.0,
+            targets: tuple[str, ...] = ("q_proj", "v_proj"), epochs: int = 1, batch_size: int = 4, lr: float = 2e-4,
+            seed: int = 0, progress: bool = True) -> RecoveryReport:
+    """Fine-tune a pruned ``model`` in place with masked LoRA on ``tokens`` (windows, seqlen) for ``epochs``, then
+    merge: ``lu.recover(model, lu.calibration_data(...))``. Only the linears named in ``targets`` get adapters;
+    every pruned weight stays exactly zero (the mask hash is checked before and after). Returns a report."""
+    check_model(model)
+    tokens = check_tokens("recovery tokens", tokens, model.config.vocab_size, ndim=2)
+    for name, value in (("rank", rank), ("epochs", epochs), ("batch_size", batch_size)):
+        check_positive_int(name, value)
+    check_number("alpha", alpha, 0, 1e6, interval="(]")
+    check_number("lr", lr, 0, 1, interval="(]", allowed="a learning rate in (0, 1]")
+    linears = _target_linears(model, targets)
+    before = mask_sha256(model)
+    _attach_kept(model, linears)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none")
+    config._register_custom_module({nn.Linear: MaskedLoraLinear})
+    with warnings.catch_warnings():  # peft asks transformers a question transformers 5 has renamed
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, config)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    start = time.perf_counter()
+    losses = _train(peft_model, tokens, trainable, epochs, batch_size, lr, seed, progress)
+    merged = peft_model.merge_and_unload()
+    for linear in linears.values():
+        delattr(linear, KEPT_ATTRIBUTE)
+    after = mask_sha256(merged)
+    if after != before:  # cannot happen: every update is masked
+        raise RuntimeError(f"recovery changed the mask (sha256 {before[:12]} → {after[:12]})")
+    return RecoveryReport(rank, alpha, tuple(targets), len(losses), int(tokens.numel()) * epochs,
+                          sum(p.numel() for p in trainable), time.perf_counter() - start, losses, after,
+                          model_sparsity(merged)["linear_sparsity"])
+
+
+def _target_linears(model: nn.Module, targets) -> dict[str, nn.Linear]:
+    if isinstance(targets, str) or not targets or not all(isinstance(t, str) for t in targets):
+        raise BadInput(f"targets must be a non-empty tuple of linear names such as ('q_proj', 'v_proj'); "
+                       f"got {targets!r}")
+    found = {name: m for name, m in model.named_modules()
+             if isinstance(m, nn.Linear) and name.rpartition(".")[2] in targets}
+    missing = sorted(set(targets) - {name.rpartition(".")[2] for name in found})
+    if missing:
+        raise BadInput(f"targets {missing} name no linear of this model; e.g. 'q_proj', 'k_proj', 'v_proj', "
+                       "'o_proj', 'gate_proj', 'up_proj', 'down_proj'")
+    return found
+
+
+def _attach_kept(model: nn.Module, linears: dict[str, nn.Linear]) -> None:
+    """Give each target linear the mask its update may touch: the non-zeros among the weights pruning kept (the
+    record, where there is one). A kept weight that is exactly zero stays zero too, so the zero pattern — the mask
+    hash, the measured sparsity — is the same after recovery."""
+    record, names = kept_masks(model), storage_names(model)
+    for linear in linears.values():
+        pname = names[linear.weight.untyped_storage().data_ptr()][0]
+        kept = nonzero_bits(linear.weight.detach())
+        if record is not None and pname in record.packed:
+            kept &= record.kept(pname).to(kept.device)
+        object.__setattr__(linear, KEPT_ATTRIBUTE, kept)
+
+
+def _train(model: nn.Module, tokens: torch.Tensor, params: list, epochs: int, batch_size: int, lr: float, seed: int,
+           progress: bool) -> list[float]:
+    """AdamW on the LoRA parameters, causal-LM loss on every window; one step per batch, windows shuffled."""
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    steps = epochs * math.ceil(len(tokens) / batch_size)
+    losses = []
+    model.train()
+    with tqdm(total=steps, desc="recovery", unit="step", disable=not progress) as bar:
+        for _ in range(epochs):
+            order = torch.randperm(len(tokens), generator=generator)
+            for start in range(0, len(tokens), batch_size):
+                batch = tokens[order[start:start + batch_size]].to(device)
+                loss = model(input_ids=batch, labels=batch).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+                bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+                bar.update()
+    model.eval()
+    return losses
+
