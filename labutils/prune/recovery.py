@@ -90,6 +90,7 @@ def recover(model: nn.Module, tokens: torch.Tensor, *, rank: int = 8, alpha: flo
     check_number("lr", lr, 0, 1, interval="(]", allowed="a learning rate in (0, 1]")
     linears = _target_linears(model, targets)
     before = mask_sha256(model)
+    trainable_before = {id(p): p.requires_grad for p in model.parameters()}  # peft freezes the whole model
     _attach_kept(model, linears)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none")
     config._register_custom_module({nn.Linear: MaskedLoraLinear})
@@ -102,6 +103,8 @@ def recover(model: nn.Module, tokens: torch.Tensor, *, rank: int = 8, alpha: flo
     merged = peft_model.merge_and_unload()
     for linear in linears.values():
         delattr(linear, KEPT_ATTRIBUTE)
+    for param in merged.parameters():  # the same Parameter objects: give back what peft froze
+        param.requires_grad_(trainable_before.get(id(param), param.requires_grad))
     after = mask_sha256(merged)
     if after != before:  # cannot happen: every update is masked
         raise RuntimeError(f"recovery changed the mask (sha256 {before[:12]} → {after[:12]})")
