@@ -172,7 +172,7 @@ def _export(args: argparse.Namespace) -> None:
     print(f"wrote {out}: an ordinary transformers folder (AutoModelForCausalLM.from_pretrained({str(out)!r}))")
 
 
-def _prepare() -> None:
+def _prepare(args: argparse.Namespace) -> None:
     path = embedded_model_dir(verify="full")
     sizes = {split: len(corpus_split(split)) for split in ("calibration", "validation", "test")}
     print(f"default model ready at {path} (every file checked against its manifest)")
@@ -202,24 +202,15 @@ def _readme(args: argparse.Namespace) -> None:
     print(f"{path}: {'tables rewritten from results/' if update_readme(path) else 'already equal to results/'}")
 
 
+COMMANDS = {"prune": _prune, "export": _export, "prepare": _prepare, "bench-prune": _bench_prune,
+            "student": _student, "grade": _grade, "readme": _readme}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     interrupt_on_termination()  # SIGTERM and SIGHUP clean up like Ctrl-C
     try:
-        if args.command == "prune":
-            _prune(args)
-        elif args.command == "bench-prune":
-            _bench_prune(args)
-        elif args.command == "student":
-            _student(args)
-        elif args.command == "grade":
-            _grade(args)
-        elif args.command == "readme":
-            _readme(args)
-        elif args.command == "export":
-            _export(args)
-        else:
-            _prepare()
+        COMMANDS[args.command](args)
     except LabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

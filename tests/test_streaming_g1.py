@@ -54,7 +54,7 @@ def test_mask_sha256_is_the_reference_digest_in_one_transfer(monkeypatch):
     expected = reference_mask_sha256(model)
     assert lu.mask_sha256(model) == expected
     # The device path (what runs on a GPU): packed by torch, then one copy to the host for all linears.
-    monkeypatch.setattr(sparsity, "_numpy_packbits", pack_bits)
+    monkeypatch.setattr(sparsity, "pack_kept", pack_bits)
     copies = []
     real_cpu = torch.Tensor.cpu
     monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: copies.append(t.shape) or real_cpu(t, *a, **k))

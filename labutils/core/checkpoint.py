@@ -99,7 +99,7 @@ def save_pruned(model, folder: str | os.PathLike, tokenizer=None, report: dict |
                 model.save_pretrained(tmp)
             state = model.state_dict()
             sizes = sparse_sizes(state, zero_masks(model, state), nm)
-            sizes["model"]["dense"] = sum(f.stat().st_size for f in weight_files(tmp))
+            sizes["model"]["dense"] = model_file_bytes(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         report["disk"] = {"format": format, **sizes}

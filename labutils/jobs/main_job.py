@@ -14,10 +14,17 @@ import torch
 
 from ..core import data
 from ..core.card import folder_card_fields
-from ..core.checkpoint import SAVE_FORMATS, check_output_dir, is_lab_output, load_report, save_pruned
+from ..core.checkpoint import (
+    SAVE_FORMATS,
+    check_output_dir,
+    is_lab_output,
+    load_report,
+    model_file_bytes,
+    save_pruned,
+)
 from ..core.config import Profile, get_profile
 from ..core.device import get_device, require_cuda, set_seed, versions
-from ..core.models import CACHE_FOLDER, check_seqlen, load_model, weight_files
+from ..core.models import CACHE_FOLDER, check_seqlen, load_model
 from ..core.storage import cache_dir, output_lock, verify_folder
 from ..core.validation import check_choice
 from ..evaluate.perplexity import perplexity
@@ -80,7 +87,7 @@ def expected_model_bytes(profile: Profile, model_path: str | None) -> int | None
     None where it cannot be known (a hub id other than the profile's)."""
     if model_path is not None:
         folder = Path(model_path).expanduser()
-        return (sum(f.stat().st_size for f in weight_files(folder)) or None) if folder.is_dir() else None
+        return (model_file_bytes(folder) or None) if folder.is_dir() else None
     if profile.model_source == "embedded":
         cached = cache_dir() / CACHE_FOLDER / "model.safetensors"
         return cached.stat().st_size if cached.is_file() else EMBEDDED_MODEL_BYTES

@@ -23,14 +23,14 @@ from torch import nn
 
 from ..core.device import SectionTimer, synchronize
 from ..core.errors import BadInput, LabError, is_out_of_memory
-from ..core.kept_masks import kept_in_parameters, pack_kept, record_kept, storage_names
+from ..core.kept_masks import kept_in_parameters, record_kept, storage_names
 from ..core.models import find_decoder_layers, find_linears, find_routers
 from ..core.validation import check_flag, check_model, check_positive_int, check_tokens
 from .calibration import LayerInputs, collect_statistics
 from .masks import SparsityTarget
 from .methods import METHODS  # noqa: F401  (re-exported: the driver runs these)
 from .owl import layer_outlier_ratios, owl_sparsities
-from .sparsity import mask_sha256, pack_bits
+from .sparsity import mask_sha256, pack_on_device
 from .spec import PruneSpec, check_spec
 from .streaming import Placement, calibration_inputs, compute_device, layer_visits
 
@@ -302,7 +302,7 @@ class KeptBits:
         weights = {name: linears[name].weight for name in masks}
         for name, kept in kept_in_parameters(storage_names(layer), weights, masks).items():
             key = f"{prefix}.{name}"
-            self.packed[key] = pack_bits(kept) if kept.device.type != "cpu" else pack_kept(kept)
+            self.packed[key] = pack_on_device(kept)
             self.shapes[key] = tuple(kept.shape)
 
     def on_host(self) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, ...]]]:

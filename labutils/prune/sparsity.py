@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..core.kept_masks import pack_kept
 from ..core.models import ExpertWeight, find_decoder_layers, find_linears
 
 
@@ -44,8 +45,10 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-def _numpy_packbits(bits: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(np.packbits(bits.numpy()))  # faster than ``pack_bits`` on a CPU
+def pack_on_device(bits: torch.Tensor) -> torch.Tensor:
+    """``np.packbits`` order where ``bits`` are: numpy on the CPU (faster there), ``pack_bits`` on a GPU (the bits
+    stay on it until one copy to the host)."""
+    return pack_kept(bits) if bits.device.type == "cpu" else pack_bits(bits)
 
 
 def mask_sha256(model: nn.Module) -> str:
@@ -61,8 +64,7 @@ def mask_sha256(model: nn.Module) -> str:
     packed = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
     offsets = np.cumsum([0, *sizes]).tolist()
     for weight, start, end in zip(weights, offsets, offsets[1:]):
-        pack = _numpy_packbits if weight.device.type == "cpu" else pack_bits
-        packed[start:end] = pack(weight == 0)
+        packed[start:end] = pack_on_device(weight == 0)
     host = packed.cpu().numpy()  # the one device → host copy
     digest = hashlib.sha256()
     for (name, weight), start, end in zip(zip(linears, weights), offsets, offsets[1:]):
