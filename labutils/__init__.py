@@ -37,6 +37,7 @@ from .evaluate.zeroshot.tasks import write_tasks
 from .jobs.bench_prune import bench_prune, bench_setup, saved_bench_results
 from .jobs.compare import Comparison, compare_methods, standard_variants, sweep_variants, write_results
 from .jobs.main_job import PruneJob, build_report, default_output_dir, ensure_pruned, run_prune_job
+from .jobs.stream_job import LayerwisePerplexity
 from .lab.checks import (
                                   CheckFailed,
                                   CheckResult,
@@ -67,6 +68,7 @@ from .lab.plots import (
 )
 from .lab.tables import benchmark_summary
 from .prune.calibration import capture_layer_inputs, collect_input_norms, collect_statistics
+from .prune.disk import CheckpointReader, DiskLayers, load_outer, prune_streamed, skeleton
 from .prune.driver import PruneReport, prune_model
 from .prune.masks import SparsityTarget, as_target, parse_nm, select_mask, unstructured_mask
 from .prune.methods import (
@@ -79,6 +81,7 @@ from .prune.methods import (
                                   wanda_score,
 )
 from .prune.owl import OwlConfig
+from .prune.parallel import DataParallel, start_data_parallel
 from .prune.recovery import RecoveryReport, recover
 from .prune.sparsity import mask_sha256, model_sparsity, sparsity_table
 from .prune.spec import PruneSpec
@@ -103,7 +106,8 @@ __all__ = [
     "collect_input_norms", "collect_statistics", "METHODS", "get_method", "magnitude_score", "output_error",
     "sparsegpt_weights", "admm_update", "wanda_score", "OwlConfig", "recover", "RecoveryReport", "PruneSpec",
     "PruneReport", "prune_model", "mask_sha256",
-    "model_sparsity", "sparsity_table",
+    "model_sparsity", "sparsity_table", "CheckpointReader", "DiskLayers", "load_outer", "prune_streamed", "skeleton",
+    "DataParallel", "start_data_parallel",
     # evaluate
     "perplexity", "PROMPTS", "degeneration_table", "drift_table", "mean_kl", "passage_starts", "prompt_text",
     "side_by_side", "format_answers", "LOCAL_TASKS", "profile_tasks", "task_examples", "zero_shot", "zero_shot_table", "write_tasks",
@@ -114,6 +118,7 @@ __all__ = [
     # jobs
     "PruneJob", "build_report", "default_output_dir", "ensure_pruned", "run_prune_job", "Comparison", "compare_methods",
     "standard_variants", "sweep_variants", "write_results", "bench_prune", "bench_setup", "saved_bench_results",
+    "LayerwisePerplexity",
     # lab
     "CheckFailed", "CheckResult", "check_close", "check_layer_sparsity", "check_masked_merge", "check_mean_kl", "check_nm_mask",
     "check_perplexity", "check_prediction", "check_ria_score", "check_row_mask", "check_top1_agreement",

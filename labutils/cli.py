@@ -5,6 +5,8 @@ maintainers ``readme`` (the README's result tables from ``results/``)."""
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -12,10 +14,10 @@ import pandas as pd
 
 from .core.checkpoint import SAVE_FORMATS, disk_table, export_dense, load_report
 from .core.config import DEFAULT_PROFILE, PROFILES
-from .core.data import corpus_split
+from .core.data import corpus_split, split_tokens
 from .core.errors import BadInput, LabError
-from .core.models import embedded_model_dir
-from .core.storage import PUBLISHED, interrupt_on_termination, strict_json
+from .core.models import embedded_model_dir, folder_tokenizer
+from .core.storage import PUBLISHED, cache_dir, interrupt_on_termination, strict_json
 from .core.validation import check_seed
 from .jobs.bench_prune import MODES, TARGETS, bench_prune, bench_setup, default_json_path, write_json
 from .jobs.main_job import PruneJob, run_prune_job, summary_table
@@ -23,6 +25,7 @@ from .lab.course import master_paths, write_student_copies
 from .lab.grading import feedback_folder, grade
 from .lab.readme import update_readme
 from .prune.masks import GROUPS
+from .prune.parallel import launched_ranks
 from .prune.methods import METHODS
 from .prune.spec import CLI_FLAGS, METHOD_FLAGS, PruneSpec
 
@@ -88,6 +91,13 @@ def _add_prune(sub) -> None:
     prune.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: best available)")
     prune.add_argument("--low-memory", action="store_true",
                        help="keep the model in CPU memory while pruning; one layer at a time visits the GPU")
+    prune.add_argument("--stream-from-disk", action="store_true",
+                       help="never load the model whole: each decoder layer is read from the safetensors files, "
+                            "pruned and written as one shard of the sparse output (models larger than memory; "
+                            "README \"70B\")")
+    prune.add_argument("--data-parallel", action="store_true",
+                       help="under torchrun --nproc-per-node N: each process calibrates on its share of the samples, "
+                            "statistics summed in one process's order (same masks); rank 0 evaluates and writes")
     prune.add_argument("--save-format", choices=list(SAVE_FORMATS), default="sparse",
                        help="sparse: kept values and masks, about half the bytes at 50%% (load with lu.load_pruned, "
                             "or write a dense copy with export); dense: an ordinary transformers folder "
@@ -145,6 +155,8 @@ def _prune(args: argparse.Namespace) -> None:
     flags = vars(args)
     job = {k: v for k, v in flags.items() if k not in ("command", "json", *CLI_FLAGS, *METHOD_FLAGS)}
     report = run_prune_job(PruneJob(PruneSpec.from_cli(flags), **job))
+    if "rank" in report:  # another data-parallel rank: rank 0 prints
+        return
     if args.json:
         print(strict_json(report))
         return
@@ -158,7 +170,8 @@ def _prune(args: argparse.Namespace) -> None:
     if report["empty_experts"]:
         print(f"{len(report['empty_experts'])} expert matrices received no calibration token and were pruned by "
               f"|W| alone: {', '.join(report['empty_experts'][:4])}{' …' if len(report['empty_experts']) > 4 else ''}")
-    print(f"seconds: {', '.join(f'{k} {v:.1f}' for k, v in report['seconds'].items())}")
+    print(f"seconds: {', '.join(f'{k} {v:.1f}' for k, v in report['seconds'].items())}; "
+          f"peak memory {report['peak_rss_bytes'] / 2**30:.2f} GiB")
     print(f"\n{disk_table(report).to_string(formatters=DISK_FORMAT)}")
     print(f"saved to {report['output']}")
 
@@ -174,9 +187,13 @@ def _export(args: argparse.Namespace) -> None:
 
 def _prepare(args: argparse.Namespace) -> None:
     path = embedded_model_dir(verify="full")
-    sizes = {split: len(corpus_split(split)) for split in ("calibration", "validation", "test")}
+    splits = ("calibration", "validation", "test")
+    sizes = {split: len(corpus_split(split)) for split in splits}
+    tokenizer = folder_tokenizer(path)
+    tokens = {split: split_tokens(tokenizer, split).numel() for split in splits}  # tokenized once, kept on disk
     print(f"default model ready at {path} (every file checked against its manifest)")
     print(f"corpus articles per split: {sizes}")
+    print(f"tokens per split with its tokenizer: {tokens} (kept in {cache_dir() / 'tokens'})")
 
 
 def _bench_prune(args: argparse.Namespace) -> None:
@@ -209,17 +226,23 @@ COMMANDS = {"prune": _prune, "export": _export, "prepare": _prepare, "bench-prun
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     interrupt_on_termination()  # SIGTERM and SIGHUP clean up like Ctrl-C
+    rank = f"rank {os.environ['RANK']}: " if launched_ranks() > 1 and "RANK" in os.environ else ""
     try:
         COMMANDS[args.command](args)
     except LabError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{rank}error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (storage.Terminated)
         code = 128 + getattr(exc, "signum", 2)
         if PUBLISHED:
             print(f"interrupted after {PUBLISHED[-1]} was published: the new model is in place", file=sys.stderr)
             return 0
-        print(f"interrupted ({'Ctrl-C' if code == 130 else exc}): nothing was published (an earlier output folder "
-              "is unchanged)", file=sys.stderr)
+        why = (" — torchrun stopped this rank because another one failed (its error is above)"
+               if rank and code != 130 else "")
+        print(f"{rank}interrupted ({'Ctrl-C' if code == 130 else exc}{why}): nothing was published (an earlier "
+              "output folder is unchanged)", file=sys.stderr)
         return code
+    finally:  # a signal while the interpreter shuts down (torchrun stopping the other ranks) just ends it
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
     return 0

@@ -74,3 +74,14 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if hasattr(item, "output_timeout"):
             item.output_timeout = NBVAL_OUTPUT_TIMEOUT
+
+
+@pytest.fixture(scope="session")
+def sharded_tiny(tiny_with_tokenizer, tmp_path_factory):
+    """The tiny model with its tokenizer, saved in several safetensors shards with an index (as large models are)."""
+    folder = tmp_path_factory.mktemp("sharded") / "model"
+    model, tokenizer = lu.load_model(lu.get_profile(None), torch.device("cpu"), str(tiny_with_tokenizer))
+    model.save_pretrained(folder, max_shard_size="100KB")
+    tokenizer.save_pretrained(folder)
+    assert (folder / "model.safetensors.index.json").is_file()
+    return folder

@@ -5,7 +5,7 @@ import torch
 from conftest import make_tiny, random_tokens
 
 import labutils as lu
-from labutils.prune.recovery import MaskedLoraLinear
+from labutils.prune.lora import MaskedLoraLinear
 
 
 def pruned_tiny(target="2:4", seed=0):

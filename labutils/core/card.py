@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .sparse_format import SPARSE_FILE
+from .sparse_format import SPARSE_FILE, SPARSE_INDEX
 
 CARD_FILE = "README.md"
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -64,7 +64,9 @@ def _facts(report: dict, disk: dict) -> list[tuple[str, str]]:
         facts.append(("perplexity, dense → pruned", f"{ppl['dense']:.3f} → {ppl['pruned']:.3f} "
                                                      f"({report.get('eval_tokens')} test tokens)"))
     if disk:
-        facts.append(("saved as", f"{disk['format']} ({SPARSE_FILE if disk['format'] == 'sparse' else 'model.safetensors'})"))
+        files = (f"{SPARSE_INDEX} and {disk['shards']} shards" if disk.get("shards") else
+                 SPARSE_FILE if disk["format"] == "sparse" else "model.safetensors")
+        facts.append(("saved as", f"{disk['format']} ({files})"))
         for part in ("model", "pruned linears"):
             dense, sparse = disk[part]["dense"], disk[part]["sparse"]
             facts.append((f"bytes, {part}", f"dense {dense:,}, sparse {sparse:,} ({sparse / dense:.1%})"

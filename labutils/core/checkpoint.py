@@ -100,12 +100,18 @@ def save_pruned(model, folder: str | os.PathLike, tokenizer=None, report: dict |
             state = model.state_dict()
             sizes = sparse_sizes(state, zero_masks(model, state), nm)
             sizes["model"]["dense"] = model_file_bytes(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        report["disk"] = {"format": format, **sizes}
-        (tmp / REPORT_FILE).write_text(strict_json({"lab": LAB_MARKER, **report}) + "\n")
-        (tmp / CARD_FILE).write_text(model_card(report, report["disk"], str(folder)))
+        write_folder_files(tmp, report, sizes, format, tokenizer, str(folder))
     return path
+
+
+def write_folder_files(tmp: Path, report: dict, sizes: dict, format: str, tokenizer, folder: str) -> None:
+    """What every lab output holds beside the weights: the tokenizer (if any), ``report.json`` with the bytes on
+    disk added to ``report`` as "disk", and the model card; ``folder``: where it will be published."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    report["disk"] = {"format": format, **sizes}
+    (tmp / REPORT_FILE).write_text(strict_json({"lab": LAB_MARKER, **report}) + "\n")
+    (tmp / CARD_FILE).write_text(model_card(report, report["disk"], folder))
 
 
 def model_file_bytes(path: str | os.PathLike) -> int:

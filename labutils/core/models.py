@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PretrainedConfig
@@ -17,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Pretr
 from .config import Profile, flag_note
 from .device import require_cuda
 from .errors import BadInput, LabError
-from .sparse_format import SPARSE_FILE
+from .sparse_format import SPARSE_FILE, SPARSE_INDEX
 from .storage import (
     MANIFEST_FILE,
     atomic_folder,
@@ -132,7 +133,7 @@ def load_tokenizer(name_or_path: str | os.PathLike, model: nn.Module):
 
 def _load_local(folder: Path, dtype: torch.dtype):
     """(model, tokenizer) from a folder that exists; LabError naming what is missing or damaged in it."""
-    weights = _check_model_folder(folder)
+    weights = check_model_folder(folder)
     try:
         with quiet_hf_progress():
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
@@ -159,14 +160,14 @@ def weight_files(folder: Path) -> list[Path]:
     return sorted(w for pattern in WEIGHT_PATTERNS for w in folder.glob(pattern))
 
 
-def _check_model_folder(folder: Path) -> list[Path]:
+def check_model_folder(folder: Path) -> list[Path]:
     """The weight files of a model folder; LabError if config.json or the weights are missing or unreadable."""
     if not (folder / "config.json").is_file():
         held = sorted(p.name for p in folder.iterdir())
         holds = "it is empty" if not held else f"it holds {', '.join(held[:6])}{' …' if len(held) > 6 else ''}"
         raise LabError(f"model folder {folder} has no config.json ({holds}); allowed: a folder written by "
                        "save_pretrained (config.json and *.safetensors or pytorch_model.bin weights) or a Hub id")
-    if (folder / SPARSE_FILE).is_file():
+    if (folder / SPARSE_FILE).is_file() or (folder / SPARSE_INDEX).is_file():
         raise LabError(f"model folder {folder} holds the lab's sparse checkpoint ({SPARSE_FILE}), which transformers "
                        f"cannot read: load it with lu.load_pruned, or write a dense copy for --model and other tools "
                        f"with: python -m labutils export {folder} OUT")
@@ -199,6 +200,34 @@ def _load_hub(name: str, local: Path, dtype: torch.dtype):
             "or pass a local folder that holds config.json and the weights."
         ) from exc
     return model, tokenizer
+
+
+def model_folder(profile: Profile, model_path: str | None = None) -> Path:
+    """The local folder of a profile's model (or of ``model_path``): what streaming from disk reads, tensor by
+    tensor. A hub id is fetched into the Hugging Face cache first (config, tokenizer and safetensors files only);
+    LabError when the hub cannot provide it."""
+    name = model_path
+    if name is None:
+        if profile.model_source == "embedded":
+            return embedded_model_dir()
+        if profile.model_source != "hub":
+            raise BadInput(f"profile {profile.name!r} builds a random model in memory; streaming from disk needs a "
+                           "model folder (--model PATH) or a profile whose model is on disk or the hub")
+        name = profile.model_id
+    local = Path(name).expanduser()
+    if local.is_dir():
+        check_model_folder(local)
+        return local
+    try:
+        with quiet_hf_progress():
+            return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except (OSError, ValueError, RuntimeError) as exc:  # offline, unknown id, gated repo
+        raise LabError(
+            f"model {name!r} not found: there is no local folder {local.resolve()} and the Hugging Face Hub could not "
+            f"provide it ({_first_line(exc)}). For gated models such as Llama-2, accept the licence on "
+            "huggingface.co, run `hf auth login` (or set HF_TOKEN) on a machine with internet, or pass a local "
+            "folder that holds config.json and the weights."
+        ) from exc
 
 
 def _first_line(exc: BaseException) -> str:

@@ -18,6 +18,11 @@ Every other tensor is stored under its own name as it is. The file's metadata ke
 ``{"version": 1, "tensors": {K: {"layout", "shape", "dtype", and for nm "n", "m", "bits"}}, "aliases":
 {name: stored name}}`` (aliases: tied weights, stored once). A pruned position is +0.0; a kept weight keeps its
 exact bits, even when it is 0.0 or -0.0, so decoding gives back the saved weights bit for bit, and the masks.
+
+A model pruned while streamed from disk (``prune.disk``) is written shard by shard: ``sparse-model-00001-of-000NN
+.safetensors`` … (the first holds everything outside the decoder layers, then one per decoder layer), each a file
+of the layout above with its own metadata, and ``sparse-model.safetensors.index.json`` mapping every stored tensor
+to its shard (``{"metadata": {...}, "weight_map": {name: file}}``, as transformers' sharded checkpoints do).
 """
 from __future__ import annotations
 
@@ -32,11 +37,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .errors import LabError
 
 SPARSE_FILE = "sparse-model.safetensors"
+SPARSE_INDEX = "sparse-model.safetensors.index.json"  # the shards of a model written layer by layer
 DECODE_THREADS = max(1, min(8, os.cpu_count() or 1))
 METADATA_KEY = "wanda_lab.sparse"
 VERSION = 1
@@ -163,9 +168,10 @@ def _decode_nm(key: str, entry: dict, shape: tuple, values: torch.Tensor, packed
 
 
 def write_sparse(path: Path, state: dict[str, torch.Tensor], pruned: dict[str, torch.Tensor],
-                 nm: tuple[int, int] | None) -> None:
+                 nm: tuple[int, int] | None) -> list[str]:
     """Write ``state`` (name → tensor) to the safetensors file ``path``, each name in ``pruned`` (name → kept bool
-    mask, same shape) encoded. Tensors that share memory are stored once, the others as aliases."""
+    mask, same shape) encoded. Tensors that share memory are stored once, the others as aliases. Returns the names
+    of the tensors stored."""
     tensors, layout, aliases, stored = {}, {}, {}, {}
     for name, tensor in state.items():
         identity = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
@@ -175,7 +181,7 @@ def write_sparse(path: Path, state: dict[str, torch.Tensor], pruned: dict[str, t
         stored[identity] = name
         tensor = tensor.detach().cpu()
         if name not in pruned:
-            tensors[name] = tensor.contiguous().clone()  # a view sharing memory with another tensor is stored alone
+            tensors[name] = tensor
             continue
         parts, layout[name] = encode(tensor.contiguous(), pruned[name], nm)
         for suffix, part in parts.items():
@@ -184,7 +190,81 @@ def write_sparse(path: Path, state: dict[str, torch.Tensor], pruned: dict[str, t
             tensors[f"{name}.{suffix}"] = part.contiguous()
     metadata = {"format": "pt", METADATA_KEY: json.dumps({"version": VERSION, "tensors": layout,
                                                           "aliases": aliases})}
-    save_file(tensors, str(path), metadata=metadata)
+    write_safetensors(path, tensors, metadata)
+    return list(tensors)
+
+
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
+                      torch.float8_e5m2: "F8_E5M2"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A safetensors file written tensor by tensor from the tensors' own memory: unlike ``save_file``, which
+    first copies every tensor into one bytes object, this needs no second copy of the model (what keeps a
+    disk-streamed run of a large model within its memory). Tensors are laid out largest element first, so each
+    starts aligned to its element size, as ``save_file`` lays them out."""
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header, offset = {"__metadata__": metadata}, 0
+    for name in order:
+        tensor = tensors[name]
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise LabError(f"cannot store {name}: safetensors has no type for {tensor.dtype}")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as file:
+        file.write(len(encoded).to_bytes(8, "little"))
+        file.write(encoded)
+        for name in order:
+            tensor = tensors[name].detach().cpu().contiguous()
+            if tensor.numel():
+                file.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))  # no copy; a full disk: ENOSPC
+
+
+def shard_name(number: int, count: int) -> str:
+    """The file name of shard ``number`` (from 1) of ``count``."""
+    return f"sparse-model-{number:05d}-of-{count:05d}.safetensors"
+
+
+def write_sparse_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """The index of a sharded sparse checkpoint: every stored tensor name → its shard's file name."""
+    index = {"metadata": {"total_size": total_size, METADATA_KEY: {"version": VERSION}}, "weight_map": weight_map}
+    (folder / SPARSE_INDEX).write_text(json.dumps(index, indent=1) + "\n")
+
+
+def sparse_files(folder: Path) -> list[Path]:
+    """The sparse weight files of a folder: ``sparse-model.safetensors``, or the shards its index lists; [] if
+    neither is there. LabError when the index is unreadable or names a missing shard."""
+    if (folder / SPARSE_FILE).is_file():
+        return [folder / SPARSE_FILE]
+    if not (folder / SPARSE_INDEX).is_file():
+        return []
+    try:
+        weight_map = json.loads((folder / SPARSE_INDEX).read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise LabError(f"{folder / SPARSE_INDEX} is not a readable shard index ({exc}); save the model again") from exc
+    files = [folder / name for name in sorted(set(weight_map.values()))]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise LabError(f"{folder / SPARSE_INDEX} lists shards that are missing: {', '.join(missing[:3])}")
+    return files
+
+
+def read_sparse_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], tuple[int, int] | None]:
+    """``read_sparse`` over every sparse file of ``folder`` (one, or the shards of a model written layer by
+    layer), merged."""
+    state, kept, patterns = {}, {}, set()
+    for path in sparse_files(folder):
+        part = _read_file(path)
+        state.update(part[0])
+        kept.update(part[1])
+        patterns |= part[2]
+    return state, kept, patterns.pop() if len(patterns) == 1 else None
 
 
 def read_sparse(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], tuple[int, int] | None]:
@@ -192,6 +272,11 @@ def read_sparse(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Te
     decoded from a sparse file; LabError naming the tensor or the file when it is damaged. Everything is decoded
     before anything is returned. Tensors decode in parallel threads (numpy and torch release the GIL), a few at a
     time, so memory holds the decoded model and a few encoded tensors, not two copies of the model."""
+    state, kept, patterns = _read_file(path)
+    return state, kept, patterns.pop() if len(patterns) == 1 else None
+
+
+def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], set]:
     state, kept = {}, {}
     try:
         with safe_open(str(path), framework="pt") as file, ThreadPoolExecutor(DECODE_THREADS) as pool:
@@ -216,7 +301,7 @@ def read_sparse(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Te
             raise LabError(f"sparse file {path.name}: alias {alias} points to {name}, which it does not hold")
         state[alias] = state[name]
     patterns = {(e.get("n"), e.get("m")) if e.get("layout") == "nm" else None for e in layout["tensors"].values()}
-    return state, kept, patterns.pop() if len(patterns) == 1 else None
+    return state, kept, patterns
 
 
 def _layout(path: Path, metadata: dict | None) -> dict:

@@ -13,7 +13,16 @@ from transformers import initialization
 from .errors import BadInput, LabError
 from .kept_masks import kept_masks, record_kept, storage_names
 from .models import find_decoder_layers, find_linears
-from .sparse_format import SPARSE_FILE, encoded_bytes, nonzero_bits, read_sparse, write_sparse
+from .sparse_format import (
+    SPARSE_FILE,
+    encoded_bytes,
+    nonzero_bits,
+    read_sparse_folder,
+    shard_name,
+    sparse_files,
+    write_sparse,
+    write_sparse_index,
+)
 
 GENERATION_FILE = "generation_config.json"
 
@@ -88,14 +97,42 @@ def save_sparse_model(model: nn.Module, folder: Path, nm: tuple[int, int] | None
 
 
 def is_sparse_folder(folder: Path) -> bool:
-    return (folder / SPARSE_FILE).is_file()
+    """True for a folder holding the lab's sparse checkpoint (one file, or a shard index)."""
+    return bool(sparse_files(folder))
+
+
+class ShardWriter:
+    """Writes a sparse checkpoint shard by shard (``prune.disk``): ``write(number, state, kept)`` stores one shard
+    (shard 1: everything outside the decoder layers; then one per layer) and adds up the sizes; ``finish()``
+    writes the index and returns the sizes as ``save_sparse_model`` does."""
+
+    def __init__(self, folder: Path, count: int, nm: tuple[int, int] | None):
+        self.folder, self.count, self.nm = folder, count, nm
+        self.weight_map: dict[str, str] = {}
+        self.sizes = {"model": {"dense": 0, "sparse": 0}, "pruned linears": {"dense": 0, "sparse": 0}}
+
+    def write(self, number: int, state: dict[str, torch.Tensor], kept: dict[str, torch.Tensor]) -> None:
+        """Shard ``number`` (from 1): ``state`` (name → tensor), the names in ``kept`` (→ kept bool mask) encoded."""
+        name = shard_name(number, self.count)
+        stored = write_sparse(self.folder / name, state, kept, self.nm)
+        for part, sizes in sparse_sizes(state, kept, self.nm).items():
+            for kind, size in sizes.items():
+                self.sizes[part][kind] += size
+        self.weight_map.update(dict.fromkeys(stored, name))
+
+    def finish(self) -> dict:
+        """Write the index; the sizes, the sparse model's measured on disk."""
+        files = {self.folder / name for name in self.weight_map.values()}
+        self.sizes["model"]["sparse"] = sum(f.stat().st_size for f in files)
+        write_sparse_index(self.folder, self.weight_map, self.sizes["model"]["sparse"])
+        return {**self.sizes, "shards": len(files)}
 
 
 def load_sparse_model(folder: Path, dtype: torch.dtype | None = None) -> nn.Module:
     """An ordinary transformers model from a sparse folder, its weights bit for bit those saved (then converted to
     ``dtype`` if given and different) and its kept masks recorded on it. Everything is decoded and checked before
     the model is built."""
-    state, kept, nm = read_sparse(folder / SPARSE_FILE)  # kept: packed bits per pruned weight
+    state, kept, nm = read_sparse_folder(folder)  # kept: packed bits per pruned weight
     try:
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as exc:

@@ -56,20 +56,25 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seqlen: int, batch_size: 
                              what="test tokens (--eval-tokens) for one window (--eval-seqlen)",
                              desc=desc if progress else None)
     try:
-        total_nll, total_count = _total_nll(model, batches)
+        total, count = total_nll(model, batches)
     except RuntimeError as exc:
         if not is_out_of_memory(exc):
             raise
         where = "GPU" if isinstance(exc, torch.OutOfMemoryError) else "CPU"
         raise LabError(f"out of {where} memory while evaluating ({desc}, batch_size={batch_size}, seqlen={seqlen}): "
                        f"use a smaller --batch-size or --eval-seqlen") from exc
-    mean_nll = total_nll / total_count
+    return perplexity_of(total, count)
+
+
+def perplexity_of(total_nll: float, count: int) -> float:
+    """exp(total_nll / count); LabError when that overflows."""
+    mean_nll = total_nll / count
     if mean_nll > MAX_LOG_PERPLEXITY:
         raise _not_finite("inf", f"the mean loss of {mean_nll:.4g} nats per token overflows exp()")
     return math.exp(mean_nll)
 
 
-def _total_nll(model: nn.Module, batches: Iterator[torch.Tensor]) -> tuple[float, int]:
+def total_nll(model: nn.Module, batches: Iterator[torch.Tensor]) -> tuple[float, int]:
     """Summed negative log-likelihood and prediction count over batches of token windows (batch, seqlen)."""
     total_nll, total_count = 0.0, 0
     for batch in batches:

@@ -12,7 +12,6 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..core import data
 from ..core.card import folder_card_fields
 from ..core.checkpoint import (
     SAVE_FORMATS,
@@ -23,13 +22,17 @@ from ..core.checkpoint import (
     save_pruned,
 )
 from ..core.config import Profile, get_profile
-from ..core.device import get_device, require_cuda, set_seed, versions
-from ..core.models import CACHE_FOLDER, check_seqlen, load_model
+from ..core.device import get_device, peak_rss_bytes, require_cuda, set_seed, versions
+from ..core.errors import BadInput
+from ..core.models import CACHE_FOLDER, load_model
 from ..core.storage import cache_dir, output_lock, verify_folder
 from ..core.validation import check_choice
 from ..evaluate.perplexity import perplexity
-from ..prune.driver import PruneReport, check_prunable, prune_model
+from ..prune.driver import PruneReport, prune_model
+from ..prune.parallel import DataParallel, start_data_parallel, stop_data_parallel
 from ..prune.sparsity import model_sparsity
+from .stream_job import run_streamed
+from .tokens import job_tokens
 from ..prune.spec import PruneSpec, check_spec
 
 LLAMA2_7B_PARAMS = 6_738_415_616  # Llama-2-7B's parameter count (13.5 GB in float16)
@@ -55,6 +58,8 @@ class PruneJob:
     device: str | None = None
     low_memory: bool = False  # keep the model in CPU memory while pruning; layers visit the device one at a time
     save_format: str = "sparse"  # "sparse": kept values and masks (about half the bytes at 50 %); "dense"
+    stream_from_disk: bool = False  # never load the model whole: layers are read, pruned and written one by one
+    data_parallel: bool = False  # one of torchrun's processes, each calibrating on its share of the samples
 
     def resolved_profile(self) -> Profile:
         return get_profile(self.profile, nsamples=self.nsamples, seqlen=self.seqlen, eval_tokens=self.eval_tokens,
@@ -74,6 +79,12 @@ def validate_job(job: PruneJob) -> tuple[Profile, Path]:
     when it was built)."""
     check_spec(job.spec, "PruneJob.spec")
     check_choice("save format", job.save_format, SAVE_FORMATS)
+    if job.stream_from_disk and job.low_memory:
+        raise BadInput("--stream-from-disk already keeps the model out of memory (one layer at a time, from disk); "
+                       "drop --low-memory")
+    if job.stream_from_disk and job.save_format != "sparse":
+        raise BadInput("--stream-from-disk writes the sparse format, shard by shard; drop --save-format dense (a "
+                       "dense copy: python -m labutils export OUT DENSE_OUT)")
     profile = job.resolved_profile()
     if profile.needs_cuda:
         require_cuda(f"profile {profile.name!r}")
@@ -95,9 +106,10 @@ def expected_model_bytes(profile: Profile, model_path: str | None) -> int | None
 
 
 def build_report(profile: Profile, model, prune: PruneReport, perplexities: dict[str, float], *, seed: int,
-                 eval_tokens: int) -> dict:
+                 eval_tokens: int, sparsity: dict | None = None) -> dict:
     """The report.json of a pruned model: what was done, what it measured, and with which versions. The main job
-    adds its model label and the seconds it spent loading and evaluating."""
+    adds its model label and the seconds it spent loading and evaluating. ``sparsity``: ``model_sparsity``'s totals
+    when ``model`` is not whole in memory (streamed from disk)."""
     return {
         "profile": profile.name, "model": profile.model_id, "base_model": profile.base_model,
         "license": profile.license, "method": prune.method,
@@ -106,12 +118,13 @@ def build_report(profile: Profile, model, prune: PruneReport, perplexities: dict
         "target": prune.target,
         "target_sparsity": prune.target_sparsity,
         "nm": None if prune.nm is None else f"{prune.nm[0]}:{prune.nm[1]}",
-        "measured_sparsity": prune.measured_sparsity, **model_sparsity(model),
+        "measured_sparsity": prune.measured_sparsity, **(sparsity or model_sparsity(model)),
         "perplexity": perplexities, "mask_sha256": prune.mask_sha256,
         "nsamples": prune.nsamples, "seqlen": prune.seqlen, "seed": seed,
         "eval_tokens": eval_tokens, "eval_seqlen": profile.eval_seqlen, "batch_size": profile.batch_size,
         "device": prune.device, "dtype": profile.dtype,
         "seconds": {"prune": round(prune.seconds, 3), "method": round(prune.method_seconds, 3)},
+        "layer_seconds": [round(s, 3) for s in prune.layer_seconds],
         "versions": versions(), "quality_warning": profile.quality_warning,
         "sublayers": prune.records(),
         "left_dense": [asdict(d) for d in prune.left_dense], "empty_experts": prune.empty_experts,
@@ -119,35 +132,46 @@ def build_report(profile: Profile, model, prune: PruneReport, perplexities: dict
 
 
 def run_prune_job(job: PruneJob, progress: bool = True) -> dict:
-    """Run the main job and return its report (also written to ``<out>/report.json``)."""
+    """Run the main job and return its report (also written to ``<out>/report.json``).
+
+    ``job.data_parallel`` (launched by torchrun): every rank prunes on its share of the calibration samples; rank 0
+    evaluates, writes and returns the report, every other rank returns {"rank", "mask_sha256"}."""
     profile, out = validate_job(job)
-    with output_lock(out):  # a second run to the same folder stops at once
-        return _run_locked(job, profile, out, progress)
+    device, parallel = get_device(job.device), None
+    if job.data_parallel:
+        parallel, device = start_data_parallel(device)
+    try:
+        leader = parallel is None or parallel.leader
+        with output_lock(out) if leader else contextlib.nullcontext():  # a second run to the same folder stops
+            if job.stream_from_disk:
+                set_seed(job.seed)
+                return run_streamed(job, profile, out, device, progress and leader, parallel, build_report)
+            return _run_locked(job, profile, out, device, progress and leader, parallel)
+    finally:
+        if parallel is not None:
+            stop_data_parallel()
 
 
-def _run_locked(job: PruneJob, profile: Profile, out: Path, progress: bool) -> dict:
+def _run_locked(job: PruneJob, profile: Profile, out: Path, device: torch.device, progress: bool,
+                parallel: DataParallel | None) -> dict:
     seconds = {}
     clock = time.perf_counter()
-    device = get_device(job.device)
     set_seed(job.seed)
     home = torch.device("cpu") if job.low_memory else device  # where the model lives between steps
     model, tokenizer = load_model(profile, home, job.model_path, job.tokenizer_path)
-    check_seqlen(model, "seqlen", profile.seqlen)
-    check_seqlen(model, "eval seqlen", profile.eval_seqlen)
-    check_prunable(model, job.spec.target)
-    vocab = model.config.vocab_size
-    test = data.test_tokens(profile, tokenizer, profile.eval_tokens, vocab_size=vocab, seed=job.seed)
-    calib = None
-    if job.spec.needs_calibration:
-        calib = data.calibration_data(profile, tokenizer, profile.nsamples, profile.seqlen, job.seed, vocab_size=vocab)
+    test, calib = job_tokens(profile, job.spec, model, tokenizer, job.seed)
     seconds["load"] = _lap(clock)
 
+    if parallel is not None and not parallel.leader:  # evaluating and writing are rank 0's
+        prune = prune_model(model, job.spec, calib, profile.batch_size, False,
+                            low_memory=device if job.low_memory else False, parallel=parallel)
+        return {"rank": parallel.rank, "mask_sha256": prune.mask_sha256}
     clock = time.perf_counter()
     with _visiting(model, device, home):
         dense_ppl = perplexity(model, test, profile.eval_seqlen, profile.batch_size, progress, desc="dense perplexity")
     seconds["dense_eval"] = _lap(clock)
     prune = prune_model(model, job.spec, calib, profile.batch_size, progress,
-                        low_memory=device if job.low_memory else False)
+                        low_memory=device if job.low_memory else False, parallel=parallel)
     clock = time.perf_counter()
     with _visiting(model, device, home):
         pruned_ppl = perplexity(model, test, profile.eval_seqlen, profile.batch_size, progress,
@@ -157,7 +181,8 @@ def _run_locked(job: PruneJob, profile: Profile, out: Path, progress: bool) -> d
     report = build_report(profile, model, prune, {"dense": dense_ppl, "pruned": pruned_ppl}, seed=job.seed,
                           eval_tokens=int(test.numel()))
     report.update(model=job.model_path or report["model"], device=str(device),
-                  seconds={**seconds, **report["seconds"]})
+                  seconds={**seconds, **report["seconds"]}, data_parallel=None if parallel is None else parallel.world,
+                  peak_rss_bytes=peak_rss_bytes())
     if job.model_path is not None:  # the card's base model and licence: what the folder's own card says
         card = folder_card_fields(job.model_path)
         report.update(base_model=card.get("base_model", job.model_path), license=card.get("license"))

@@ -16,6 +16,7 @@ from torch import nn
 from ..core.errors import BadInput, LabError
 from ..core.models import ExpertWeight, decoder_stack, expert_hidden, find_decoder_layers, find_linears
 from ..core.validation import check_positive_int
+from .parallel import DataParallel, OrderedSum
 
 
 @dataclass
@@ -26,16 +27,20 @@ class LayerInputs:
 
     hidden: list[torch.Tensor]
     kwargs: list[list[dict]] = field(default_factory=list)  # [batch][layer] -> kwargs
+    batch_ids: list[int] = field(default_factory=list)  # each batch's place among all calibration batches
+    n_batches: int = 0  # all calibration batches, on every rank together
+    parallel: DataParallel | None = None  # data-parallel: this rank holds only its own batches (``parallel``)
 
     def add_batch(self, hidden: torch.Tensor, layer_kwargs: list[dict]) -> None:
         """Keep one captured batch: its hidden states and every layer's keyword arguments."""
         self.hidden.append(hidden)
         self.kwargs.append(layer_kwargs)
 
-    def run(self, layer: nn.Module, layer_index: int, advance: bool) -> None:
+    def run(self, layer: nn.Module, layer_index: int, advance: bool, after_batch=None) -> None:
         """Run ``layer`` on every batch (hooks on its linears see every input); ``advance``: its outputs become
-        the inputs of the next layer. With ``advance=False`` no outputs are kept at all."""
-        outputs = run_layer(layer, layer_index, self, keep=advance)
+        the inputs of the next layer. With ``advance=False`` no outputs are kept at all. ``after_batch(b)``, if
+        given, is called once batch b has run."""
+        outputs = run_layer(layer, layer_index, self, keep=advance, after_batch=after_batch)
         if advance:
             self.hidden = outputs
 
@@ -58,7 +63,7 @@ class _Recorder(nn.Module):
 
 
 @contextlib.contextmanager
-def _layers_replaced(owner: nn.Module, attribute: str, replacement: nn.ModuleList):
+def layers_replaced(owner: nn.Module, attribute: str, replacement: nn.ModuleList):
     original = getattr(owner, attribute)
     setattr(owner, attribute, replacement)
     try:
@@ -68,7 +73,7 @@ def _layers_replaced(owner: nn.Module, attribute: str, replacement: nn.ModuleLis
 
 
 @contextlib.contextmanager
-def _outer_modules_on(owner: nn.Module, attribute: str, device: torch.device):
+def outer_modules_on(owner: nn.Module, attribute: str, device: torch.device):
     """``owner``'s modules beside its decoder stack ``owner.attribute`` (embeddings, final norm, rotary embedding)
     on ``device`` for the duration; the decoder layers stay put."""
     outer = [child for name, child in owner.named_children() if name != attribute]
@@ -85,29 +90,36 @@ def _outer_modules_on(owner: nn.Module, attribute: str, device: torch.device):
 
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, tokens: torch.Tensor, batch_size: int,
-                         device: torch.device | None = None, into: LayerInputs | None = None) -> LayerInputs:
+                         device: torch.device | None = None, into: LayerInputs | None = None,
+                         parallel: DataParallel | None = None) -> LayerInputs:
     """Run only the embeddings of ``model`` on ``tokens`` (n, seqlen) in batches and return what the decoder
     layers receive. Every decoder layer is temporarily replaced by a recorder, so no layer computes.
 
     ``device``: where the embeddings run (default: the model's device; the embeddings move there for the
     duration). ``into``: the store that keeps the batches (default: a new ``LayerInputs`` on the device; the
-    low-memory mode passes a ``streaming.StreamedInputs`` that keeps them in CPU memory).
+    low-memory mode passes a ``streaming.StreamedInputs`` that keeps them in CPU memory). ``parallel``: keep only
+    this rank's batches (b mod world = rank).
     """
     check_positive_int("batch_size", batch_size)
     layers = find_decoder_layers(model)
     device = device or next(model.parameters()).device
     base, attribute = decoder_stack(model)  # its forward runs the embeddings, then the (replaced) layers
     captured = LayerInputs(hidden=[]) if into is None else into
-    with _outer_modules_on(base, attribute, device):
-        for batch in tokens.split(batch_size):
+    batches = tokens.split(batch_size)
+    captured.n_batches, captured.parallel = len(batches), parallel
+    with outer_modules_on(base, attribute, device):
+        for b, batch in enumerate(batches):
+            if parallel is not None and not parallel.owns(b):
+                continue
             calls: list[tuple[torch.Tensor, dict]] = []
             recorders = nn.ModuleList(_Recorder(layer, calls) for layer in layers)
-            with _layers_replaced(base, attribute, recorders):
+            with layers_replaced(base, attribute, recorders):
                 base(input_ids=batch.to(device), use_cache=False)
             if len(calls) != len(layers):
                 raise LabError(f"{type(model).__name__} called {len(calls)} of its {len(layers)} decoder layers; "
                                "layer-by-layer calibration needs every layer called once per forward pass")
             captured.add_batch(calls[0][0], [kwargs for _, kwargs in calls])
+            captured.batch_ids.append(b)
     return captured
 
 
@@ -116,15 +128,19 @@ def layer_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def run_layer(layer: nn.Module, layer_index: int, inputs: LayerInputs, keep: bool = True) -> list[torch.Tensor]:
+def run_layer(layer: nn.Module, layer_index: int, inputs: LayerInputs, keep: bool = True,
+              after_batch=None) -> list[torch.Tensor]:
     """Outputs of one decoder layer for every batch of ``inputs``; same shapes as ``inputs.hidden``.
-    ``keep=False`` drops each output as soon as it is made (a statistics-only pass) and returns []."""
+    ``keep=False`` drops each output as soon as it is made (a statistics-only pass) and returns [].
+    ``after_batch(b)``, if given, is called after batch b."""
     outputs = []
     with torch.no_grad():
-        for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+        for b, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
             out = layer_output(layer(hidden, **kwargs[layer_index]))
             if keep:
                 outputs.append(out)
+            if after_batch is not None:
+                after_batch(b)
     return outputs
 
 
@@ -261,12 +277,21 @@ def collect_statistics(layer: nn.Module, layer_index: int, inputs: LayerInputs, 
 
     A routed expert's statistic sums only the tokens its router sent to it (``.routed`` counts them). An expert
     that received no token gets the statistic of inputs that favour no feature (``isotropic``: norms of 1, H = I),
-    so it is pruned by weight magnitude alone, within the method's own comparison group."""
+    so it is pruned by weight magnitude alone, within the method's own comparison group.
+
+    Data-parallel (``inputs.parallel``): each rank runs its own batches and the statistics are summed across ranks
+    in the single-process order (``parallel.OrderedSum``), so every rank gets exactly one process's statistics."""
     accumulator = ACCUMULATORS[statistic]
     with accumulator(linears) as acc:
-        inputs.run(layer, layer_index, advance)
+        if inputs.parallel is None:
+            inputs.run(layer, layer_index, advance)
+            routed = acc.routed
+        else:
+            reduction = OrderedSum(acc.stats, inputs.parallel, inputs.batch_ids, inputs.n_batches)
+            inputs.run(layer, layer_index, advance, after_batch=reduction.batch_done)
+            routed = reduction.finish({name: int(count) for name, count in acc.routed.items()})
     stats = LayerStatistics(acc.stats)
-    stats.routed = {name: int(count) for name, count in acc.routed.items()}
+    stats.routed = {name: int(count) for name, count in routed.items()}
     for name, count in stats.routed.items():
         if count == 0:
             stats[name] = accumulator.isotropic(linears[name])

@@ -9,7 +9,7 @@ Wanda's algorithm (Sun et al. 2023, arXiv 2306.11695), read top to bottom in ``p
         feed_next_layer: run the *pruned* layer to make the next layer's inputs
 
 Methods live in ``prune.methods``; OWL's per-layer sparsities in ``prune.owl``; the low-memory mode in
-``prune.streaming``.
+``prune.streaming``; disk-streamed pruning in ``prune.disk``; data-parallel calibration in ``prune.parallel``.
 """
 from __future__ import annotations
 
@@ -23,13 +23,14 @@ from torch import nn
 
 from ..core.device import SectionTimer, synchronize
 from ..core.errors import BadInput, LabError, is_out_of_memory
-from ..core.kept_masks import kept_in_parameters, record_kept, storage_names
+from ..core.kept_masks import KeptMasks, kept_in_parameters, record_kept, storage_names
 from ..core.models import find_decoder_layers, find_linears, find_routers
 from ..core.validation import check_flag, check_model, check_positive_int, check_tokens
 from .calibration import LayerInputs, collect_statistics
 from .masks import SparsityTarget
 from .methods import METHODS  # noqa: F401  (re-exported: the driver runs these)
 from .owl import layer_outlier_ratios, owl_sparsities
+from .parallel import DataParallel, check_ranks_agree
 from .sparsity import mask_sha256, pack_on_device
 from .spec import PruneSpec, check_spec
 from .streaming import Placement, calibration_inputs, compute_device, layer_visits
@@ -143,7 +144,7 @@ class PruneReport:
 
 def prune_model(model: nn.Module, spec: PruneSpec, tokens: torch.Tensor | None = None, batch_size: int = 8,
                 progress: bool = True, *, low_memory: bool | str | torch.device = False,
-                fingerprint: bool = True) -> PruneReport:
+                fingerprint: bool = True, parallel: DataParallel | None = None) -> PruneReport:
     """Prune every linear of every decoder layer in place as ``spec`` says (embeddings and lm_head are never
     touched): ``lu.prune_model(model, lu.PruneSpec("wanda", 0.5), tokens, batch_size=8)``.
 
@@ -154,6 +155,8 @@ def prune_model(model: nn.Module, spec: PruneSpec, tokens: torch.Tensor | None =
     default mode for the same ``batch_size``; GPU memory holds a few layers and batches, not a model.
     fingerprint: fill ``report.mask_sha256`` (after ``report.seconds`` is taken). False leaves it "" — for a
     benchmark that times pruning alone and hashes the masks afterwards (``lu.mask_sha256(model)``).
+    parallel: this process's place among torchrun's processes (``parallel.start_data_parallel``): it runs its share
+    of the calibration batches and the statistics are summed in one process's order, so the masks are the same.
     """
     check_model(model)
     check_spec(spec)
@@ -163,9 +166,10 @@ def prune_model(model: nn.Module, spec: PruneSpec, tokens: torch.Tensor | None =
     check_prunable(model, spec.target)
     where = compute_device(model, low_memory)
     try:
-        report = prune_all(model, spec, tokens, batch_size, where, progress)
+        report = prune_all(model, spec, tokens, batch_size, where, progress, parallel)
         if fingerprint:
             report.mask_sha256 = mask_sha256(model)
+            check_ranks_agree(parallel, report.mask_sha256, "the masks")
         return report
     except RuntimeError as exc:
         if not is_out_of_memory(exc):
@@ -207,13 +211,14 @@ def out_of_memory_advice(exc: RuntimeError, variant: str, low_memory: bool) -> L
 
 @torch.no_grad()
 def prune_all(model: nn.Module, spec: PruneSpec, tokens: torch.Tensor | None, batch_size: int,
-              where: Placement, progress: bool) -> PruneReport:
+              where: Placement, progress: bool, parallel: DataParallel | None = None) -> PruneReport:
     """The layer loop, on ``where.device``; with ``where.streamed`` the layers and activations stream from CPU
-    memory. The report's ``mask_sha256`` is left to the caller (``prune_model``).
+    memory; with ``where.disk`` each layer is read from the checkpoint, and written out once pruned. The report's
+    ``mask_sha256`` is left to the caller (``prune_model``, ``disk.prune_from_disk``).
 
     No host-device syncs inside the loop: times are CUDA events read at the end, pruned counts stay on the GPU
     until then. The host runs ahead and the GPU never waits for Python."""
-    device, streamed = where
+    device, streamed, disk = where
     synchronize(device)
     start = time.perf_counter()
     layers = find_decoder_layers(model)
@@ -221,13 +226,15 @@ def prune_all(model: nn.Module, spec: PruneSpec, tokens: torch.Tensor | None, ba
                          device=str(device))
     if spec.owl is not None:
         report.outlier_ratios = layer_outlier_ratios(model, tokens, batch_size, spec.owl.m, progress,
-                                                     low_memory=device if streamed else False)
+                                                     low_memory=device if streamed else False, parallel=parallel,
+                                                     disk=None if disk is None else disk.reading())
         report.layer_sparsity = owl_sparsities(report.outlier_ratios, spec.target.sparsity, spec.owl.lam)
     targets = layer_targets(spec, len(layers), report.layer_sparsity)
-    inputs = calibration_inputs(model, tokens, batch_size, device, streamed) if spec.runner.needs_calibration else None
+    inputs = (calibration_inputs(model, tokens, batch_size, device, streamed, parallel)
+              if spec.runner.needs_calibration else None)
     method_timer, layer_timer = SectionTimer(device), SectionTimer(device)
     pruned, kept, prefixes = [], KeptBits(), {id(m): name for name, m in model.named_modules()}
-    with layer_visits(layers, device, streamed, spec.label, progress) as visits:
+    with layer_visits(layers, device, streamed, spec.label, progress, disk) as visits:
         for i, layer in visits:
             with layer_timer.section():
                 masks = {}
@@ -235,6 +242,8 @@ def prune_all(model: nn.Module, spec: PruneSpec, tokens: torch.Tensor | None, ba
                 kept.add(layer, prefixes[id(layer)], masks)
                 feed_next_layer(inputs, layer, i, len(layers))
             report.left_dense += routers_left_dense(layer, i)
+            if disk is not None:  # written out (and hashed) now; the layer is dropped when the visit ends
+                disk.store(i, layer, kept.pop(prefixes[id(layer)]))
     if inputs is not None:
         inputs.finish()
     synchronize(device)
@@ -307,6 +316,13 @@ class KeptBits:
 
     def on_host(self) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, ...]]]:
         return {k: v.cpu() for k, v in self.packed.items()}, self.shapes
+
+    def pop(self, prefix: str) -> KeptMasks:
+        """The kept bits of one layer (``prefix``: its module name), on the host, names relative to the layer;
+        forgotten here (disk-streamed pruning writes them out layer by layer)."""
+        keys = [k for k in self.packed if k.startswith(f"{prefix}.")]
+        return KeptMasks({k[len(prefix) + 1:]: self.packed.pop(k).cpu() for k in keys},
+                         {k[len(prefix) + 1:]: self.shapes.pop(k) for k in keys})
 
 
 def routers_left_dense(layer: nn.Module, index: int) -> list[DenseReport]:

@@ -52,15 +52,16 @@ def check_owl_lambda(lam: float, sparsity: float) -> None:
 
 @torch.no_grad()
 def layer_outlier_ratios(model, tokens: torch.Tensor, batch_size: int, m: float, progress: bool = True, *,
-                         low_memory: bool | str | torch.device = False) -> list[float]:
+                         low_memory: bool | str | torch.device = False, parallel=None, disk=None) -> list[float]:
     """Share of each decoder layer's Wanda scores (over all its linears) above ``m`` × their mean, measured on the
     dense model with one pass per layer: the hooks collect input norms while the layer makes its outputs.
-    ``low_memory``: as in ``prune_model`` (False: everything where the model is)."""
+    ``low_memory``, ``parallel``: as in ``prune_model`` (False: everything where the model is). ``disk``: a
+    ``disk.DiskLayers`` that reads each layer from the checkpoint (the model itself is a skeleton)."""
     layers = find_decoder_layers(model)
-    device, low_memory = compute_device(model, low_memory)
-    inputs = calibration_inputs(model, tokens, batch_size, device, low_memory)
+    device, low_memory = (disk.device, disk.streamed) if disk is not None else compute_device(model, low_memory)[:2]
+    inputs = calibration_inputs(model, tokens, batch_size, device, low_memory, parallel)
     ratios = []
-    with layer_visits(layers, device, low_memory, "OWL outlier ratios", progress) as visits:
+    with layer_visits(layers, device, low_memory, "OWL outlier ratios", progress, disk) as visits:
         for i, layer in visits:
             linears = find_linears(layer)
             stats = collect_statistics(layer, i, inputs, linears, INPUT_NORMS, advance=True)

@@ -14,9 +14,6 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
-from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 from tqdm import tqdm  # plain text everywhere: a saved notebook shows the finished bar, not a widget
 
@@ -29,35 +26,13 @@ from .sparsity import mask_sha256, model_sparsity
 KEPT_ATTRIBUTE = "lab_lora_kept"  # the kept mask a target linear carries while peft wraps it
 
 
+
 def masked_merge(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
                  kept: torch.Tensor | None = None) -> torch.Tensor:
     """W + (B·A · scale) ⊙ M: a LoRA update merged into a pruned weight without filling its zeros. weight (out, in),
     lora_a (r, in), lora_b (out, r); kept (out, in) bool, default the non-zeros of ``weight``."""
     kept = nonzero_bits(weight) if kept is None else kept
     return weight + (lora_b @ lora_a * scale).to(weight.dtype) * kept
-
-
-class MaskedLoraLinear(LoraLinear):
-    """peft's LoRA linear whose update keeps the base weight's pruned weights at zero: W + (B·A · scale) ⊙ M."""
-
-    def __init__(self, base_layer: nn.Linear, adapter_name: str, **kwargs):
-        super().__init__(base_layer, adapter_name, **kwargs)
-        kept = getattr(base_layer, KEPT_ATTRIBUTE)
-        self.register_buffer("kept", kept.to(base_layer.weight.device), persistent=False)
-
-    def get_delta_weight(self, adapter) -> torch.Tensor:
-        return super().get_delta_weight(adapter) * self.kept
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disable_adapters or self.merged:
-            return super().forward(x, *args, **kwargs)
-        base = self.get_base_layer()
-        weight = base.weight.float()  # adapters train in float32 (peft casts them up for 16-bit bases)
-        for name in self.active_adapters:
-            if name in self.lora_A:
-                weight = weight + self.get_delta_weight(name).float()
-        bias = None if base.bias is None else base.bias.float()
-        return F.linear(x.float(), weight, bias).to(x.dtype)
 
 
 @dataclass
@@ -92,6 +67,7 @@ def recover(model: nn.Module, tokens: torch.Tensor, *, rank: int = 8, alpha: flo
     before = mask_sha256(model)
     trainable_before = {id(p): p.requires_grad for p in model.parameters()}  # peft freezes the whole model
     _attach_kept(model, linears)
+    from .lora import LoraConfig, MaskedLoraLinear, get_peft_model  # peft's import takes ~1 s and ~170 MB: only here
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none")
     config._register_custom_module({nn.Linear: MaskedLoraLinear})
     with warnings.catch_warnings():  # peft asks transformers a question transformers 5 has renamed

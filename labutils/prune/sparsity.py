@@ -68,9 +68,32 @@ def mask_sha256(model: nn.Module) -> str:
     host = packed.cpu().numpy()  # the one device → host copy
     digest = hashlib.sha256()
     for (name, weight), start, end in zip(zip(linears, weights), offsets, offsets[1:]):
-        digest.update(f"{name}:{tuple(weight.shape)}".encode())
-        digest.update(host[start:end])
+        _hash_mask(digest, name, weight.shape, host[start:end])
     return digest.hexdigest()
+
+
+def _hash_mask(digest, name: str, shape: torch.Size, packed_zeros: np.ndarray) -> None:
+    digest.update(f"{name}:{tuple(shape)}".encode())
+    digest.update(packed_zeros)
+
+
+class MaskDigest:
+    """``mask_sha256`` built one decoder layer at a time, in layer order — the same hash for a model that is never
+    whole in memory (``prune.disk``) — and the zero count of the prunable weights seen."""
+
+    def __init__(self):
+        self._digest = hashlib.sha256()
+        self.zeros = self.weights = 0
+
+    def add_layer(self, index: int, layer: nn.Module) -> None:
+        for name, lin in find_linears(layer).items():
+            zeros = lin.weight.detach() == 0
+            _hash_mask(self._digest, f"layers.{index}.{name}", zeros.shape, pack_on_device(zeros).cpu().numpy())
+            self.zeros += int(torch.count_nonzero(zeros))
+            self.weights += zeros.numel()
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
 
 
 def nm_violations(weight: torch.Tensor, n: int, m: int) -> int:

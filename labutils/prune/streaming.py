@@ -146,9 +146,9 @@ class StreamedInputs(LayerInputs):
             self._spare = [self._empty(h.shape, h.dtype) for h in self.hidden]
         return self._spare
 
-    def run(self, layer: nn.Module, layer_index: int, advance: bool) -> None:
+    def run(self, layer: nn.Module, layer_index: int, advance: bool, after_batch=None) -> None:
         """Run ``layer`` on every batch, the next batch arriving while this one computes; ``advance``: the outputs
-        become the inputs of the next layer."""
+        become the inputs of the next layer; ``after_batch(b)``, if given, is called once batch b is queued."""
         streams = self.streams
         if streams.cuda:
             # Buffers change roles between passes: reads wait for the last writes into them, writes for the reads.
@@ -165,6 +165,8 @@ class StreamedInputs(LayerInputs):
             if advance:
                 self._store(out, spare[b], done[b])
             del hidden, kwargs, out
+            if after_batch is not None:
+                after_batch(b)
             if b + 1 < n:
                 if b >= 1 and done[b - 1] is not None:
                     # The host waits until batch b - 1 is computed (batch b is queued, the GPU stays busy): at most
@@ -249,15 +251,17 @@ class OffloadedLayers:
 
 
 @contextlib.contextmanager
-def layer_visits(layers: nn.ModuleList, device: torch.device, low_memory: bool, desc: str, progress: bool = True):
+def layer_visits(layers: nn.ModuleList, device: torch.device, low_memory: bool, desc: str, progress: bool = True,
+                 disk=None):
     """``with layer_visits(…) as visits: for i, layer in visits: …`` — each decoder layer in order, on ``device``.
 
     Default mode: the layers already are there. Low-memory mode: ``OffloadedLayers`` brings layer i in (layer
     i + 1 is already on its way) and copies it back once the loop body is done with it; leaving the ``with``
-    waits for every copy back, also when the body raised.
+    waits for every copy back, also when the body raised. ``disk`` (a ``disk.DiskLayers``): each layer is read
+    from the checkpoint when its turn comes and dropped after, the same way.
     """
     steps = tqdm(range(len(layers)), desc=desc, unit="layer", disable=not progress)
-    if not low_memory:
+    if disk is None and not low_memory:
         yield ((i, layers[i]) for i in steps)
         return
 
@@ -268,22 +272,25 @@ def layer_visits(layers: nn.ModuleList, device: torch.device, low_memory: bool, 
             yield i, layer
             placement.release(i)
 
-    with OffloadedLayers(layers, device) as placement:
+    with (disk if disk is not None else OffloadedLayers(layers, device)) as placement:
         yield visits(placement)
 
 
 def calibration_inputs(model: nn.Module, tokens: torch.Tensor, batch_size: int, device: torch.device,
-                       low_memory: bool) -> LayerInputs:
-    """The captured inputs of the first decoder layer: on ``device`` (default mode) or streamed from CPU memory."""
+                       low_memory: bool, parallel=None) -> LayerInputs:
+    """The captured inputs of the first decoder layer: on ``device`` (default mode) or streamed from CPU memory;
+    ``parallel`` (``parallel.DataParallel``): only this rank's batches."""
     into = StreamedInputs(device) if low_memory else None
-    return capture_layer_inputs(model, tokens, batch_size, device=device, into=into)
+    return capture_layer_inputs(model, tokens, batch_size, device=device, into=into, parallel=parallel)
 
 
 class Placement(NamedTuple):
-    """Where the layers of a pruning run compute, and whether they stream from CPU memory (low-memory mode)."""
+    """Where the layers of a pruning run compute, whether activations stream from CPU memory (low-memory mode),
+    and, streaming from disk, the ``disk.DiskLayers`` that reads and writes them."""
 
     device: torch.device
     streamed: bool
+    disk: object = None
 
 
 def compute_device(model: nn.Module, low_memory: bool | str | torch.device) -> Placement:
