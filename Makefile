@@ -74,12 +74,13 @@ run: setup
 lab: setup
 	$(PYTHON) -m jupyterlab $$([ "$$(id -u)" = 0 ] && echo --allow-root) $(LAB_ARGS)
 
-# Every test: unit tests, the browser test (JupyterLab in Chromium) and strict nbval on the four notebooks.
+# Every test but those marked `large` (make test-optional): unit tests, the browser test (JupyterLab in Chromium) and
+# strict nbval on the four notebooks.
 # LAB_RESULTS: the notebooks' result tables go to outputs/ here, so the committed results/ (the README's numbers,
 # written by `make notebooks`) stay as committed.
 test: setup
-	LAB_RESULTS=outputs/test-results $(PYTHON) -m pytest tests --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
-	  --nbval-cell-timeout 600 $(NOTEBOOKS)
+	LAB_RESULTS=outputs/test-results $(PYTHON) -m pytest tests -m "not large" --nbval --nbval-current-env \
+	  --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout 600 $(NOTEBOOKS)
 
 # The fast loop while changing labutils: unit tests without the notebooks and without real-model loads (< 1 min).
 test-unit:
@@ -89,7 +90,9 @@ test-unit:
 notebooks:
 	$(PYTHON) tests/execute_notebooks.py $(NOTEBOOKS) $(OPTIONAL_NOTEBOOKS)
 
-# Strict nbval on the optional notebooks (05-Recover: about 5 minutes on 2 cores).
+# The tests marked `large` (a 1.6 GB model streamed from disk in under 1 GiB: about a minute), then strict nbval on the
+# optional notebooks (05-Recover: about 5 minutes on 2 cores).
 test-optional: setup
+	$(PYTHON) -m pytest tests -m large -q
 	LAB_RESULTS=outputs/test-results $(PYTHON) -m pytest --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
 	  --nbval-cell-timeout 600 $(OPTIONAL_NOTEBOOKS)

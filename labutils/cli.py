@@ -190,10 +190,11 @@ def _prepare(args: argparse.Namespace) -> None:
     splits = ("calibration", "validation", "test")
     sizes = {split: len(corpus_split(split)) for split in splits}
     tokenizer = folder_tokenizer(path)
-    tokens = {split: split_tokens(tokenizer, split).numel() for split in splits}  # tokenized once, kept on disk
     print(f"default model ready at {path} (every file checked against its manifest)")
     print(f"corpus articles per split: {sizes}")
-    print(f"tokens per split with its tokenizer: {tokens} (kept in {cache_dir() / 'tokens'})")
+    if tokenizer is not None:  # tokenized once here, then read from the cache by every run
+        tokens = {split: split_tokens(tokenizer, split).numel() for split in splits}
+        print(f"tokens per split with its tokenizer: {tokens} (kept in {cache_dir() / 'tokens'})")
 
 
 def _bench_prune(args: argparse.Namespace) -> None:

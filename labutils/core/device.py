@@ -166,7 +166,18 @@ def versions_table() -> pd.DataFrame:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far (``getrusage``: anonymous memory and the file pages it mapped)."""
+    """This process's peak resident memory so far: anonymous memory and the file pages it mapped.
+
+    On Linux, ``VmHWM`` of /proc/self/status. Not ``getrusage``'s ``ru_maxrss``: Linux carries that over ``exec``
+    from the process that forked it, so a command started by a large process (the test suite, a notebook kernel)
+    would report its parent's peak."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource  # POSIX only; imported here so that the lab still imports on Windows
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
