@@ -256,23 +256,17 @@ def sparse_files(folder: Path) -> list[Path]:
 
 
 def read_sparse_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], tuple[int, int] | None]:
-    """``read_sparse`` over every sparse file of ``folder`` (one, or the shards of a model written layer by
-    layer), merged."""
+    """(state dict, packed kept bits of each pruned weight, the N:M pattern all of them are stored in or None)
+    decoded from every sparse file of ``folder`` (one, or the shards of a model written layer by layer), merged;
+    LabError naming the tensor or the file when one is damaged. Everything is decoded before anything is
+    returned. Tensors decode in parallel threads (numpy and torch release the GIL), a few at a time, so memory
+    holds the decoded model and a few encoded tensors, not two copies of the model."""
     state, kept, patterns = {}, {}, set()
     for path in sparse_files(folder):
         part = _read_file(path)
         state.update(part[0])
         kept.update(part[1])
         patterns |= part[2]
-    return state, kept, patterns.pop() if len(patterns) == 1 else None
-
-
-def read_sparse(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], tuple[int, int] | None]:
-    """(state dict, packed kept bits of each pruned weight, the N:M pattern all of them are stored in or None)
-    decoded from a sparse file; LabError naming the tensor or the file when it is damaged. Everything is decoded
-    before anything is returned. Tensors decode in parallel threads (numpy and torch release the GIL), a few at a
-    time, so memory holds the decoded model and a few encoded tensors, not two copies of the model."""
-    state, kept, patterns = _read_file(path)
     return state, kept, patterns.pop() if len(patterns) == 1 else None
 
 

@@ -69,7 +69,6 @@ class CheckpointReader:
             for name, (offset, dtype, shape) in read_header(path).items():
                 if paths is None or paths.get(name) == path:
                     self.entries[name] = (path, offset, dtype, shape)
-        self.files = dict.fromkeys(self.entries)
 
     def read(self, names: list[str], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
         """name → tensor on ``device``, floating-point ones in ``dtype``."""
@@ -168,7 +167,7 @@ def check_names(model: nn.Module, reader: CheckpointReader) -> None:
     own names (the streamed layers are loaded by name; tied weights may be missing)."""
     prefixes = layer_prefixes(model)
     missing = [f"{prefix}.{name}" for prefix, layer in zip(prefixes, find_decoder_layers(model))
-               for name in layer.state_dict() if f"{prefix}.{name}" not in reader.files]
+               for name in layer.state_dict() if f"{prefix}.{name}" not in reader.entries]
     if not missing:
         return
     if any(".experts." in name for name in missing):
@@ -185,7 +184,7 @@ def load_outer(model: nn.Module, reader: CheckpointReader, dtype: torch.dtype) -
     check_names(model, reader)
     prefixes = tuple(f"{p}." for p in layer_prefixes(model))
     outer = [name for name in model.state_dict() if not name.startswith(prefixes)]
-    model.load_state_dict(reader.read([n for n in outer if n in reader.files], dtype, torch.device("cpu")),
+    model.load_state_dict(reader.read([n for n in outer if n in reader.entries], dtype, torch.device("cpu")),
                           strict=False, assign=True)
     model.tie_weights()
     state = model.state_dict()
