@@ -66,6 +66,7 @@ from .lab.plots import (
                                   plot_recovery_losses,
                                   plot_sparsity_sweep,
 )
+from .lab.reference import compare_with_reference
 from .lab.tables import benchmark_summary
 from .prune.calibration import capture_layer_inputs, collect_input_norms, collect_statistics
 from .prune.disk import CheckpointReader, DiskLayers, load_outer, prune_streamed, skeleton
@@ -124,4 +125,5 @@ __all__ = [
     "check_perplexity", "check_prediction", "check_ria_score", "check_row_mask", "check_top1_agreement",
     "check_wanda_score", "data_sources", "model_summary", "outlier_summary", "plot_admm_convergence", "plot_benchmark_summary", "plot_recovery_losses", "plot_drift", "plot_input_norms",
     "plot_layer_sparsity", "plot_method_comparison", "plot_perplexity", "plot_sparsity_sweep", "benchmark_summary",
+    "compare_with_reference",
 ]

@@ -1,10 +1,16 @@
 """Execute notebooks in place from a fresh kernel, as they are committed (``make notebooks``).
 
+The notebooks write their result tables to a scratch folder (``$LAB_RESULTS``); once every notebook has run, the
+tables are copied into the committed ``results/``. So while the notebooks run, ``results/`` still holds the previous
+reference run, which their ``lu.compare_with_reference`` lines compare with.
+
 Progress bars are plain text: a bar rewrites its line with carriage returns, and JupyterLab shows only the last
 state of each line. The saved outputs are collapsed the same way (consecutive stream outputs merged, each line cut
 to what follows its last ``\\r``), so the file holds what a student sees: one finished bar per loop.
 """
 import json
+import os
+import shutil
 import sys
 import time
 from datetime import datetime
@@ -14,6 +20,7 @@ import nbformat
 from nbclient import NotebookClient
 
 SECONDS_FILE = Path("results/notebook-seconds.json")  # read by the README's "notebook-seconds" table
+RUN_FOLDER = Path("outputs/notebook-results")  # this run's result tables, copied into results/ at the end
 
 
 def cell_seconds(nb) -> list[float]:
@@ -58,6 +65,8 @@ def collapse_streams(nb) -> None:
 
 
 if __name__ == "__main__":
+    shutil.rmtree(RUN_FOLDER, ignore_errors=True)
+    os.environ["LAB_RESULTS"] = str(RUN_FOLDER)  # the kernels inherit it
     for path in sys.argv[1:]:
         start = time.perf_counter()
         nb = nbformat.read(path, as_version=4)
@@ -67,3 +76,6 @@ if __name__ == "__main__":
         nbformat.write(nb, path)
         record_seconds(path, nb)
         print(f"{path}: executed in {time.perf_counter() - start:.0f} s")
+    for table in sorted(RUN_FOLDER.glob("*")):
+        shutil.copy2(table, SECONDS_FILE.parent / table.name)
+    print(f"copied {len(list(RUN_FOLDER.glob('*')))} result files into {SECONDS_FILE.parent}/")

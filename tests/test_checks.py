@@ -36,7 +36,23 @@ def test_a_stub_fails_its_check_with_the_hint():
 def test_a_result_shows_as_one_line_in_a_notebook():
     from IPython.lib.pretty import pretty
     result = lu.check_close("ppl", 10.0005, 10.0, points=2)
-    assert pretty(result) == "PASS: ppl — 10 vs 10, within 1e-04 relative (2/2 points)"
+    assert pretty(result) == "PASS: ppl — the value within 1e-04 relative of the expected (2/2 points)"
+
+
+def test_a_pass_shows_no_float_digits_a_failure_shows_the_values():
+    """A PASS line is what nbval compares on every machine: it must not carry the last digits of a float32 result
+    (another CPU's kernels round them differently); a failure shows both values to six digits."""
+    passed = lu.check_close("KL", {"forward": 0.74631, "reverse": 0.96}, {"forward": 0.74632, "reverse": 0.96},
+                            rtol=1e-3)
+    assert str(passed) == "PASS: KL — forward, reverse within 1e-03 relative of the expected (1/1 points)"
+    with pytest.raises(lu.CheckFailed, match=r"forward: 0\.8 vs 0\.74632: outside 1e-03 relative"):
+        lu.check_close("KL", {"forward": 0.8, "reverse": 0.96}, {"forward": 0.74632, "reverse": 0.96}, rtol=1e-3)
+    digits = [str(check(fn)) for check, fn in (
+        (lu.check_perplexity, lambda m, w: lu.perplexity(m, w[0], 32, progress=False)),
+        (lu.check_mean_kl, lu.mean_kl),
+        (lu.check_top1_agreement, lambda a, b: (a.argmax(-1) == b.argmax(-1)).float().mean().item()))]
+    assert not any(any(ch.isdigit() for ch in line.split(" — ")[1].split("(")[0].replace("1e-04", ""))
+                   for line in digits), digits
 
 
 def test_check_ria_score():
@@ -101,7 +117,7 @@ def test_check_perplexity_catches_a_missing_shift():
 def test_check_close_and_prediction():
     assert lu.check_close("ppl", 10.0005, 10.0).passed
     assert lu.check_close("two", {"a": 1.0, "b": torch.tensor(2.0)}, {"a": 1.0, "b": 2.0}).passed
-    with pytest.raises(lu.CheckFailed, match=r"ppl — 10.1 vs 10, outside 1e-04 relative\nHint: compare"):
+    with pytest.raises(lu.CheckFailed, match=r"ppl — 10.1 vs 10: outside 1e-04 relative\nHint: compare"):
         lu.check_close("ppl", 10.1, 10.0)
     with pytest.raises(lu.CheckFailed, match=r"expected a dict with keys \['a', 'b'\], got \['a'\]"):
         lu.check_close("two", {"a": 1.0}, {"a": 1.0, "b": 2.0})

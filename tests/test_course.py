@@ -1,6 +1,9 @@
 """The gradable course: student copies of the real notebooks, every exercise's check on the reference solution and
 on wrong answers, and grading of small synthetic submissions (one kernel per submitted notebook, seconds each)."""
 import ast
+import os
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -285,3 +288,15 @@ def test_a_badly_tagged_master_is_refused_with_the_cell_named(tmp_path, edit, me
     edit(nb)
     with pytest.raises(lu.BadInput, match=message):
         course.student_copy(nb, "99-Synthetic.ipynb")
+
+
+def test_every_check_still_passes_and_fails_as_it_should_under_another_kernel_set():
+    """The test above, in a process whose torch runs its portable C++ kernels instead of this CPU's vector ones
+    (``ATEN_CPU_CAPABILITY=default``): a correct answer computed with them gets full points, a wrong one none (README
+    "Portability"; ``make test-portable`` grades the real notebooks under AVX2 kernels)."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::"
+                           "test_every_check_passes_on_the_reference_and_fails_with_a_hint_otherwise"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert f"{len(course.NOTEBOOKS)} passed" in done.stdout

@@ -122,6 +122,8 @@ def device_summary(device: torch.device) -> dict[str, str]:
     info = {
         "device": str(device),
         "platform": platform.platform(terse=True),
+        "cpu": cpu_name(),
+        "cpu capability (kernels)": torch.backends.cpu.get_cpu_capability(),
         "cpu cores (torch threads)": f"{os.cpu_count()} ({torch.get_num_threads()})",
         "ram total": _fmt_bytes(_ram_total()),
     }
@@ -131,6 +133,32 @@ def device_summary(device: torch.device) -> dict[str, str]:
         info["gpu memory"] = _fmt_bytes(props.total_memory)
         info["compute capability"] = f"{props.major}.{props.minor}"
     return info
+
+
+# Environment variables that change which float kernels torch and MKL run (README "Portability")
+KERNEL_SETTINGS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "OMP_NUM_THREADS")
+
+
+def cpu_name() -> str:
+    """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) …"), from /proc/cpuinfo where there is one."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.split(":")[0].strip() in ("model name", "Model", "Hardware"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def kernel_summary() -> dict[str, str | int]:
+    """What decides the last bits of the lab's CPU arithmetic on this machine: the CPU, the kernel set torch
+    chose for it (``ATEN_CPU_CAPABILITY`` overrides), torch's threads, and any setting of ``KERNEL_SETTINGS``.
+    Recorded with every results file, so a reference run says where it came from."""
+    summary = {"cpu": cpu_name(), "cpu capability": torch.backends.cpu.get_cpu_capability(),
+               "torch threads": torch.get_num_threads(), "torch": torch.__version__}
+    summary.update({name: os.environ[name] for name in KERNEL_SETTINGS if name in os.environ})
+    return summary
 
 
 def _ram_total() -> int | None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..core.config import Profile
+from ..core.device import kernel_summary
 from ..core.errors import BadInput
 from ..core.validation import check_model, check_names
 from ..evaluate.perplexity import perplexity
@@ -121,20 +122,23 @@ def _add_wanda_ratios(table: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-RESULTS_ENV = "LAB_RESULTS"  # where write_results writes when no folder is given; default results/
+RESULTS_ENV = "LAB_RESULTS"  # where write_results writes when no folder is given
+RUN_RESULTS = Path("outputs") / "results"  # … by default: ignored by git, like the pruned models
 
 
 def write_results(table: pd.DataFrame, name: str, profile: Profile, folder: str | Path | None = None) -> Path:
-    """Save a results table as ``<folder>/<profile>-<name>.csv`` and ``.json`` so runs can be compared.
+    """Save a results table as ``<folder>/<profile>-<name>.csv`` and ``.json`` so runs can be compared, with the
+    machine that computed it (``kernel_summary``).
 
-    ``folder`` defaults to ``$LAB_RESULTS`` or ``results/``: the committed run of the notebooks writes the
-    README's numbers there (``labutils.lab.readme``); ``make test`` points it elsewhere, so re-running the notebooks
-    under test leaves the committed results alone."""
-    folder = Path(folder if folder is not None else os.environ.get(RESULTS_ENV, "results"))
+    ``folder`` defaults to ``$LAB_RESULTS`` or ``outputs/results/``. The committed ``results/`` — the README's
+    numbers and the reference run the notebooks compare with (``lu.compare_with_reference``) — change only when
+    ``make notebooks`` copies a finished run there, so running a notebook never touches a tracked file."""
+    folder = Path(folder if folder is not None else os.environ.get(RESULTS_ENV) or RUN_RESULTS)
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / f"{profile.name}-{name}"
     table.to_csv(stem.with_suffix(".csv"))
-    payload = {"profile": profile.name, "rows": table_records(table)}
+    index = [c for c in table.reset_index().columns if c not in table.columns]  # the columns that name a row
+    payload = {"profile": profile.name, "machine": kernel_summary(), "index": index, "rows": table_records(table)}
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     return stem.with_suffix(".csv")
 

@@ -167,6 +167,27 @@ def _recovery(rows: pd.DataFrame) -> pd.DataFrame:
                          "LoRA parameters": [f"{v:,}" for v in rows["LoRA parameters"]]})
 
 
+def _portability(rows: pd.DataFrame) -> pd.DataFrame:
+    def spread(r) -> str:
+        if r["largest spread"] == 0:
+            return "0"
+        if "±" in r["tolerance"]:
+            return f"{r['largest spread']:.3g}"
+        return f"{r['largest spread']:.2%}".replace("%", " %") if r["largest spread"] >= 1e-4 else \
+            f"{r['largest spread']:.1e}"
+    return pd.DataFrame({"results (notebook)": [f"{r} ({NOTEBOOK_OF.get(r, '')})" for r in rows["results"]],
+                         "figure": rows["column"], "compared": rows["figures compared"],
+                         "largest spread": [spread(r) for _, r in rows.iterrows()],
+                         "seen at (variant)": rows["seen at"], "tolerance": rows["tolerance"],
+                         "tolerance ÷ spread": ["exact" if pd.isna(v) else f"{v:.1f}×"
+                                                for v in rows["tolerance ÷ spread"]]})
+
+
+NOTEBOOK_OF = {"trained": "01", "outliers": "02", "prune": "02, 03", "groups": "02", "answers": "03", "drift": "03",
+               "perplexity": "04", "layer-errors": "04", "zeroshot": "04", "admm-layer": "05", "admm": "05",
+               "recovery": "05"}
+
+
 README_TABLES: dict[str, ReadmeTable] = {
     "prune": ReadmeTable("prune", _prune),  # 02-Prune
     "groups": ReadmeTable("groups", _groups),  # 02-Prune
@@ -183,6 +204,8 @@ README_TABLES: dict[str, ReadmeTable] = {
     "admm": ReadmeTable("admm", _methods),  # 05-Recover
     "recovery": ReadmeTable("recovery", _recovery),  # 05-Recover
     "notebook-seconds": ReadmeTable("notebook-seconds", _notebook_seconds, profile=False),
+    "portability": ReadmeTable("portability", _portability, profile=False),  # benchmarks/portability.py
+    "portability-machines": ReadmeTable("portability-machines", lambda rows: rows.fillna(""), profile=False),
 }
 
 
