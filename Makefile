@@ -101,11 +101,13 @@ test-optional: setup
 # machine's own (AVX2 on an AVX-512 machine, the portable C++ kernels otherwise), then the spread of every compared
 # figure against the committed reference run, then the masters graded under two kernel sets (full marks both
 # times). README "Portability". About 35 minutes on 2 cores; not part of make test (its 15-minute budget).
-PORTABLE_CAPABILITY ?= $(shell $(PYTHON) -c "import torch; print('avx2' if torch.backends.cpu.get_cpu_capability() == 'AVX512' else 'default')" 2>/dev/null)
+# PORTABLE_CAPABILITY=… chooses the kernel set (default: worked out after setup, in the recipe).
 test-portable: setup
-	rm -rf outputs/portable
-	ATEN_CPU_CAPABILITY=$(PORTABLE_CAPABILITY) LAB_RESULTS=outputs/portable/$(PORTABLE_CAPABILITY) \
-	  $(PYTHON) -m pytest --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
-	  --nbval-cell-timeout 600 $(NOTEBOOKS)
-	$(PYTHON) benchmarks/portability.py results $(PORTABLE_CAPABILITY)=outputs/portable/$(PORTABLE_CAPABILITY)
+	@cap="$(PORTABLE_CAPABILITY)"; \
+	[ -n "$$cap" ] || cap=$$($(PYTHON) -c "import torch; print('avx2' if torch.backends.cpu.get_cpu_capability() == 'AVX512' else 'default')") || exit 1; \
+	echo "test-portable: ATEN_CPU_CAPABILITY=$$cap"; \
+	rm -rf outputs/portable && \
+	ATEN_CPU_CAPABILITY=$$cap LAB_RESULTS=outputs/portable/$$cap $(PYTHON) -m pytest --nbval --nbval-current-env \
+	  --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout 600 $(NOTEBOOKS) && \
+	$(PYTHON) benchmarks/portability.py results $$cap=outputs/portable/$$cap && \
 	$(PYTHON) -m pytest tests -m portable -q
