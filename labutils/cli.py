@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .core.checkpoint import SAVE_FORMATS, disk_table, export_dense, load_report
+from .core.checkpoint import OUTPUT_KIND, SAVE_FORMATS, disk_table, export_dense, load_report
 from .core.config import DEFAULT_PROFILE, PROFILES
 from .core.data import corpus_split, split_tokens
 from .core.errors import BadInput, LabError
@@ -226,6 +226,7 @@ COMMANDS = {"prune": _prune, "export": _export, "prepare": _prepare, "bench-prun
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    PUBLISHED.clear()  # what an earlier command of this process published is not this one's output
     interrupt_on_termination()  # SIGTERM and SIGHUP clean up like Ctrl-C
     rank = f"rank {os.environ['RANK']}: " if launched_ranks() > 1 and "RANK" in os.environ else ""
     try:
@@ -235,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (storage.Terminated)
         code = 128 + getattr(exc, "signum", 2)
-        if PUBLISHED:
-            print(f"interrupted after {PUBLISHED[-1]} was published: the new model is in place", file=sys.stderr)
+        outputs = [path for path, kind in PUBLISHED if kind == OUTPUT_KIND]  # not the model cache it rebuilt
+        if outputs:
+            print(f"interrupted after {outputs[-1]} was published: the new model is in place", file=sys.stderr)
             return 0
         why = (" — torchrun stopped this rank because another one failed (its error is above)"
                if rank and code != 130 else "")

@@ -1,4 +1,6 @@
-"""The converted-model cache is verified: a damaged cache is never used, `prepare` rebuilds it, NaN stops a run."""
+"""The converted-model cache is verified, every byte on every load: a damaged cache is never used, `prepare`
+rebuilds it."""
+import json
 import shutil
 
 import pytest
@@ -6,7 +8,7 @@ from conftest import make_tiny
 
 import labutils as lu
 from labutils.cli import main
-from labutils.core import models, storage
+from labutils.core import checksums, models, storage
 
 
 @pytest.fixture
@@ -31,12 +33,14 @@ def overwrite(path, offset, data=b"\xff" * 4096):
         f.write(data)
 
 
-def between_samples(size: int) -> int:
-    """An offset where 256 bytes touch no sampled block (the quick check cannot see them; the full one can)."""
-    offsets = storage._sample_offsets(size)
-    gap_start, gap_end = offsets[31] + storage.SAMPLE_BYTES, offsets[32]
-    assert gap_end - gap_start > 256
-    return (gap_start + gap_end - 256) // 2 // 4 * 4
+def inside_a_tensor(path, name: str = "") -> tuple[int, str]:
+    """An offset in the middle of the data of a tensor of the safetensors file ``path`` whose name contains
+    ``name`` (the largest such tensor), and that tensor's name."""
+    with checksums._Mapped(path) as view:
+        ranges = {k: r for k, r in checksums.safetensors_ranges(view).items() if k != checksums.HEADER and name in k}
+    tensor = max(ranges, key=lambda k: ranges[k][1] - ranges[k][0])
+    start, end = ranges[tensor]
+    return (start + end) // 2 // 4 * 4, tensor
 
 
 def test_converted_once_then_checked_quickly(fake_cache):
@@ -49,7 +53,7 @@ def test_converted_once_then_checked_quickly(fake_cache):
 
 @pytest.mark.parametrize("damage,problem", [
     (lambda p: (p / "model.safetensors").open("r+b").truncate(5000), "model.safetensors has 5,000 bytes"),
-    (lambda p: overwrite(p / "model.safetensors", 0), "model.safetensors differs .*sampled hash"),
+    (lambda p: overwrite(p / "model.safetensors", 0), "model.safetensors: its header differs from what was written"),
     (lambda p: (p / "config.json").unlink(), "config.json is missing"),
 ])
 def test_damaged_cache_stops_the_load_and_prepare_rebuilds_it(fake_cache, damage, problem, capsys):
@@ -66,14 +70,40 @@ def test_damaged_cache_stops_the_load_and_prepare_rebuilds_it(fake_cache, damage
     assert storage.verify_folder(path, full=True) is None
 
 
-def test_change_the_quick_check_misses_is_found_by_prepare(fake_cache):
+def test_one_flipped_bit_anywhere_stops_the_load_naming_the_tensor(fake_cache):
+    """Every load checks every byte against the per-tensor xxh3 digests of the manifest: one flipped low bit of a
+    weight in the middle of the file is found, with the tensor it hit; prepare rebuilds the folder."""
     path = models.embedded_model_dir()
     weights = path / "model.safetensors"
-    overwrite(weights, between_samples(weights.stat().st_size), b"\xff" * 256)
-    assert models.embedded_model_dir() == path and len(fake_cache) == 1  # sizes and samples still match
-    assert "SHA-256 mismatch" in storage.verify_folder(path, full=True)
+    offset, tensor = inside_a_tensor(weights)
+    with weights.open("r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(lu.LabError, match=f"model.safetensors: tensor {tensor} differs from what was written "
+                                          r"\(xxh3 mismatch\)\); run `python -m labutils prepare`"):
+        models.embedded_model_dir()
     models.embedded_model_dir(verify="full")
     assert len(fake_cache) == 2 and storage.verify_folder(path, full=True) is None
+
+
+def test_an_older_manifest_is_checked_by_sha256_then_given_digests(fake_cache):
+    path = models.embedded_model_dir()
+    manifest = json.loads((path / storage.MANIFEST_FILE).read_text())
+    for entry in manifest["files"].values():
+        entry.pop("xxh3"), entry.pop("tensors", None)
+    (path / storage.MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert not storage.has_digests(path)
+    overwrite(path / "config.json", 2, b"X")
+    assert "config.json differs from what was written (SHA-256 mismatch)" in storage.verify_folder(path)
+    models.embedded_model_dir(verify="full")  # rebuilt, with digests
+    assert storage.has_digests(path) and len(fake_cache) == 2
+    manifest = json.loads((path / storage.MANIFEST_FILE).read_text())
+    for entry in manifest["files"].values():
+        entry.pop("xxh3"), entry.pop("tensors", None)
+    (path / storage.MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert models.embedded_model_dir() == path and storage.has_digests(path)  # intact: digests added once
 
 
 def test_cache_without_manifest_is_rebuilt(fake_cache, capsys):
@@ -84,18 +114,20 @@ def test_cache_without_manifest_is_rebuilt(fake_cache, capsys):
 
 
 @pytest.mark.slow
-def test_nan_weights_in_a_copy_of_the_real_cache_stop_the_run(tmp_path, monkeypatch, capsys):
-    """Bytes the quick check cannot see (between its samples) make the weights NaN: the run stops at the dense
-    perplexity with one line and writes nothing."""
+def test_damage_between_any_samples_of_the_real_cache_stops_the_run_before_work(tmp_path, monkeypatch, capsys):
+    """256 bytes inside a decoder layer's weights (NaN, or one weight 3e4: the dense perplexity then reads millions)
+    stop the main job at the load with one line naming the tensor, and it writes nothing."""
     real = models.embedded_model_dir()
     copy = tmp_path / "cache" / real.name
     shutil.copytree(real, copy)
     weights = copy / "model.safetensors"
-    overwrite(weights, between_samples(weights.stat().st_size), b"\xff" * 256)  # inside a decoder layer's weights
+    offset, tensor = inside_a_tensor(weights, "layers.")
+    overwrite(weights, offset, b"\xff" * 256)
     monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
     out = tmp_path / "run"
     assert main(["prune", "--method", "magnitude", "--eval-tokens", "1024", "--eval-seqlen", "256", "--batch-size", "4",
                  "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "perplexity is not finite" in err and "Traceback" not in err
+    assert f"tensor {tensor} differs from what was written" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["cache"]

@@ -202,7 +202,7 @@ def test_export_writes_a_dense_copy_and_the_card(tmp_path, capsys):
     sparse_card = (src / "README.md").read_text()
     assert "python -m labutils export" in sparse_card and "lu.load_pruned" in sparse_card
     assert main(["export", str(src), str(src)]) == 2
-    assert "is the folder being exported" in capsys.readouterr().err
+    assert "is inside the folder being exported" in capsys.readouterr().err
     assert main(["export", str(tmp_path), str(tmp_path / "x")]) == 2
     assert "not a lab output folder" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
@@ -321,3 +321,106 @@ def test_loading_sparse_is_vectorised(tmp_path):
     assert table.loc["sparse", "× first"] <= 10, table  # a per-weight loop: hundreds of times; a busy machine: 3.5×
     assert table.loc["sparse", "model bytes"] < 0.6 * table.loc["dense", "model bytes"]
     assert math.isclose(table.loc["dense", "× first"], 1.0)
+
+
+def flip_bits(path: Path, tensor: str, byte: int, mask: int) -> None:
+    """XOR ``mask`` into byte ``byte`` of ``tensor``'s data in the safetensors file ``path`` (the manifest untouched)."""
+    from labutils.core import checksums
+    with checksums._Mapped(path) as view:
+        start, end = checksums.safetensors_ranges(view)[tensor]
+    assert start + byte < end
+    with path.open("r+b") as f:
+        f.seek(start + byte)
+        value = f.read(1)[0]
+        f.seek(start + byte)
+        f.write(bytes([value ^ mask]))
+
+
+KEY = "model.layers.1.mlp.down_proj.weight"
+
+
+@pytest.mark.parametrize("spec, part, byte, mask", [
+    ("0.5", "values", 400, 0x01),     # the lowest bit of a kept value
+    ("0.5", "values", 403, 0x40),     # an exponent bit: the weight off by a factor
+    ("0.5", "mask", 100, 0x03),       # two mask bits (the popcount unchanged)
+    ("2:4", "positions", 50, 0x10),   # an N:M group's position rank
+])
+def test_any_damaged_byte_of_a_sparse_save_is_named_and_never_exported(spec, part, byte, mask, tmp_path, capsys):
+    """Damage the sampled check of old could not see: every byte of every tensor is compared with the digest the
+    manifest recorded when the folder was written, on every load; export stops too (exit 2, nothing written)."""
+    target = "2:4" if spec == "2:4" else float(spec)
+    model, _ = pruned(lu.PruneSpec("wanda", target))
+    out = lu.save_pruned(model, tmp_path / "run", None, {"nm": "2:4" if spec == "2:4" else None})
+    flip_bits(out / SPARSE_FILE, f"{KEY}.{part}", byte, mask)
+    message = f"{SPARSE_FILE}: tensor {KEY}.{part} differs from what was written (xxh3 mismatch)"
+    with pytest.raises(lu.LabError, match=re.escape(message)):
+        lu.load_pruned(out, "cpu")
+    assert main(["export", str(out), str(tmp_path / "dense")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "dense").exists()
+
+
+def test_a_damaged_byte_of_a_dense_save_is_named(tmp_path):
+    model, _ = pruned(lu.PruneSpec("wanda", 0.5))
+    out = lu.save_pruned(model, tmp_path / "run", format="dense")
+    flip_bits(out / "model.safetensors", KEY, 1001, 0x01)
+    with pytest.raises(lu.LabError, match=re.escape(f"model.safetensors: tensor {KEY} differs from what was written")):
+        lu.load_pruned(out, "cpu")
+
+
+def _rewrite_layout(out: Path, edit) -> None:
+    """Rewrite the sparse file's layout metadata with ``edit`` (on the parsed JSON, or its text if it returns a
+    string) and the manifest to match, as a tool that "repairs" folders would."""
+    path = out / SPARSE_FILE
+    tensors = load_file(str(path))
+    layout = _layout(out)
+    edited = edit(layout)
+    text = edited if isinstance(edited, str) else json.dumps(layout)
+    save_file(tensors, str(path), metadata={"format": "pt", METADATA_KEY: text})
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("report not json", "report.json is not readable JSON"),
+    ("report dtype", "report.json: field 'dtype' is 'float16x'"),
+    ("report list", "report.json: it holds list, not an object"),
+    ("metadata truncated", f"its {METADATA_KEY} metadata is not JSON"),
+    ("shapes swapped", "has shape (192, 64), its config.json needs (64, 192)"),
+    ("aliases missing", "field 'aliases' is missing"),
+    ("shape a string", "shape is '64x128', not a list of sizes"),
+])
+def test_damaged_metadata_with_a_matching_manifest_is_one_line(damage, message, tmp_path, capsys):
+    model, _ = pruned(lu.PruneSpec("wanda", 0.5))
+    out = lu.save_pruned(model, tmp_path / "run")
+    key = "model.layers.0.mlp.down_proj.weight"
+    if damage == "report not json":
+        (out / "report.json").write_text('{"lab": "wanda-lab", "dtype": ')
+    elif damage == "report dtype":
+        (out / "report.json").write_text(json.dumps({**load_report(out), "dtype": "float16x"}))
+    elif damage == "report list":
+        (out / "report.json").write_text("[1, 2]")
+    elif damage == "metadata truncated":
+        _rewrite_layout(out, lambda layout: json.dumps(layout)[:-40])
+    elif damage == "shapes swapped":
+        _rewrite_layout(out, lambda layout: layout["tensors"][key].update(shape=layout["tensors"][key]["shape"][::-1]))
+    elif damage == "aliases missing":
+        _rewrite_layout(out, lambda layout: layout.pop("aliases"))
+    else:
+        _rewrite_layout(out, lambda layout: layout["tensors"][key].update(shape="64x128"))
+    write_manifest(out, "pruned-model")
+    with pytest.raises(lu.LabError, match=re.escape(message)):
+        lu.load_pruned(out, "cpu")
+    assert main(["export", str(out), str(tmp_path / "dense")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda tmp: lu.load_pruned(None), "expected the path of a lab output folder; got NoneType"),
+    (lambda tmp: lu.load_pruned(lu.save_pruned(make_tiny(), tmp / "m"), "cpu", dtype="float16"),
+     "dtype must be a torch dtype such as torch.float16; got 'float16'"),
+    (lambda tmp: lu.save_pruned(None, tmp / "n"), "model must be a transformers model; got NoneType"),
+    (lambda tmp: lu.save_pruned(make_tiny(), tmp / "r", report=[1]), "report must be a dict"),
+])
+def test_library_calls_with_bad_arguments_raise_bad_input(call, message, tmp_path):
+    with pytest.raises(lu.BadInput, match=re.escape(message)):
+        call(tmp_path)

@@ -75,6 +75,12 @@ def run_writer(tmp_path: Path, folder: Path, pause: str, sig: int, exchange: boo
     return proc.returncode, out + err
 
 
+
+@pytest.fixture(autouse=True)
+def no_grace(monkeypatch):
+    """Leftovers of the killed writers here are seconds old: judge them by their lock alone."""
+    monkeypatch.setattr(storage, "LEFTOVER_GRACE", 0.0)
+
 # (pause point, signal, two-rename fallback?, exit code, version at the folder afterwards, leftovers afterwards)
 CASES = [
     ("writing", signal.SIGINT, False, 128 + signal.SIGINT, "1", False),
@@ -260,32 +266,67 @@ def test_folders_and_links_count_as_foreign_entries(tmp_path, extra):
         check_output_dir(folder)
 
 
-def test_lock_folder_that_cannot_be_made_is_one_line(tmp_path, monkeypatch):
-    blocker = tmp_path / "cache-is-a-file"
-    blocker.write_text("x")
-    monkeypatch.setenv(storage.CACHE_ENV, str(blocker))
-    with pytest.raises(lu.LabError, match="cannot create the lock file .* set LAB_CACHE_DIR to a folder you can write"):
-        publish(tmp_path / "run", "1")
-    assert not (tmp_path / "run").exists()
+def test_the_lock_is_keyed_by_the_outputs_real_path_not_by_the_cache(tmp_path, monkeypatch):
+    """Two runs writing one folder meet at the same lock whatever their LAB_CACHE_DIR or spelling of the path."""
+    folder = tmp_path / "run"
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    proc = subprocess.Popen([sys.executable, str(script), str(folder), "2"], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, storage.PAUSE_ENV: "writing", storage.CACHE_ENV: str(tmp_path / "a")})
+    try:
+        assert proc.stderr.readline().strip() == "lab-pause writing"
+        monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "b"))
+        (tmp_path / "link").symlink_to(tmp_path)
+        for spelling in (folder, tmp_path / "link" / "run", tmp_path / "x" / ".." / "run"):
+            with pytest.raises(lu.LabError, match=f"another run \\(pid {proc.pid}\\) is writing"):
+                publish(spelling, "9")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
 
 
-def test_lock_files_of_killed_runs_are_removed(tmp_path, monkeypatch):
-    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
-    stale = tmp_path / "cache" / "locks" / "0123.lock"
-    stale.parent.mkdir(parents=True)
+def test_lock_files_of_killed_runs_are_removed(tmp_path):
+    stale = tmp_path / f".other{storage.LOCK_SUFFIX}"
     stale.write_text("12345\n")  # nobody holds it: its process was killed
     publish(tmp_path / "run", "1")
-    assert list(stale.parent.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_live_runs_folder_is_left_alone_whatever_its_pid_says(tmp_path):
+    """A run in another PID namespace (a container sharing the volume) has a PID that is dead here: its
+    temporary folder is judged by the lock it holds, not by the PID."""
+    live = tmp_path / f".run.tmp-{dead_pid()}-x"
+    live.mkdir()
+    (live / "weights").write_text("being written")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+                               str(live)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert storage.sweep_leftovers(tmp_path, log=lambda line: None) == [] and live.exists()
+    finally:
+        holder.communicate("", timeout=30)
+    assert storage.sweep_leftovers(tmp_path, log=lambda line: None) and not live.exists()
+
+
+def test_a_leftover_younger_than_the_grace_is_left_for_its_run_to_lock(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "LEFTOVER_GRACE", 3600.0)
+    young = tmp_path / f".run.tmp-{dead_pid()}-x"
+    young.mkdir()
+    assert storage.sweep_leftovers(tmp_path, log=lambda line: None) == [] and young.exists()
 
 
 @pytest.mark.parametrize("published,code,message", [
-    (False, 143, "interrupted (SIGTERM): nothing was published"),
-    (True, 0, "was published: the new model is in place"),
+    (None, 143, "interrupted (SIGTERM): nothing was published"),
+    ("pruned-model", 0, "was published: the new model is in place"),
+    ("converted-model", 143, "interrupted (SIGTERM): nothing was published"),  # the cache, rebuilt by this run
 ])
 def test_cli_says_what_an_interrupt_left(tmp_path, monkeypatch, capsys, published, code, message):
+    """Only the command's own output counts as published: a model cache rebuilt earlier in the same run (or an
+    output of an earlier command in the same process) does not turn an interrupt into exit 0."""
     def interrupted(job, progress=True):
         if published:
-            storage.PUBLISHED.append(tmp_path / "run")
+            storage.PUBLISHED.append((tmp_path / "run", published))
         raise storage.Terminated(signal.SIGTERM)
 
     monkeypatch.setattr(storage, "PUBLISHED", [])
@@ -372,3 +413,34 @@ def test_cli_refuses_a_disk_too_small_and_a_read_only_mount(tmpfs, capsys):
     assert main(["prune", "--out", str(read_only / "run")]) == 2
     assert "cannot be written: creating a folder in" in capsys.readouterr().err
     assert list(small.iterdir()) == [] and list(read_only.iterdir()) == []
+
+
+def test_an_earlier_commands_publish_does_not_leak_into_the_next(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(storage, "PUBLISHED", [(tmp_path / "earlier", "pruned-model")])
+    monkeypatch.setattr("labutils.cli.PUBLISHED", storage.PUBLISHED)
+    monkeypatch.setattr("labutils.cli.run_prune_job", lambda job, progress=True: (_ for _ in ()).throw(
+        KeyboardInterrupt()))
+    assert main(["prune", "--out", str(tmp_path / "run")]) == 130
+    assert "interrupted (Ctrl-C): nothing was published" in capsys.readouterr().err
+
+
+def test_an_output_inside_the_cache_or_its_own_input_is_refused(tmp_path, monkeypatch, capsys, tiny_dir):
+    """--out in the model cache (the next rebuild deletes it) or export's OUT spelled otherwise than FOLDER (the
+    sparse folder would be replaced by its dense copy): one line, exit 2, nothing written."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(storage.CACHE_ENV, str(cache))
+    for out in (cache / "smollm2-135m-instruct-q4_1" / "pruned", cache / "tokens", cache / "locks", cache):
+        assert main(["prune", "--out", str(out)]) == 2
+        assert "inside the lab's model cache (LAB_CACHE_DIR)" in capsys.readouterr().err
+    assert main(["prune", "--model", str(tiny_dir), "--out", str(tiny_dir / "pruned")]) == 2
+    assert "is inside the --model folder" in capsys.readouterr().err
+    model = make_tiny()
+    folder = lu.save_pruned(model, tmp_path / "run")
+    before = sorted(p.name for p in folder.iterdir())
+    (tmp_path / "link").symlink_to(folder)
+    monkeypatch.chdir(tmp_path)
+    for out in (tmp_path / "run", "run/../run", "./run", tmp_path / "link", folder / "dense", tmp_path):
+        assert main(["export", "run", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "the folder being exported" in err and len(err.strip().splitlines()) == 1, (out, err)
+    assert sorted(p.name for p in folder.iterdir()) == before and lu.load_report(folder)["disk"]["format"] == "sparse"

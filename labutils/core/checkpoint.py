@@ -30,6 +30,7 @@ from .sparse_model import (
 from .storage import (
     LAB_MARKER,
     atomic_folder,
+    check_apart,
     check_writable,
     quiet_hf_progress,
     read_manifest,
@@ -50,11 +51,14 @@ def is_lab_output(path: str | os.PathLike) -> bool:
     return manifest is not None and manifest.get("kind") == OUTPUT_KIND and REPORT_FILE in manifest["files"]
 
 
-def check_output_dir(path: str | os.PathLike, need_bytes: int | None = None) -> Path:
-    """``path`` if a pruned model can be written there, checked before any work: absent, or a previous lab output
-    holding only what the lab wrote (then replaced); its parent a writable folder with room for ``need_bytes``."""
+def check_output_dir(path: str | os.PathLike, need_bytes: int | None = None,
+                     inputs: dict[str, str | os.PathLike | None] | None = None) -> Path:
+    """``path`` if a pruned model can be written there, checked before any work: apart from the lab's cache and
+    from ``inputs`` (what → folder read by the run), absent or a previous lab output holding only what the lab wrote
+    (then replaced); its parent a writable folder with room for ``need_bytes``."""
     given = Path(path).expanduser()
     target = resolve_target(given)
+    check_apart(target, inputs or {})
     if target.exists():
         problem = replace_problem(target, OUTPUT_KIND)
         if problem:
@@ -87,6 +91,11 @@ def save_pruned(model, folder: str | os.PathLike, tokenizer=None, report: dict |
         raise BadInput(f"save_pruned(model, folder, tokenizer=None, report=None, format='sparse'): folder must be a "
                        f"path; got {type(folder).__name__}")
     check_choice("format", format, SAVE_FORMATS)
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "save_pretrained"):
+        raise BadInput(f"save_pruned(model, folder, …): model must be a transformers model; got {type(model).__name__}")
+    if report is not None and not isinstance(report, dict):
+        raise BadInput(f"save_pruned(…, report=…): report must be a dict (what lu.build_report returns); got "
+                       f"{type(report).__name__}")
     report = dict(report or {})
     report.setdefault("dtype", str(model.dtype).removeprefix("torch."))  # what load_pruned gives back
     nm = parse_nm_label(report.get("nm"))
@@ -146,11 +155,47 @@ def disk_table(report: dict, unit: str = "bytes") -> pd.DataFrame:
 
 
 def load_report(path: str | os.PathLike) -> dict:
-    """The report.json of a lab output folder."""
+    """The report.json of a lab output folder, its fields that loading and exporting read checked: LabError naming
+    the file and the field when one is damaged."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise BadInput(f"expected the path of a lab output folder; got {type(path).__name__}")
     path = Path(path)
     if not is_lab_output(path):
         raise BadInput(f"{str(path)!r} is not a lab output folder (no lab-manifest.json listing a report.json)")
-    return json.loads((path / REPORT_FILE).read_text())
+    try:
+        report = json.loads((path / REPORT_FILE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise LabError(f"{path / REPORT_FILE} is not readable JSON ({exc}); prune the model again") from None
+    problem = report_problem(report)
+    if problem:
+        raise LabError(f"{path / REPORT_FILE}: {problem}; prune the model again")
+    return report
+
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _number(value) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def report_problem(report) -> str | None:
+    """What is wrong with a parsed report.json (one phrase naming the field), or None."""
+    if not isinstance(report, dict):
+        return f"it holds {type(report).__name__}, not an object"
+    if "dtype" in report and report["dtype"] not in FLOAT_DTYPES:
+        return f"field 'dtype' is {report['dtype']!r}; allowed: {', '.join(FLOAT_DTYPES)}"
+    if report.get("nm") is not None and parse_nm_label(report["nm"]) is None:
+        return f"field 'nm' is {report['nm']!r}, not an N:M label such as '2:4'"
+    for field in ("perplexity", "seconds"):
+        if field in report and not (isinstance(report[field], dict) and all(map(_number, report[field].values()))):
+            return f"field {field!r} is not an object of numbers"
+    disk = report.get("disk")
+    if disk is not None and not (isinstance(disk, dict) and all(
+            isinstance(disk.get(part), dict) and all(_number(disk[part].get(k)) for k in ("dense", "sparse"))
+            for part in ("model", "pruned linears"))):
+        return "field 'disk' does not hold the dense and sparse bytes of 'model' and 'pruned linears'"
+    return None
 
 
 def check_intact(path: str | os.PathLike) -> None:
@@ -167,6 +212,8 @@ def load_pruned(path: str | os.PathLike, device: torch.device | str | None = Non
     given), on ``device`` (default: the best one here); a sparse folder's masks are recorded on it (``KeptMasks``).
     """
     report = load_report(path)
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise BadInput(f"dtype must be a torch dtype such as torch.float16; got {dtype!r}")
     check_intact(path)
     device = get_device(device)
     folder = Path(path)
@@ -184,8 +231,6 @@ def export_dense(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
     if not is_lab_output(folder):
         raise BadInput(f"{str(folder)!r} is not a lab output folder (no lab-manifest.json listing a report.json); "
                        "allowed: a folder written by python -m labutils prune or lu.save_pruned")
-    if resolve_target(Path(out)) == resolve_target(Path(folder)):
-        raise BadInput(f"export writes a new folder; OUT {str(out)!r} is the folder being exported")
-    check_output_dir(out)
+    check_output_dir(out, inputs={"the folder being exported": folder})
     model, tokenizer, report = load_pruned(folder, "cpu")
     return save_pruned(model, out, tokenizer, {**report, "exported_from": str(folder)}, format="dense")

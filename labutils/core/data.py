@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .checksums import digest
 from .config import Profile, flag_note
 from .errors import BadInput, LabError
 from .storage import cache_dir, packaged_file
@@ -98,23 +101,46 @@ def split_tokens(tokenizer, split: str) -> torch.Tensor:
 
 
 def _load_tokens(path: Path) -> torch.Tensor | None:
-    """The cached ids at ``path``; None when absent or unreadable (they are then tokenized again)."""
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError):
+    """The cached ids at ``path`` if every byte is as written (the xxh3 digest kept beside it, ``.xxh3``); None when
+    absent, and None with a line on stderr when unreadable or damaged: they are then tokenized again, so no
+    changed id reaches a calibration window or a perplexity."""
+    if not path.is_file():
         return None
-    return torch.from_numpy(array) if array.dtype == np.int64 and array.ndim == 1 else None
+    why = None
+    try:
+        data = path.read_bytes()
+        want = _digest_path(path).read_text().strip() if _digest_path(path).is_file() else None
+        if want != digest(data):
+            why = "no digest beside it (an older lab wrote it)" if want is None else "xxh3 mismatch"
+        else:
+            array = np.load(io.BytesIO(data), allow_pickle=False)
+            if array.dtype != np.int64 or array.ndim != 1:
+                why = f"holds {array.dtype} of {array.ndim} dimensions, not token ids"
+    except (OSError, ValueError, EOFError) as exc:
+        why = f"unreadable: {exc}"
+    if why:
+        print(f"token cache {path} is not as written ({why}): tokenizing the split again", file=sys.stderr)
+        return None
+    return torch.from_numpy(array)
+
+
+def _digest_path(path: Path) -> Path:
+    return path.with_name(f"{path.name}.xxh3")
 
 
 def _save_tokens(path: Path, tokens: torch.Tensor) -> None:
-    """Keep the ids on disk (written under a temporary name, then renamed: never half a file); a cache that cannot
-    be written is skipped."""
+    """Keep the ids on disk with their xxh3 digest beside them (each written under a temporary name, then renamed:
+    never half a file; a crash between the two renames leaves a pair that does not match, which is tokenized
+    again). A cache that cannot be written is skipped."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as file:
-            np.save(file, tokens.numpy(), allow_pickle=False)
-        os.replace(tmp, path)
+        buffer = io.BytesIO()
+        np.save(buffer, tokens.numpy(), allow_pickle=False)
+        data = buffer.getvalue()
+        for target, content in ((_digest_path(path), (digest(data) + "\n").encode()), (path, data)):
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(content)
+            os.replace(tmp, target)
     except OSError:
         return
 

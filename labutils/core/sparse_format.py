@@ -299,11 +299,45 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Ten
 
 
 def _layout(path: Path, metadata: dict | None) -> dict:
+    """The file's sparse layout (its ``METADATA_KEY`` metadata), checked field by field: LabError naming the file
+    and the field for anything this lab would not decode (a tool that "repairs" the metadata included)."""
     raw = (metadata or {}).get(METADATA_KEY)
     if raw is None:
         raise LabError(f"{path} has no {METADATA_KEY} metadata: it is not a lab sparse checkpoint")
-    layout = json.loads(raw)
+    try:
+        layout = json.loads(raw)
+    except ValueError as exc:
+        raise LabError(f"{path}: its {METADATA_KEY} metadata is not JSON ({exc}); save the model again") from None
+    if not isinstance(layout, dict):
+        raise LabError(f"{path}: its {METADATA_KEY} metadata is {type(layout).__name__}, not an object")
     if layout.get("version") != VERSION:
         raise LabError(f"{path} uses sparse layout version {layout.get('version')!r}; this lab reads version "
                        f"{VERSION} (update labutils)")
+    problem = _layout_problem(layout)
+    if problem:
+        raise LabError(f"{path}: {METADATA_KEY} {problem}; save the model again")
     return layout
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _layout_problem(layout: dict) -> str | None:
+    """What is wrong with a parsed layout (one phrase naming the field), or None."""
+    tensors, aliases = layout.get("tensors"), layout.get("aliases")
+    if not isinstance(tensors, dict):
+        return f"field 'tensors' is {type(tensors).__name__}, not an object"
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        return f"field 'aliases' is {'missing' if aliases is None else 'not an object of names'}"
+    for key, entry in tensors.items():
+        if not isinstance(entry, dict):
+            return f"tensors.{key} is {type(entry).__name__}, not an object"
+        shape = entry.get("shape")
+        if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+            return f"tensors.{key}.shape is {shape!r}, not a list of sizes"
+        if entry.get("layout") == "nm" and not all(_is_count(entry.get(f)) for f in ("n", "m", "bits")):
+            return f"tensors.{key} has layout nm without integer n, m and bits"
+        if not isinstance(entry.get("dtype"), str):
+            return f"tensors.{key}.dtype is {entry.get('dtype')!r}, not a dtype name"
+    return None

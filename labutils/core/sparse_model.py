@@ -145,6 +145,11 @@ def load_sparse_model(folder: Path, dtype: torch.dtype | None = None) -> nn.Modu
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         raise LabError(f"{folder / SPARSE_FILE} does not fit its config.json (missing {missing[:3]}, unexpected "
                        f"{extra[:3]}); save the model again")
+    wanted = model.state_dict()
+    for name, tensor in state.items():
+        if tensor.shape != wanted[name].shape:
+            raise LabError(f"{folder / SPARSE_FILE}: tensor {name} has shape {tuple(tensor.shape)}, its config.json "
+                           f"needs {tuple(wanted[name].shape)}; save the model again")
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
     if (folder / GENERATION_FILE).is_file():

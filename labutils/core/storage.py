@@ -8,9 +8,12 @@ each file's size and SHA-256) and is then published in one step:
   Where the exchange is not available, the old folder is renamed aside and restored on any exception;
 - SIGINT, SIGTERM and SIGHUP that arrive during the swap are held until it is done: a run that published its
   folder says so and finishes normally;
-- a lock file (``.NAME.lock``, ``flock``) stops a second run writing the same folder at once;
+- a lock file beside the folder (``.NAME.lab-lock``, ``flock``, keyed by the folder's real path) stops a second
+  run writing the same folder at once, whatever its cache folder or spelling of the path;
 - what a killed run leaves behind (``.NAME.tmp-PID-…``, ``.NAME.old-PID``) is cleaned by the next run into
-  the same parent once that PID is gone; a folder found missing with its old copy aside is restored.
+  the same parent once no run holds it: a live run keeps an ``flock`` on its temporary folder, which a run in
+  another PID namespace (a container sharing the volume) sees too; a folder found missing with its old copy aside
+  is restored.
 
 A folder the lab may replace is one whose manifest lists every file in it: replacing it removes only those.
 """
@@ -36,13 +39,14 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
+from .checksums import check_file, file_digests
+from .checksums import well_formed as checksums_well_formed
 from .errors import BadInput, LabError
 
 CACHE_ENV = "LAB_CACHE_DIR"
 MANIFEST_FILE = "lab-manifest.json"
 LAB_MARKER = "wanda-lab"
 MANIFEST_VERSION = 1
-SAMPLE_BLOCKS, SAMPLE_BYTES = 64, 4096  # the quick check hashes 64 blocks of 4 KiB spread over each file
 SPACE_MARGIN = 1.05  # free space wanted: the folder's size estimate × this + 64 MiB
 SPACE_SLACK = 64 * 2**20
 # Tests set this to pause at a named point of publishing ("written", "between-renames", "exchanged",
@@ -76,29 +80,12 @@ def packaged_file(distribution: str, filename: str, version: str, what: str) -> 
 
 # ---------------------------------------------------------------------------------------------- manifests
 
-def _sample_offsets(size: int) -> list[int]:
-    if size <= SAMPLE_BLOCKS * SAMPLE_BYTES:
-        return [0]
-    step = (size - SAMPLE_BYTES) / (SAMPLE_BLOCKS - 1)
-    return [round(i * step) for i in range(SAMPLE_BLOCKS)]
-
-
-def _file_hashes(path: Path, full: bool) -> dict[str, str]:
-    """The sampled hash of a file, and its whole SHA-256 when ``full``."""
-    size = path.stat().st_size
-    sample = hashlib.sha256()
+def _sha256(path: Path) -> str:
+    whole = hashlib.sha256()
     with path.open("rb") as f:
-        for offset in _sample_offsets(size):
-            f.seek(offset)
-            sample.update(f.read(SAMPLE_BYTES if size > SAMPLE_BLOCKS * SAMPLE_BYTES else size))
-        hashes = {"sample_sha256": sample.hexdigest()}
-        if full:
-            f.seek(0)
-            whole = hashlib.sha256()
-            for chunk in iter(lambda: f.read(2**22), b""):
-                whole.update(chunk)
-            hashes["sha256"] = whole.hexdigest()
-    return hashes
+        for chunk in iter(lambda: f.read(2**22), b""):
+            whole.update(chunk)
+    return whole.hexdigest()
 
 
 def _listed_files(folder: Path) -> list[str]:
@@ -108,11 +95,14 @@ def _listed_files(folder: Path) -> list[str]:
 
 
 def write_manifest(folder: Path, kind: str) -> dict:
-    """List every file in ``folder`` with its size and hashes, in ``folder/lab-manifest.json``."""
-    files = {name: {"bytes": (folder / name).stat().st_size, **_file_hashes(folder / name, full=True)}
-             for name in _listed_files(folder)}
+    """List every file in ``folder`` with its size, SHA-256 and xxh3 digests (per tensor for safetensors files), in
+    ``folder/lab-manifest.json``, written through a temporary file and renamed into place."""
+    files = {name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name),
+                    **file_digests(folder / name)} for name in _listed_files(folder)}
     manifest = {"lab": LAB_MARKER, "kind": kind, "version": MANIFEST_VERSION, "files": files}
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp = folder / f".{MANIFEST_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, folder / MANIFEST_FILE)
     return manifest
 
 
@@ -140,12 +130,13 @@ def _safe_name(name) -> bool:
 
 def _well_formed(entry) -> bool:
     return (isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and not isinstance(entry["bytes"], bool)
-            and all(isinstance(entry.get(key), str) for key in ("sha256", "sample_sha256")))
+            and isinstance(entry.get("sha256"), str) and checksums_well_formed(entry))
 
 
 def verify_folder(folder: str | os.PathLike, full: bool = False) -> str | None:
-    """None if every file the manifest lists is there with its recorded size and hash, else what is wrong
-    (one phrase). ``full`` hashes whole files; otherwise sizes and a sampled hash (≈256 KiB read per file)."""
+    """None if every file the manifest lists is there with its recorded size and every byte as written, else what
+    is wrong (one phrase, naming the file, and the tensor of a safetensors file). Bytes are compared by their xxh3
+    digests (``checksums``; a manifest from before them: by SHA-256); ``full`` compares the SHA-256 too."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     if manifest is None:
@@ -159,11 +150,19 @@ def verify_folder(folder: str | os.PathLike, full: bool = False) -> str | None:
         size = path.stat().st_size
         if size != want.get("bytes"):
             return f"{name} has {size:,} bytes, {want.get('bytes'):,} were written"
-        got = _file_hashes(path, full)
-        key = "sha256" if full else "sample_sha256"
-        if got[key] != want.get(key):
-            return f"{name} differs from what was written ({'SHA-256' if full else 'sampled hash'} mismatch)"
+        problem = check_file(path, want) if "xxh3" in want else None
+        if problem is None and (full or "xxh3" not in want) and _sha256(path) != want["sha256"]:
+            problem = f"{name} differs from what was written (SHA-256 mismatch)"
+        if problem:
+            return problem if problem.startswith(name) else f"{name}: {problem}"
     return None
+
+
+def has_digests(folder: str | os.PathLike) -> bool:
+    """Whether the manifest of ``folder`` records xxh3 digests for every file (a lab from before them wrote none,
+    and then every load pays a SHA-256 of every byte)."""
+    manifest = read_manifest(folder)
+    return manifest is not None and all("xxh3" in entry for entry in manifest["files"].values())
 
 
 def unlisted_files(folder: Path) -> list[str]:
@@ -196,6 +195,38 @@ def resolve_target(path: str | os.PathLike) -> Path:
             raise BadInput(f"output {str(path)!r} is a symlink to {str(target)!r}, whose folder does not exist")
         return target
     return path
+
+
+def within(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it: compared by real paths (symlinks, ``..``, ``$PWD/…``
+    resolved), and by inode for each existing ancestor of ``path`` (the same folder reached through a bind mount)."""
+    real, base = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    if real == base or base in real.parents:
+        return True
+    if not base.exists():
+        return False
+    for ancestor in (real, *real.parents):
+        with contextlib.suppress(OSError):
+            if ancestor.exists() and os.path.samefile(ancestor, base):
+                return True
+    return False
+
+
+CACHE_WHAT = "the lab's model cache (LAB_CACHE_DIR)"
+
+
+def check_apart(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]) -> None:
+    """BadInput unless the output ``out`` and each local folder of ``inputs`` (what → folder; None and hub ids are
+    skipped) are apart: neither is, or lies inside, the other. The lab's cache is always checked: the lab rebuilds
+    and cleans it, so an output there would be lost."""
+    places = {CACHE_WHAT: cache_dir()}
+    places.update({what: Path(folder).expanduser() for what, folder in inputs.items()
+                   if folder is not None and Path(folder).expanduser().exists()})
+    for what, folder in places.items():
+        inside = within(out, folder)
+        if inside or (Path(out).exists() and folder.exists() and within(folder, out)):
+            raise BadInput(f"output {str(out)!r} {'is inside' if inside else 'holds'} {what} {str(folder)!r}; "
+                           "choose an output apart from it")
 
 
 def replace_problem(path: Path, kind: str) -> str | None:
@@ -241,16 +272,21 @@ def check_writable(path: Path, need_bytes: int | None = None) -> None:
 
 # ------------------------------------------------------------------------------------------------ locking
 
-PUBLISHED: list[Path] = []  # folders this process has published, so an interrupt after that can say so
+# (folder, kind) this process has published, so that an interrupt after its own output was published can say so
+# (the command line clears it when a command starts: a cache rebuilt earlier is not the command's output)
+PUBLISHED: list[tuple[Path, str]] = []
 _HELD: dict[str, list] = {}  # folder → [(fd, lock file), depth]: this process's locks, re-entrant
 _HELD_GUARD = threading.Lock()
 
 
+LOCK_SUFFIX = ".lab-lock"
+
+
 def _lock_path(path: Path) -> Path:
-    """The lock file of an output folder: in the lab's cache (``locks/``), named by a hash of the folder's
-    absolute path, so nothing is written beside the output before it is published."""
-    key = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:32]
-    return cache_dir() / "locks" / f"{key}.lock"
+    """The lock file of an output folder: ``.NAME.lab-lock`` beside it, so that every run writing that real path
+    meets the same lock, whatever its cache folder (``LAB_CACHE_DIR``) or the spelling of the path."""
+    real = Path(os.path.realpath(path))
+    return real.parent / f".{real.name}{LOCK_SUFFIX}"
 
 
 @contextlib.contextmanager
@@ -292,15 +328,15 @@ def _acquire(path: Path):
         _sweep_locks(lock.parent)
         return _lock_file(lock, path)
     except OSError as exc:
-        raise LabError(f"cannot create the lock file {lock} for {str(path)!r} ({exc.strerror or exc}); set "
-                       f"{CACHE_ENV} to a folder you can write") from None
+        raise LabError(f"cannot create the lock file {lock} for {str(path)!r} ({exc.strerror or exc}); choose an "
+                       "output in a folder you can write") from None
 
 
 def _sweep_locks(folder: Path) -> None:
     """Remove lock files no process holds (left by killed runs), with the same protocol as a release."""
     import fcntl
 
-    for lock in folder.glob("*.lock"):
+    for lock in folder.glob(f".*{LOCK_SUFFIX}"):
         with contextlib.suppress(OSError):
             fd = os.open(lock, os.O_RDWR)
             try:
@@ -349,8 +385,11 @@ def _release(held, path: Path) -> None:
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<what>tmp|old)-(?P<pid>\d+)(-.*)?$")
 
 
+LEFTOVER_GRACE = 10.0  # seconds: a temporary folder this young may belong to a run about to lock it
+
+
 def _alive(pid: int) -> bool:
-    """Whether process ``pid`` may still run (unknown counts as alive: its folders are left alone)."""
+    """Whether process ``pid`` may still run (unknown counts as alive): the test where ``flock`` is missing."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -358,6 +397,41 @@ def _alive(pid: int) -> bool:
     except (PermissionError, OverflowError, ValueError):  # someone else's process, or no pid we could have made
         return True
     return True
+
+
+def hold_folder(folder: Path):
+    """Lock ``folder`` (shared ``flock`` on the folder itself) for as long as the returned descriptor is open: how
+    a run says that its temporary folder is alive. None where ``flock`` does not exist."""
+    if importlib.util.find_spec("fcntl") is None:
+        return None
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _in_use(entry: Path, pid: int) -> bool:
+    """Whether a run may still own the leftover ``entry``: it holds the folder's lock (``hold_folder``), whatever
+    PID namespace it runs in (a container sharing the volume); or process ``pid`` runs here (an older lab that
+    held no such lock); or the folder is younger than ``LEFTOVER_GRACE`` (its run is about to lock it)."""
+    if _alive(pid) or importlib.util.find_spec("fcntl") is None:
+        return _alive(pid)
+    import fcntl
+
+    try:
+        if time.time() - entry.lstat().st_mtime < LEFTOVER_GRACE:
+            return True
+        fd = os.open(entry, os.O_RDONLY)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the probe's lock
 
 
 def sweep_leftovers(parent: Path, log=None) -> list[str]:
@@ -389,8 +463,10 @@ def _dead_leftovers(parent: Path) -> list:
         for entry in parent.iterdir():
             match = _LEFTOVER.match(entry.name)
             with contextlib.suppress(OSError):
-                if match and entry.is_dir() and not entry.is_symlink() and not _alive(int(match["pid"])):
+                if match and entry.is_dir() and not entry.is_symlink() and not _in_use(entry, int(match["pid"])):
                     found.append((entry.stat().st_mtime, match, entry))
+                elif match and match["what"] == "tmp" and entry.is_file() and not entry.is_symlink():
+                    entry.unlink()  # a file swapped out of a cache path (see atomic_folder): never a live run's
     return [(match, entry) for _, match, entry in sorted(found, key=lambda t: -t[0])]
 
 
@@ -543,6 +619,7 @@ def atomic_folder(path: str | os.PathLike, kind: str = "pruned-model", replace_a
         path.parent.mkdir(parents=True, exist_ok=True)
         sweep_leftovers(path.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+        held_fd = hold_folder(tmp)  # a sweeper in another run (or container) leaves it alone while this one lives
         published = False
         try:
             yield tmp
@@ -558,9 +635,12 @@ def atomic_folder(path: str | os.PathLike, kind: str = "pruned-model", replace_a
             with _HeldSignals() as held:
                 aside = _swap_in(tmp, path)
                 published = True
-                PUBLISHED.append(path)
+                PUBLISHED.append((path, kind))
                 _pause("exchanged")
-                if aside is not None:
+                if aside is not None and not aside.is_dir():  # a file that stood where the folder goes
+                    with contextlib.suppress(OSError):
+                        aside.unlink()
+                elif aside is not None:
                     (shutil.rmtree(aside, ignore_errors=True) if replace_any
                      else remove_lab_folder(aside, keep_as=path.parent / f"{path.name}.unlisted-{os.getpid()}"))
                 _pause("published")
@@ -579,6 +659,8 @@ def atomic_folder(path: str | os.PathLike, kind: str = "pruned-model", replace_a
         finally:
             if not published:  # once published, ``tmp`` is the old folder, removed above file by file
                 shutil.rmtree(tmp, ignore_errors=True)
+            if held_fd is not None:
+                os.close(held_fd)
 
 
 def _swap_in(tmp: Path, path: Path) -> Path | None:

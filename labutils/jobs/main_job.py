@@ -88,7 +88,8 @@ def validate_job(job: PruneJob) -> tuple[Profile, Path]:
     profile = job.resolved_profile()
     if profile.needs_cuda:
         require_cuda(f"profile {profile.name!r}")
-    out = check_output_dir(job.output_dir(profile), need_bytes=expected_model_bytes(profile, job.model_path))
+    out = check_output_dir(job.output_dir(profile), need_bytes=expected_model_bytes(profile, job.model_path),
+                           inputs={"the --model folder": job.model_path, "the --tokenizer folder": job.tokenizer_path})
     return profile, out
 
 
