@@ -14,6 +14,16 @@ it, and each imports only from those before it in this list:
 
 ``lu.*`` is exactly ``__all__`` below: what the notebooks and README use, and the types needed to call it.
 """
+import signal as _signal
+import sys as _sys
+
+if _sys.argv[:1] == ["-m"]:  # ``python -m labutils`` is importing the package: a Ctrl-C now is one line, not a traceback
+    def _interrupted_while_starting(signum, frame):
+        print("interrupted (Ctrl-C) while starting: nothing was done", file=_sys.stderr)
+        raise SystemExit(130)
+
+    _signal.signal(_signal.SIGINT, _interrupted_while_starting)  # the command line puts Python's own back (cli.main)
+
 from .core.checkpoint import disk_table, export_dense, load_pruned, load_report, save_pruned
 from .core.config import DEFAULT_PROFILE, get_profile
 from .core.data import calibration_data, corpus_split, heldout_tokens, test_tokens

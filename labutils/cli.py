@@ -103,6 +103,9 @@ def _add_prune(sub) -> None:
                             "or write a dense copy with export); dense: an ordinary transformers folder "
                             "(default: sparse)")
     prune.add_argument("--json", action="store_true", help="print the whole report as JSON instead of a table")
+    prune.add_argument("--strict", action="store_true",
+                       help="stop before pruning when the dense perplexity is far from the profile's recorded one "
+                            "(default: a warning)")
 
 
 def _add_bench_prune(sub) -> None:
@@ -225,6 +228,7 @@ COMMANDS = {"prune": _prune, "export": _export, "prepare": _prepare, "bench-prun
 
 
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is KeyboardInterrupt again (see __init__)
     args = build_parser().parse_args(argv)
     PUBLISHED.clear()  # what an earlier command of this process published is not this one's output
     interrupt_on_termination()  # SIGTERM and SIGHUP clean up like Ctrl-C

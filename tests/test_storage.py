@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -444,3 +445,15 @@ def test_an_output_inside_the_cache_or_its_own_input_is_refused(tmp_path, monkey
         err = capsys.readouterr().err
         assert "the folder being exported" in err and len(err.strip().splitlines()) == 1, (out, err)
     assert sorted(p.name for p in folder.iterdir()) == before and lu.load_report(folder)["disk"]["format"] == "sparse"
+
+
+def test_ctrl_c_while_the_command_line_imports_is_one_line(tmp_path):
+    """SIGINT half a second after `python -m labutils prune` starts (torch and transformers are still importing)."""
+    proc = subprocess.Popen([sys.executable, "-m", "labutils", "prune", "--out", str(tmp_path / "run")],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("interrupted (Ctrl-C)") and not (tmp_path / "run").exists()

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from ..core.checkpoint import (
 )
 from ..core.config import Profile, get_profile
 from ..core.device import get_device, peak_rss_bytes, require_cuda, set_seed, versions
-from ..core.errors import BadInput
+from ..core.errors import BadInput, LabError
 from ..core.models import CACHE_FOLDER, load_model
 from ..core.storage import cache_dir, output_lock, verify_folder
 from ..core.validation import check_choice
@@ -60,6 +61,7 @@ class PruneJob:
     save_format: str = "sparse"  # "sparse": kept values and masks (about half the bytes at 50 %); "dense"
     stream_from_disk: bool = False  # never load the model whole: layers are read, pruned and written one by one
     data_parallel: bool = False  # one of torchrun's processes, each calibrating on its share of the samples
+    strict: bool = False  # stop (instead of warning) when the dense perplexity is far from the profile's recorded one
 
     def resolved_profile(self) -> Profile:
         return get_profile(self.profile, nsamples=self.nsamples, seqlen=self.seqlen, eval_tokens=self.eval_tokens,
@@ -132,6 +134,31 @@ def build_report(profile: Profile, model, prune: PruneReport, perplexities: dict
     }
 
 
+# The dense perplexity of each profile's own model, by (profile, eval_tokens, eval_seqlen): the main job checks its
+# dense figure against it (``check_plausible``). smollm2-135m: measured, the same to 1e-5 on every CPU kernel set
+# (README "Portability"); llama2-7b: Sun et al. 2023, Table 3 (dense LLaMA-2-7B on WikiText-2, 4096-token windows).
+DENSE_PERPLEXITY = {("smollm2-135m", 8192, 512): 13.8201, ("smollm2-135m", 1024, 512): 14.0139,
+                    ("smollm2-135m", 2048, 512): 12.6429, ("llama2-7b", None, 4096): 5.12}
+PLAUSIBLE = 0.05  # relative distance from the recorded figure beyond which the model or the text is suspect
+
+
+def check_plausible(job: PruneJob, profile: Profile, dense_ppl: float, eval_tokens: int | None) -> float | None:
+    """The recorded dense perplexity for this profile and evaluation, if there is one and the job uses the
+    profile's own model; a line on stderr (LabError with ``job.strict``) when ``dense_ppl`` is further than
+    ``PLAUSIBLE`` from it: a damaged model or test text that no checksum caught, or another model."""
+    expected = DENSE_PERPLEXITY.get((profile.name, eval_tokens, profile.eval_seqlen))
+    if expected is None or job.model_path is not None:
+        return expected
+    if not abs(dense_ppl - expected) <= PLAUSIBLE * expected:  # NaN is never plausible
+        message = (f"the dense perplexity is {dense_ppl:,.4g}, far from this profile's recorded {expected:g} "
+                   f"(more than {PLAUSIBLE:.0%} off): the model or the test text may be damaged; run "
+                   "`python -m labutils prepare`, which checks and rebuilds both")
+        if job.strict:
+            raise LabError(message + " (stopped by --strict before pruning)")
+        print(f"WARNING: {message}", file=sys.stderr)
+    return expected
+
+
 def run_prune_job(job: PruneJob, progress: bool = True) -> dict:
     """Run the main job and return its report (also written to ``<out>/report.json``).
 
@@ -171,6 +198,7 @@ def _run_locked(job: PruneJob, profile: Profile, out: Path, device: torch.device
     with _visiting(model, device, home):
         dense_ppl = perplexity(model, test, profile.eval_seqlen, profile.batch_size, progress, desc="dense perplexity")
     seconds["dense_eval"] = _lap(clock)
+    expected = check_plausible(job, profile, dense_ppl, profile.eval_tokens)
     prune = prune_model(model, job.spec, calib, profile.batch_size, progress,
                         low_memory=device if job.low_memory else False, parallel=parallel)
     clock = time.perf_counter()
@@ -181,7 +209,7 @@ def _run_locked(job: PruneJob, profile: Profile, out: Path, device: torch.device
 
     report = build_report(profile, model, prune, {"dense": dense_ppl, "pruned": pruned_ppl}, seed=job.seed,
                           eval_tokens=int(test.numel()))
-    report.update(model=job.model_path or report["model"], device=str(device),
+    report.update(model=job.model_path or report["model"], device=str(device), dense_perplexity_expected=expected,
                   seconds={**seconds, **report["seconds"]}, data_parallel=None if parallel is None else parallel.world,
                   peak_rss_bytes=peak_rss_bytes())
     if job.model_path is not None:  # the card's base model and licence: what the folder's own card says
