@@ -17,7 +17,7 @@ from .core.config import DEFAULT_PROFILE, PROFILES
 from .core.data import corpus_split, split_tokens
 from .core.errors import BadInput, LabError
 from .core.models import embedded_model_dir, folder_tokenizer
-from .core.storage import PUBLISHED, cache_dir, interrupt_on_termination, strict_json
+from .core.storage import PUBLISHED, cache_dir, check_can_write, interrupt_on_termination, strict_json
 from .core.validation import check_seed
 from .jobs.bench_prune import MODES, TARGETS, bench_prune, bench_setup, default_json_path, write_json
 from .jobs.main_job import PruneJob, run_prune_job, summary_table
@@ -30,8 +30,16 @@ from .prune.methods import METHODS
 from .prune.spec import CLI_FLAGS, METHOD_FLAGS, PruneSpec
 
 
+class LabParser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line (``error: …``, exit 2), as every other bad input is, instead of the
+    whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; `{self.prog} --help` lists the options\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m labutils", description="Wanda pruning lab")
+    parser = LabParser(prog="python -m labutils", description="Wanda pruning lab")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prune(sub)
     sub.add_parser("prepare", help="convert the embedded model once and check the corpus (setup runs this)")
@@ -143,11 +151,14 @@ def _add_course(sub) -> None:
 
 
 def _student(args: argparse.Namespace) -> None:
+    check_can_write(args.out, "--out", folder=True)
     for path in write_student_copies(master_paths(args.masters), args.out):
         print(f"wrote {path}")
 
 
 def _grade(args: argparse.Namespace) -> None:
+    check_can_write(args.out, "--out")  # before any notebook runs
+    check_can_write(feedback_folder(args.out, args.feedback), "--feedback", folder=True)
     table = grade(args.submissions, master_paths(args.masters), args.out, args.feedback, args.timeout)
     totals = table.groupby("student")[["points", "max"]].sum()
     print(totals.to_string())
@@ -205,6 +216,7 @@ def _bench_prune(args: argparse.Namespace) -> None:
     setup = bench_setup(args.tiny, args.device, specs=[PruneSpec(args.method, t) for t in args.targets],
                         modes=args.modes, seed=args.seed,
                         sizes={"nsamples": args.nsamples, "seqlen": args.seqlen, "batch_size": args.batch_size})
+    json_path = check_can_write(args.json_path or default_json_path(setup), "--json")  # before the benchmark runs
     print(f"bench-prune {setup.describe()}", flush=True)
     result = bench_prune(setup)
     table = result.table()
@@ -213,7 +225,7 @@ def _bench_prune(args: argparse.Namespace) -> None:
         print(table.to_string(float_format=lambda v: f"{v:.3f}"))
     for goal, met in result.goals().items():
         print(f"{'met' if met else 'NOT met'}: {goal}")
-    print(f"wrote {write_json(result, args.json_path or default_json_path(setup))}")
+    print(f"wrote {write_json(result, json_path)}")
 
 
 def _readme(args: argparse.Namespace) -> None:
@@ -232,11 +244,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     PUBLISHED.clear()  # what an earlier command of this process published is not this one's output
     interrupt_on_termination()  # SIGTERM and SIGHUP clean up like Ctrl-C
-    rank = f"rank {os.environ['RANK']}: " if launched_ranks() > 1 and "RANK" in os.environ else ""
+    rank = ""
     try:
+        rank = f"rank {os.environ['RANK']}: " if launched_ranks() > 1 and "RANK" in os.environ else ""
         COMMANDS[args.command](args)
     except LabError as exc:
         print(f"{rank}error: {exc}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"{rank}error: out of memory: this machine cannot hold what the command asked for (use fewer "
+              "--nsamples, shorter --seqlen, a smaller --batch-size or --eval-tokens); nothing was published",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (storage.Terminated)
         code = 128 + getattr(exc, "signum", 2)

@@ -62,7 +62,7 @@ def test_damaged_cache_stops_the_load_and_prepare_rebuilds_it(fake_cache, damage
     with pytest.raises(lu.LabError, match=f"the cached model at .* is damaged \\({problem}.*\\); run `python -m "
                                           "labutils prepare`"):
         models.embedded_model_dir()
-    out = path.parent / "run"
+    out = path.parent.parent / "run"  # beside the cache (an output inside it is refused before anything else)
     assert main(["prune", "--out", str(out)]) == 2  # the main job stops before any work
     assert "is damaged" in capsys.readouterr().err and not out.exists()
     assert main(["prepare"]) == 0
@@ -131,3 +131,12 @@ def test_damage_between_any_samples_of_the_real_cache_stops_the_run_before_work(
     assert f"tensor {tensor} differs from what was written" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_a_file_where_the_cache_folder_goes_is_replaced_without_leftovers(fake_cache, capsys):
+    target = storage.cache_dir() / models.CACHE_FOLDER
+    target.parent.mkdir(parents=True)
+    target.write_text("not a folder")
+    assert main(["prepare"]) == 0
+    assert target.is_dir() and storage.verify_folder(target, full=True) is None
+    assert not [p.name for p in target.parent.iterdir() if p.name.startswith(".")]  # no dot-file left behind

@@ -219,3 +219,94 @@ def test_more_eval_tokens_than_the_test_set(tiny_with_tokenizer, tmp_path, capsy
                     "(CLI flag --eval-tokens)")
     profile = lu.get_profile("smollm2-135m")
     assert lu.test_tokens(profile, tokenizer, total).numel() == total  # the whole test set is still allowed
+
+
+# Every bad input of every command: one line, exit 2, nothing written — checked before the work, not after
+
+def one_line(argv, capsys, code=2) -> str:
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match(r"(rank \d+: )?error: ", err[0]) and "Traceback" not in err[0], err
+    return err[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prune", "--nsamples", "x"], "argument --nsamples: invalid int value: 'x'; `python -m labutils prune --help`"),
+    (["prune", "--method"], "argument --method: expected one argument"),
+    (["prunee"], "invalid choice: 'prunee'"),
+    ([], "the following arguments are required: command"),
+    (["bench-prune", "--seed"], "argument --seed: expected one argument"),
+    (["grade"], "the following arguments are required: SUBMISSIONS"),
+])
+def test_option_errors_are_one_line_not_the_usage_block(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and message in err[0] and err[0].startswith("error: "), err
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not a process count"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR and MASTER_PORT are not"),
+    ({"WORLD_SIZE": "2", "RANK": "7", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}, "RANK='7' is not a process"),
+])
+def test_broken_launcher_variables_are_one_line(env, message, monkeypatch, tmp_path, capsys):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    line = one_line(["prune", "--data-parallel", *SMALL, "--out", str(tmp_path / "out")], capsys)
+    assert message in line and not (tmp_path / "out").exists()
+
+
+def test_tokenizer_without_model_is_refused_for_every_mode(tiny_with_tokenizer, tmp_path, capsys):
+    for extra in ([], ["--stream-from-disk"]):
+        line = one_line(["prune", *extra, "--tokenizer", str(tiny_with_tokenizer), "--out", str(tmp_path / "o")],
+                        capsys)
+        assert "--tokenizer goes with --model" in line
+
+
+def test_outputs_of_every_command_are_checked_before_the_work(tmp_path, capsys, monkeypatch):
+    """bench-prune --json, student --out, grade --out / --feedback: a folder where a file goes, a path under a file,
+    /proc (where nothing can be created, as root too: what a read-only mount does) — refused at once (the benchmark
+    and the grading do not run)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setattr("labutils.cli.bench_prune", lambda setup: pytest.fail("the benchmark ran"))
+    monkeypatch.setattr("labutils.cli.grade", lambda *a, **k: pytest.fail("grading ran"))
+    (tmp_path / "subs" / "alice").mkdir(parents=True)
+    for path, message in ((tmp_path, "is a folder"), (blocker / "x.json", "is a file, not a folder"),
+                          ("/proc/lab.json", "cannot be written")):
+        assert message in one_line(["bench-prune", "--tiny", "--json", str(path)], capsys)
+        assert message in one_line(["grade", str(tmp_path / "subs"), "--out", str(path)], capsys)
+    assert "--feedback" in one_line(["grade", str(tmp_path / "subs"), "--out", str(tmp_path / "g.csv"),
+                                     "--feedback", str(blocker)], capsys)
+    for path in (blocker, blocker / "copies", "/proc/copies"):
+        assert "--out" in one_line(["student", "--out", str(path)], capsys)
+    assert not (tmp_path / "g.csv").exists() and not (tmp_path / "feedback").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.write_bytes(b"\xff\xfe not utf-8"), "not a readable UTF-8 text file"),
+])
+def test_readme_command_on_a_bad_readme_is_one_line(damage, message, tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    damage(readme)
+    assert message in one_line(["readme", "--readme", str(readme)], capsys)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "is not a results file"), ('{"profile": "x"}', "is not a results file"),
+    ('{"rows": []}', "field 'rows' is not a non-empty list"), ('{"rows": [{"model": "dense"}]}', "lacks what the"),
+])
+def test_readme_command_on_damaged_results_is_one_line(content, message, tmp_path, capsys):
+    root = lu.__file__.rsplit("/labutils/", 1)[0]
+    shutil.copytree(f"{root}/results", tmp_path / "results")
+    shutil.copy(f"{root}/README.md", tmp_path / "README.md")
+    (tmp_path / "results" / "smollm2-135m-prune.json").write_text(content)
+    before = (tmp_path / "README.md").read_text()
+    assert message in one_line(["readme", "--readme", str(tmp_path / "README.md")], capsys)
+    assert (tmp_path / "README.md").read_text() == before
+
+
+def test_memory_error_is_one_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr("labutils.cli.run_prune_job", lambda job, progress=True: (_ for _ in ()).throw(MemoryError()))
+    assert "out of memory" in one_line(["prune", "--nsamples", "100000000", "--out", str(tmp_path / "o")], capsys)

@@ -31,7 +31,7 @@ def one_thread():
 
 
 def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{HERE}{os.pathsep}{HERE.parent}"}  # this checkout
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            str(HERE / "dp_worker.py"), *args], capture_output=True, text=True, timeout=timeout,
                           env=env)
@@ -71,6 +71,19 @@ def test_a_dying_rank_stops_the_other(tmp_path, sharded_tiny):
         run.stderr[-3000:]
     assert "nothing was published" in run.stderr and not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no half-written folder left
+
+
+@pytest.mark.slow
+def test_fewer_batches_than_ranks_is_one_line_on_each_rank(tmp_path, tiny_with_tokenizer):
+    """--low-memory with 2 processes and one calibration batch: rank 1 would own none (an IndexError once)."""
+    out = tmp_path / "out"
+    run = torchrun("cli", str(tmp_path), "--", "prune", "--data-parallel", "--low-memory", "--model",
+                   str(tiny_with_tokenizer), "--out", str(out), "--nsamples", "2", "--seqlen", "16",
+                   "--eval-tokens", "512", "--eval-seqlen", "32", "--batch-size", "2", timeout=120)
+    assert run.returncode != 0 and "]: Traceback" not in run.stderr, run.stderr[-3000:]  # no rank's traceback
+    lines = [line for line in run.stderr.splitlines() if "error: " in line]
+    assert len(lines) == 2 and all("needs at least 2 calibration batches" in line for line in lines), run.stderr
+    assert not out.exists()
 
 
 def test_data_parallel_needs_torchrun(tmp_path, monkeypatch, sharded_tiny):

@@ -270,6 +270,29 @@ def check_writable(path: Path, need_bytes: int | None = None) -> None:
                            f"{str(ancestor)!r} has {free / 2**30:.2f} GiB; free some space or choose another --out")
 
 
+def check_can_write(path: str | os.PathLike, what: str, folder: bool = False) -> Path:
+    """``path`` as a Path if a file (``folder``: a folder, existing or not) can be written there later, checked
+    now: it is not the other kind, and the folder that will hold it can take a new entry (a probe folder is
+    created and removed: a read-only mount, /proc or a file in the way is caught, as root too). BadInput otherwise."""
+    path = Path(path).expanduser()
+    if path.exists() and path.is_dir() != folder:
+        raise BadInput(f"{what} {str(path)!r} is a {'file' if folder else 'folder'}; allowed: a "
+                       f"{'folder' if folder else 'file'} path")
+    base = path if folder and path.is_dir() else path.parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise BadInput(f"{what} {str(path)!r} cannot be created: {str(base)!r} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".lab-probe-", dir=base))
+    except OSError as exc:
+        raise BadInput(f"{what} {str(path)!r} cannot be written: creating an entry in {str(base)!r} failed "
+                       f"({exc.strerror or exc})") from None
+    if path.is_file() and not os.access(path, os.W_OK):
+        raise BadInput(f"{what} {str(path)!r} is read-only")
+    return path
+
+
 # ------------------------------------------------------------------------------------------------ locking
 
 # (folder, kind) this process has published, so that an interrupt after its own output was published can say so

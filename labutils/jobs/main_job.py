@@ -81,6 +81,9 @@ def validate_job(job: PruneJob) -> tuple[Profile, Path]:
     when it was built)."""
     check_spec(job.spec, "PruneJob.spec")
     check_choice("save format", job.save_format, SAVE_FORMATS)
+    if job.tokenizer_path is not None and job.model_path is None:
+        raise BadInput("--tokenizer goes with --model (a model folder without tokenizer files); the profile's own "
+                       "model brings its tokenizer")
     if job.stream_from_disk and job.low_memory:
         raise BadInput("--stream-from-disk already keeps the model out of memory (one layer at a time, from disk); "
                        "drop --low-memory")
@@ -168,6 +171,12 @@ def run_prune_job(job: PruneJob, progress: bool = True) -> dict:
     device, parallel = get_device(job.device), None
     if job.data_parallel:
         parallel, device = start_data_parallel(device)
+        batches = -(-profile.nsamples // profile.batch_size)
+        if batches < parallel.world:
+            stop_data_parallel()
+            raise BadInput(f"--data-parallel with {parallel.world} processes needs at least {parallel.world} "
+                           f"calibration batches; --nsamples {profile.nsamples} in batches of {profile.batch_size} "
+                           f"gives {batches}: use more samples or a smaller --batch-size")
     try:
         leader = parallel is None or parallel.leader
         with output_lock(out) if leader else contextlib.nullcontext():  # a second run to the same folder stops

@@ -223,7 +223,14 @@ def results_rows(folder: Path, table: ReadmeTable, profile: str = DEFAULT_PROFIL
     if not path.is_file():
         raise LabError(f"{path} is missing: run the notebook that writes it (make notebooks), then "
                        "`python -m labutils readme`")
-    return pd.DataFrame(json.loads(path.read_text())["rows"])
+    try:
+        rows = json.loads(path.read_text())["rows"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise LabError(f"{path} is not a results file (JSON with a 'rows' list: {type(exc).__name__}: {exc}); "
+                       "run the notebook that writes it again (make notebooks)") from None
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise LabError(f"{path}: field 'rows' is not a non-empty list of rows; run the notebook that writes it again")
+    return pd.DataFrame(rows)
 
 
 def render_readme(text: str, folder: Path, profile: str = DEFAULT_PROFILE) -> str:
@@ -233,13 +240,22 @@ def render_readme(text: str, folder: Path, profile: str = DEFAULT_PROFILE) -> st
         if name not in README_TABLES:
             raise BadInput(f"README block {name!r} is unknown; allowed: {', '.join(README_TABLES)}")
         table = README_TABLES[name]
-        return match[1] + markdown_table(table.build(results_rows(folder, table, profile))) + match[4]
+        rows = results_rows(folder, table, profile)
+        try:
+            built = table.build(rows)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise LabError(f"the results file of README block {name!r} ({table.stem}) lacks what the table needs "
+                           f"({type(exc).__name__}: {exc}); run the notebook that writes it again") from None
+        return match[1] + markdown_table(built) + match[4]
     return BLOCK.sub(replace, text)
 
 
 def update_readme(readme: Path, folder: Path | None = None) -> bool:
     """Rewrite ``readme``'s generated tables from ``folder`` (default: ``results/`` beside it); True if it changed."""
-    old = readme.read_text()
+    try:
+        old = readme.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"--readme {readme}: not a readable UTF-8 text file ({exc})") from None
     new = render_readme(old, folder or readme.parent / "results")
     if new != old:
         readme.write_text(new)

@@ -70,6 +70,13 @@ def start_data_parallel(device: torch.device) -> tuple[DataParallel, torch.devic
     if world < 2 or "RANK" not in os.environ:
         raise BadInput(f"--data-parallel needs several processes (WORLD_SIZE={world}): launch with torchrun "
                        "--nproc-per-node 2 -m labutils prune --data-parallel …")
+    rank = os.environ["RANK"]
+    if not rank.isdigit() or int(rank) >= world:
+        raise BadInput(f"RANK={rank!r} is not a process number below WORLD_SIZE={world}; launch with torchrun")
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise BadInput(f"WORLD_SIZE and RANK are set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                       "not: the processes cannot meet; launch with torchrun, which sets them all")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)

@@ -38,6 +38,9 @@ class Method:
 
     def resolve(self, given: dict | None) -> dict:
         """The method's parameters: defaults updated with ``given``, validated."""
+        if given is not None and not isinstance(given, dict):
+            raise BadInput(f"params of method {self.name!r} must be a dict of parameter → value; got "
+                           f"{type(given).__name__}")
         given = {k: v for k, v in (given or {}).items() if v is not None}
         unknown = set(given) - set(self.params)
         if unknown:
