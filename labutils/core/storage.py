@@ -438,8 +438,10 @@ def _in_use(entry: Path, pid: int) -> bool:
     """Whether a run may still own the leftover ``entry``: it holds the folder's lock (``hold_folder``), whatever
     PID namespace it runs in (a container sharing the volume); or process ``pid`` runs here (an older lab that
     held no such lock); or the folder is younger than ``LEFTOVER_GRACE`` (its run is about to lock it)."""
-    if _alive(pid) or importlib.util.find_spec("fcntl") is None:
-        return _alive(pid)
+    if _alive(pid):
+        return True
+    if importlib.util.find_spec("fcntl") is None:
+        return False
     import fcntl
 
     try:
