@@ -239,6 +239,19 @@ COMMANDS = {"prune": _prune, "export": _export, "prepare": _prepare, "bench-prun
             "student": _student, "grade": _grade, "readme": _readme}
 
 
+def _say(line: str) -> None:
+    """``line`` on stderr in one write, newline included: ranks of one torchrun share that stream, and print()'s
+    separate newline let two ranks' errors run into one line."""
+    text = line + "\n"
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a captured stream (pytest's capsys)
+        sys.stderr.write(text)
+        return
+    sys.stderr.flush()
+    os.write(fd, text.encode())
+
+
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is KeyboardInterrupt again (see __init__)
     args = build_parser().parse_args(argv)
@@ -249,12 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         rank = f"rank {os.environ['RANK']}: " if launched_ranks() > 1 and "RANK" in os.environ else ""
         COMMANDS[args.command](args)
     except LabError as exc:
-        print(f"{rank}error: {exc}", file=sys.stderr)
+        _say(f"{rank}error: {exc}")
         return 2
     except MemoryError:
-        print(f"{rank}error: out of memory: this machine cannot hold what the command asked for (use fewer "
-              "--nsamples, shorter --seqlen, a smaller --batch-size or --eval-tokens); nothing was published",
-              file=sys.stderr)
+        _say(f"{rank}error: out of memory: this machine cannot hold what the command asked for (use fewer "
+             "--nsamples, shorter --seqlen, a smaller --batch-size or --eval-tokens); nothing was published")
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (storage.Terminated)
         code = 128 + getattr(exc, "signum", 2)
