@@ -9,6 +9,9 @@ the whole model for each of ``--kernels``: ``lab`` (default; the lab's ``SparseL
 call per linear: see ``labutils/sparse24/kernel.py``) and/or ``stock`` (torch's ``SparseSemiStructuredTensor`` weights).
 
     python benchmarks/gpu_semistructured.py            # the GPU run; writes results/gpu_semistructured.json
+    # what benchmarks/gpu_run.sh runs for goal (c), one kernel per process (a sticky CUDA error ends only its own):
+    python benchmarks/gpu_semistructured.py --parts model --kernels lab --lengths 4096 --warm-linears \
+        --verify-tokens 4096 --memory-tokens 4096 --decode-tokens 0 --out OUT/prefill-lab.json
     python benchmarks/gpu_semistructured.py --tiny     # a tiny model, any machine: smoke test; on a CPU it
                                                        # says why the 2:4 kernels are skipped
 
@@ -40,8 +43,11 @@ from labutils.jobs.compare import table_records
 from labutils.prune.masks import SparsityTarget, prune_by_score
 from labutils.prune.methods import magnitude_score
 from labutils.prune.sparsity import nm_violations, prunable_linears
-from labutils.sparse24.prefill import prefill_speedup_table
+from labutils.core.models import max_sequence_length
+from labutils.core.storage import write_json_atomic
+from labutils.sparse24.prefill import first_calls, prefill_speedup_table
 from labutils.sparse24.convert import (
+    backend_name,
     semi_structured_ready,
     to_semi_structured,
     verify_semi_structured,
@@ -52,6 +58,7 @@ from labutils.speed.latency import latency_table, memory_table, random_prompt
 PROFILE = "llama2-7b-random"
 TINY_LENGTHS = (128, 256, 512, 1024)
 KERNEL_CHOICES = ("lab", "lab-fused", "stock")  # the tiny model has 512 positions: 1024 shows the "skipped" row
+PREFILL_GOAL = 1.2  # goal (c): the 2:4 model's prefill at 4096 tokens ≥ 1.2× dense, replayed from CUDA graphs
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -61,7 +68,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-positions", type=int, default=8192, help="max_position_embeddings of the 7B config")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--decode-tokens", type=int, default=32, help="decode steps timed (0: no decode row)")
+    parser.add_argument("--verify-tokens", type=int, default=256,
+                        help="prompt length of the logits check against the masked dense model")
+    parser.add_argument("--memory-tokens", type=int, default=None,
+                        help="prefill length of the memory table (default 2048; tiny: 256)")
+    parser.add_argument("--warm-linears", action="store_true",
+                        help="before the whole model, call each 2:4 weight shape once at every token count used "
+                             "(prefill lengths, verify and memory tokens) and record what each first call cost")
     parser.add_argument("--decode-repeats", type=int, default=2)
     parser.add_argument("--alg-search-tokens", type=int, default=None,
                         help="run cuSPARSELt's algorithm search per weight shape for this many tokens (off by default)")
@@ -117,25 +131,33 @@ def main(argv: list[str] | None = None) -> int:
     set_seed(args.seed)
     device = get_device()
     step(f"device: {device_summary(device)}")
+    record = Record(args.out or (None if args.tiny else Path("results/gpu_semistructured.json")))
     dense, dtype, description = build_model(args.tiny, args.max_positions, device, args.seed)
     step(f"built {description} in {dtype} on {device}")
     step(f"pruned to 2:4 by magnitude; groups breaking 2:4: {prune_2_4(dense)}")
     ready, reason = semi_structured_ready(dense)
-    result = {"model": description, "dtype": str(dtype), "device": device_summary(device),
-              "semi_structured_ready": ready, "reason": reason}
-    out = args.out or (None if args.tiny else Path("results/gpu_semistructured.json"))
+    record.update(benchmark="gpu-semistructured", model=description, dtype=str(dtype), device=device_summary(device),
+                  backend=backend_name(), semi_structured_ready=ready, reason=reason, complete=False)
     if ready:
-        parts = {"linears": lambda: run_linears(dense, args, step)} if "linears" in args.parts else {}
+        parts = {"linears": lambda: record.update(linears=run_linears(dense, args, step))} \
+            if "linears" in args.parts else {}
         if "model" in args.parts:
-            parts.update({kernel: partial(run_sparse, dense, args, step, kernel) for kernel in args.kernels})
+            parts.update({kernel: partial(run_sparse, dense, args, step, kernel, record.section(kernel), record.save)
+                          for kernel in args.kernels})
+        broken = None  # set after a sticky CUDA error: every later CUDA call of this process would fail
         for name, run in parts.items():
+            if broken is not None:
+                record.section(name)["error"] = f"not run: the CUDA context broke earlier ({broken})"
+                record.save()
+                step(f"{name} not run: the CUDA context broke earlier")
+                continue
             try:
-                result[name] = run()
+                run()
             except (LabError, RuntimeError) as exc:  # one kernel failing must not cost the others' numbers
-                result[name] = {"error": f"{type(exc).__name__}: {exc}"}
+                record.section(name)["error"] = f"{type(exc).__name__}: {exc}"
+                record.save()
                 step(f"{name} FAILED: {type(exc).__name__}: {exc}")
-                torch.cuda.empty_cache()
-            write_result(out, result, step)  # after every part: a run cut short keeps what it measured
+                broken = release_gpu_memory()
     else:
         step(f"2:4 sparse kernels skipped: {reason}")
         try:
@@ -145,17 +167,71 @@ def main(argv: list[str] | None = None) -> int:
         dense_only = latency_table({"dense (2:4 masked)": dense}, prompt_len=64, new_tokens=8, warmup=1, repeats=3,
                                    progress=False)
         print(dense_only.round(2).to_string())
-        result["dense_latency"] = table_records(dense_only)
-        write_result(out, result, step)
+        record.update(dense_latency=table_records(dense_only))
+    record.update(complete=True)
     step("done")
-    return 0
+    print(summary_line(record.record), flush=True)
+    return 1 if any(isinstance(v, dict) and "error" in v for v in record.record.values()) else 0
 
 
-def write_result(out: Path | None, result: dict, step) -> None:
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2, default=str))
-        step(f"wrote {out}")
+class Record:
+    """The run's JSON record, saved again (atomically) after every update: a run killed by its time limit keeps
+    every row it finished. ``section(name)`` is the dict a part fills as it goes, calling ``save()`` after each
+    result. No file when ``path`` is None (``--tiny``)."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.record = path, {}
+
+    def update(self, **fields) -> None:
+        self.record.update(fields)
+        self.save()
+
+    def section(self, name: str) -> dict:
+        return self.record.setdefault(name, {})
+
+    def save(self) -> None:
+        if self.path is not None:
+            write_json_atomic(self.path, self.record)
+
+
+def release_gpu_memory() -> str | None:
+    """Free the cached GPU memory after a failed part; None when that worked. After a sticky CUDA error (an illegal
+    instruction, seen on an H200 after cuSPARSELt's search) every CUDA call raises again, ``empty_cache`` too: the
+    error is returned instead of raised, and the caller runs nothing more on this process's GPU."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    except RuntimeError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def summary_line(record: dict) -> str:
+    """One line for a saved record (complete or cut short): per kernel, the 2:4 prefill against dense, replayed from
+    CUDA graphs (what goal (c) is judged on: ≥ 1.2× at 4096 tokens) and eager, at each length measured."""
+    if record.get("semi_structured_ready") is False:
+        return f"2:4 prefill: no 2:4 kernels here ({record.get('reason')})"
+    parts = []
+    for kernel in KERNEL_CHOICES:
+        section = record.get(kernel)
+        if not isinstance(section, dict):
+            continue
+        timed = [row for row in section.get("speed", []) if row.get("phase") == "prefill" and "graphed × dense" in row]
+        text = f"{kernel}: " + (", ".join(
+            f"{row['tokens']} tokens graphed {row['graphed × dense']:.2f}× dense "
+            f"({'met' if row['graphed × dense'] >= PREFILL_GOAL else 'NOT met'} ≥ {PREFILL_GOAL}), "
+            f"eager {row['eager × dense']:.2f}×" for row in timed) if timed else "no prefill timed")
+        if "error" in section:
+            text += f" ({section['error'][:100]})"
+        elif "verify" in section and not section["verify"].get("passed"):
+            text += " (LOGITS CHECK FAILED)"
+        parts.append(text)
+    if isinstance(record.get("linears"), dict) and "error" in record["linears"]:
+        parts.append(f"linears: {record['linears']['error'][:100]}")
+    tail = "complete" if record.get("complete") else "CUT SHORT"
+    return "2:4 prefill · " + " · ".join(parts or ["nothing measured"]) + f" · {tail}"
 
 
 def run_linears(dense, args: argparse.Namespace, step) -> list[dict]:
@@ -175,34 +251,55 @@ def run_linears(dense, args: argparse.Namespace, step) -> list[dict]:
     return table_records(table)
 
 
-def run_sparse(dense, args: argparse.Namespace, step, kernel: str) -> dict:
-    """Compress a copy, verify it, and time it against the masked dense model."""
+def run_sparse(dense, args: argparse.Namespace, step, kernel: str, section: dict, save) -> None:
+    """Compress a copy, warm its GEMMs (``--warm-linears``), verify it, and time it against the masked dense model;
+    ``section`` (the record's entry for this kernel) is filled as it goes and ``save()`` called after every result
+    and every row."""
     sparse = copy.deepcopy(dense)
     report = to_semi_structured(sparse, alg_search_tokens=args.alg_search_tokens, kernel=kernel.removesuffix("-fused"),
                                 fuse=kernel.endswith("-fused"))
     step(f"compressed {len(report.converted)} linears with {report.backend} ({report.kernel} kernel): "
          f"{report.dense_mib:.0f} MiB → {report.compressed_mib:.0f} MiB ({report.compression:.2f}); "
          f"alg ids {sorted(set(report.alg_ids.values()))}")
-    check = verify_semi_structured(dense, sparse, random_prompt(dense, 256, 1, args.seed))
+    section["conversion"] = {"kernel": report.kernel, "backend": backend_name(), "converted": len(report.converted),
+                             "fused groups": len(report.fused), "dense_mib": report.dense_mib,
+                             "compressed_mib": report.compressed_mib, "alg_ids": sorted(set(report.alg_ids.values()))}
+    save()
+    lengths = tuple(args.lengths or (TINY_LENGTHS if args.tiny else (512, 1024, 2048, 4096, 8192)))
+    memory_tokens = args.memory_tokens or (256 if args.tiny else 2048)
+    if args.warm_linears:
+        limit = max_sequence_length(dense)
+        counts = sorted({n for n in (*lengths, args.verify_tokens, memory_tokens) if n <= limit})
+        warm = section.setdefault("first calls", [])
+        first_calls(sparse, counts, seed=args.seed, on_row=lambda row: (warm.append(row), save()))
+        slowest = max(warm, key=lambda row: row["first call s"])
+        step(f"warmed {len(warm)} (2:4 shape, tokens) pairs; slowest first call {slowest['first call s']:.2f} s "
+             f"({slowest['shape (out, in)']} at {slowest['tokens']} tokens)")
+    check = verify_semi_structured(dense, sparse, random_prompt(dense, args.verify_tokens, 1, args.seed))
     step(f"logits vs masked dense: max |diff| {check.max_abs_diff:.3g} (tolerance {check.tolerance:.3g}, "
          f"max |logit| {check.max_abs_reference:.3g}), top-1 agreement {check.top1_agreement:.1%}: "
          f"{'PASS' if check.passed else 'FAIL'}")
-    memory = memory_table({"dense (2:4 masked)": dense, "2:4 cuSPARSELt": sparse}, prompt_len=2048 if not args.tiny
-                          else 256, seed=args.seed)
+    section["verify"] = {**asdict(check), "tokens": args.verify_tokens}
+    save()
+    memory = memory_table({"dense (2:4 masked)": dense, "2:4 cuSPARSELt": sparse}, prompt_len=memory_tokens,
+                          seed=args.seed)
     print(memory.round(3).to_string(), flush=True)
-    lengths = tuple(args.lengths or (TINY_LENGTHS if args.tiny else (512, 1024, 2048, 4096, 8192)))
+    section["memory"] = table_records(memory)
+    save()
+    speed = section.setdefault("speed", [])
     table = prefill_speedup_table(dense, sparse, lengths, warmup=args.warmup, repeats=args.repeats,
                                   decode_tokens=args.decode_tokens, decode_repeats=args.decode_repeats, seed=args.seed,
-                                  progress=False)
+                                  progress=False, on_row=lambda row: (speed.append(_plain(row)), save()))
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table.round(3).to_string(), flush=True)
-    step(f"timed prefill and decode ({kernel} kernel)")
+    step(f"timed prefill{' and decode' if args.decode_tokens else ''} ({kernel} kernel)")
     del sparse
     torch.cuda.empty_cache()
-    return {"conversion": {"kernel": report.kernel, "converted": len(report.converted), "dense_mib": report.dense_mib,
-                           "compressed_mib": report.compressed_mib, "alg_ids": sorted(set(report.alg_ids.values()))},
-            "verify": asdict(check), "memory": table_records(memory),
-            "speed": table_records(table)}
+
+
+def _plain(row: dict) -> dict:
+    """A table row as JSON takes it (numpy scalars as Python numbers)."""
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
 
 
 if __name__ == "__main__":

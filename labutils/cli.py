@@ -19,7 +19,16 @@ from .core.errors import BadInput, LabError
 from .core.models import embedded_model_dir, folder_tokenizer
 from .core.storage import PUBLISHED, cache_dir, check_can_write, interrupt_on_termination, strict_json
 from .core.validation import check_seed
-from .jobs.bench_prune import MODES, TARGETS, bench_prune, bench_setup, default_json_path, write_json
+from .jobs.bench_prune import (
+    MODES,
+    TARGETS,
+    bench_prune,
+    bench_setup,
+    default_json_path,
+    read_baseline,
+    summary_line,
+    write_json,
+)
 from .jobs.main_job import PruneJob, run_prune_job, summary_table
 from .lab.course import master_paths, write_student_copies
 from .lab.grading import feedback_folder, grade
@@ -129,7 +138,11 @@ def _add_bench_prune(sub) -> None:
     bench.add_argument("--modes", nargs="+", default=list(MODES), help="default and/or low-memory (default: both)")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--json", dest="json_path", default=None,
-                       help="where to write the JSON (default results/bench-prune-<setup>-<date>.json)")
+                       help="where to write the JSON, again after every row (default "
+                            "results/bench-prune-<setup>-<date>.json)")
+    bench.add_argument("--baseline", default=None, metavar="JSON",
+                       help="an earlier run's JSON of the same setup: use its floor instead of measuring one, and "
+                            "compare the low-memory masks with its default-mode masks (the GPU run's second step)")
 
 
 def _add_course(sub) -> None:
@@ -217,15 +230,18 @@ def _bench_prune(args: argparse.Namespace) -> None:
                         modes=args.modes, seed=args.seed,
                         sizes={"nsamples": args.nsamples, "seqlen": args.seqlen, "batch_size": args.batch_size})
     json_path = check_can_write(args.json_path or default_json_path(setup), "--json")  # before the benchmark runs
+    if args.baseline is not None:
+        read_baseline(args.baseline, setup)  # a wrong file is one line before any work
     print(f"bench-prune {setup.describe()}", flush=True)
-    result = bench_prune(setup)
+    result = bench_prune(setup, on_row=lambda partial: write_json(partial, json_path), baseline=args.baseline)
     table = result.table()
     table["mask sha256"] = table["mask sha256"].str[:12]  # the JSON keeps the whole hash
     with pd.option_context("display.width", 200, "display.max_columns", 10):
         print(table.to_string(float_format=lambda v: f"{v:.3f}"))
     for goal, met in result.goals().items():
         print(f"{'met' if met else 'NOT met'}: {goal}")
-    print(f"wrote {write_json(result, json_path)}")
+    print(f"wrote {json_path} (after every row)")
+    print(summary_line(result.to_json()))
 
 
 def _readme(args: argparse.Namespace) -> None:

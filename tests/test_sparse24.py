@@ -339,11 +339,66 @@ def test_linear_speedup_table_refuses_without_kernels_and_bad_input():
         lu.linear_speedup_table([(64, 64)], [64], device="cpu")
 
 
+def check_linear_table(table, search: bool):
+    """What the per-linear table of one (128, 256) shape at 64 and 100 tokens must hold: the searched columns only
+    when the search ran (G3: the GPU test asked for "2:4 searched ms" from a run without the search)."""
+    assert list(table.index) == [("128×256", 64), ("128×256", 100)]
+    timed = ["dense ms", "2:4 alg 0 ms", "2:4 alg 0 × dense"] + (["2:4 searched ms"] if search else [])
+    assert (table[timed] > 0).all().all()
+    assert search == any("searched" in column for column in table.columns)
+
+
 @needs_2_4_kernels
 def test_gpu_linear_speedup_table():
     table = lu.linear_speedup_table([(128, 256)], [64, 100], warmup=1, repeats=2, progress=False)
-    assert list(table.index) == [("128×256", 64), ("128×256", 100)]
-    assert (table[["dense ms", "2:4 alg 0 ms", "2:4 searched ms"]] > 0).all().all()
+    check_linear_table(table, search=False)
+
+
+@pytest.mark.parametrize("search", [False, True])
+def test_linear_speedup_table_columns_with_and_without_the_search(monkeypatch, search):
+    """The GPU test's check, run on the CPU emulation: without the search there is no searched column to ask for."""
+    use_emulated_kernels(monkeypatch)
+    fake_mm_search(monkeypatch, (5, 2, 1, 9), [])
+    table = lu.linear_speedup_table([(128, 256)], [64, 100], dtype=torch.float32, device="cpu", warmup=0, repeats=1,
+                                    search=search, progress=False)
+    check_linear_table(table, search)
+
+
+def test_a_measuring_process_refuses_the_search(monkeypatch, tiny_model):
+    """benchmarks/gpu_run.sh sets LAB_NO_CUSPARSELT_SEARCH in every step: no search can break a measuring process."""
+    use_emulated_kernels(monkeypatch)
+    assert kernel.search_problem() is None
+    monkeypatch.setenv(kernel.NO_SEARCH_VARIABLE, "1")
+    assert "LAB_NO_CUSPARSELT_SEARCH is set" in kernel.search_problem()
+    with pytest.raises(lu.LabError, match="search=True: cuSPARSELt's algorithm search is refused in this process"):
+        lu.linear_speedup_table([(32, 64)], [8], dtype=torch.float32, device="cpu", search=True)
+    with pytest.raises(lu.LabError, match="alg_search_tokens: .*refused in this process"):
+        to_semi_structured(prune_2_4(tiny_model).half(), alg_search_tokens=64)
+
+
+def test_the_support_check_runs_cusparselt_itself_not_the_default_backend(monkeypatch):
+    """G3: torch's ``to_sparse_semi_structured`` picks CUTLASS where ``_FORCE_CUTLASS`` is set (or another torch
+    defaults to it), and CUTLASS refuses sm90; the lab's check names the cuSPARSELt backend. Here the default path
+    fails as CUTLASS does on an H100 and the named backend (emulated: it keeps the 2:4 weight) works."""
+    def cutlass_on_sm90(weight, *args, **kwargs):
+        raise RuntimeError("CUTLASS semi-structured sparsity is not supported on compute capability 9.0")
+
+    class Cusparselt:
+        @staticmethod
+        def from_dense(weight):
+            return weight
+
+    monkeypatch.setattr(torch.sparse, "to_sparse_semi_structured", cutlass_on_sm90)
+    monkeypatch.setattr(convert, "_backend", lambda: Cusparselt)
+    assert convert._trial_product_error(torch.device("cpu")) == 0
+
+
+@pytest.mark.parametrize("reported, name", [(800, "cuSPARSELt 0.8.0"), (603, "cuSPARSELt 0.6.3"),
+                                            (1200, "cuSPARSELt 1.2.0")])
+def test_backend_name_spells_the_version(monkeypatch, reported, name):
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cusparselt, "version", lambda: reported)
+    assert convert.backend_name() == name
 
 
 # ---- cuSPARSELt's plan, padding, counts and errors, emulated on the CPU -------------------------------------------
@@ -363,6 +418,10 @@ def use_emulated_kernels(monkeypatch, mm=emulated_cslt):
     monkeypatch.setattr(torch, "_cslt_sparse_mm", logged_mm)
     monkeypatch.setattr(convert, "kernel_problem", lambda device=None: None)
     monkeypatch.setattr(shapes, "kernel_problem", lambda device=None: None)
+    # The emulation is not this machine's cuSPARSELt: neither its BROKEN_SEARCH entry (0.8.0 on the GPU machines)
+    # nor benchmarks/gpu_run.sh's LAB_NO_CUSPARSELT_SEARCH applies to it.
+    monkeypatch.setattr(kernel, "BROKEN_SEARCH", {})
+    monkeypatch.delenv(kernel.NO_SEARCH_VARIABLE, raising=False)
     return calls
 
 
@@ -477,6 +536,7 @@ def test_a_failed_search_is_named_as_such(monkeypatch):
 def test_a_search_of_a_broken_cusparselt_is_refused_before_any_work(monkeypatch, tiny_model):
     """cuSPARSELt 0.8.0's search broke the CUDA context on an H200: it is refused with the reason, nothing converted,
     and the speedup table refuses ``search=True`` at once."""
+    monkeypatch.delenv(kernel.NO_SEARCH_VARIABLE, raising=False)
     monkeypatch.setattr(torch.backends.cusparselt, "version", lambda: 800)
     monkeypatch.setattr(convert, "kernel_problem", lambda device=None: None)
     monkeypatch.setattr(shapes, "kernel_problem", lambda device=None: None)

@@ -11,6 +11,7 @@ from labutils.cli import main
 from labutils.core.checkpoint import is_lab_output
 from labutils.core.device import SectionTimer
 from labutils.jobs.bench_prune import bench_prune, bench_setup, forward_floor
+from labutils.jobs.bench_prune import summary_line as bench_summary
 from labutils.prune.calibration import run_layer
 from labutils.prune.streaming import OffloadedLayers, StreamedInputs, calibration_inputs, tree_to
 
@@ -121,8 +122,10 @@ def test_bench_prune_tiny_measures_floor_modes_and_masks(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench-prune", "--tiny", "--device", "cpu", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "floor: 2 passes / layer" in printed and f"wrote {out}" in printed
+    assert "floor: 2 passes / layer" in printed and f"wrote {out} (after every row)" in printed
     record = json.loads(out.read_text())
+    assert record["complete"] is True and printed.splitlines()[-1] == bench_summary(record)
+    assert printed.splitlines()[-1].startswith("bench-prune 8×64: floor ") and "low-memory 2:4 " in printed
     assert record["setup"]["layers"] == 4 and record["setup"]["nsamples"] == 8
     rows = record["rows"]
     assert [(r["mode"], r["target"]) for r in rows] == [("default", "50%"), ("default", "2:4"),
@@ -143,6 +146,62 @@ def test_bench_prune_result_table_and_goals():
     table = result.table()
     assert list(table.index) == [("floor: 2 passes / layer", ""), ("low-memory", "2:4")]
     assert set(result.goals()) == {"low-memory 2:4 ≤ 1.15× floor"}  # nothing to compare masks with
+
+
+def test_bench_prune_saves_every_row_as_it_goes(tmp_path, monkeypatch, capsys):
+    """G3: a GPU step cut short by its timeout keeps what it measured. The record is on disk after the floor and
+    after each row; here the second run fails, and the file holds the floor and the first row, marked incomplete."""
+    from labutils.jobs import bench_prune as bench
+
+    real, runs = bench.prune_model, []
+
+    def second_run_fails(*args, **kwargs):
+        runs.append(1)
+        if len(runs) == 2:
+            raise RuntimeError("CUDA error: an illegal instruction was encountered")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "prune_model", second_run_fails)
+    out = tmp_path / "bench.json"
+    with pytest.raises(RuntimeError, match="illegal instruction"):
+        main(["bench-prune", "--tiny", "--device", "cpu", "--nsamples", "4", "--seqlen", "32", "--modes", "default",
+              "--json", str(out)])
+    record = json.loads(out.read_text())
+    assert record["floor"]["seconds"] > 0 and [r["target"] for r in record["rows"]] == ["50%"]
+    assert record["complete"] is False
+    assert bench_summary(record).endswith("CUT SHORT after 1 row(s)")
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # written through a temporary file, renamed
+
+
+@pytest.mark.slow  # two CLI runs
+def test_bench_prune_low_memory_against_a_baseline_run(tmp_path, capsys):
+    """The GPU run's step (b): low-memory alone, its floor and default-mode masks taken from step (a)'s JSON."""
+    sizes = ["--tiny", "--device", "cpu", "--nsamples", "4", "--seqlen", "32"]
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    assert main(["bench-prune", *sizes, "--modes", "default", "--json", str(first)]) == 0
+    assert main(["bench-prune", *sizes, "--modes", "low-memory", "--baseline", str(first), "--json", str(second)]) == 0
+    a, b = json.loads(first.read_text()), json.loads(second.read_text())
+    assert b["floor"] == {**a["floor"], "from": str(first)}
+    assert [r["mode"] for r in b["rows"]] == ["low-memory", "low-memory"]
+    assert all(r["same masks as default"] is True for r in b["rows"])
+    assert b["goals"]["low-memory 2:4 same masks as default"] is True
+    assert "same masks" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_bench_prune_refuses_a_baseline_of_another_setup(tmp_path, capsys):
+    base = tmp_path / "a.json"
+    base.write_text(json.dumps({"benchmark": "bench-prune", "floor": {"seconds": 1.0}, "rows": [],
+                                "setup": {**bench_setup(tiny=True, device="cpu").describe(), "seqlen": 4096}}))
+    argv = ["bench-prune", "--tiny", "--device", "cpu", "--json", str(tmp_path / "b.json"), "--baseline"]
+    assert main([*argv, str(base)]) == 2
+    assert capsys.readouterr().err.strip().endswith("another setup (seqlen 4096 there, 64 here); its floor and masks "
+                                                    "do not apply")
+    (tmp_path / "x.json").write_text("{}")
+    assert main([*argv, str(tmp_path / "x.json")]) == 2
+    assert "not the JSON of a bench-prune run" in capsys.readouterr().err
+    assert main([*argv, str(tmp_path / "none.json")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert not (tmp_path / "b.json").exists()
 
 
 @pytest.mark.parametrize("argv, message", [

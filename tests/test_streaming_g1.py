@@ -5,6 +5,7 @@ import copy
 import hashlib
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -202,11 +203,24 @@ class CudaFakes:
         self.calls.append(("current_stream", device))
         return stream_type(device)
 
-    def watch_moves(self, monkeypatch, layers):
-        def move(target, non_blocking=False):
-            self.layer_moves.append((threading.current_thread().name, target, getattr(self.entered, "device", None)))
-        for layer in layers:
-            monkeypatch.setattr(layer, "to", move)
+    def watch_host_memory(self, monkeypatch):
+        """Pinning and host → device copies as CPU clones, recorded: (thread, what, device entered)."""
+        pinned = self.pinned = set()  # data_ptr of every "page-locked" tensor
+
+        def pinned_copy(tensor):
+            self.layer_moves.append((threading.current_thread().name, "pin", getattr(self.entered, "device", None)))
+            copy = tensor.clone()
+            pinned.add(copy.data_ptr())
+            return copy
+
+        def device_copy(tensor, device, non_blocking):
+            assert tensor.data_ptr() in pinned and non_blocking  # from page-locked memory, asynchronously
+            self.layer_moves.append((threading.current_thread().name, device, getattr(self.entered, "device", None)))
+            return tensor.clone()
+
+        monkeypatch.setattr(streaming, "_is_pinned", lambda tensor: tensor.data_ptr() in pinned)
+        monkeypatch.setattr(streaming, "_pinned_copy", pinned_copy)
+        monkeypatch.setattr(streaming, "_device_copy", device_copy)
 
 
 @pytest.mark.parametrize("given", ["cuda:1", "cuda"])  # "cuda" while cuda:1 is current: fixed at construction
@@ -221,7 +235,8 @@ def test_every_cuda_call_names_the_device_of_a_non_default_gpu(given, monkeypatc
     for hidden, kwargs in zip(resident.hidden, resident.kwargs):
         streamed.add_batch(hidden, kwargs)
     layers = lu.find_decoder_layers(tiny_model)
-    fakes.watch_moves(monkeypatch, layers)
+    fakes.watch_host_memory(monkeypatch)
+    homes = [[p for p in layer.parameters()] for layer in layers]
     with OffloadedLayers(layers, torch.device(given)) as placement:
         for i in range(len(layers)):
             layer = placement.attach(i)
@@ -235,9 +250,13 @@ def test_every_cuda_call_names_the_device_of_a_non_default_gpu(given, monkeypatc
     kinds = {kind for kind, _ in fakes.calls}
     assert {"Stream", "current_stream", "Event.record", "record_stream"} <= kinds
     assert all(device == cuda1 for _, device in fakes.calls), fakes.calls
-    # Every layer went to cuda:1 and back, each time from the copy thread with cuda:1 entered explicitly.
-    assert sorted(str(target) for _, target, _ in fakes.layer_moves) == ["cpu"] * len(layers) + ["cuda:1"] * len(layers)
-    assert all(thread.startswith("layer-copies") and entered == cuda1 for thread, _, entered in fakes.layer_moves)
+    # Every tensor of every layer was pinned once and went to cuda:1, each from the fetch thread with cuda:1 entered
+    # explicitly; back in CPU memory, each parameter is its pinned home (the same Parameter, the same buffer).
+    tensors = sum(len(list(layer.parameters())) for layer in layers)
+    assert [what for _, what, _ in fakes.layer_moves] == ["pin", cuda1] * tensors
+    assert all(thread.startswith("layer-fetch") and entered == cuda1 for thread, _, entered in fakes.layer_moves)
+    assert all(p is q for layer, before in zip(layers, homes) for p, q in zip(layer.parameters(), before))
+    assert all(p.data_ptr() in fakes.pinned for layer in layers for p in layer.parameters())
 
 
 def test_cpu_streaming_makes_no_cuda_call(monkeypatch, tiny_model, calib_tokens):
@@ -316,3 +335,98 @@ def test_saved_bench_results_reads_back_a_written_run(tmp_path):
     assert table.attrs["gpu"] == "a newer GPU" and table.attrs["nsamples"] == 4
     assert table.attrs["device"] == "cpu" and table.attrs["file"].endswith("2026-02-01-bench-prune.json")
     assert lu.saved_bench_results(tmp_path / "empty") is None
+
+
+# --- 9. the layers' copies (G3 item 5): pinned homes reused, one thread and stream per direction, overlap -----------
+
+def visit_all(layers, device, timeline=None, compute=None):
+    with OffloadedLayers(layers, device, timeline) as placement:
+        for i in range(len(layers)):
+            layer = placement.attach(i)
+            placement.prefetch(i + 1)
+            if compute is not None:
+                compute(i, layer)
+            placement.release(i)
+
+
+def test_a_second_low_memory_visit_pins_nothing_and_writes_back_into_the_same_buffers(monkeypatch, tiny_model):
+    """The low-memory mode measured 3.67× the floor on an H200 with the weights in pageable memory and a fresh host
+    allocation on every copy back. Now each tensor is pinned once; every later visit copies back into it."""
+    fakes = CudaFakes()
+    fakes.install(monkeypatch)
+    fakes.watch_host_memory(monkeypatch)
+    layers = lu.find_decoder_layers(tiny_model)
+    tensors = sum(len(list(layer.parameters())) for layer in layers)
+    visit_all(layers, torch.device("cuda:1"))
+    homes = [p.data_ptr() for p in layers.parameters()]
+    fakes.layer_moves.clear()
+
+    def prune(i, layer):  # what pruning does on the "device" (a CPU clone here): the copy back carries it home
+        assert layer.mlp.down_proj.weight.data_ptr() not in homes
+        layer.mlp.down_proj.weight.data[0] = 0
+
+    visit_all(layers, torch.device("cuda:1"), compute=prune)
+    assert [what for _, what, _ in fakes.layer_moves].count("pin") == 0
+    assert len(fakes.layer_moves) == tensors  # only the fetches: no host allocation, no pinning
+    assert [p.data_ptr() for p in layers.parameters()] == homes
+    assert all(not layer.mlp.down_proj.weight[0].any() for layer in layers)
+
+
+def test_a_copy_back_never_holds_up_the_next_fetch(monkeypatch):
+    """One thread (and stream) per direction: while layer 0's copy back is still waiting (here: held until layer 2
+    has arrived), the fetches go on. With both directions on one worker the fetch of layer 2 would queue behind
+    the copy back and this test would wait out its 10 s and fail."""
+    layers = lu.find_decoder_layers(make_tiny(num_hidden_layers=4))
+    arrived_2 = threading.Event()
+    order = []
+    real_fetch, real_store = OffloadedLayers._fetch, OffloadedLayers._store
+
+    def fetch(self, i):
+        result = real_fetch(self, i)
+        order.append(f"fetch {i}")
+        if i == 2:
+            arrived_2.set()
+        return result
+
+    def store(self, i, computed):
+        if i == 0:
+            arrived_2.wait(timeout=10)
+        order.append(f"store {i}")
+        return real_store(self, i, computed)
+
+    monkeypatch.setattr(OffloadedLayers, "_fetch", fetch)
+    monkeypatch.setattr(OffloadedLayers, "_store", store)
+    visit_all(layers, torch.device("cpu"))
+    assert order.index("fetch 2") < order.index("store 0")
+    assert sorted(order) == sorted([f"fetch {i}" for i in range(4)] + [f"store {i}" for i in range(4)])
+
+
+def test_the_copies_overlap_compute_on_the_cpu_emulation():
+    """The timeline of a CPU run (real copies, CPU tensor to CPU tensor, on the fetch and store threads; each layer's
+    compute held 30 ms): layer i + 1 arrives while layer i computes, and layer i goes home while i + 1 computes."""
+    layers = lu.find_decoder_layers(make_tiny(num_hidden_layers=4))
+    timeline = []
+    visit_all(layers, torch.device("cpu"), timeline, compute=lambda i, layer: time.sleep(0.03))
+    spans = {(what, i): (thread, start, end) for what, i, thread, start, end in timeline}
+    for i in range(3):
+        compute_start, compute_end = spans[("compute", i)][1:]
+        assert spans[("fetch", i + 1)][2] < compute_end  # the next layer was in before this one finished
+        next_start, next_end = spans[("compute", i + 1)][1:]
+        assert spans[("store", i)][1] < next_end  # this layer went home while the next computed
+    threads = {what: {spans[key][0].rsplit("_", 1)[0] for key in spans if key[0] == what}
+               for what in ("fetch", "store", "compute")}
+    assert threads == {"fetch": {"layer-fetch"}, "store": {"layer-store"}, "compute": {"MainThread"}}
+    # The layers are home again: every parameter back in CPU memory, none left on a copy thread.
+    assert all(p.device.type == "cpu" for p in layers.parameters())
+
+
+def test_a_loop_that_raises_still_brings_every_layer_home(tiny_model):
+    """A layer that was fetched or attached but never released (the loop body raised) is copied back on exit."""
+    layers = lu.find_decoder_layers(tiny_model)
+    before = [p.data_ptr() for p in layers.parameters()]
+    with pytest.raises(RuntimeError, match="stop"):
+        with OffloadedLayers(layers, torch.device("cpu")) as placement:
+            placement.attach(0)
+            placement.prefetch(1)
+            raise RuntimeError("stop")
+    assert [p.data_ptr() for p in layers.parameters()] == before

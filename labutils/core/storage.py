@@ -726,6 +726,17 @@ def strict_json(value) -> str:
     return json.dumps(_finite(value), indent=2, allow_nan=False, default=str)
 
 
+def write_json_atomic(path: str | os.PathLike, value) -> Path:
+    """Write ``value`` as strict JSON to ``path`` through a temporary file and a rename: a reader (or a run killed
+    while writing) sees the old file or the new one, never half of one. Benchmarks call it after every row."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(strict_json(value) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def _finite(value):
     if hasattr(value, "item") and getattr(value, "shape", None) == ():  # numpy / torch scalars
         value = value.item()

@@ -27,6 +27,7 @@ from transformers import LlamaConfig
 from ..core.config import get_profile
 from ..core.device import get_device, require_cuda, set_seed, versions
 from ..core.errors import BadInput
+from ..core.storage import write_json_atomic
 from ..core.models import LLAMA2_7B_CONFIG, check_seqlen, find_decoder_layers, random_model, tiny_llama_config
 from ..core.validation import check_positive_int
 from ..prune.driver import prune_model
@@ -118,12 +119,16 @@ def forward_floor(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int)
 
 @dataclass
 class BenchResult:
-    """What ``bench_prune`` measured; ``table()`` is the printed table, ``to_json()`` the saved record."""
+    """What ``bench_prune`` measured; ``table()`` is the printed table, ``to_json()`` the saved record. ``complete``
+    is False until the last row is in (the record is saved after every row); ``floor_from`` names the earlier run
+    whose floor and default-mode masks this one compares with (``baseline``), if any."""
 
     setup: dict
     floor: Measured
     rows: list[dict] = field(default_factory=list)
     environment: dict = field(default_factory=dict)
+    complete: bool = False
+    floor_from: str = ""
 
     def table(self) -> pd.DataFrame:
         return _table(self.floor.seconds, self.floor.peak_gib, self.rows)
@@ -141,9 +146,12 @@ class BenchResult:
         return met
 
     def to_json(self) -> dict:
-        return {"benchmark": "bench-prune", "setup": self.setup, "environment": self.environment,
-                "floor": {"seconds": self.floor.seconds, "peak_gib": _nan_to_none(self.floor.peak_gib)},
-                "rows": [{k: _nan_to_none(v) for k, v in row.items()} for row in self.rows], "goals": self.goals()}
+        floor = {"seconds": self.floor.seconds, "peak_gib": _nan_to_none(self.floor.peak_gib)}
+        if self.floor_from:
+            floor["from"] = self.floor_from
+        return {"benchmark": "bench-prune", "setup": self.setup, "environment": self.environment, "floor": floor,
+                "rows": [{k: _nan_to_none(v) for k, v in row.items()} for row in self.rows], "goals": self.goals(),
+                "complete": self.complete}
 
 
 def _table(floor_seconds: float, floor_peak_gib: float | None, rows: list[dict]) -> pd.DataFrame:
@@ -157,11 +165,17 @@ def _nan_to_none(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def bench_prune(setup: BenchSetup, progress: bool = True) -> BenchResult:
+def bench_prune(setup: BenchSetup, progress: bool = True, *, on_row=None,
+                baseline: str | Path | None = None) -> BenchResult:
     """Floor, then every (mode, target) on a fresh copy of the same random weights and the same tokens.
 
-    Only pruning is timed: the copy of the pristine weights, the low-memory mode's pinned CPU buffers (reserved
-    once in a ``PinnedPool`` that every low-memory run reuses) and the mask fingerprint are outside ``measure``."""
+    Only pruning is timed: the copy of the pristine weights, the low-memory mode's pinned CPU buffers (the
+    activations' and the layers' own, reserved once: ``PinnedPool``) and the mask fingerprint are outside
+    ``measure``. ``on_row(result)`` is called once the floor is measured and after every row (the CLI saves the
+    JSON each time, so a run cut short keeps its rows). ``baseline``: the JSON of an earlier run of the same setup
+    (the GPU run's default-mode step); its floor is used instead of measuring one and its default-mode masks are
+    what a low-memory row is compared with."""
+    earlier = read_baseline(baseline, setup) if baseline is not None else None
     set_seed(setup.seed)
     device = setup.device
     model = random_model(setup.config, setup.dtype, device, seed=setup.seed)
@@ -169,8 +183,15 @@ def bench_prune(setup: BenchSetup, progress: bool = True) -> BenchResult:
                            generator=torch.Generator().manual_seed(setup.seed))
     pristine = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     forward_floor(model, tokens[:setup.batch_size], setup.batch_size)  # warm-up: kernels, handles, allocator
-    floor = measure(device, lambda: forward_floor(model, tokens, setup.batch_size))
-    result = BenchResult(setup.describe(), floor, environment=_environment(device))
+    if earlier is None:
+        floor = measure(device, lambda: forward_floor(model, tokens, setup.batch_size))
+    else:
+        floor = Measured(earlier["floor"]["seconds"], earlier["floor"].get("peak_gib") or math.nan)
+    result = BenchResult(setup.describe(), floor, environment=_environment(device),
+                         floor_from="" if baseline is None else str(baseline))
+    compared = [] if earlier is None else [row for row in earlier["rows"] if row.get("mode") == "default"]
+    report = on_row or (lambda result: None)
+    report(result)
     pinned = PinnedPool()
     with pinned.reuse():
         for mode in setup.modes:
@@ -183,12 +204,40 @@ def bench_prune(setup: BenchSetup, progress: bool = True) -> BenchResult:
                 run = measure(device, lambda: prune_model(model, spec, tokens, setup.batch_size, progress,
                                                           low_memory=device if low_memory else False,
                                                           fingerprint=False))
-                result.rows.append(_row(mode, run, floor.seconds, mask_sha256(model), result.rows))
+                result.rows.append(_row(mode, run, floor.seconds, mask_sha256(model), compared + result.rows))
+                report(result)
+    result.complete = True
+    report(result)
     return result
 
 
+def read_baseline(path: str | Path, setup: BenchSetup) -> dict:
+    """The record of an earlier ``bench-prune --json`` run of this same setup (model, sizes, dtype, seed), checked:
+    one line (BadInput) for a missing file, another benchmark's JSON, or a different setup."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BadInput(f"--baseline {path}: no such file; give the JSON of an earlier bench-prune run") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInput(f"--baseline {path}: not a readable JSON file ({exc})") from None
+    floor = record.get("floor") if isinstance(record, dict) else None
+    if not isinstance(record, dict) or record.get("benchmark") != "bench-prune" or not isinstance(floor, dict) \
+            or not isinstance(floor.get("seconds"), (int, float)) or not isinstance(record.get("rows"), list) \
+            or not all(isinstance(row, dict) for row in record["rows"]):
+        raise BadInput(f"--baseline {path}: not the JSON of a bench-prune run (its floor and rows are missing)")
+    mine, theirs = setup.describe(), record.get("setup") or {}
+    differ = [f"{key} {theirs.get(key)!r} there, {mine[key]!r} here" for key in
+              ("name", "layers", "hidden", "intermediate", "dtype", "nsamples", "seqlen", "batch_size", "seed")
+              if theirs.get(key) != mine[key]]
+    if differ:
+        raise BadInput(f"--baseline {path}: another setup ({'; '.join(differ)}); its floor and masks do not apply")
+    return record
+
+
 def _row(mode: str, run: Measured, floor_seconds: float, sha256: str, earlier: list[dict]) -> dict:
-    """One (mode, target) row of the table; a low-memory row compares its masks with the default mode's."""
+    """One (mode, target) row of the table; a low-memory row compares its masks with the default mode's (measured in
+    this run, or in the baseline's)."""
     target = run.result.target
     default = [r["mask sha256"] for r in earlier if r["mode"] == "default" and r["target"] == target]
     return {"mode": mode, "target": target, "seconds": run.seconds, "× floor": run.seconds / floor_seconds,
@@ -204,10 +253,31 @@ def _environment(device: torch.device) -> dict:
 
 
 def write_json(result: BenchResult, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result.to_json(), indent=2, default=str))
-    return path
+    """Save ``result.to_json()`` atomically (a reader never sees half a file; the CLI calls it after every row)."""
+    return write_json_atomic(path, result.to_json())
+
+
+def summary_line(record: dict) -> str:
+    """One line for a saved record (``to_json()``, complete or cut short): each row's × floor against its goal, and
+    the low-memory mode's memory and masks. ``benchmarks/gpu_run.sh`` ends each bench-prune step with it."""
+    rows = record.get("rows") or []
+    parts = []
+    for row in rows:
+        goal = GOALS.get(row.get("mode"), math.inf)
+        ratio = row.get("× floor")
+        text = f"{row.get('mode')} {row.get('target')} " + ("?" if ratio is None else f"{ratio:.2f}× floor "
+                                                                 f"({'met' if ratio <= goal else 'NOT met'} ≤ {goal})")
+        if row.get("mode") == "low-memory":
+            if row.get("peak GPU GiB") is not None:
+                text += f", {row['peak GPU GiB']:.2f} GiB"
+            if isinstance(row.get("same masks as default"), bool):
+                text += ", same masks" if row["same masks as default"] else ", MASKS DIFFER"
+        parts.append(text)
+    floor = (record.get("floor") or {}).get("seconds")
+    head = f"bench-prune {(record.get('setup') or {}).get('nsamples')}×{(record.get('setup') or {}).get('seqlen')}: " \
+           + ("no floor yet" if floor is None else f"floor {floor:.2f} s")
+    tail = "complete" if record.get("complete") else f"CUT SHORT after {len(rows)} row(s)"
+    return " · ".join([head, *parts, tail])
 
 
 def default_json_path(setup: BenchSetup) -> Path:

@@ -8,8 +8,9 @@ decoder layer and ONE batch at a time, so the low-memory mode keeps everything e
   While the GPU runs batch b, a copy stream already brings batch b + 1 in (double buffering), and each output
   goes back to CPU memory on a second stream (the other copy direction). Pinned memory is what lets these copies
   run alongside compute.
-- ``OffloadedLayers``: the model's weights stay in CPU memory. A background thread copies layer i + 1 to the GPU
-  while layer i computes, and copies layer i back (with its zeros) while layer i + 1 computes.
+- ``OffloadedLayers``: the model's weights stay in CPU memory, pinned once and reused. A fetch thread copies
+  layer i + 1 to the GPU on one stream while layer i computes; a store thread copies layer i back (with its zeros)
+  into the same pinned buffers on the other stream while layer i + 1 computes.
 - ``PinnedPool``: pinned buffers reserved once and reused by every low-memory run (``bench-prune`` times runs that
   allocate nothing).
 
@@ -21,7 +22,9 @@ exercise it).
 from __future__ import annotations
 
 import contextlib
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import NamedTuple
 
 import torch
@@ -30,7 +33,7 @@ from tqdm import tqdm  # plain text everywhere: a saved notebook shows the finis
 
 from ..core.device import get_device
 from ..core.errors import BadInput
-from ..core.models import model_device
+from ..core.models import find_decoder_layers, model_device
 from ..core.validation import describe
 from .calibration import LayerInputs, capture_layer_inputs, layer_output
 from .copies import CopyStreams, tensors_in, tree_to
@@ -73,11 +76,14 @@ class PinnedPool:
             _reused_pool = previous
 
     def reserve(self, model: nn.Module, tokens: torch.Tensor, batch_size: int, device: torch.device) -> None:
-        """Fill the pool with every buffer a low-memory run on these tokens takes (both sets), untimed."""
+        """Fill the pool with every buffer a low-memory run on these tokens takes (both sets), untimed, and pin
+        the model's layers in place (``pin_layers``), as their first visit would."""
         with self.reuse():
             inputs = calibration_inputs(model, tokens, batch_size, device, low_memory=True)
             inputs.output_buffers()
             inputs.finish()
+        if torch.device(device).type == "cuda":
+            pin_layers(find_decoder_layers(model))  # the layers' own pinned homes (OffloadedLayers), made once
 
 
 _reused_pool: PinnedPool | None = None  # set by ``PinnedPool.reuse``
@@ -188,44 +194,79 @@ class StreamedInputs(LayerInputs):
 
 
 class OffloadedLayers:
-    """Decoder layers kept in CPU memory and visiting ``device`` one at a time, copied by one background thread.
+    """Decoder layers kept in CPU memory and visiting ``device`` one at a time.
 
     ``prefetch(i)`` starts copying layer i to the device; ``attach(i)`` waits for that copy (the compute stream
-    waits on the GPU, the host only for the thread); ``release(i)`` copies layer i back to CPU memory once the
-    GPU has finished with it. Use as a context manager: leaving it waits for every copy back.
+    waits on the GPU, the host only for the copy thread); ``release(i)`` copies layer i back once the GPU has
+    finished with it. Use as a context manager: leaving it waits for every copy back, and brings back a layer that
+    was fetched or attached but not released (the loop body raised).
 
-    Lifetimes: a layer's device weights are allocated on the fetch stream, read on the compute stream, and freed
-    as soon as the copy back returns, without ``record_stream``. That is safe because the copy back waits for the
-    compute that used the layer (an event recorded at ``release``) and is blocking (device → pageable CPU memory,
-    ``non_blocking=False``): when it returns no stream reads those weights any more. Making it non-blocking would
-    need ``record_stream`` on the compute stream at ``attach``.
+    Host memory: each layer's parameters and buffers live in page-locked ("pinned") CPU memory, pinned once, the
+    first time the layer visits (``pin_layers`` does it ahead, untimed, for a benchmark), and reused: the copy back
+    writes into the very tensors the fetch read, so a visit allocates no host memory, and both directions are
+    asynchronous DMA (from pageable memory the driver stages every copy through a bounce buffer, host blocked).
+
+    Streams: host → device on the fetch stream, issued by the fetch thread; device → host on the store stream,
+    issued by the store thread: one stream and one thread per direction, as ``copies.CopyStreams`` intends (the GPU
+    has a copy engine for each), so a copy back never queues behind the next fetch, nor a fetch behind a copy back.
+
+    Lifetimes: a layer's device tensors are made on the fetch thread and read on the compute stream; the copy back
+    waits for an event recorded at ``release`` (the compute that used the layer), and the store thread drops the
+    device tensors only once that copy has landed (it waits for its own event): nothing is freed while a stream
+    still reads it. On a CPU the same code makes real copies (CPU tensor to CPU tensor) on the two threads: that is
+    how the tests show the copies overlapping compute (``timeline``).
     """
 
-    def __init__(self, layers: nn.ModuleList, device: torch.device):
+    def __init__(self, layers: nn.ModuleList, device: torch.device, timeline: list | None = None):
         self.layers = layers
         self.streams = CopyStreams(torch.device(device))
         self.device = self.streams.device
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-copies")
+        self._fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-fetch")
+        self._storer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-store")
         self._fetches: dict[int, Future] = {}
+        self._visiting: dict[int, list[tuple[_Slot, torch.Tensor]]] = {}  # layer → (slot, its CPU home)
+        self._attached: dict[int, float] = {}  # layer → when attach returned
         self._releases: list[Future] = []
+        self._released: set[int] = set()
+        self.timeline = timeline  # if a list: (what, layer, thread, start, end) per copy and visit, host clock
 
-    def _copy(self, layer: nn.Module, to_device: bool, after) -> object:
-        # Runs on the worker thread, on the copy stream. To the GPU: the host returns once the pageable source is
-        # staged. Back to the CPU: waits for ``after`` (the compute that used the layer), then copies, blocking
-        # (the lifetime rule in the class docstring).
-        streams = self.streams
+    def _span(self, what: str, i: int, start: float) -> None:
+        if self.timeline is not None:
+            self.timeline.append((what, i, threading.current_thread().name, start, time.perf_counter()))
+
+    def _fetch(self, i: int):
+        # The fetch thread: each tensor of layer i copied from its (pinned) CPU home into new device memory.
+        start, streams = time.perf_counter(), self.streams
+        homes = self._visiting[i] = []  # filled as it goes: a fetch that fails half-way is still brought back
+        with streams.on_device(), streams.on(streams.fetch):
+            for slot in layer_slots(self.layers[i]):
+                home = slot.pinned() if streams.cuda else slot.get()
+                slot.set(_device_copy(home, self.device, streams.cuda))
+                homes.append((slot, home))
+            arrived = streams.event(streams.fetch)
+        self._span("fetch", i, start)
+        return arrived
+
+    def _store(self, i: int, computed) -> None:
+        # The store thread: after ``computed``, each device tensor back into its CPU home; the device tensors are
+        # dropped once those copies have landed.
+        start, streams = time.perf_counter(), self.streams
+        homes = self._visiting.pop(i)
         with streams.on_device():
-            streams.after(streams.fetch, after)
-            with streams.on(streams.fetch):
-                if to_device:
-                    layer.to(self.device, non_blocking=streams.cuda)
-                else:
-                    layer.to("cpu", non_blocking=False)
-            return streams.event(streams.fetch)
+            streams.after(streams.store, computed)
+            with streams.on(streams.store):
+                for slot, home in homes:
+                    home.copy_(slot.get(), non_blocking=streams.cuda)
+                landed = streams.event(streams.store)
+            if landed is not None:
+                landed.synchronize()
+            for slot, home in homes:
+                slot.set(home)
+        self._span("store", i, start)
 
     def prefetch(self, i: int) -> None:
-        if 0 <= i < len(self.layers) and i not in self._fetches:
-            self._fetches[i] = self._pool.submit(self._copy, self.layers[i], True, None)
+        if 0 <= i < len(self.layers) and i not in self._fetches and i not in self._attached:
+            self._fetches[i] = self._fetcher.submit(self._fetch, i)
 
     def attach(self, i: int) -> nn.Module:
         """Layer i on the device, ready for the compute stream."""
@@ -233,21 +274,92 @@ class OffloadedLayers:
         arrived = self._fetches.pop(i).result()
         if arrived is not None:
             self.streams.compute().wait_event(arrived)
+        self._attached[i] = time.perf_counter()
         return self.layers[i]
 
     def release(self, i: int) -> None:
         """Copy layer i back to CPU memory after the work queued on it so far (the caller must not touch it)."""
-        self._releases.append(self._pool.submit(self._copy, self.layers[i], False, self.streams.event()))
+        self._span("compute", i, self._attached.pop(i))
+        self._released.add(i)
+        self._releases.append(self._storer.submit(self._store, i, self.streams.event()))
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        for future in self._releases:
-            future.result()
-        self._pool.shutdown(wait=True)
-        if self.streams.cuda:
-            self.streams.fetch.synchronize()
+        wait(list(self._fetches.values()))
+        for i in list(self._visiting):  # fetched or attached, never released: the loop body raised
+            if i not in self._released:
+                self._releases.append(self._storer.submit(self._store, i, self.streams.event()))
+        try:
+            for future in self._releases:
+                future.result()
+        finally:
+            self._fetcher.shutdown(wait=True)
+            self._storer.shutdown(wait=True)
+
+
+class _Slot(NamedTuple):
+    """One parameter or buffer of a layer, read and replaced where the module keeps it (a parameter keeps its
+    ``nn.Parameter`` object: only its data moves, as ``Module.to`` does it)."""
+
+    module: nn.Module
+    name: str
+    parameter: bool
+
+    def get(self) -> torch.Tensor:
+        return self.module._parameters[self.name].data if self.parameter else self.module._buffers[self.name]
+
+    def set(self, tensor: torch.Tensor) -> None:
+        if self.parameter:
+            self.module._parameters[self.name].data = tensor
+        else:
+            self.module._buffers[self.name] = tensor
+
+    def pinned(self) -> torch.Tensor:
+        """The CPU tensor held here, page-locked: pinned in place of the pageable one the first time only."""
+        tensor = self.get()
+        if not _is_pinned(tensor):
+            tensor = _pinned_copy(tensor)
+            self.set(tensor)
+        return tensor
+
+
+# The three host-memory operations of OffloadedLayers, by name, so that a CPU test can stand in for CUDA's.
+def _is_pinned(tensor: torch.Tensor) -> bool:
+    return tensor.is_pinned()
+
+
+def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.pin_memory()
+
+
+def _device_copy(tensor: torch.Tensor, device: torch.device, non_blocking: bool) -> torch.Tensor:
+    return tensor.to(device, non_blocking=non_blocking, copy=True)
+
+
+def layer_slots(layer: nn.Module) -> list[_Slot]:
+    """Every parameter and buffer of ``layer``: each module's own, a tensor shared by two modules once."""
+    slots, seen = [], set()
+    for module in layer.modules():
+        for store, parameter in ((module._parameters, True), (module._buffers, False)):
+            for name, tensor in store.items():
+                if tensor is not None and id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    slots.append(_Slot(module, name, parameter))
+    return slots
+
+
+def pin_layers(layers: nn.ModuleList) -> int:
+    """Pin every decoder layer's CPU tensors now, as their first low-memory visit would (``bench-prune`` calls it
+    outside the timed runs). Returns how many were pinned: 0 when all already are, or without CUDA."""
+    if not torch.cuda.is_available():
+        return 0
+    slots = [slot for layer in layers for slot in layer_slots(layer)]
+    fresh = sum(not _is_pinned(slot.get()) for slot in slots)
+    for slot in slots:
+        slot.pinned()
+    return fresh
 
 
 @contextlib.contextmanager

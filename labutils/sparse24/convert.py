@@ -88,12 +88,15 @@ def kernel_problem(device: torch.device | None = None) -> str | None:
 
 
 def _trial_product_error(device: torch.device) -> float | str:
-    """max |sparse − dense| of a small 2:4 product on ``device``, or the error message of a kernel that failed."""
+    """max |sparse − dense| of a small 2:4 product on ``device`` through the cuSPARSELt backend, or the error message
+    of a kernel that failed. The backend is named, not left to ``to_sparse_semi_structured``'s default: where that
+    default is CUTLASS (``SparseSemiStructuredTensor._FORCE_CUTLASS``, or the default of another torch version), an
+    sm90 card (H100 / H200) would fail this check although cuSPARSELt, which the lab uses, runs there."""
     weight = torch.randn(128, 128, dtype=torch.float16, device=device)
     weight = weight * torch.tensor([1, 1, 0, 0], dtype=torch.bool, device=device).tile(128, 32)
     x = torch.randn(128, 64, dtype=torch.float16, device=device)
     try:
-        sparse_out = torch.mm(torch.sparse.to_sparse_semi_structured(weight), x)
+        sparse_out = torch.mm(_backend().from_dense(weight), x)
     except (RuntimeError, NotImplementedError, ValueError) as exc:  # no cuSPARSELt / CUTLASS kernel here
         return str(exc)
     return (sparse_out - torch.mm(weight, x)).abs().max().item()
@@ -106,8 +109,18 @@ def semi_structured_support() -> tuple[bool, str]:
     if problem is not None:
         return False, problem
     major, minor = cuda_capability()
+    return True, f"2:4 matmul ran on compute capability {major}.{minor} through {backend_name()}"
+
+
+def backend_name() -> str:
+    """The 2:4 backend the lab runs, with its version: "cuSPARSELt 0.8.0" (torch reports 800: major · 1000 +
+    minor · 100 + patch), or that there is none."""
+    if not torch.backends.cusparselt.is_available():
+        return "no cuSPARSELt in this torch build"
     version = torch.backends.cusparselt.version()
-    return True, f"2:4 matmul ran on compute capability {major}.{minor} (cuSPARSELt {version})"
+    if isinstance(version, int):
+        version = f"{version // 1000}.{version // 100 % 10}.{version % 100}"
+    return f"cuSPARSELt {version}"
 
 
 def semi_structured_ready(model: nn.Module) -> tuple[bool, str]:
@@ -124,7 +137,7 @@ def semi_structured_ready(model: nn.Module) -> tuple[bool, str]:
     if not dtypes <= set(SUPPORTED_DTYPES):
         return False, f"weights are {names}; 2:4 kernels take float16 or bfloat16 (model.half())"
     major, minor = cuda_capability(device)
-    return True, (f"cuSPARSELt {torch.backends.cusparselt.version()} on {torch.cuda.get_device_name(device)} "
+    return True, (f"{backend_name()} on {torch.cuda.get_device_name(device)} "
                   f"(compute capability {major}.{minor}), weights {names}")
 
 

@@ -23,6 +23,7 @@ Inside a CUDA graph the CPU costs vanish; what remains is the kernel and its pla
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -240,9 +241,17 @@ BROKEN_SEARCH = {800: "on an H200 with torch 2.11.0+cu130 (2026-11-30) every cuS
                       "and left an illegal-instruction error that ends every later CUDA call of the process"}
 
 
+NO_SEARCH_VARIABLE = "LAB_NO_CUSPARSELT_SEARCH"  # set (non-empty) by benchmarks/gpu_run.sh in every step
+
+
 def search_problem() -> str | None:
     """Why cuSPARSELt's search must not run here, or None: the search of a version in ``BROKEN_SEARCH`` is refused
-    before it can break the process's CUDA context."""
+    before it can break the process's CUDA context, and so is every search in a process that measures (the
+    environment variable ``LAB_NO_CUSPARSELT_SEARCH``, which the GPU run sets: its numbers must not depend on a
+    search that may leave the CUDA context broken)."""
+    if os.environ.get(NO_SEARCH_VARIABLE):
+        return (f"cuSPARSELt's algorithm search is refused in this process ({NO_SEARCH_VARIABLE} is set: it measures, "
+                "and a failed search can break its CUDA context). Run without the search (algorithm 0)")
     seen = BROKEN_SEARCH.get(torch.backends.cusparselt.version())
     return None if seen is None else (f"cuSPARSELt's algorithm search is refused for this version: {seen}. "
                                       "Run without the search (algorithm 0)")

@@ -6,6 +6,7 @@ interleaved rounds so both models see the same GPU state, and decode token by to
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from functools import partial
 
@@ -14,19 +15,22 @@ import torch
 from torch import nn
 from tqdm import tqdm  # plain text everywhere: a saved notebook shows the finished bar, not a widget
 
+from ..core.device import synchronize
 from ..core.errors import LabError
 from ..core.models import max_sequence_length, model_device
-from ..core.validation import check_positive_int, check_positive_ints
+from ..core.validation import check_count, check_positive_int, check_positive_ints
 from ..speed.latency import prefill_fn, random_prompt
 from ..speed.timing import decode_interleaved, time_interleaved
 from .convert import kernel_problem
 from .graphs import GraphedForward, graphed_forward
+from .kernel import SparseMatmul24
 
 
 def prefill_speedup_table(dense_model: nn.Module, sparse_model: nn.Module,
                           lengths: Sequence[int] = (512, 1024, 2048, 4096, 8192), *, warmup: int = 2, repeats: int = 5,
                           graphs: bool = True, decode_prompt_len: int = 128, decode_tokens: int = 32,
-                          decode_repeats: int = 3, seed: int = 0, progress: bool = True) -> pd.DataFrame:
+                          decode_repeats: int = 3, seed: int = 0, progress: bool = True,
+                          on_row=None) -> pd.DataFrame:
     """Batch-1 speed of the 2:4 model against the masked dense model, on the GPU.
 
     One row per prefill length: P50 ms of dense and 2:4, eager and replayed from a CUDA graph
@@ -35,21 +39,70 @@ def prefill_speedup_table(dense_model: nn.Module, sparse_model: nn.Module,
     only the last position's logits are computed, as in ``generate()``. A length above the models' maximum
     positions, or one that runs out of GPU memory, gets a note instead of numbers. The last row is decode:
     P50 ms per token over ``decode_tokens`` steps after a ``decode_prompt_len`` prefill, one untimed warm-up run
-    then ``decode_repeats`` timed runs, eager only (replaying decode from a graph needs a static KV cache).
+    then ``decode_repeats`` timed runs, eager only (replaying decode from a graph needs a static KV cache);
+    ``decode_tokens=0`` leaves it out. ``on_row(row)``, if given, receives each row as soon as it is measured (a
+    benchmark saves it at once: a run cut short keeps the rows it finished).
     """
     lengths = check_positive_ints("lengths", lengths)
     check_positive_int("decode_repeats", decode_repeats)
+    check_count("decode_tokens", decode_tokens)
     for name, model in (("dense_model", dense_model), ("sparse_model", sparse_model)):
         problem = kernel_problem(model_device(model))
         if problem is not None:
             raise LabError(f"cannot time 2:4 kernels ({name}): {problem}")
     limit = min(max_sequence_length(dense_model), max_sequence_length(sparse_model))
-    rows = [_prefill_row(dense_model, sparse_model, n, limit, warmup, repeats, graphs, seed)
-            for n in tqdm(lengths, desc="prefill lengths", unit="length", disable=not progress)]
-    rows.append(_decode_row(dense_model, sparse_model, decode_prompt_len, decode_tokens, decode_repeats, seed))
+    report = on_row or (lambda row: None)
+    rows = []
+    for n in tqdm(lengths, desc="prefill lengths", unit="length", disable=not progress):
+        rows.append(_prefill_row(dense_model, sparse_model, n, limit, warmup, repeats, graphs, seed))
+        report(rows[-1])
+    if decode_tokens:
+        rows.append(_decode_row(dense_model, sparse_model, decode_prompt_len, decode_tokens, decode_repeats, seed))
+        report(rows[-1])
     table = pd.DataFrame(rows).set_index(["phase", "tokens"])
     table.attrs.update(warmup=warmup, repeats=repeats, device=torch.cuda.get_device_name(model_device(dense_model)))
     return table
+
+
+@torch.inference_mode()
+def first_calls(model: nn.Module, token_counts: Sequence[int], *, seed: int = 0, on_row=None) -> list[dict]:
+    """Call each distinct 2:4 GEMM of ``model`` (one module per weight shape: ``SparseMatmul24``, fused or not, or
+    a stock ``SparseSemiStructuredTensor`` weight) once for every token count, before anything is timed.
+
+    On an H200 with cuSPARSELt 0.8.0 the first call of a new (shape, token count) took tens of seconds (a 256-token
+    check of the 7B model: 46 s), so a benchmark warms exactly the shapes and token counts it will time, and these
+    rows record what each first call cost ("first call s") next to a second call ("next call ms")."""
+    token_counts = check_positive_ints("token_counts", token_counts)
+    device = model_device(model)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    report, rows, seen = on_row or (lambda row: None), [], set()
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, SparseMatmul24):
+            shape, call = (module.out_features, module.in_features), module
+        elif isinstance(weight, torch.sparse.SparseSemiStructuredTensor):
+            shape, call = tuple(weight.shape), partial(torch.nn.functional.linear, weight=weight)
+        else:
+            continue
+        if shape in seen:
+            continue
+        seen.add(shape)
+        dtype = module.packed.dtype if isinstance(module, SparseMatmul24) else weight.dtype
+        for tokens in token_counts:
+            x = torch.randn(tokens, shape[1], dtype=dtype, device=device, generator=generator)
+            seconds = [_synchronized_seconds(call, x, device) for _ in range(2)]
+            rows.append({"shape (out, in)": f"{shape[0]}×{shape[1]}", "first module": name, "tokens": tokens,
+                         "first call s": seconds[0], "next call ms": seconds[1] * 1e3})
+            report(rows[-1])
+    return rows
+
+
+def _synchronized_seconds(fn, x: torch.Tensor, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn(x)
+    synchronize(device)
+    return time.perf_counter() - start
 
 
 def _prefill_row(dense: nn.Module, sparse: nn.Module, length: int, limit: int, warmup: int, repeats: int,
