@@ -1,7 +1,7 @@
-"""``benchmarks/gpu_run.sh`` (G1 item 11): every step under its own timeout, a failing step does not stop the next
-one, logs and a one-line-per-step summary land in the folder given. The steps run with a stand-in for Python, so
-this checks the script, not the GPU work; a step running out of its limit was seen on the H200 (the summary said
-"TIMED OUT or aborted (rc 124)" after faulthandler's stacks: benchmarks/results/2026-11-30-h200-run1.log)."""
+"""``benchmarks/gpu_run.sh`` (G1 item 11, G3): every step under its own timeout within one budget, a failing step
+does not stop the next one, logs, JSON saved row by row and a one-line-per-step summary land in the folder given.
+The dry run uses a stand-in for Python, so it checks the script, not the GPU work; a step running out of its limit
+was seen on the H200 (benchmarks/results/2026-11-30-h200-run1.log). Then the Python steps' own mechanics."""
 import copy
 import importlib
 import json
@@ -19,23 +19,99 @@ import labutils as lu
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("python, verdict", [("false", "FAILED (rc 1)"), ("true", "ok")])
-def test_each_step_is_run_and_summarised_whatever_the_last_did(tmp_path, python, verdict):
-    """The script's own mechanics, with a stand-in for Python that fails (or succeeds) at once: every step asked
-    for runs, in order, under its limit, and the summary printed last says how each ended."""
+STEPS = ["env", "prune-default", "prefill-lab", "prefill-fused", "prune-low-memory", "tests"]
+LIMITS = {"env": 30, "prune-default": 170, "prefill-lab": 100, "prefill-fused": 100, "prune-low-memory": 120}
+BUDGET = 580  # the script's default GPU_RUN_BUDGET: within the device tool's 600 s per call
+
+STAND_IN = r"""#!/usr/bin/env bash
+# python3, as benchmarks/gpu_run.sh calls it: every call is logged with what the process would see.
+echo "$* | core $(ulimit -c) | search ${LAB_NO_CUSPARSELT_SEARCH:-unset} | path ${PYTHONPATH%%:*}" >>"$CALLS"
+case "$*" in
+  "-m pip "*|*gpu_summary.py*) exec "$REAL_PYTHON" "$@" ;;
+  *gpu_env.py*) echo "nvidia-smi table"; echo "env: stand-in GPU · transformers $(cd "${PYTHONPATH%%:*}" && ls -d labprobe)" ;;
+  *"--modes default"*)  # step (a): saves the floor and one row, then hangs past its limit
+    json=${@: -1}
+    "$REAL_PYTHON" -c "import json, sys; json.dump({'benchmark': 'bench-prune', 'setup': {'nsamples': 128,
+      'seqlen': 4096}, 'floor': {'seconds': 36.0}, 'rows': [{'mode': 'default', 'target': '50%', '× floor': 1.03,
+      'mask sha256': 'ab'}], 'complete': False}, open(sys.argv[1], 'w'))" "$json"
+    exec sleep 60 ;;
+  *gpu_semistructured.py*) echo "2:4 prefill · stand-in · complete" ;;
+  *"--modes low-memory"*) echo "bench-prune stand-in low-memory · complete" ;;
+  *pytest*) echo "3 passed in 1.00s" ;;
+  *) exit 3 ;;
+esac
+"""
+
+
+def fake_wheel(folder: Path) -> Path:
+    """A real (tiny) wheel standing for the carried transformers: pip installs it with --no-index."""
+    import zipfile
+
+    folder.mkdir()
+    wheel = folder / "labprobe-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("labprobe/__init__.py", "VERSION = '1.0'\n")
+        zf.writestr("labprobe-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: labprobe\nVersion: 1.0\n")
+        zf.writestr("labprobe-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                                     "Tag: py3-none-any\n")
+        zf.writestr("labprobe-1.0.dist-info/RECORD", "")
+    return folder
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the script is bash with GNU timeout")
+def test_dry_run_of_the_gpu_run(tmp_path):
+    """The whole script on the CPU, with a stand-in for python3 (G3): the steps in the issue's order, each under its
+    limit within the budget; the environment line first and one summary line per step, the last lines printed;
+    no core dumps; the search refused in every process; the carried wheel installed ahead of the machine's
+    packages; step (a) hanging past its limit is cut, its summary read from the rows it had saved, and step (b)
+    compares with that file."""
+    stand_in = tmp_path / "python3"
+    stand_in.write_text(STAND_IN)
+    stand_in.chmod(0o755)
+    out, calls = tmp_path / "results", tmp_path / "calls.log"
+    env = {**os.environ, "PYTHON": str(stand_in), "REAL_PYTHON": sys.executable, "CALLS": str(calls),
+           "GPU_WHEELS": str(fake_wheel(tmp_path / "wheels")), "GPU_STEP_LIMIT": "6", "TMPDIR": str(tmp_path)}
+    env.pop("LAB_NO_CUSPARSELT_SEARCH", None)
+    # Core dumps allowed as far as this machine lets a process raise its limit: the script must set 0 itself.
+    command = 'ulimit -S -c "$(ulimit -H -c)"; exec bash benchmarks/gpu_run.sh "$0"'
+    run = subprocess.run(["bash", "-c", command, str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    printed = run.stdout.splitlines()
+    assert printed == (out / "summary.txt").read_text().splitlines()
+    assert [line.split()[0] for line in printed] == STEPS
+    assert printed[0].split("  ")[-1] == "env: stand-in GPU · transformers labprobe"
+    assert "TIMED OUT or aborted (rc 124)" in printed[1]
+    assert printed[1].endswith("bench-prune 128×4096: floor 36.00 s · default 50% 1.03× floor (met ≤ 1.05) · "
+                               "CUT SHORT after 1 row(s)")
+    assert all(" ok " in line for line in printed[2:])
+    assert printed[-1].endswith("3 passed in 1.00s")
+    logged = calls.read_text().splitlines()
+    site = str(tmp_path / "wanda-lab-site")
+    work = [line for line in logged if "-m pip" not in line]
+    assert all(line.endswith(f"| core 0 | search 1 | path {site}") for line in work), work
+    low = next(line for line in work if "--modes low-memory" in line)
+    assert f"--baseline {out / 'bench-prune-default.json'}" in low
+    for name in STEPS:
+        limit = min(LIMITS.get(name, 600), 6)
+        assert f"=== {name} (limit {limit} s)" in (out / f"{name}.log").read_text()
+    assert sum(LIMITS.values()) + 60 <= BUDGET  # the tests keep a minute even when every step uses all its time
+
+
+def test_steps_left_without_time_are_skipped_and_said_so(tmp_path):
     out = tmp_path / "results"
-    env = {**os.environ, "GPU_STEPS": "env linears prefill", "PYTHON": python}
+    env = {**os.environ, "PYTHON": "true", "GPU_RUN_BUDGET": "3", "GPU_STEPS": "env tests", "GPU_WHEELS": "/none"}
     run = subprocess.run(["bash", "benchmarks/gpu_run.sh", str(out)], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=60)
-    assert run.returncode == 0, run.stderr
-    summary = (out / "summary.txt").read_text().splitlines()
-    assert [line.split()[0] for line in summary] == ["env", "linears", "prefill"]
-    assert all(verdict in line for line in summary)
-    assert run.stdout.splitlines()[-3:] == summary  # the summary is what the run prints last
-    log = (out / "run.log").read_text()
-    assert all(f"=== {step} (limit {limit} s)" in log for step, limit in (("env", 30), ("linears", 50),
-                                                                           ("prefill", 150)))
-    assert "=== prune" not in log and not (out / "tests.log").exists()  # steps not asked for do not run
+    assert [line.split()[:3] for line in run.stdout.splitlines()] == [["env", "SKIPPED:", "budget"],
+                                                                     ["tests", "SKIPPED:", "budget"]]
+
+
+def test_the_budgets_written_in_the_script_are_the_ones_tested():
+    script = (ROOT / "benchmarks/gpu_run.sh").read_text()
+    assert "${GPU_RUN_BUDGET:-580}" in script and "ulimit -c 0" in script
+    for name, limit in LIMITS.items():
+        assert f"step {name} {limit} " in script or (name.startswith("prefill") and f'}}" {limit} ' in script)
 
 
 def test_results_folder_is_required():
