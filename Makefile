@@ -25,7 +25,7 @@ SETUP_OK_PY = import importlib.metadata as m, importlib.util as u, json, pathlib
   sys.exit(url != pathlib.Path.cwd().resolve().as_uri() \
            or not all(u.find_spec(p) for p in ('torch', 'jupyterlab', 'playwright')))
 
-.PHONY: setup setup-packages chromium run lab test test-unit test-optional test-portable notebooks
+.PHONY: setup setup-packages chromium run lab test test-unit test-optional test-portable notebooks gpu-wheels
 
 setup:
 	@key="$$($(PYTHON) -c "$(SETUP_KEY_PY)" '$(TORCH)')" || exit 1; \
@@ -111,3 +111,13 @@ test-portable: setup
 	  --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout 600 $(NOTEBOOKS) && \
 	$(PYTHON) benchmarks/portability.py results $$cap=outputs/portable/$$cap && \
 	$(PYTHON) -m pytest tests -m portable -q
+
+# The wheels the GPU run carries (benchmarks/README.md): the transformers this lab pins, for the GPU machine's
+# Python 3.12 (it has no network and an older transformers). Into .gpu-wheels/ (ignored by git, about 13 MB).
+GPU_PYTHON_VERSION ?= 3.12
+gpu-wheels:
+	@version=$$(sed -n 's/^transformers==\([^ ]*\).*/\1/p' requirements.txt); \
+	[ -n "$$version" ] || { echo "requirements.txt pins no transformers"; exit 1; }; \
+	rm -rf .gpu-wheels && $(PYTHON) -m pip download -q --no-deps --only-binary=:all: \
+	  --python-version $(GPU_PYTHON_VERSION) --implementation cp --platform manylinux_2_28_x86_64 \
+	  --platform manylinux_2_17_x86_64 -d .gpu-wheels "transformers==$$version" && ls -l .gpu-wheels

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from conftest import make_tiny
 
 import labutils as lu
@@ -215,3 +216,12 @@ def test_prefill_rows_and_first_calls_are_handed_over_as_measured(monkeypatch):
                                           decode_tokens=0, progress=False, on_row=seen.append)
     assert [(r["phase"], r["tokens"]) for r in seen] == [("prefill", 8), ("prefill", 16)] == list(table.index)
     assert all(r["eager × dense"] > 0 for r in seen)
+
+
+def test_the_environment_line_names_what_the_run_will_use():
+    env = importlib.import_module("benchmarks.gpu_env")
+    assert env.pinned_version("transformers") == "5.23.0" == transformers.__version__
+    line, ok = env.environment_line()
+    assert line.startswith("env: ") and "transformers 5.23.0 (this machine's; the lab pins 5.23.0)" in line
+    if not torch.cuda.is_available():
+        assert not ok and "no CUDA GPU" in line and "2:4 kernels: none" in line
