@@ -17,19 +17,19 @@ from pathlib import Path
 import torch
 
 import labutils as lu
-from labutils.core import checkpoint, storage
+from labutils.core import manifests, saved
 
 
 def load_seconds(folder: Path, check: bool) -> float:
-    original = checkpoint.check_intact
+    original = saved.check_intact
     if not check:
-        checkpoint.check_intact = lambda path: None
+        saved.check_intact = lambda path: None
     try:
         start = time.perf_counter()
         lu.load_pruned(folder, "cpu")
         return time.perf_counter() - start
     finally:
-        checkpoint.check_intact = original
+        saved.check_intact = original
 
 
 def main() -> None:
@@ -50,9 +50,9 @@ def main() -> None:
         for fmt, folder in folders.items():
             bare, checked = (statistics.median(times[(fmt, c)]) for c in (False, True))
             start = time.perf_counter()
-            storage.verify_folder(folder)
+            manifests.verify_folder(folder)
             verify = time.perf_counter() - start
-            print(f"{fmt}: {checkpoint.model_file_bytes(folder) / 1e6:.0f} MB; load {bare:.3f} s without the check, "
+            print(f"{fmt}: {saved.model_file_bytes(folder) / 1e6:.0f} MB; load {bare:.3f} s without the check, "
                   f"{checked:.3f} s with every byte checked (medians of {rounds}): ×{checked / bare:.3f}; "
                   f"verify_folder alone {verify:.3f} s")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig
 
-from labutils.core.models import embedded_model_dir
+from labutils.core.loading import embedded_model_dir
 from labutils.prune.disk import write_random_checkpoint
 
 LLAMA2_70B = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,

@@ -24,13 +24,14 @@ if _sys.argv[:1] == ["-m"]:  # ``python -m labutils`` is importing the package: 
 
     _signal.signal(_signal.SIGINT, _interrupted_while_starting)  # the command line puts Python's own back (cli.main)
 
-from .core.checkpoint import disk_table, export_dense, load_pruned, load_report, save_pruned
+from .core.saved import disk_table, export_dense, load_pruned, load_report, save_pruned
 from .core.config import DEFAULT_PROFILE, get_profile
 from .core.data import calibration_data, corpus_split, heldout_tokens, test_tokens
 from .core.device import cuda_capability, device_summary, get_device, set_seed, versions_table
 from .core.errors import BadInput, LabError
 from .core.kept_masks import KeptMasks, kept_masks
-from .core.models import find_decoder_layers, find_linears, load_model, random_model, tiny_llama_config
+from .core.anatomy import find_decoder_layers, find_linears
+from .core.loading import load_model, random_model, tiny_llama_config
 from .evaluate.generation import (
                                   PROMPTS,
                                   degeneration_table,

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from .core.checkpoint import OUTPUT_KIND, SAVE_FORMATS, disk_table, export_dense, load_report
+from .core.saved import OUTPUT_KIND, SAVE_FORMATS, disk_table, export_dense, load_report
 from .core.config import DEFAULT_PROFILE, PROFILES
 from .core.data import corpus_split, split_tokens
 from .core.errors import BadInput, LabError
-from .core.models import embedded_model_dir, folder_tokenizer
-from .core.storage import PUBLISHED, cache_dir, check_can_write, interrupt_on_termination, strict_json
+from .core.loading import embedded_model_dir, folder_tokenizer
+from .core.manifests import strict_json
+from .core.publish import PUBLISHED, cache_dir, check_can_write, interrupt_on_termination
 from .core.validation import check_seed
 from .jobs.bench_prune import (
     MODES,
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"{rank}error: out of memory: this machine cannot hold what the command asked for (use fewer "
              "--nsamples, shorter --seqlen, a smaller --batch-size or --eval-tokens); nothing was published")
         return 2
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (storage.Terminated)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (publish.Terminated)
         code = 128 + getattr(exc, "signum", 2)
         outputs = [path for path, kind in PUBLISHED if kind == OUTPUT_KIND]  # not the model cache it rebuilt
         if outputs:

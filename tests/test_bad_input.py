@@ -6,8 +6,8 @@ from conftest import make_tiny
 
 import labutils as lu
 from labutils.cli import main
-from labutils.core.checkpoint import check_output_dir, load_report
-from labutils.core.models import load_pretrained
+from labutils.core.saved import check_output_dir, load_report
+from labutils.core.loading import load_pretrained
 from labutils.prune.masks import nm_mask
 
 
@@ -143,7 +143,7 @@ def test_out_of_memory_is_reraised_with_advice(tiny_model, calib_tokens, monkeyp
 
 
 def test_missing_data_package_says_how_to_install():
-    from labutils.core.storage import packaged_file
+    from labutils.core.publish import packaged_file
 
     with pytest.raises(lu.LabError, match="needs the PyPI package 'no-such-lab-package'.*make setup"):
         packaged_file("no-such-lab-package", "x.gguf", "1.0", "the default model")

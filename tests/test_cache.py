@@ -8,22 +8,22 @@ from conftest import make_tiny
 
 import labutils as lu
 from labutils.cli import main
-from labutils.core import checksums, models, storage
+from labutils.core import checksums, loading, manifests, publish
 
 
 @pytest.fixture
 def fake_cache(tmp_path, monkeypatch):
     """An empty cache folder whose "conversion" writes a tiny model (instead of the 30 s GGUF conversion).
     Returns the list of conversions made."""
-    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(publish.CACHE_ENV, str(tmp_path / "cache"))
     conversions = []
 
     def convert(target):
         conversions.append(target)
-        with storage.atomic_folder(target, models.CACHE_KIND, replace_any=True) as tmp:
+        with publish.atomic_folder(target, loading.CACHE_KIND, replace_any=True) as tmp:
             make_tiny().save_pretrained(tmp)
 
-    monkeypatch.setattr(models, "_convert_embedded", convert)
+    monkeypatch.setattr(loading, "_convert_embedded", convert)
     return conversions
 
 
@@ -44,10 +44,10 @@ def inside_a_tensor(path, name: str = "") -> tuple[int, str]:
 
 
 def test_converted_once_then_checked_quickly(fake_cache):
-    path = models.embedded_model_dir()
-    assert models.embedded_model_dir() == path and len(fake_cache) == 1
-    manifest = storage.read_manifest(path)
-    assert manifest["kind"] == models.CACHE_KIND and {"config.json", "model.safetensors"} <= set(manifest["files"])
+    path = loading.embedded_model_dir()
+    assert loading.embedded_model_dir() == path and len(fake_cache) == 1
+    manifest = manifests.read_manifest(path)
+    assert manifest["kind"] == loading.CACHE_KIND and {"config.json", "model.safetensors"} <= set(manifest["files"])
     assert all(len(entry["sha256"]) == 64 and entry["bytes"] > 0 for entry in manifest["files"].values())
 
 
@@ -57,23 +57,23 @@ def test_converted_once_then_checked_quickly(fake_cache):
     (lambda p: (p / "config.json").unlink(), "config.json is missing"),
 ])
 def test_damaged_cache_stops_the_load_and_prepare_rebuilds_it(fake_cache, damage, problem, capsys):
-    path = models.embedded_model_dir()
+    path = loading.embedded_model_dir()
     damage(path)
     with pytest.raises(lu.LabError, match=f"the cached model at .* is damaged \\({problem}.*\\); run `python -m "
                                           "labutils prepare`"):
-        models.embedded_model_dir()
+        loading.embedded_model_dir()
     out = path.parent.parent / "run"  # beside the cache (an output inside it is refused before anything else)
     assert main(["prune", "--out", str(out)]) == 2  # the main job stops before any work
     assert "is damaged" in capsys.readouterr().err and not out.exists()
     assert main(["prepare"]) == 0
     assert "converting it again" in capsys.readouterr().err and len(fake_cache) == 2
-    assert storage.verify_folder(path, full=True) is None
+    assert manifests.verify_folder(path, full=True) is None
 
 
 def test_one_flipped_bit_anywhere_stops_the_load_naming_the_tensor(fake_cache):
     """Every load checks every byte against the per-tensor xxh3 digests of the manifest: one flipped low bit of a
     weight in the middle of the file is found, with the tensor it hit; prepare rebuilds the folder."""
-    path = models.embedded_model_dir()
+    path = loading.embedded_model_dir()
     weights = path / "model.safetensors"
     offset, tensor = inside_a_tensor(weights)
     with weights.open("r+b") as f:
@@ -83,33 +83,33 @@ def test_one_flipped_bit_anywhere_stops_the_load_naming_the_tensor(fake_cache):
         f.write(bytes([byte[0] ^ 1]))
     with pytest.raises(lu.LabError, match=f"model.safetensors: tensor {tensor} differs from what was written "
                                           r"\(xxh3 mismatch\)\); run `python -m labutils prepare`"):
-        models.embedded_model_dir()
-    models.embedded_model_dir(verify="full")
-    assert len(fake_cache) == 2 and storage.verify_folder(path, full=True) is None
+        loading.embedded_model_dir()
+    loading.embedded_model_dir(verify="full")
+    assert len(fake_cache) == 2 and manifests.verify_folder(path, full=True) is None
 
 
 def test_an_older_manifest_is_checked_by_sha256_then_given_digests(fake_cache):
-    path = models.embedded_model_dir()
-    manifest = json.loads((path / storage.MANIFEST_FILE).read_text())
+    path = loading.embedded_model_dir()
+    manifest = json.loads((path / manifests.MANIFEST_FILE).read_text())
     for entry in manifest["files"].values():
         entry.pop("xxh3"), entry.pop("tensors", None)
-    (path / storage.MANIFEST_FILE).write_text(json.dumps(manifest))
-    assert not storage.has_digests(path)
+    (path / manifests.MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert not manifests.has_digests(path)
     overwrite(path / "config.json", 2, b"X")
-    assert "config.json differs from what was written (SHA-256 mismatch)" in storage.verify_folder(path)
-    models.embedded_model_dir(verify="full")  # rebuilt, with digests
-    assert storage.has_digests(path) and len(fake_cache) == 2
-    manifest = json.loads((path / storage.MANIFEST_FILE).read_text())
+    assert "config.json differs from what was written (SHA-256 mismatch)" in manifests.verify_folder(path)
+    loading.embedded_model_dir(verify="full")  # rebuilt, with digests
+    assert manifests.has_digests(path) and len(fake_cache) == 2
+    manifest = json.loads((path / manifests.MANIFEST_FILE).read_text())
     for entry in manifest["files"].values():
         entry.pop("xxh3"), entry.pop("tensors", None)
-    (path / storage.MANIFEST_FILE).write_text(json.dumps(manifest))
-    assert models.embedded_model_dir() == path and storage.has_digests(path)  # intact: digests added once
+    (path / manifests.MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert loading.embedded_model_dir() == path and manifests.has_digests(path)  # intact: digests added once
 
 
 def test_cache_without_manifest_is_rebuilt(fake_cache, capsys):
-    path = models.embedded_model_dir()
-    (path / storage.MANIFEST_FILE).unlink()
-    assert models.embedded_model_dir() == path and len(fake_cache) == 2
+    path = loading.embedded_model_dir()
+    (path / manifests.MANIFEST_FILE).unlink()
+    assert loading.embedded_model_dir() == path and len(fake_cache) == 2
     assert "has no lab-manifest.json" in capsys.readouterr().err
 
 
@@ -117,13 +117,13 @@ def test_cache_without_manifest_is_rebuilt(fake_cache, capsys):
 def test_damage_between_any_samples_of_the_real_cache_stops_the_run_before_work(tmp_path, monkeypatch, capsys):
     """256 bytes inside a decoder layer's weights (NaN, or one weight 3e4: the dense perplexity then reads millions)
     stop the main job at the load with one line naming the tensor, and it writes nothing."""
-    real = models.embedded_model_dir()
+    real = loading.embedded_model_dir()
     copy = tmp_path / "cache" / real.name
     shutil.copytree(real, copy)
     weights = copy / "model.safetensors"
     offset, tensor = inside_a_tensor(weights, "layers.")
     overwrite(weights, offset, b"\xff" * 256)
-    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(publish.CACHE_ENV, str(tmp_path / "cache"))
     out = tmp_path / "run"
     assert main(["prune", "--method", "magnitude", "--eval-tokens", "1024", "--eval-seqlen", "256", "--batch-size", "4",
                  "--out", str(out)]) == 2
@@ -134,9 +134,9 @@ def test_damage_between_any_samples_of_the_real_cache_stops_the_run_before_work(
 
 
 def test_a_file_where_the_cache_folder_goes_is_replaced_without_leftovers(fake_cache, capsys):
-    target = storage.cache_dir() / models.CACHE_FOLDER
+    target = publish.cache_dir() / loading.CACHE_FOLDER
     target.parent.mkdir(parents=True)
     target.write_text("not a folder")
     assert main(["prepare"]) == 0
-    assert target.is_dir() and storage.verify_folder(target, full=True) is None
+    assert target.is_dir() and manifests.verify_folder(target, full=True) is None
     assert not [p.name for p in target.parent.iterdir() if p.name.startswith(".")]  # no dot-file left behind

@@ -11,7 +11,7 @@ from conftest import make_tiny
 import labutils as lu
 from labutils.cli import main
 from labutils.core.data import split_tokens
-from labutils.core.models import load_pretrained
+from labutils.core.loading import load_pretrained
 from labutils.core.validation import check_seed
 
 SMALL = ["--nsamples", "2", "--seqlen", "16", "--eval-tokens", "64", "--eval-seqlen", "32"]

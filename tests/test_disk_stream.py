@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig
 
 import labutils as lu
-from labutils.core.models import embedded_model_dir
+from labutils.core.loading import embedded_model_dir
 from labutils.core.sparse_format import SPARSE_INDEX
 from labutils.prune.disk import CheckpointReader, write_random_checkpoint
 

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 import labutils as lu
 from labutils.cli import main
-from labutils.core.models import embedded_model_dir
+from labutils.core.loading import embedded_model_dir
 from labutils.evaluate.perplexity import window_batches
 
 

@@ -9,9 +9,9 @@ from conftest import make_tiny, random_tokens
 from transformers import AutoTokenizer
 
 import labutils as lu
-from labutils.core import storage
+from labutils.core import manifests
 from labutils.core.data import split_tokens
-from labutils.core.models import embedded_model_dir
+from labutils.core.loading import embedded_model_dir
 from labutils.evaluate.generation import Prompt, greedy_generate, repeated_ngram_ratio, top1_agreement
 from labutils.jobs import main_job
 
@@ -151,7 +151,7 @@ def _fake_lab_output(folder, **fields):
     report = {"lab": "wanda-lab", "profile": "smollm2-135m", "method": "wanda", "target": "50%", "nsamples": 32,
               "seqlen": 128, "seed": 0, "true_sequential": False, "owl": None, "params": {"group": "row"}, **fields}
     (folder / "report.json").write_text(json.dumps(report))
-    storage.write_manifest(folder, "pruned-model")
+    manifests.write_manifest(folder, "pruned-model")
 
 
 @pytest.fixture

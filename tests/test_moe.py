@@ -25,7 +25,7 @@ from transformers import (
 
 import labutils as lu
 from conftest import random_tokens
-from labutils.core.models import ExpertWeight, expert_hidden, find_routers, is_stacked_experts
+from labutils.core.anatomy import ExpertWeight, expert_hidden, find_routers, is_stacked_experts
 from labutils.prune.calibration import INPUT_NORMS, capture_layer_inputs, collect_statistics
 from labutils.prune.driver import calibration_stages
 from labutils.prune.masks import select_mask

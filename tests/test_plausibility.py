@@ -6,7 +6,7 @@ import pytest
 
 import labutils as lu
 from labutils.cli import main
-from labutils.core import models, storage
+from labutils.core import loading, manifests, publish
 from labutils.jobs import main_job
 
 PROFILE = lu.get_profile(None)
@@ -40,15 +40,15 @@ def test_other_models_and_unrecorded_settings_are_not_judged(capsys):
 def test_a_weight_changed_with_its_manifest_rewritten_is_caught_by_plausibility(tmp_path, monkeypatch, capsys):
     """One weight of a copy of the real cache set to 3e4 and the manifest rewritten to match (every checksum passes):
     --strict stops after the dense perplexity, with one line, and writes nothing."""
-    real = models.embedded_model_dir()
+    real = loading.embedded_model_dir()
     copy = tmp_path / "cache" / real.name
     shutil.copytree(real, copy)
     from safetensors.torch import load_file, save_file
     weights = load_file(str(copy / "model.safetensors"))
     weights["model.layers.3.mlp.down_proj.weight"][0, 0] = 3e4
     save_file(weights, str(copy / "model.safetensors"), metadata={"format": "pt"})
-    storage.write_manifest(copy, models.CACHE_KIND)
-    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    manifests.write_manifest(copy, loading.CACHE_KIND)
+    monkeypatch.setenv(publish.CACHE_ENV, str(tmp_path / "cache"))
     out = tmp_path / "run"
     assert main(["prune", "--eval-tokens", "1024", "--nsamples", "4", "--strict", "--out", str(out)]) == 2
     err = capsys.readouterr().err

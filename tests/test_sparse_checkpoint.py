@@ -17,10 +17,10 @@ from transformers import AutoModelForCausalLM
 
 import labutils as lu
 from labutils.cli import main
-from labutils.core.checkpoint import load_report
+from labutils.core.saved import load_report
 from labutils.core.sparse_format import METADATA_KEY, SPARSE_FILE
 from labutils.core.sparse_model import pruned_parameter_names
-from labutils.core.storage import write_manifest
+from labutils.core.manifests import write_manifest
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 PATTERNS = {  # name: spec

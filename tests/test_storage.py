@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -13,43 +12,20 @@ from conftest import make_tiny
 
 import labutils as lu
 from labutils.cli import main
-from labutils.core import storage
-from labutils.core.checkpoint import check_output_dir
+from labutils.core import locks, manifests, publish
+from labutils.core.saved import check_output_dir
 
-ROOT = Path(__file__).resolve().parents[1]
-
-# A run that publishes version ARGV[2] of a small lab folder at ARGV[1]. It imports labutils.core.storage alone
-# (no torch: the package's __init__ is bypassed), so each signal test costs a fraction of a second.
-WRITER = textwrap.dedent(f"""
-    import json, sys, types
-    from pathlib import Path
-    package = types.ModuleType("labutils")
-    package.__path__ = [{str(ROOT / "labutils")!r}]
-    sys.modules["labutils"] = package
-    import signal
-    from labutils.core import storage
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if started in background
-    storage.interrupt_on_termination()  # what the CLI does
-    folder, version = Path(sys.argv[1]), sys.argv[2]
-    try:
-        with storage.atomic_folder(folder, "pruned-model") as tmp:
-            (tmp / "model.safetensors").write_bytes(version.encode() * 300_000)
-            (tmp / "report.json").write_text(json.dumps({{"lab": "wanda-lab", "version": version}}))
-            storage._pause("writing")
-    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: as the CLI's main() exits
-        sys.exit(128 + getattr(exc, "signum", 2))
-    print("saved", flush=True)
-""")
+WORKER = Path(__file__).resolve().parent / "publish_worker.py"  # publishes, pausing where a test asks
 
 
-def publish(folder: Path, version: str) -> None:
-    with storage.atomic_folder(folder, "pruned-model") as tmp:
+def publish_version(folder: Path, version: str) -> None:
+    with publish.atomic_folder(folder, "pruned-model") as tmp:
         (tmp / "model.safetensors").write_bytes(version.encode() * 300_000)
         (tmp / "report.json").write_text(json.dumps({"lab": "wanda-lab", "version": version}))
 
 
 def version_at(folder: Path) -> str:
-    assert storage.verify_folder(folder, full=True) is None  # whole and exactly as written
+    assert manifests.verify_folder(folder, full=True) is None  # whole and exactly as written
     return json.loads((folder / "report.json").read_text())["version"]
 
 
@@ -57,15 +33,14 @@ def leftovers(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
 
 
+def writer(folder: Path, pause: str, exchange: bool = True) -> list[str]:
+    """The command line of a run publishing version 2 at ``folder`` that pauses at ``pause`` (tests/publish_worker.py)."""
+    return [sys.executable, str(WORKER), str(folder), "2", pause, *([] if exchange else ["fallback"])]
+
+
 def run_writer(tmp_path: Path, folder: Path, pause: str, sig: int, exchange: bool = True):
     """Start a writer of version 2, send ``sig`` when it reaches ``pause``, return (exit code, stderr)."""
-    script = tmp_path / "writer.py"
-    script.write_text(WRITER)
-    env = {**os.environ, storage.PAUSE_ENV: pause}
-    if not exchange:
-        env[storage.NO_EXCHANGE_ENV] = "1"
-    proc = subprocess.Popen([sys.executable, str(script), str(folder), "2"], env=env, stderr=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(writer(folder, pause, exchange), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     for line in proc.stderr:
         if line.strip() == f"lab-pause {pause}":
             break
@@ -80,7 +55,7 @@ def run_writer(tmp_path: Path, folder: Path, pause: str, sig: int, exchange: boo
 @pytest.fixture(autouse=True)
 def no_grace(monkeypatch):
     """Leftovers of the killed writers here are seconds old: judge them by their lock alone."""
-    monkeypatch.setattr(storage, "LEFTOVER_GRACE", 0.0)
+    monkeypatch.setattr(locks, "LEFTOVER_GRACE", 0.0)
 
 # (pause point, signal, two-rename fallback?, exit code, version at the folder afterwards, leftovers afterwards)
 CASES = [
@@ -102,7 +77,7 @@ CASES = [
                          ids=[f"{c[1].name}-at-{c[0]}{'-fallback' if c[2] else ''}" for c in CASES])
 def test_signal_at_every_moment_loses_nothing(tmp_path, pause, sig, fallback, code, version, left):
     folder = tmp_path / "out" / "run"
-    publish(folder, "1")
+    publish_version(folder, "1")
     rc, output = run_writer(tmp_path, folder, pause, sig, exchange=not fallback)
     assert rc == code, output
     if code == 0:
@@ -114,21 +89,21 @@ def test_signal_at_every_moment_loses_nothing(tmp_path, pause, sig, fallback, co
     else:
         assert version_at(folder) == version
     # The next run into the same parent cleans up (and restores the old folder first where needed).
-    lines = storage.sweep_leftovers(parent, log=lambda line: None)
+    lines = locks.sweep_leftovers(parent, log=lambda line: None)
     assert leftovers(parent) == []
     if version is None:
         assert any(line.startswith(f"restored {folder}") for line in lines)
         assert version_at(folder) == "1"
     elif left:
         assert any("left by a run that died" in line for line in lines)
-    publish(folder, "3")
+    publish_version(folder, "3")
     assert version_at(folder) == "3" and leftovers(parent) == []
 
 
 def test_leftovers_of_a_live_run_are_kept(tmp_path):
     live = tmp_path / f".run.tmp-{os.getpid()}-abc"
     live.mkdir()
-    assert storage.sweep_leftovers(tmp_path, log=lambda line: None) == []
+    assert locks.sweep_leftovers(tmp_path, log=lambda line: None) == []
     assert live.exists()
 
 
@@ -136,51 +111,48 @@ def test_next_run_says_what_it_removed(tmp_path, capsys):
     folder = tmp_path / "run"
     rc, _ = run_writer(tmp_path, folder, "writing", signal.SIGKILL)
     assert rc == -signal.SIGKILL and leftovers(tmp_path)
-    publish(folder, "3")
+    publish_version(folder, "3")
     assert "left by a run that died" in capsys.readouterr().err
     assert leftovers(tmp_path) == [] and version_at(folder) == "3"
 
 
 def test_second_concurrent_run_stops_at_once(tmp_path, capsys):
     folder = tmp_path / "run"
-    script = tmp_path / "writer.py"
-    script.write_text(WRITER)
-    proc = subprocess.Popen([sys.executable, str(script), str(folder), "2"], stderr=subprocess.PIPE,
-                            env={**os.environ, storage.PAUSE_ENV: "writing"}, text=True)
+    proc = subprocess.Popen(writer(folder, "writing"), stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stderr.readline().strip() == "lab-pause writing"
         with pytest.raises(lu.LabError, match=f"another run \\(pid {proc.pid}\\) is writing .*choose another --out"):
-            publish(folder, "9")
+            publish_version(folder, "9")
         assert main(["prune", "--out", str(folder)]) == 2
         assert f"another run (pid {proc.pid}) is writing" in capsys.readouterr().err
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)
     assert not folder.exists() and leftovers(tmp_path) == []  # the writer was interrupted before publishing
-    publish(folder, "3")  # the lock is free again
+    publish_version(folder, "3")  # the lock is free again
     assert version_at(folder) == "3"
 
 
 def test_lock_is_reentrant_within_a_process(tmp_path):
-    with storage.output_lock(tmp_path / "run"), storage.output_lock(tmp_path / "run"):
-        publish(tmp_path / "run", "1")
+    with locks.output_lock(tmp_path / "run"), locks.output_lock(tmp_path / "run"):
+        publish_version(tmp_path / "run", "1")
     assert version_at(tmp_path / "run") == "1"
 
 
 def test_replacing_removes_only_listed_files(tmp_path):
     folder = tmp_path / "run"
-    publish(folder, "1")
+    publish_version(folder, "1")
     old = tmp_path / "aside"
     folder.rename(old)
     (old / "thesis.tex").write_text("mine")  # appeared after the check: kept, and the folder with it
-    storage.remove_lab_folder(old, keep_as=tmp_path / "run.unlisted")
+    manifests.remove_lab_folder(old, keep_as=tmp_path / "run.unlisted")
     assert not old.exists() and [p.name for p in (tmp_path / "run.unlisted").iterdir()] == ["thesis.tex"]
 
 
 @pytest.mark.parametrize("setup,message", [
     (lambda f: (f.mkdir(), (f / "report.json").write_text('{"lab": "wanda-lab"}'),
                 (f / "thesis.tex").write_text("x")), "not a lab output .*older lab version"),
-    (lambda f: (publish(f, "1"), (f / "thesis.tex").write_text("x")), "holding files the lab did not write"),
+    (lambda f: (publish_version(f, "1"), (f / "thesis.tex").write_text("x")), "holding files the lab did not write"),
 ])
 def test_folder_with_foreign_files_is_never_replaced(tmp_path, setup, message):
     folder = tmp_path / "run"
@@ -189,17 +161,17 @@ def test_folder_with_foreign_files_is_never_replaced(tmp_path, setup, message):
         check_output_dir(folder)
     assert main(["prune", "--out", str(folder)]) == 2
     with pytest.raises(lu.BadInput, match=message):
-        publish(folder, "2")
+        publish_version(folder, "2")
     assert (folder / "thesis.tex").read_text() == "x" and leftovers(tmp_path) == []
 
 
 def test_symlinked_output_is_written_through_the_link(tmp_path):
     real = tmp_path / "real"
-    publish(real, "1")
+    publish_version(real, "1")
     link = tmp_path / "link"
     link.symlink_to(real)
     assert check_output_dir(link) == link
-    publish(link, "2")
+    publish_version(link, "2")
     assert link.is_symlink() and version_at(real) == "2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
 
@@ -212,17 +184,17 @@ def dead_pid() -> int:
 
 def test_an_old_copy_that_cannot_be_restored_is_never_deleted(tmp_path, monkeypatch):
     old = tmp_path / f".run.old-{dead_pid()}"
-    publish(old, "1")
-    monkeypatch.setattr(storage, "_restore", lambda entry, target: False)  # e.g. another run holds run's lock
-    assert storage.sweep_leftovers(tmp_path, log=lambda line: None) == []
+    publish_version(old, "1")
+    monkeypatch.setattr(locks, "_restore", lambda entry, target: False)  # e.g. another run holds run's lock
+    assert locks.sweep_leftovers(tmp_path, log=lambda line: None) == []
     assert version_at(old) == "1"
 
 
 def test_files_the_lab_did_not_write_survive_a_dead_runs_cleanup(tmp_path):
     left = tmp_path / f".run.tmp-{dead_pid()}-x"
-    publish(left, "1")
+    publish_version(left, "1")
     (left / "notes.txt").write_text("mine")
-    storage.sweep_leftovers(tmp_path, log=lambda line: None)
+    locks.sweep_leftovers(tmp_path, log=lambda line: None)
     assert not left.exists()
     (kept,) = tmp_path.glob("run.unlisted-*")
     assert [p.name for p in kept.iterdir()] == ["notes.txt"]
@@ -231,7 +203,7 @@ def test_files_the_lab_did_not_write_survive_a_dead_runs_cleanup(tmp_path):
 def test_leftover_names_that_no_run_made_are_left_alone(tmp_path):
     odd = tmp_path / ".data.tmp-99999999999999999999"
     odd.mkdir()
-    publish(tmp_path / "run", "1")
+    publish_version(tmp_path / "run", "1")
     assert odd.exists() and version_at(tmp_path / "run") == "1"
 
 
@@ -243,21 +215,21 @@ def test_leftover_names_that_no_run_made_are_left_alone(tmp_path):
 ])
 def test_a_tampered_manifest_is_not_trusted(tmp_path, tamper):
     folder = tmp_path / "run"
-    publish(folder, "1")
+    publish_version(folder, "1")
     victim = tmp_path / "victim.txt"
     victim.write_text("keep")
-    manifest = json.loads((folder / storage.MANIFEST_FILE).read_text())
+    manifest = json.loads((folder / manifests.MANIFEST_FILE).read_text())
     tamper(manifest)
-    (folder / storage.MANIFEST_FILE).write_text(json.dumps(manifest))
+    (folder / manifests.MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(lu.BadInput, match="not a lab output"):
-        publish(folder, "2")
-    assert storage.verify_folder(folder) == "no readable lab-manifest.json" and victim.read_text() == "keep"
+        publish_version(folder, "2")
+    assert manifests.verify_folder(folder) == "no readable lab-manifest.json" and victim.read_text() == "keep"
 
 
 @pytest.mark.parametrize("extra", ["empty-folder", "link-to-folder"])
 def test_folders_and_links_count_as_foreign_entries(tmp_path, extra):
     folder = tmp_path / "run"
-    publish(folder, "1")
+    publish_version(folder, "1")
     if extra == "empty-folder":
         (folder / "data").mkdir()
     else:
@@ -270,26 +242,24 @@ def test_folders_and_links_count_as_foreign_entries(tmp_path, extra):
 def test_the_lock_is_keyed_by_the_outputs_real_path_not_by_the_cache(tmp_path, monkeypatch):
     """Two runs writing one folder meet at the same lock whatever their LAB_CACHE_DIR or spelling of the path."""
     folder = tmp_path / "run"
-    script = tmp_path / "writer.py"
-    script.write_text(WRITER)
-    proc = subprocess.Popen([sys.executable, str(script), str(folder), "2"], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, storage.PAUSE_ENV: "writing", storage.CACHE_ENV: str(tmp_path / "a")})
+    proc = subprocess.Popen(writer(folder, "writing"), stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, publish.CACHE_ENV: str(tmp_path / "a")})
     try:
         assert proc.stderr.readline().strip() == "lab-pause writing"
-        monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "b"))
+        monkeypatch.setenv(publish.CACHE_ENV, str(tmp_path / "b"))
         (tmp_path / "link").symlink_to(tmp_path)
         for spelling in (folder, tmp_path / "link" / "run", tmp_path / "x" / ".." / "run"):
             with pytest.raises(lu.LabError, match=f"another run \\(pid {proc.pid}\\) is writing"):
-                publish(spelling, "9")
+                publish_version(spelling, "9")
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)
 
 
 def test_lock_files_of_killed_runs_are_removed(tmp_path):
-    stale = tmp_path / f".other{storage.LOCK_SUFFIX}"
+    stale = tmp_path / f".other{locks.LOCK_SUFFIX}"
     stale.write_text("12345\n")  # nobody holds it: its process was killed
-    publish(tmp_path / "run", "1")
+    publish_version(tmp_path / "run", "1")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
@@ -304,17 +274,17 @@ def test_a_live_runs_folder_is_left_alone_whatever_its_pid_says(tmp_path):
                                str(live)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        assert storage.sweep_leftovers(tmp_path, log=lambda line: None) == [] and live.exists()
+        assert locks.sweep_leftovers(tmp_path, log=lambda line: None) == [] and live.exists()
     finally:
         holder.communicate("", timeout=30)
-    assert storage.sweep_leftovers(tmp_path, log=lambda line: None) and not live.exists()
+    assert locks.sweep_leftovers(tmp_path, log=lambda line: None) and not live.exists()
 
 
 def test_a_leftover_younger_than_the_grace_is_left_for_its_run_to_lock(tmp_path, monkeypatch):
-    monkeypatch.setattr(storage, "LEFTOVER_GRACE", 3600.0)
+    monkeypatch.setattr(locks, "LEFTOVER_GRACE", 3600.0)
     young = tmp_path / f".run.tmp-{dead_pid()}-x"
     young.mkdir()
-    assert storage.sweep_leftovers(tmp_path, log=lambda line: None) == [] and young.exists()
+    assert locks.sweep_leftovers(tmp_path, log=lambda line: None) == [] and young.exists()
 
 
 @pytest.mark.parametrize("published,code,message", [
@@ -327,11 +297,11 @@ def test_cli_says_what_an_interrupt_left(tmp_path, monkeypatch, capsys, publishe
     output of an earlier command in the same process) does not turn an interrupt into exit 0."""
     def interrupted(job, progress=True):
         if published:
-            storage.PUBLISHED.append((tmp_path / "run", published))
-        raise storage.Terminated(signal.SIGTERM)
+            publish.PUBLISHED.append((tmp_path / "run", published))
+        raise publish.Terminated(signal.SIGTERM)
 
-    monkeypatch.setattr(storage, "PUBLISHED", [])
-    monkeypatch.setattr("labutils.cli.PUBLISHED", storage.PUBLISHED)
+    monkeypatch.setattr(publish, "PUBLISHED", [])
+    monkeypatch.setattr("labutils.cli.PUBLISHED", publish.PUBLISHED)
     monkeypatch.setattr("labutils.cli.run_prune_job", interrupted)
     assert main(["prune", "--out", str(tmp_path / "run")]) == code
     assert message in capsys.readouterr().err
@@ -345,7 +315,7 @@ def test_output_under_a_file_is_refused_before_any_work(tmp_path, capsys):
 
 
 def test_too_little_free_space_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: storage.shutil._ntuple_diskusage(10, 5, 5))
+    monkeypatch.setattr(publish.shutil, "disk_usage", lambda path: publish.shutil._ntuple_diskusage(10, 5, 5))
     assert main(["prune", "--out", str(tmp_path / "run")]) == 2
     assert "GiB free" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
@@ -390,7 +360,7 @@ def tmpfs(tmp_path):
 
 def test_full_disk_while_safetensors_writes_is_one_line(tmpfs, monkeypatch):
     disk = tmpfs("size=200k")
-    monkeypatch.setattr("labutils.core.checkpoint.check_writable", lambda path, need_bytes=None: None)  # space taken later
+    monkeypatch.setattr("labutils.core.saved.check_writable", lambda path, need_bytes=None: None)  # space taken later
     with pytest.raises(lu.LabError, match="could not write .*\\(the disk is full\\); nothing was written"):
         lu.save_pruned(make_tiny(), disk / "run", None, {})
     assert list(disk.iterdir()) == []
@@ -398,10 +368,10 @@ def test_full_disk_while_safetensors_writes_is_one_line(tmpfs, monkeypatch):
 
 def test_full_disk_during_save_keeps_the_old_folder(tmpfs):
     disk = tmpfs()
-    publish(disk / "run", "1")
+    publish_version(disk / "run", "1")
     with pytest.raises(lu.LabError, match="could not write .*run.*No space left on device \\(the disk is full\\); "
                                           "the previous folder there is unchanged"):
-        with storage.atomic_folder(disk / "run") as tmp:
+        with publish.atomic_folder(disk / "run") as tmp:
             (tmp / "model.safetensors").write_bytes(b"\0" * 30 * 2**20)
     assert version_at(disk / "run") == "1" and leftovers(disk) == []
 
@@ -417,8 +387,8 @@ def test_cli_refuses_a_disk_too_small_and_a_read_only_mount(tmpfs, capsys):
 
 
 def test_an_earlier_commands_publish_does_not_leak_into_the_next(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(storage, "PUBLISHED", [(tmp_path / "earlier", "pruned-model")])
-    monkeypatch.setattr("labutils.cli.PUBLISHED", storage.PUBLISHED)
+    monkeypatch.setattr(publish, "PUBLISHED", [(tmp_path / "earlier", "pruned-model")])
+    monkeypatch.setattr("labutils.cli.PUBLISHED", publish.PUBLISHED)
     monkeypatch.setattr("labutils.cli.run_prune_job", lambda job, progress=True: (_ for _ in ()).throw(
         KeyboardInterrupt()))
     assert main(["prune", "--out", str(tmp_path / "run")]) == 130
@@ -429,7 +399,7 @@ def test_an_output_inside_the_cache_or_its_own_input_is_refused(tmp_path, monkey
     """--out in the model cache (the next rebuild deletes it) or export's OUT spelled otherwise than FOLDER (the
     sparse folder would be replaced by its dense copy): one line, exit 2, nothing written."""
     cache = tmp_path / "cache"
-    monkeypatch.setenv(storage.CACHE_ENV, str(cache))
+    monkeypatch.setenv(publish.CACHE_ENV, str(cache))
     for out in (cache / "smollm2-135m-instruct-q4_1" / "pruned", cache / "tokens", cache / "locks", cache):
         assert main(["prune", "--out", str(out)]) == 2
         assert "inside the lab's model cache (LAB_CACHE_DIR)" in capsys.readouterr().err

@@ -8,7 +8,7 @@ from conftest import make_tiny, random_tokens
 
 import labutils as lu
 from labutils.cli import main
-from labutils.core.checkpoint import is_lab_output
+from labutils.core.saved import is_lab_output
 from labutils.core.device import SectionTimer
 from labutils.jobs.bench_prune import bench_prune, bench_setup, forward_floor
 from labutils.jobs.bench_prune import summary_line as bench_summary

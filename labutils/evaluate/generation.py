@@ -22,7 +22,7 @@ from tqdm import tqdm  # plain text everywhere: a saved notebook shows the finis
 from transformers import GenerationConfig
 
 from ..core.errors import BadInput
-from ..core.models import model_device
+from ..core.anatomy import model_device
 from ..core.validation import check_positive_int
 from .perplexity import next_token_logits, window_batches
 

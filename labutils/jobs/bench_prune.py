@@ -27,8 +27,9 @@ from transformers import LlamaConfig
 from ..core.config import get_profile
 from ..core.device import get_device, require_cuda, set_seed, versions
 from ..core.errors import BadInput
-from ..core.storage import write_json_atomic
-from ..core.models import LLAMA2_7B_CONFIG, check_seqlen, find_decoder_layers, random_model, tiny_llama_config
+from ..core.manifests import write_json_atomic
+from ..core.anatomy import check_seqlen, find_decoder_layers
+from ..core.loading import LLAMA2_7B_CONFIG, random_model, tiny_llama_config
 from ..core.validation import check_positive_int
 from ..prune.driver import prune_model
 from ..prune.spec import PruneSpec, check_spec

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from ..core.card import folder_card_fields
-from ..core.checkpoint import (
+from ..core.saved import (
     SAVE_FORMATS,
     check_output_dir,
     is_lab_output,
@@ -25,8 +25,10 @@ from ..core.checkpoint import (
 from ..core.config import Profile, get_profile
 from ..core.device import get_device, peak_rss_bytes, require_cuda, set_seed, versions
 from ..core.errors import BadInput, LabError
-from ..core.models import CACHE_FOLDER, load_model
-from ..core.storage import cache_dir, output_lock, verify_folder
+from ..core.loading import CACHE_FOLDER, load_model
+from ..core.locks import output_lock
+from ..core.manifests import verify_folder
+from ..core.publish import cache_dir
 from ..core.validation import check_choice
 from ..evaluate.perplexity import perplexity
 from ..prune.driver import PruneReport, prune_model

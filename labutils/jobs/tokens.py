@@ -6,7 +6,7 @@ import torch
 
 from ..core import data
 from ..core.config import Profile
-from ..core.models import check_seqlen
+from ..core.anatomy import check_seqlen
 from ..prune.driver import check_prunable
 from ..prune.spec import PruneSpec
 

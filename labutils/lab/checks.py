@@ -25,7 +25,8 @@ from typing import Callable
 
 import torch
 
-from ..core.models import find_decoder_layers, find_linears, random_model, tiny_llama_config
+from ..core.anatomy import find_decoder_layers, find_linears
+from ..core.loading import random_model, tiny_llama_config
 from ..core.validation import check_count
 from ..evaluate.generation import mean_kl, top1_agreement
 from ..evaluate.perplexity import perplexity

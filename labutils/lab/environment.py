@@ -6,7 +6,8 @@ import pandas as pd
 import torch
 
 from ..core import data
-from ..core.models import EMBEDDED_DIST, embedded_gguf_path, find_decoder_layers, find_linears
+from ..core.anatomy import find_decoder_layers, find_linears
+from ..core.loading import EMBEDDED_DIST, embedded_gguf_path
 
 
 def model_summary(model: torch.nn.Module) -> pd.Series:

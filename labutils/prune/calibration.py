@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..core.errors import BadInput, LabError
-from ..core.models import ExpertWeight, decoder_stack, expert_hidden, find_decoder_layers, find_linears
+from ..core.anatomy import ExpertWeight, decoder_stack, expert_hidden, find_decoder_layers, find_linears
 from ..core.validation import check_positive_int
 from .parallel import DataParallel, OrderedSum
 

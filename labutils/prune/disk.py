@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, initialization
 from ..core.device import give_back_freed_memory, map_large_allocations
 from ..core.errors import LabError
 from ..core.kept_masks import KeptMasks
-from ..core.models import find_decoder_layers
+from ..core.anatomy import find_decoder_layers
 from ..core.sparse_format import SAFETENSORS_DTYPES, write_safetensors
 from ..core.sparse_model import ShardWriter
 from .driver import PruneReport, calibration_tokens, check_prunable, prune_all

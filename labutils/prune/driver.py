@@ -24,7 +24,7 @@ from torch import nn
 from ..core.device import SectionTimer, synchronize
 from ..core.errors import BadInput, LabError, is_out_of_memory
 from ..core.kept_masks import KeptMasks, kept_in_parameters, record_kept, storage_names
-from ..core.models import find_decoder_layers, find_linears, find_routers
+from ..core.anatomy import find_decoder_layers, find_linears, find_routers
 from ..core.validation import check_flag, check_model, check_positive_int, check_tokens
 from .calibration import LayerInputs, collect_statistics
 from .masks import SparsityTarget

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.errors import BadInput
-from ..core.models import find_decoder_layers, find_linears
+from ..core.anatomy import find_decoder_layers, find_linears
 from ..core.validation import check_number
 from .calibration import INPUT_NORMS, collect_statistics
 from .methods.wanda import wanda_score

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..core.kept_masks import pack_kept
-from ..core.models import ExpertWeight, find_decoder_layers, find_linears
+from ..core.anatomy import ExpertWeight, find_decoder_layers, find_linears
 
 
 def prunable_linears(model: nn.Module, experts: bool = True) -> dict[str, nn.Linear | ExpertWeight]:

@@ -33,7 +33,7 @@ from tqdm import tqdm  # plain text everywhere: a saved notebook shows the finis
 
 from ..core.device import get_device
 from ..core.errors import BadInput
-from ..core.models import find_decoder_layers, model_device
+from ..core.anatomy import find_decoder_layers, model_device
 from ..core.validation import describe
 from .calibration import LayerInputs, capture_layer_inputs, layer_output
 from .copies import CopyStreams, tensors_in, tree_to

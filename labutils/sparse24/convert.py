@@ -22,7 +22,7 @@ from tqdm import tqdm  # plain text everywhere: a saved notebook shows the finis
 
 from ..core.device import cuda_capability, get_device
 from ..core.errors import BadInput, LabError
-from ..core.models import CompressedLinear, find_decoder_layers, model_device
+from ..core.anatomy import CompressedLinear, find_decoder_layers, model_device
 from ..core.validation import (
     check_choice,
     check_flag,

@@ -21,7 +21,7 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..core.errors import LabError
-from ..core.models import model_device
+from ..core.anatomy import model_device
 from ..core.validation import check_count, check_shape, check_tensor
 
 

@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..core.errors import LabError
-from ..core.models import CompressedLinear
+from ..core.anatomy import CompressedLinear
 
 # torch._cslt_sparse_mm's signature (packed, dense_t, *, bias, transpose_result, alg_id, split_k, split_k_mode);
 # a CPU test passes an emulation.

@@ -19,7 +19,7 @@ from tqdm import tqdm  # plain text everywhere: a saved notebook shows the finis
 
 from ..core.device import synchronize
 from ..core.errors import BadInput
-from ..core.models import check_seqlen
+from ..core.anatomy import check_seqlen
 from ..core.validation import check_callable, check_count, check_not_empty, check_positive_int, check_tokens
 
 Clock = Callable[[], float]

@@ -1,10 +1,11 @@
-"""Saving and loading pruned models so that none is ever lost or half-made (introduced in 02-Prune, used by 03
-and 04).
+"""The lab's saved output folders: saving and loading pruned models so that none is ever lost or half-made
+(introduced in 02-Prune, used by 03 and 04). The input shards a low-memory run reads are another thing
+(``prune.disk.CheckpointReader``).
 
 A lab output folder holds the model — sparse (``sparse-model.safetensors``: kept values and masks, the default) or
 dense (``save_pretrained``'s safetensors) —, the tokenizer, ``report.json``, a model card (``README.md``) and
 ``lab-manifest.json`` (every file's size and SHA-256). It is written under a temporary name and published in one atomic step
-(``storage.atomic_folder``); an existing folder is replaced only if its manifest lists everything in it.
+(``publish.atomic_folder``); an existing folder is replaced only if its manifest lists everything in it.
 """
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ import torch
 from .card import CARD_FILE, model_card
 from .device import get_device
 from .errors import BadInput, LabError
-from .models import folder_tokenizer, load_pretrained, weight_files
+from .loading import folder_tokenizer, load_pretrained, quiet_hf_progress, weight_files
+from .locks import resolve_target
+from .manifests import LAB_MARKER, read_manifest, replace_problem, strict_json, verify_folder
+from .publish import atomic_folder, check_apart, check_writable
 from .validation import check_choice
 from .sparse_model import (
     is_sparse_folder,
@@ -26,18 +30,6 @@ from .sparse_model import (
     save_sparse_model,
     sparse_sizes,
     zero_masks,
-)
-from .storage import (
-    LAB_MARKER,
-    atomic_folder,
-    check_apart,
-    check_writable,
-    quiet_hf_progress,
-    read_manifest,
-    replace_problem,
-    resolve_target,
-    strict_json,
-    verify_folder,
 )
 
 REPORT_FILE = "report.json"
