@@ -4,7 +4,7 @@ Data flows one way: config → model + tokenizer → calibration batches → for
 inputs → accumulate statistics → score → mask → apply → run the pruned layer → evaluate. The subpackages follow
 it, and each imports only from those before it in this list:
 
-- ``core``      errors, input checks, profiles, devices and seeds, safe saving, models, data, checkpoints
+- ``core``      errors, input checks, profiles, devices and seeds, safe saving, models, data, saved outputs
 - ``prune``     the run's spec, masks, calibration passes, methods, OWL, the layer-by-layer driver (02-Prune)
 - ``evaluate``  perplexity, generation and drift (03), zero-shot accuracy with lm-eval (04)
 - ``speed``     timing, latency and memory tables (04)

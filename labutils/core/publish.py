@@ -247,20 +247,12 @@ def atomic_folder(path: str | os.PathLike, kind: str = "pruned-model", replace_a
             _publish_permissions(tmp)
             _fsync_folder(tmp, files=True)
             if path.exists() and not replace_any:
-                problem = replace_problem(path, kind)
-                if problem:
-                    raise BadInput(f"output {str(path)!r} exists and is {problem}; allowed: a new path or a "
-                                   "previous lab output folder, which is then replaced")
+                _check_replaceable(path, kind)
             with _HeldSignals() as held:
                 aside = _swap_in(tmp, path)
                 published = True
                 PUBLISHED.append((path, kind))
-                if aside is not None and not aside.is_dir():  # a file that stood where the folder goes
-                    with contextlib.suppress(OSError):
-                        aside.unlink()
-                elif aside is not None:
-                    (shutil.rmtree(aside, ignore_errors=True) if replace_any
-                     else remove_lab_folder(aside, keep_as=path.parent / f"{path.name}.unlisted-{os.getpid()}"))
+                _remove_aside(aside, path, replace_any)
             if held.received:
                 names = ", ".join(signal.Signals(s).name for s in held.received)
                 print(f"{names} arrived while {path} was being published; it was held until the new folder was "
@@ -268,16 +260,39 @@ def atomic_folder(path: str | os.PathLike, kind: str = "pruned-model", replace_a
         except (OSError, SafetensorError) as exc:
             if published:
                 raise
-            full = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc)
-            reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
-            raise LabError(f"could not write {str(path)!r}: {reason}{' (the disk is full)' if full else ''}; "
-                           f"{'the previous folder there is unchanged' if path.exists() else 'nothing was written'}"
-                           ) from exc
+            raise _write_error(exc, path) from exc
         finally:
             if not published:  # once published, ``tmp`` is the old folder, removed above file by file
                 shutil.rmtree(tmp, ignore_errors=True)
             if held_fd is not None:
                 os.close(held_fd)
+
+
+def _check_replaceable(path: Path, kind: str) -> None:
+    """BadInput unless the existing ``path`` is a lab folder of ``kind`` holding only what the lab wrote."""
+    problem = replace_problem(path, kind)
+    if problem:
+        raise BadInput(f"output {str(path)!r} exists and is {problem}; allowed: a new path or a "
+                       "previous lab output folder, which is then replaced")
+
+
+def _remove_aside(aside: Path | None, path: Path, replace_any: bool) -> None:
+    """Remove what stood at ``path`` before (now at ``aside``): a file, the cache's folder whole, or a lab folder's
+    listed files (anything else in it is kept beside ``path``)."""
+    if aside is not None and not aside.is_dir():  # a file that stood where the folder goes
+        with contextlib.suppress(OSError):
+            aside.unlink()
+    elif aside is not None:
+        (shutil.rmtree(aside, ignore_errors=True) if replace_any
+         else remove_lab_folder(aside, keep_as=path.parent / f"{path.name}.unlisted-{os.getpid()}"))
+
+
+def _write_error(exc: BaseException, path: Path) -> LabError:
+    """One line for a write that failed before publishing (a full disk said so), and what is at ``path`` now."""
+    full = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc)
+    reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
+    return LabError(f"could not write {str(path)!r}: {reason}{' (the disk is full)' if full else ''}; "
+                    f"{'the previous folder there is unchanged' if path.exists() else 'nothing was written'}")
 
 
 def _swap_in(tmp: Path, path: Path) -> Path | None:
