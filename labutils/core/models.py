@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Pretr
 from .config import Profile, flag_note
 from .device import require_cuda
 from .errors import BadInput, LabError
-from .sparse_format import SPARSE_FILE, SPARSE_INDEX
+from .sparse.format import SPARSE_FILE, SPARSE_INDEX
 from .storage import (
     MANIFEST_FILE,
     atomic_folder,
