@@ -24,15 +24,15 @@ from labutils.core.sparse.bits import (
 )
 from labutils.core.sparse.format import read_sparse_folder, write_sparse
 
-# SHA-256 of the packed bytes of the masks ``seeded_masks`` draws, as prune.sparsity.pack_bits and
-# core.kept_masks.pack_kept packed them before the refactor.
+# SHA-256 of the packed bytes of the masks ``seeded_masks`` draws, as the torch and the numpy packer packed them
+# before the refactor (commit 8e28f77, when they lived in prune/sparsity and core/kept_masks).
 PACKED_SHA256 = {
     (7,): "281c93990bac2c69cf372c9a3b66c406c86cca826d6407b68e644da22eef8186",
     (3, 13): "102a6e0c49d920948ae1d119fe1f5024e195cccef8a14087078a80f4dc57a138",
     (16, 24): "141d6421489bfcd73d3aff218cc4f752816aeef8987eaafd37996eab8e2d03b2",
     (2, 5, 11): "af6e9aff8598d2f57bf2199addad266b9689ef3f2d5927cf19f34f7511a80582",
 }
-# SHA-256 of the sparse file ``write_sparse`` wrote for ``hand_made_state`` before the refactor (core.sparse_format),
+# SHA-256 of the sparse file ``write_sparse`` wrote for ``hand_made_state`` before the refactor (commit 8e28f77),
 # and of the packed kept bits read back from it (the same for both layouts).
 FILE_SHA256 = {None: "5f92efa30653de2ebcf6e185f380fc1660b4e9c94494af472173385e4d56694d",
                (2, 4): "8f632fab19ed4fdd1b83b41d2f6edddc512906b4bbb67473896db16c5c3220d7"}
@@ -139,3 +139,18 @@ def test_bit_packing_lives_in_one_module():
     root = Path(lu.__file__).parent
     calls = {str(p.relative_to(root)) for p in root.rglob("*.py") if re.search(r"np\.(un)?packbits\(", p.read_text())}
     assert calls == {"core/sparse/bits.py"}
+
+
+def test_the_driver_packs_on_a_gpu_as_on_the_cpu(monkeypatch):
+    """On a GPU the kept bits are packed by torch where the layer computes: forced here on the CPU, the record is
+    byte for byte the numpy one."""
+    from labutils.core.sparse import bits
+    spec, tokens = lu.PruneSpec("wanda", "2:4"), random_tokens((2, 8))
+    a, b = make_tiny(), make_tiny()
+    lu.prune_model(a, spec, tokens, progress=False)
+    monkeypatch.setattr(bits, "pack_mask_numpy", lambda mask: pytest.fail("packed by numpy"))
+    monkeypatch.setattr(bits, "pack_mask", pack_mask_torch)
+    lu.prune_model(b, spec, tokens, progress=False, fingerprint=False)
+    ka, kb = lu.kept_masks(a), lu.kept_masks(b)
+    assert ka.nm == kb.nm == (2, 4) and ka.packed.keys() == kb.packed.keys()
+    assert all(torch.equal(ka.packed[n], kb.packed[n]) and kb.packed[n].device.type == "cpu" for n in ka.packed)
