@@ -29,7 +29,7 @@ from .core.config import DEFAULT_PROFILE, get_profile
 from .core.data import calibration_data, corpus_split, heldout_tokens, test_tokens
 from .core.device import cuda_capability, device_summary, get_device, set_seed, versions_table
 from .core.errors import BadInput, LabError
-from .core.kept_masks import KeptMasks, kept_masks
+from .core.sparse.bits import KeptMasks, kept_masks
 from .core.anatomy import find_decoder_layers, find_linears
 from .core.loading import load_model, random_model, tiny_llama_config
 from .evaluate.generation import (

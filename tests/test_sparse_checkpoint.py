@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM
 import labutils as lu
 from labutils.cli import main
 from labutils.core.saved import load_report
-from labutils.core.sparse_format import METADATA_KEY, SPARSE_FILE
-from labutils.core.sparse_model import pruned_parameter_names
+from labutils.core.sparse.format import METADATA_KEY, SPARSE_FILE
+from labutils.core.sparse.model import prunable_parameter_names
 from labutils.core.manifests import write_manifest
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -65,7 +65,7 @@ def true_kept(model) -> dict[str, torch.Tensor]:
 def test_sparse_round_trip_is_bit_for_bit_with_the_masks(pattern, dtype, tmp_path):
     model, report = pruned(PATTERNS[pattern], dtype)
     kept = true_kept(model)
-    assert set(kept) == set(pruned_parameter_names(model))
+    assert set(kept) == set(prunable_parameter_names(model))
     for name, mask in kept.items():  # the record is the driver's mask: every pruned weight is +0.0
         weight = model.state_dict()[name]
         assert int((bits(weight)[~mask] != 0).sum()) == 0
@@ -105,7 +105,7 @@ def test_pruned_linears_take_at_most_the_promised_share(spec, dtype, bound, tmp_
     model, _ = pruned(spec, dtype)
     out = lu.save_pruned(model, tmp_path / "run", None, {"nm": spec.target.label if spec.target.is_nm else None})
     disk = load_report(out)["disk"]
-    names = pruned_parameter_names(model)
+    names = prunable_parameter_names(model)
     state = model.state_dict()
     with safe_open(str(out / SPARSE_FILE), "pt") as f:  # the report's figures are the file's tensors
         stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys()

@@ -15,7 +15,8 @@ from conftest import make_tiny, random_tokens
 import labutils as lu
 from labutils.jobs import bench_prune as bench
 from labutils.prune import driver, sparsity, streaming
-from labutils.prune.sparsity import pack_bits, prunable_linears
+from labutils.core.sparse.bits import pack_mask_torch
+from labutils.prune.sparsity import prunable_linears
 from labutils.prune.streaming import OffloadedLayers, PinnedPool, StreamedInputs, calibration_inputs
 
 
@@ -45,7 +46,7 @@ def odd_model():
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
 def test_pack_bits_is_numpys_packbits(shape, density):
     bits = torch.rand(shape, generator=torch.Generator().manual_seed(sum(shape))) < density
-    packed = pack_bits(bits)
+    packed = pack_mask_torch(bits)
     assert packed.dtype == torch.uint8
     np.testing.assert_array_equal(packed.numpy(), np.packbits(bits.numpy()))
 
@@ -55,7 +56,7 @@ def test_mask_sha256_is_the_reference_digest_in_one_transfer(monkeypatch):
     expected = reference_mask_sha256(model)
     assert lu.mask_sha256(model) == expected
     # The device path (what runs on a GPU): packed by torch, then one copy to the host for all linears.
-    monkeypatch.setattr(sparsity, "pack_kept", pack_bits)
+    monkeypatch.setattr(sparsity, "pack_mask", pack_mask_torch)
     copies = []
     real_cpu = torch.Tensor.cpu
     monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: copies.append(t.shape) or real_cpu(t, *a, **k))

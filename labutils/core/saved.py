@@ -24,12 +24,12 @@ from .locks import resolve_target
 from .manifests import LAB_MARKER, read_manifest, replace_problem, strict_json, verify_folder
 from .publish import atomic_folder, check_apart, check_writable
 from .validation import check_choice
-from .sparse_model import (
+from .sparse.model import (
     is_sparse_folder,
     load_sparse_model,
     save_sparse_model,
     sparse_sizes,
-    zero_masks,
+    kept_from_nonzeros,
 )
 
 REPORT_FILE = "report.json"
@@ -75,7 +75,7 @@ def save_pruned(model, folder: str | os.PathLike, tokenizer=None, report: dict |
     """Write the model, its tokenizer, ``report.json`` (strict JSON, with the bytes on disk added as "disk") and a
     model card (README.md) to ``folder`` atomically; returns ``folder``.
 
-    format "sparse" (default): each pruned weight as its kept values and mask (``sparse_format``), about half
+    format "sparse" (default): each pruned weight as its kept values and mask (``sparse.format``), about half
     the bytes at 50 %; "dense": an ordinary transformers folder (``save_pretrained``). Either loads back bit for
     bit with ``load_pruned``; ``python -m labutils export`` turns a sparse folder into a dense one.
     """
@@ -99,7 +99,7 @@ def save_pruned(model, folder: str | os.PathLike, tokenizer=None, report: dict |
             with quiet_hf_progress():
                 model.save_pretrained(tmp)
             state = model.state_dict()
-            sizes = sparse_sizes(state, zero_masks(model, state), nm)
+            sizes = sparse_sizes(state, kept_from_nonzeros(model, state), nm)
             sizes["model"]["dense"] = model_file_bytes(tmp)
         write_folder_files(tmp, report, sizes, format, tokenizer, str(folder))
     return path

@@ -18,7 +18,7 @@ from ..core.config import Profile
 from ..core.device import give_back_freed_memory, peak_rss_bytes
 from ..core.anatomy import decoder_stack, find_decoder_layers
 from ..core.loading import folder_tokenizer, load_tokenizer, model_folder
-from ..core.sparse_model import GENERATION_FILE, ShardWriter
+from ..core.sparse.model import GENERATION_FILE, ShardWriter
 from ..core.publish import atomic_folder
 from ..evaluate.perplexity import perplexity_of, total_nll, window_batches
 from ..prune.calibration import layers_replaced, outer_modules_on

@@ -26,10 +26,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, initialization
 
 from ..core.device import give_back_freed_memory, map_large_allocations
 from ..core.errors import LabError
-from ..core.kept_masks import KeptMasks
+from ..core.sparse.bits import KeptMasks
 from ..core.anatomy import find_decoder_layers
-from ..core.sparse_format import SAFETENSORS_DTYPES, write_safetensors
-from ..core.sparse_model import ShardWriter
+from ..core.sparse.format import SAFETENSORS_DTYPES, write_safetensors
+from ..core.sparse.model import ShardWriter
 from .driver import PruneReport, calibration_tokens, check_prunable, prune_all
 from .parallel import DataParallel, check_ranks_agree
 from .sparsity import MaskDigest

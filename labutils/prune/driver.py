@@ -23,15 +23,15 @@ from torch import nn
 
 from ..core.device import SectionTimer, synchronize
 from ..core.errors import BadInput, LabError, is_out_of_memory
-from ..core.kept_masks import KeptMasks, kept_in_parameters, record_kept, storage_names
 from ..core.anatomy import find_decoder_layers, find_linears, find_routers
+from ..core.sparse.bits import KeptMasks, record_kept
 from ..core.validation import check_flag, check_model, check_positive_int, check_tokens
 from .calibration import LayerInputs, collect_statistics
 from .masks import SparsityTarget
 from .methods import METHODS  # noqa: F401  (re-exported: the driver runs these)
 from .owl import layer_outlier_ratios, owl_sparsities
 from .parallel import DataParallel, check_ranks_agree
-from .sparsity import mask_sha256, pack_on_device
+from .sparsity import mask_sha256
 from .spec import PruneSpec, check_spec
 from .streaming import Placement, calibration_inputs, compute_device, layer_visits
 
@@ -233,23 +233,24 @@ def prune_all(model: nn.Module, spec: PruneSpec, tokens: torch.Tensor | None, ba
     inputs = (calibration_inputs(model, tokens, batch_size, device, streamed, parallel)
               if spec.runner.needs_calibration else None)
     method_timer, layer_timer = SectionTimer(device), SectionTimer(device)
-    pruned, kept, prefixes = [], KeptBits(), {id(m): name for name, m in model.named_modules()}
+    pruned, kept, prefixes = [], KeptMasks(), {id(m): name for name, m in model.named_modules()}
     with layer_visits(layers, device, streamed, spec.label, progress, disk) as visits:
         for i, layer in visits:
             with layer_timer.section():
                 masks = {}
                 pruned += prune_layer(layer, i, inputs, spec, targets[i], method_timer, masks)
-                kept.add(layer, prefixes[id(layer)], masks)
+                kept.add_layer(prefixes[id(layer)], layer, find_linears(layer), masks)
                 feed_next_layer(inputs, layer, i, len(layers))
             report.left_dense += routers_left_dense(layer, i)
             if disk is not None:  # written out (and hashed) now; the layer is dropped when the visit ends
-                disk.store(i, layer, kept.pop(prefixes[id(layer)]))
+                disk.store(i, layer, kept.pop_layer(prefixes[id(layer)]))
     if inputs is not None:
         inputs.finish()
     synchronize(device)
     report.seconds = time.perf_counter() - start
     target = spec.target
-    record_kept(model, *kept.on_host(), (target.n, target.m) if target.is_nm else None)
+    kept.nm = (target.n, target.m) if target.is_nm else None
+    record_kept(model, kept)
     report.sublayers = sublayer_reports(pruned)
     report.method_seconds = sum(method_timer.seconds())
     report.layer_seconds = layer_timer.seconds()
@@ -297,32 +298,6 @@ def prune_layer(layer: nn.Module, index: int, inputs: LayerInputs | None, spec: 
                 masks[name] = mask
             pruned.append((index, name, mask.shape, mask.sum(), routed.get(name)))
     return pruned
-
-
-class KeptBits:
-    """The kept bits of every pruned parameter, packed where the layer computes (no host sync inside the layer
-    loop; 1/8 byte per weight: 0.8 GB for Llama-2-7B) and brought to the host once at the end."""
-
-    def __init__(self):
-        self.packed, self.shapes = {}, {}
-
-    def add(self, layer: nn.Module, prefix: str, masks: dict[str, torch.Tensor]) -> None:
-        linears = find_linears(layer)
-        weights = {name: linears[name].weight for name in masks}
-        for name, kept in kept_in_parameters(storage_names(layer), weights, masks).items():
-            key = f"{prefix}.{name}"
-            self.packed[key] = pack_on_device(kept)
-            self.shapes[key] = tuple(kept.shape)
-
-    def on_host(self) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, ...]]]:
-        return {k: v.cpu() for k, v in self.packed.items()}, self.shapes
-
-    def pop(self, prefix: str) -> KeptMasks:
-        """The kept bits of one layer (``prefix``: its module name), on the host, names relative to the layer;
-        forgotten here (disk-streamed pruning writes them out layer by layer)."""
-        keys = [k for k in self.packed if k.startswith(f"{prefix}.")]
-        return KeptMasks({k[len(prefix) + 1:]: self.packed.pop(k).cpu() for k in keys},
-                         {k[len(prefix) + 1:]: self.shapes.pop(k) for k in keys})
 
 
 def routers_left_dense(layer: nn.Module, index: int) -> list[DenseReport]:

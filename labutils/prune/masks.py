@@ -181,14 +181,15 @@ def select_mask(score: torch.Tensor, target: SparsityTarget, group: str = "row")
 
 @torch.no_grad()
 def apply_mask(linear: nn.Linear, mask: torch.Tensor) -> None:
-    """Zero the masked weights in place."""
+    """Zero the pruned weights in place (``mask``: True = pruned, shaped like the weight)."""
     linear.weight.masked_fill_(mask.to(linear.weight.device), 0)
 
 
 def prune_by_score(linear: nn.Linear, score: torch.Tensor, target: SparsityTarget, group: str = "row"
                    ) -> torch.Tensor:
     """Zero the lowest-scoring weights of ``linear`` under ``target`` (compared within ``group``) and return the
-    mask: the whole ``prune`` step of every method that only scores and masks (magnitude, Wanda, RIA)."""
+    pruned mask (True = pruned): the whole ``prune`` step of every method that only scores and masks (magnitude,
+    Wanda, RIA)."""
     mask = select_mask(score, target, group)
     apply_mask(linear, mask)
     return mask

@@ -18,8 +18,8 @@ from torch import nn
 from tqdm import tqdm  # plain text everywhere: a saved notebook shows the finished bar, not a widget
 
 from ..core.errors import BadInput
-from ..core.kept_masks import kept_masks, storage_names
-from ..core.sparse_format import nonzero_bits
+from ..core.sparse.bits import kept_masks, storage_names
+from ..core.sparse.format import nonzero_bits
 from ..core.validation import check_model, check_number, check_positive_int, check_tokens
 from .sparsity import mask_sha256, model_sparsity
 

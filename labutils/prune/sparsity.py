@@ -12,8 +12,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..core.kept_masks import pack_kept
 from ..core.anatomy import ExpertWeight, find_decoder_layers, find_linears
+from ..core.sparse.bits import pack_mask
 
 
 def prunable_linears(model: nn.Module, experts: bool = True) -> dict[str, nn.Linear | ExpertWeight]:
@@ -31,26 +31,6 @@ def split_linear_name(name: str) -> tuple[int, str]:
     return int(layer), sublayer
 
 
-def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """``np.packbits`` on ``bits``' own device: the flattened booleans eight to a byte, the first in the highest bit,
-    the last byte padded with zeros. (any shape) bool → (⌈numel / 8⌉,) uint8, same device."""
-    flat = bits.reshape(-1)
-    pad = -flat.numel() % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    octets = flat.view(torch.uint8).view(-1, 8)  # bool is one byte holding 0 or 1
-    packed = octets[:, 0] << 7
-    for k in range(1, 8):
-        packed |= octets[:, k] << (7 - k)
-    return packed
-
-
-def pack_on_device(bits: torch.Tensor) -> torch.Tensor:
-    """``np.packbits`` order where ``bits`` are: numpy on the CPU (faster there), ``pack_bits`` on a GPU (the bits
-    stay on it until one copy to the host)."""
-    return pack_kept(bits) if bits.device.type == "cpu" else pack_bits(bits)
-
-
 def mask_sha256(model: nn.Module) -> str:
     """SHA-256 of the zero pattern of all prunable weights: equal hashes mean identical masks.
 
@@ -64,7 +44,7 @@ def mask_sha256(model: nn.Module) -> str:
     packed = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
     offsets = np.cumsum([0, *sizes]).tolist()
     for weight, start, end in zip(weights, offsets, offsets[1:]):
-        packed[start:end] = pack_on_device(weight == 0)
+        packed[start:end] = pack_mask(weight == 0)
     host = packed.cpu().numpy()  # the one device → host copy
     digest = hashlib.sha256()
     for (name, weight), start, end in zip(zip(linears, weights), offsets, offsets[1:]):
@@ -88,7 +68,7 @@ class MaskDigest:
     def add_layer(self, index: int, layer: nn.Module) -> None:
         for name, lin in find_linears(layer).items():
             zeros = lin.weight.detach() == 0
-            _hash_mask(self._digest, f"layers.{index}.{name}", zeros.shape, pack_on_device(zeros).cpu().numpy())
+            _hash_mask(self._digest, f"layers.{index}.{name}", zeros.shape, pack_mask(zeros).cpu().numpy())
             self.zeros += int(torch.count_nonzero(zeros))
             self.weights += zeros.numel()
 

@@ -38,7 +38,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import LabError
+from ..errors import LabError
+from .bits import pack_fields, pack_mask, unpack_fields, unpack_mask
 
 SPARSE_FILE = "sparse-model.safetensors"
 SPARSE_INDEX = "sparse-model.safetensors.index.json"  # the shards of a model written layer by layer
@@ -75,12 +76,6 @@ def follows_nm(kept: torch.Tensor, n: int, m: int) -> bool:
             and bool((kept.reshape(-1, m).sum(1) == n).all()))
 
 
-def _pack_fields(numbers: torch.Tensor, bits: int) -> torch.Tensor:
-    shifts = torch.arange(bits - 1, -1, -1, dtype=torch.int64)
-    fields = ((numbers[:, None] >> shifts) & 1).to(torch.uint8)  # (count, bits), most significant first
-    return torch.from_numpy(np.packbits(fields.reshape(-1).numpy()))
-
-
 def encode(weight: torch.Tensor, kept: torch.Tensor, nm: tuple[int, int] | None) -> tuple[dict, dict]:
     """(tensors under their suffix: "values" and "mask" or "positions", layout entry) for one pruned weight on
     the CPU. ``nm``: use the N:M layout if the mask follows it, else the bitmask."""
@@ -96,8 +91,8 @@ def encode(weight: torch.Tensor, kept: torch.Tensor, nm: tuple[int, int] | None)
         bits = position_bits(n, m)
         entry.update(layout="nm", n=n, m=m, bits=bits)
         values = flat[keep].reshape(weight.shape[0], -1)
-        return {"values": values, "positions": _pack_fields(rank_of[groups], bits)}, entry
-    return {"values": flat[keep], "mask": torch.from_numpy(np.packbits(keep.numpy()))}, entry
+        return {"values": values, "positions": pack_fields(rank_of[groups], bits)}, entry
+    return {"values": flat[keep], "mask": pack_mask(keep)}, entry
 
 
 def zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -138,7 +133,7 @@ def decode(key: str, entry: dict, tensors: dict[str, torch.Tensor]) -> tuple[tor
 def _scatter_kept(key: str, packed: np.ndarray, numel: int, values: torch.Tensor) -> torch.Tensor:
     """The dense weight (numel,) with ``values`` at the kept positions of the bitmask ``packed``. The positions
     ascend, so the copy writes memory in order (about 4× faster than ``masked_scatter_`` on a CPU)."""
-    where = torch.from_numpy(np.flatnonzero(np.unpackbits(packed, count=numel).view(np.bool_)))
+    where = torch.from_numpy(np.flatnonzero(unpack_mask(packed, numel)))
     if where.numel() != values.numel():
         raise LabError(f"sparse tensor {key}: {values.numel()} values but the mask keeps {where.numel()}")
     return zeros(numel, values.dtype).index_copy_(0, where, values)
@@ -156,20 +151,19 @@ def _decode_nm(key: str, entry: dict, shape: tuple, values: torch.Tensor, packed
     if packed.shape != (math.ceil(groups * bits / 8),):
         raise LabError(f"sparse tensor {key}: positions have {packed.size} bytes; {groups} groups of {bits} bits "
                        f"need {math.ceil(groups * bits / 8)}")
-    fields = np.unpackbits(packed, count=groups * bits).reshape(groups, bits).astype(np.int64)
-    ranks = torch.from_numpy(fields @ (1 << np.arange(bits - 1, -1, -1)))
+    ranks = unpack_fields(packed, groups, bits)
     table = combinations_table(n, m)
     if bool((ranks >= len(table)).any()):
         raise LabError(f"sparse tensor {key}: a group's positions number exceeds the {len(table)} sets of {n} in {m}")
     where = table[ranks]  # (groups, n)
     weight = zeros(groups * m, values.dtype).view(groups, m).scatter_(1, where, values.reshape(-1, n))
     keep = torch.zeros(groups, m, dtype=torch.bool).scatter_(1, where, True)
-    return weight.reshape(shape), torch.from_numpy(np.packbits(keep.reshape(-1).numpy()))
+    return weight.reshape(shape), pack_mask(keep)
 
 
-def write_sparse(path: Path, state: dict[str, torch.Tensor], pruned: dict[str, torch.Tensor],
+def write_sparse(path: Path, state: dict[str, torch.Tensor], kept: dict[str, torch.Tensor],
                  nm: tuple[int, int] | None) -> list[str]:
-    """Write ``state`` (name → tensor) to the safetensors file ``path``, each name in ``pruned`` (name → kept bool
+    """Write ``state`` (name → tensor) to the safetensors file ``path``, each name in ``kept`` (name → kept bool
     mask, same shape) encoded. Tensors that share memory are stored once, the others as aliases. Returns the names
     of the tensors stored."""
     tensors, layout, aliases, stored = {}, {}, {}, {}
@@ -180,10 +174,10 @@ def write_sparse(path: Path, state: dict[str, torch.Tensor], pruned: dict[str, t
             continue
         stored[identity] = name
         tensor = tensor.detach().cpu()
-        if name not in pruned:
+        if name not in kept:
             tensors[name] = tensor
             continue
-        parts, layout[name] = encode(tensor.contiguous(), pruned[name], nm)
+        parts, layout[name] = encode(tensor.contiguous(), kept[name], nm)
         for suffix, part in parts.items():
             if f"{name}.{suffix}" in state:
                 raise LabError(f"cannot store {name} sparse: the model has a tensor called {name}.{suffix}")

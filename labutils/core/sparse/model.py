@@ -1,4 +1,4 @@
-"""A whole model to and from the sparse checkpoint (``sparse_format``): which weights are pruned, with which masks,
+"""A whole model to and from the sparse checkpoint (``format``): which weights are pruned, with which masks,
 and an ordinary transformers model built back from the file (02-Prune saves, 03 and 04 load).
 """
 from __future__ import annotations
@@ -10,10 +10,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 from transformers import initialization
 
-from .errors import BadInput, LabError
-from .kept_masks import kept_masks, record_kept, storage_names
-from .anatomy import find_decoder_layers, find_linears
-from .sparse_format import (
+from ..errors import BadInput, LabError
+from ..anatomy import find_decoder_layers, find_linears
+from .bits import KeptMasks, kept_masks, record_kept, storage_names
+from .format import (
     SPARSE_FILE,
     encoded_bytes,
     nonzero_bits,
@@ -27,7 +27,7 @@ from .sparse_format import (
 GENERATION_FILE = "generation_config.json"
 
 
-def pruned_parameter_names(model: nn.Module) -> list[str]:
+def prunable_parameter_names(model: nn.Module) -> list[str]:
     """State-dict names of the parameters that hold the linears (and routed experts' matrices) the lab prunes."""
     params, names = storage_names(model), []
     for layer in find_decoder_layers(model):
@@ -38,7 +38,7 @@ def pruned_parameter_names(model: nn.Module) -> list[str]:
     return names
 
 
-def pruned_masks(model: nn.Module, state: dict[str, torch.Tensor], nm: tuple[int, int] | None = None
+def kept_to_save(model: nn.Module, state: dict[str, torch.Tensor], nm: tuple[int, int] | None = None
                  ) -> tuple[dict[str, torch.Tensor], tuple[int, int] | None]:
     """(kept mask per pruned parameter name, N:M pattern or None): the masks ``prune_model`` or ``load_pruned``
     recorded, else (a model loaded from a dense folder, or pruned some other way) every non-zero of the prunable
@@ -47,19 +47,20 @@ def pruned_masks(model: nn.Module, state: dict[str, torch.Tensor], nm: tuple[int
     non-zero where its recorded mask says pruned: the sparse format would lose it."""
     record = kept_masks(model)
     if record is None:
-        return zero_masks(model, state), nm
+        return kept_from_nonzeros(model, state), nm
     kept = {name: record.kept(name) for name in record.packed if name in state}
-    for name, mask in kept.items():
-        stray = int((nonzero_bits(state[name].detach().cpu()) & ~mask).sum())
+    for name, kept_mask in kept.items():
+        stray = int((nonzero_bits(state[name].detach().cpu()) & ~kept_mask).sum())
         if stray:
             raise BadInput(f"{name} holds {stray} non-zero weights where pruning removed them, so the sparse format "
                            "would lose them; save with format='dense' (--save-format dense), or prune again")
     return kept, record.nm
 
 
-def zero_masks(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per prunable parameter name, True where its weight is not +0.0: the masks as the weights alone show them."""
-    return {name: nonzero_bits(state[name].detach().cpu()) for name in pruned_parameter_names(model)}
+def kept_from_nonzeros(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per prunable parameter name, its kept mask as the weights alone show it: True where the weight is not +0.0
+    (a kept weight that is exactly +0.0 counts as pruned)."""
+    return {name: nonzero_bits(state[name].detach().cpu()) for name in prunable_parameter_names(model)}
 
 
 def sparse_sizes(state: dict[str, torch.Tensor], kept: dict[str, torch.Tensor], nm: tuple[int, int] | None) -> dict:
@@ -84,9 +85,9 @@ def sparse_sizes(state: dict[str, torch.Tensor], kept: dict[str, torch.Tensor], 
 def save_sparse_model(model: nn.Module, folder: Path, nm: tuple[int, int] | None = None) -> dict:
     """Write the model's weights as ``sparse-model.safetensors`` with its config (and generation config) into
     ``folder``; returns the sizes (``sparse_sizes``), the model's sparse bytes measured on disk. ``nm``: the
-    pattern of a model without recorded masks (``pruned_masks``)."""
+    pattern of a model without recorded masks (``kept_to_save``)."""
     state = model.state_dict()
-    kept, nm = pruned_masks(model, state, nm)
+    kept, nm = kept_to_save(model, state, nm)
     sizes = sparse_sizes(state, kept, nm)
     write_sparse(folder / SPARSE_FILE, state, kept, nm)
     model.config.save_pretrained(folder)
@@ -154,7 +155,7 @@ def load_sparse_model(folder: Path, dtype: torch.dtype | None = None) -> nn.Modu
     model.tie_weights()
     if (folder / GENERATION_FILE).is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
-    record_kept(model, kept, {name: tuple(state[name].shape) for name in kept}, nm)
+    record_kept(model, KeptMasks(kept, {name: tuple(state[name].shape) for name in kept}, nm))
     if dtype is not None and dtype != stored:
         model.to(dtype)
     return model.eval()
