@@ -78,9 +78,9 @@ from .lab.plots import (
 )
 from .lab.reference import compare_with_reference
 from .lab.tables import benchmark_summary
-from .prune.calibration import capture_layer_inputs, collect_input_norms, collect_statistics
+from .prune.calibration import capture_layer_inputs
 from .prune.disk import CheckpointReader, DiskLayers, load_outer, prune_streamed, skeleton
-from .prune.driver import PruneReport, prune_model
+from .prune.driver import prune_model
 from .prune.masks import SparsityTarget, as_target, parse_nm, select_mask, unstructured_mask
 from .prune.methods import (
                                   METHODS,
@@ -94,8 +94,10 @@ from .prune.methods import (
 from .prune.owl import OwlConfig
 from .prune.parallel import DataParallel, start_data_parallel
 from .prune.recovery import RecoveryReport, recover
+from .prune.report import PruneReport
 from .prune.sparsity import mask_sha256, model_sparsity, sparsity_table
 from .prune.spec import PruneSpec
+from .prune.statistics import collect_input_norms, collect_statistics
 from .sparse24.convert import (
                                   semi_structured_ready,
                                   semi_structured_support,
