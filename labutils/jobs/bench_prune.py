@@ -197,7 +197,7 @@ def bench_prune(setup: BenchSetup, progress: bool = True, *, on_row=None,
     with pinned.reuse():
         for mode in setup.modes:
             low_memory = mode == "low-memory"
-            model.to("cpu" if low_memory else device)  # low-memory mode streams the layers from CPU memory
+            model.to("cpu" if low_memory else device)  # low-memory mode: the layers visit from CPU memory
             if low_memory:
                 pinned.reserve(model, tokens, setup.batch_size, device)
             for spec in setup.specs:
