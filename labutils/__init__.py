@@ -78,8 +78,8 @@ from .lab.plots import (
 )
 from .lab.reference import compare_with_reference
 from .lab.tables import benchmark_summary
-from .prune.calibration import capture_layer_inputs
-from .prune.disk import CheckpointReader, DiskLayers, load_outer, prune_streamed, skeleton
+from .prune.calibration import CalibrationData, capture_layer_inputs
+from .prune.disk import CheckpointReader, DiskLayers, LayerCallbacks, load_outer, prune_streamed, skeleton
 from .prune.driver import prune_model
 from .prune.masks import SparsityTarget, as_target, parse_nm, select_mask, unstructured_mask
 from .prune.methods import (
@@ -120,6 +120,7 @@ __all__ = [
     "sparsegpt_weights", "admm_update", "wanda_score", "OwlConfig", "recover", "RecoveryReport", "PruneSpec",
     "PruneReport", "prune_model", "mask_sha256",
     "model_sparsity", "sparsity_table", "CheckpointReader", "DiskLayers", "load_outer", "prune_streamed", "skeleton",
+    "CalibrationData", "LayerCallbacks",
     "DataParallel", "start_data_parallel",
     # evaluate
     "perplexity", "PROMPTS", "degeneration_table", "drift_table", "mean_kl", "passage_starts", "prompt_text",
