@@ -79,9 +79,9 @@ from .lab.plots import (
 )
 from .lab.reference import compare_with_reference
 from .lab.tables import benchmark_summary
-from .prune.calibration import capture_layer_inputs, collect_input_norms, collect_statistics
-from .prune.disk import CheckpointReader, DiskLayers, load_outer, prune_streamed, skeleton
-from .prune.driver import PruneReport, prune_model
+from .prune.calibration import CalibrationData, capture_layer_inputs
+from .prune.disk import CheckpointReader, DiskLayers, LayerCallbacks, load_outer, prune_streamed, skeleton
+from .prune.driver import prune_model
 from .prune.masks import SparsityTarget, as_target, parse_nm, select_mask, unstructured_mask
 from .prune.methods import (
                                   METHODS,
@@ -95,8 +95,10 @@ from .prune.methods import (
 from .prune.owl import OwlConfig
 from .prune.parallel import DataParallel, start_data_parallel
 from .prune.recovery import RecoveryReport, recover
+from .prune.report import PruneReport
 from .prune.sparsity import mask_sha256, model_sparsity, sparsity_table
 from .prune.spec import PruneSpec
+from .prune.statistics import collect_input_norms, collect_statistics
 from .sparse24.convert import (
                                   semi_structured_ready,
                                   semi_structured_support,
@@ -119,6 +121,7 @@ __all__ = [
     "sparsegpt_weights", "admm_update", "wanda_score", "OwlConfig", "recover", "RecoveryReport", "PruneSpec",
     "PruneReport", "prune_model", "mask_sha256",
     "model_sparsity", "sparsity_table", "CheckpointReader", "DiskLayers", "load_outer", "prune_streamed", "skeleton",
+    "CalibrationData", "LayerCallbacks",
     "DataParallel", "start_data_parallel",
     # evaluate
     "perplexity", "PROMPTS", "degeneration_table", "drift_table", "mean_kl", "passage_starts", "prompt_text",

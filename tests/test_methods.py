@@ -9,7 +9,8 @@ from conftest import make_tiny, random_tokens
 import labutils as lu
 from labutils.cli import main
 from labutils.core.loading import embedded_model_dir
-from labutils.prune.calibration import HessianAccumulator, run_layer
+from labutils.prune.calibration import run_layer
+from labutils.prune.statistics import HessianAccumulator
 from labutils.prune.driver import calibration_stages
 from labutils.prune.masks import apply_mask, nm_mask
 from labutils.prune.methods import REGISTRY

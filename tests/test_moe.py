@@ -26,7 +26,8 @@ from transformers import (
 import labutils as lu
 from conftest import random_tokens
 from labutils.core.anatomy import ExpertWeight, expert_hidden, find_routers, is_stacked_experts
-from labutils.prune.calibration import INPUT_NORMS, capture_layer_inputs, collect_statistics
+from labutils.prune.calibration import capture_layer_inputs
+from labutils.prune.statistics import INPUT_NORMS, collect_statistics
 from labutils.prune.driver import calibration_stages
 from labutils.prune.masks import select_mask
 from labutils.prune.sparsity import nm_violations, prunable_linears

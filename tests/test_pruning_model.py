@@ -7,7 +7,8 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import labutils as lu
-from labutils.prune.calibration import InputNormAccumulator, run_layer
+from labutils.prune.calibration import run_layer
+from labutils.prune.statistics import InputNormAccumulator
 from labutils.prune.sparsity import nm_violations, prunable_linears
 
 

@@ -1,4 +1,4 @@
-"""Low-memory mode (weights and activations streamed from CPU memory) and the bench-prune benchmark, on the CPU."""
+"""Low-memory mode (weights and activations offloaded to CPU memory) and the bench-prune benchmark, on the CPU."""
 import copy
 import json
 
@@ -13,7 +13,8 @@ from labutils.core.device import SectionTimer
 from labutils.jobs.bench_prune import bench_prune, bench_setup, forward_floor
 from labutils.jobs.bench_prune import summary_line as bench_summary
 from labutils.prune.calibration import run_layer
-from labutils.prune.streaming import OffloadedLayers, StreamedInputs, calibration_inputs, tree_to
+from labutils.prune.offload import OffloadedInputs, OffloadedLayers, tree_to
+from labutils.prune.placement import calibration_inputs
 
 TARGETS = {"50%": lu.SparsityTarget.of(sparsity=0.5), "2:4": lu.SparsityTarget.of(nm="2:4"),
            "60%": lu.SparsityTarget.of(sparsity=0.6)}
@@ -37,23 +38,23 @@ def test_low_memory_mode_gives_the_default_modes_weights(method, target, options
     assert a.layer_sparsity == b.layer_sparsity
 
 
-def test_streamed_inputs_copy_every_batch_and_match_resident_inputs(tiny_model, calib_tokens):
+def test_offloaded_inputs_copy_every_batch_and_match_resident_inputs(tiny_model, calib_tokens):
     resident = calibration_inputs(tiny_model, calib_tokens, 4, torch.device("cpu"), low_memory=False)
-    streamed = calibration_inputs(tiny_model, calib_tokens, 4, torch.device("cpu"), low_memory=True)
-    assert isinstance(streamed, StreamedInputs) and len(streamed.hidden) == 2
+    offloaded = calibration_inputs(tiny_model, calib_tokens, 4, torch.device("cpu"), low_memory=True)
+    assert isinstance(offloaded, OffloadedInputs) and len(offloaded.hidden) == 2
     layers = lu.find_decoder_layers(tiny_model)
     for i, layer in enumerate(layers):
         produced = []
         handle = layer.register_forward_hook(lambda m, a, out: produced.append(out))
         resident.run(layer, i, advance=True)
-        streamed.run(layer, i, advance=True)
+        offloaded.run(layer, i, advance=True)
         handle.remove()
-        for r, s in zip(resident.hidden, streamed.hidden):
+        for r, s in zip(resident.hidden, offloaded.hidden):
             torch.testing.assert_close(s, r, rtol=0, atol=0)
-        # the streamed store holds its own copies, never the tensors the layer returned
-        own = {t.data_ptr() for t in streamed.hidden}
+        # the offloaded store holds its own copies, never the tensors the layer returned
+        own = {t.data_ptr() for t in offloaded.hidden}
         assert not own & {(o[0] if isinstance(o, tuple) else o).data_ptr() for o in produced}
-    streamed.finish()
+    offloaded.finish()
 
 
 def test_statistics_pass_keeps_no_outputs(tiny_model, calib_tokens):
@@ -241,7 +242,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @needs_cuda
 @pytest.mark.parametrize("target", ["50%", "2:4"])
 def test_gpu_low_memory_same_weights_less_memory(target):
-    """On a GPU: streamed from pinned CPU memory on copy streams, the weights still match the default mode's."""
+    """On a GPU: offloaded to pinned CPU memory, copied on copy streams, the weights still match the default mode's."""
     config = lu.tiny_llama_config(num_hidden_layers=4, hidden_size=256, intermediate_size=512,
                                   max_position_embeddings=256)
     tokens = random_tokens((8, 128), 0)

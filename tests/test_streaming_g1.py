@@ -14,10 +14,11 @@ from conftest import make_tiny, random_tokens
 
 import labutils as lu
 from labutils.jobs import bench_prune as bench
-from labutils.prune import driver, sparsity, streaming
+from labutils.prune import driver, offload, sparsity
 from labutils.core.sparse.bits import pack_mask_torch
 from labutils.prune.sparsity import prunable_linears
-from labutils.prune.streaming import OffloadedLayers, PinnedPool, StreamedInputs, calibration_inputs
+from labutils.prune.offload import OffloadedInputs, OffloadedLayers, PinnedPool
+from labutils.prune.placement import calibration_inputs
 
 
 def reference_mask_sha256(model) -> str:
@@ -147,7 +148,7 @@ def test_without_a_pool_a_second_run_counts_its_first_allocations_once(calib_tok
         second.output_buffers()
         second.finish()
     assert after_first > 0 and pool.allocations == after_first
-    assert StreamedInputs(torch.device("cpu")).pool is None  # ordinary use: nothing reserved
+    assert OffloadedInputs(torch.device("cpu")).pool is None  # ordinary use: nothing reserved
 
 
 # --- 8. every CUDA call names the device -------------------------------------------------------------------------
@@ -197,8 +198,8 @@ class CudaFakes:
         monkeypatch.setattr(torch.cuda, "device", device)
         monkeypatch.setattr(torch.Tensor, "record_stream",
                             lambda t, s: fakes.calls.append(("record_stream", s.device)))
-        real = streaming.tree_to  # tensors stay on the CPU, where the test can compute with them
-        monkeypatch.setattr(streaming, "tree_to", lambda obj, device, **kw: real(obj, torch.device("cpu"), **kw))
+        real = offload.tree_to  # tensors stay on the CPU, where the test can compute with them
+        monkeypatch.setattr(offload, "tree_to", lambda obj, device, **kw: real(obj, torch.device("cpu"), **kw))
 
     def _current(self, stream_type, device):
         self.calls.append(("current_stream", device))
@@ -219,9 +220,9 @@ class CudaFakes:
             self.layer_moves.append((threading.current_thread().name, device, getattr(self.entered, "device", None)))
             return tensor.clone()
 
-        monkeypatch.setattr(streaming, "_is_pinned", lambda tensor: tensor.data_ptr() in pinned)
-        monkeypatch.setattr(streaming, "_pinned_copy", pinned_copy)
-        monkeypatch.setattr(streaming, "_device_copy", device_copy)
+        monkeypatch.setattr(offload, "_is_pinned", lambda tensor: tensor.data_ptr() in pinned)
+        monkeypatch.setattr(offload, "_pinned_copy", pinned_copy)
+        monkeypatch.setattr(offload, "_device_copy", device_copy)
 
 
 @pytest.mark.parametrize("given", ["cuda:1", "cuda"])  # "cuda" while cuda:1 is current: fixed at construction
@@ -230,11 +231,11 @@ def test_every_cuda_call_names_the_device_of_a_non_default_gpu(given, monkeypatc
     fakes.install(monkeypatch)
     cuda1 = torch.device("cuda", 1)
     resident = calibration_inputs(tiny_model, calib_tokens, 4, torch.device("cpu"), low_memory=False)
-    streamed = StreamedInputs(torch.device(given))
-    streamed.pin = False  # no page-locked memory without CUDA
-    assert streamed.device == cuda1
+    offloaded = OffloadedInputs(torch.device(given))
+    offloaded.pin = False  # no page-locked memory without CUDA
+    assert offloaded.device == cuda1
     for hidden, kwargs in zip(resident.hidden, resident.kwargs):
-        streamed.add_batch(hidden, kwargs)
+        offloaded.add_batch(hidden, kwargs)
     layers = lu.find_decoder_layers(tiny_model)
     fakes.watch_host_memory(monkeypatch)
     homes = [[p for p in layer.parameters()] for layer in layers]
@@ -242,11 +243,11 @@ def test_every_cuda_call_names_the_device_of_a_non_default_gpu(given, monkeypatc
         for i in range(len(layers)):
             layer = placement.attach(i)
             placement.prefetch(i + 1)
-            streamed.run(layer, i, advance=True)
+            offloaded.run(layer, i, advance=True)
             resident.run(layer, i, advance=True)
             placement.release(i)
-    streamed.finish()
-    for s, r in zip(streamed.hidden, resident.hidden):
+    offloaded.finish()
+    for s, r in zip(offloaded.hidden, resident.hidden):
         torch.testing.assert_close(s, r, rtol=0, atol=0)
     kinds = {kind for kind, _ in fakes.calls}
     assert {"Stream", "current_stream", "Event.record", "record_stream"} <= kinds
@@ -260,7 +261,7 @@ def test_every_cuda_call_names_the_device_of_a_non_default_gpu(given, monkeypatc
     assert all(p.data_ptr() in fakes.pinned for layer in layers for p in layer.parameters())
 
 
-def test_cpu_streaming_makes_no_cuda_call(monkeypatch, tiny_model, calib_tokens):
+def test_cpu_offload_makes_no_cuda_call(monkeypatch, tiny_model, calib_tokens):
     """The CPU path stays as it was: no stream, event or device call at all."""
     for name in ("Stream", "Event", "current_stream", "stream", "device"):
         monkeypatch.setattr(torch.cuda, name, lambda *a, name=name, **k: pytest.fail(f"torch.cuda.{name} called"))

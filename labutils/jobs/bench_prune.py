@@ -6,7 +6,7 @@ selecting the mask cost little next to that, so those forward passes are the flo
 exactly them (capture of the first layer's inputs, then 2L − 1 layer passes) with the driver's own code and
 batches. ``bench_prune`` builds one random model (on the GPU for the 7B shape), times the floor, then prunes a fresh
 copy of the same weights for every spec (one per target) in the default mode and in
-the low-memory mode (``streaming``), and reports wall time, × floor, peak GPU memory and each mask's hash.
+the low-memory mode (``offload``), and reports wall time, × floor, peak GPU memory and each mask's hash.
 
     python -m labutils bench-prune          # Llama-2-7B shapes, fp16, 128 × 4096 tokens: needs a CUDA GPU
     python -m labutils bench-prune --tiny   # a tiny Llama, any device: what the tests run
@@ -34,7 +34,8 @@ from ..core.validation import check_positive_int
 from ..prune.driver import prune_model
 from ..prune.spec import PruneSpec, check_spec
 from ..prune.sparsity import mask_sha256
-from ..prune.streaming import PinnedPool, calibration_inputs
+from ..prune.offload import PinnedPool
+from ..prune.placement import calibration_inputs
 from ..speed.timing import Measured, measure
 
 MODES = ("default", "low-memory")
@@ -197,7 +198,7 @@ def bench_prune(setup: BenchSetup, progress: bool = True, *, on_row=None,
     with pinned.reuse():
         for mode in setup.modes:
             low_memory = mode == "low-memory"
-            model.to("cpu" if low_memory else device)  # low-memory mode streams the layers from CPU memory
+            model.to("cpu" if low_memory else device)  # low-memory mode: the layers visit from CPU memory
             if low_memory:
                 pinned.reserve(model, tokens, setup.batch_size, device)
             for spec in setup.specs:

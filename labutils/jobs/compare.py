@@ -20,7 +20,8 @@ from ..core.device import kernel_summary
 from ..core.errors import BadInput
 from ..core.validation import check_model, check_names
 from ..evaluate.perplexity import perplexity
-from ..prune.driver import PruneReport, prune_model
+from ..prune.driver import prune_model
+from ..prune.report import PruneReport
 from ..prune.masks import SparsityTarget
 from ..prune.owl import OwlConfig
 from ..prune.spec import PruneSpec, check_spec

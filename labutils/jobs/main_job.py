@@ -31,8 +31,9 @@ from ..core.manifests import verify_folder
 from ..core.publish import cache_dir
 from ..core.validation import check_choice
 from ..evaluate.perplexity import perplexity
-from ..prune.driver import PruneReport, prune_model
+from ..prune.driver import prune_model
 from ..prune.parallel import DataParallel, start_data_parallel, stop_data_parallel
+from ..prune.report import PruneReport
 from ..prune.sparsity import model_sparsity
 from .stream_job import run_streamed
 from .tokens import job_tokens

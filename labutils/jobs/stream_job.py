@@ -21,10 +21,10 @@ from ..core.loading import folder_tokenizer, load_tokenizer, model_folder
 from ..core.sparse.model import GENERATION_FILE, ShardWriter
 from ..core.publish import atomic_folder
 from ..evaluate.perplexity import perplexity_of, total_nll, window_batches
-from ..prune.calibration import layers_replaced, outer_modules_on
-from ..prune.disk import CheckpointReader, DiskLayers, load_outer, prune_streamed, skeleton
+from ..prune.calibration import CalibrationData, layers_replaced, outer_modules_on
+from ..prune.disk import CheckpointReader, DiskLayers, LayerCallbacks, load_outer, prune_streamed, skeleton
 from ..prune.parallel import DataParallel
-from ..prune.streaming import calibration_inputs
+from ..prune.placement import calibration_inputs
 from .tokens import job_tokens
 
 
@@ -53,7 +53,7 @@ class LayerwisePerplexity:
     once, ``advance(i, layer)`` runs them through decoder layer i when it is loaded, and ``result()`` applies the
     model's own head (final norm, lm_head, its loss) to the last layer's outputs. Same windows and batches as
     ``perplexity(model, tokens, seqlen, batch_size)``. On a GPU the windows' hidden states wait in pinned CPU memory
-    between layers, as the calibration activations do (``streaming.StreamedInputs``)."""
+    between layers, as the calibration activations do (``offload.OffloadedInputs``)."""
 
     def __init__(self, model: nn.Module, tokens: torch.Tensor, seqlen: int, batch_size: int, device: torch.device):
         self.model, self.device, self.seqlen, self.batch_size = model, device, seqlen, batch_size
@@ -94,7 +94,7 @@ def run_streamed(job, profile: Profile, out: Path, device: torch.device, progres
     outer = load_outer(model, reader, dtype)
     if parallel is not None and not parallel.leader:
         disk = DiskLayers(model, reader, device, dtype)
-        prune = prune_streamed(model, disk, job.spec, calib, profile.batch_size, False, parallel)
+        prune = prune_streamed(model, disk, job.spec, CalibrationData(calib, profile.batch_size, parallel), False)
         return {"rank": parallel.rank, "mask_sha256": prune.mask_sha256}
     dense = LayerwisePerplexity(model, test, profile.eval_seqlen, profile.batch_size, device)
     pruned = LayerwisePerplexity(model, test, profile.eval_seqlen, profile.batch_size, device)
@@ -102,9 +102,9 @@ def run_streamed(job, profile: Profile, out: Path, device: torch.device, progres
     with atomic_folder(out, OUTPUT_KIND) as tmp:
         writer = ShardWriter(tmp, len(find_decoder_layers(model)) + 1, (target.n, target.m) if target.is_nm else None)
         writer.write(1, outer, {})
-        disk = DiskLayers(model, reader, device, dtype, writer=writer, on_load=[dense.advance],
-                          on_pruned=[pruned.advance])
-        prune = prune_streamed(model, disk, job.spec, calib, profile.batch_size, progress, parallel)
+        disk = DiskLayers(model, reader, device, dtype, writer=writer,
+                          callbacks=LayerCallbacks(on_load=(dense.advance,), on_pruned=(pruned.advance,)))
+        prune = prune_streamed(model, disk, job.spec, CalibrationData(calib, profile.batch_size, parallel), progress)
         perplexities = {"dense": dense.result(), "pruned": pruned.result()}
         report = build_report(profile, None, prune, perplexities, seed=job.seed, eval_tokens=int(test.numel()),
                               sparsity=streamed_sparsity(outer, disk))

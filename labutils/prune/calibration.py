@@ -1,9 +1,9 @@
-"""Layer-by-layer calibration: capture decoder inputs, run one layer at a time, accumulate input norms.
+"""Layer-by-layer calibration: capture the first decoder layer's inputs, then run one layer at a time.
 
-Introduced in 02-Prune. Wanda needs, for every linear sublayer, the squared L2 norm of each input feature
-over all calibration tokens: ``sum_t x_tj**2`` for feature ``j``. The model is never run end to end: the
-hidden states entering the first decoder layer are captured once, then each layer is run on them and its
-outputs become the next layer's inputs.
+Introduced in 02-Prune. The model is never run end to end: the hidden states entering the first decoder layer are
+captured once per calibration batch (``capture_layer_inputs``), then each layer is run on them and its outputs
+become the next layer's inputs (``LayerInputs.run``). What the hooks collect while a layer runs is in
+``statistics``.
 """
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..core.errors import BadInput, LabError
-from ..core.anatomy import ExpertWeight, decoder_stack, expert_hidden, find_decoder_layers, find_linears
+from ..core.errors import LabError
+from ..core.anatomy import decoder_stack, find_decoder_layers
 from ..core.validation import check_positive_int
-from .parallel import DataParallel, OrderedSum
+from .parallel import DataParallel
 
 
 @dataclass
@@ -45,7 +45,17 @@ class LayerInputs:
             self.hidden = outputs
 
     def finish(self) -> None:
-        """Wait for pending copies (none here; ``streaming.StreamedInputs`` has some)."""
+        """Wait for pending copies (none here; ``offload.OffloadedInputs`` has some)."""
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    """What a pruning pass calibrates on: ``tokens`` (nsamples, seqlen) ids (None when nothing needs them), run
+    ``batch_size`` rows at a time, and ``parallel``: this process's share of the batches (data-parallel) or None."""
+
+    tokens: torch.Tensor | None
+    batch_size: int
+    parallel: DataParallel | None = None
 
 
 class _Recorder(nn.Module):
@@ -97,7 +107,7 @@ def capture_layer_inputs(model: nn.Module, tokens: torch.Tensor, batch_size: int
 
     ``device``: where the embeddings run (default: the model's device; the embeddings move there for the
     duration). ``into``: the store that keeps the batches (default: a new ``LayerInputs`` on the device; the
-    low-memory mode passes a ``streaming.StreamedInputs`` that keeps them in CPU memory). ``parallel``: keep only
+    low-memory mode passes an ``offload.OffloadedInputs`` that keeps them in CPU memory). ``parallel``: keep only
     this rank's batches (b mod world = rank).
     """
     check_positive_int("batch_size", batch_size)
@@ -142,174 +152,3 @@ def run_layer(layer: nn.Module, layer_index: int, inputs: LayerInputs, keep: boo
             if after_batch is not None:
                 after_batch(b)
     return outputs
-
-
-class LayerStatistics(dict):
-    """name → statistic, as ``collect_statistics`` returns it; ``routed``: for each expert (``ExpertWeight``), how many
-    calibration tokens its router sent to it."""
-
-    routed: dict[str, int]
-
-
-def _routing(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hidden states (tokens, hidden), chosen experts (tokens, top-k)) of a call to a stacked-experts module:
-    ``experts(hidden_states, top_k_index, top_k_weights)``."""
-    hidden = args[0] if args else kwargs["hidden_states"]
-    index = args[1] if len(args) > 1 else kwargs["top_k_index"]
-    return hidden, index
-
-
-class _InputHooks:
-    """Forward hooks on linears that fold every batch of inputs into one float32 statistic per linear.
-
-    Linears fed the very same tensor (q, k and v; gate and up) share one computation of the batch's term. Routed
-    experts (``ExpertWeight``) are not modules: a pre-hook on their experts module reads the router's choice and
-    folds in, for each expert, only the tokens sent to it — their hidden states for gate and up, and what its down
-    projection reads (``expert_hidden``) for down. That takes one host sync per expert and batch (an empty expert
-    is skipped).
-    """
-
-    def __init__(self, linears: dict[str, nn.Linear | ExpertWeight]):
-        self.stats = {name: self._empty(lin) for name, lin in linears.items()}
-        self.routed = {name: 0 for name, lin in linears.items() if isinstance(lin, ExpertWeight)}
-        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (input seen, its term)
-        self._handles = [lin.register_forward_hook(self._hook(name)) for name, lin in linears.items()
-                         if not isinstance(lin, ExpertWeight)]
-        by_module: dict[int, tuple[nn.Module, dict[int, dict[str, str]]]] = {}
-        for name, lin in linears.items():
-            if isinstance(lin, ExpertWeight):
-                _, experts = by_module.setdefault(id(lin.experts), (lin.experts, {}))
-                experts.setdefault(lin.index, {})[lin.kind] = name
-        self._handles += [module.register_forward_pre_hook(self._experts_hook(experts), with_kwargs=True)
-                          for module, experts in by_module.values()]
-
-    def _hook(self, name: str):
-        def hook(module, args, output):
-            x = args[0]
-            if self._last is None or self._last[0] is not x:
-                self._last = (x, self._term(x.detach().reshape(-1, x.shape[-1])))
-            self.stats[name].add_(self._last[1])
-        return hook
-
-    def _experts_hook(self, experts: dict[int, dict[str, str]]):
-        """A pre-hook for one stacked-experts module; ``experts``: expert index → {kind: statistic name}."""
-        def hook(module, args, kwargs):
-            hidden, index = _routing(args, kwargs)
-            hidden = hidden.detach().reshape(-1, hidden.shape[-1])
-            index = index.reshape(hidden.shape[0], -1)
-            for expert, names in experts.items():
-                x = hidden[(index == expert).any(dim=1)]
-                if x.shape[0] == 0:
-                    continue
-                for name in names.values():
-                    self.routed[name] += x.shape[0]
-                first = [names[k] for k in ("gate_proj", "up_proj") if k in names]
-                if first:
-                    term = self._term(x)
-                    for name in first:
-                        self.stats[name].add_(term)
-                if "down_proj" in names:
-                    self.stats[names["down_proj"]].add_(self._term(expert_hidden(module, expert, x)))
-        return hook
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._last = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
-
-
-class InputNormAccumulator(_InputHooks):
-    """``stats[name]`` (in_features,): the sum over all tokens t of x[t, j]² — what Wanda and RIA need."""
-
-    @staticmethod
-    def _empty(lin: nn.Linear) -> torch.Tensor:
-        return torch.zeros(lin.in_features, dtype=torch.float32, device=lin.weight.device)
-
-    @staticmethod
-    def isotropic(lin: nn.Linear) -> torch.Tensor:
-        """The statistic of inputs that favour no feature: every norm 1 (Wanda's score becomes |W|)."""
-        return torch.ones(lin.in_features, dtype=torch.float32, device=lin.weight.device)
-
-    @staticmethod
-    def _term(x: torch.Tensor) -> torch.Tensor:  # x: (tokens, in), the layer's dtype
-        if x.dtype in (torch.float16, torch.bfloat16):
-            # Accumulate in float32 without a float32 copy of x (1.4 GiB for one batch of 8 × 4096 tokens into
-            # Llama-2-7B's down_proj); squaring in 16 bits instead would overflow above 256.
-            return torch.linalg.vector_norm(x, 2, dim=0, dtype=torch.float32).square()
-        return x.float().pow(2).sum(dim=0)
-
-
-class HessianAccumulator(_InputHooks):
-    """``stats[name]`` (in_features, in_features): 2 · Σ_t x_t x_tᵀ, the layer-wise Hessian SparseGPT needs."""
-
-    @staticmethod
-    def _empty(lin: nn.Linear) -> torch.Tensor:
-        return torch.zeros(lin.in_features, lin.in_features, dtype=torch.float32, device=lin.weight.device)
-
-    @staticmethod
-    def isotropic(lin: nn.Linear) -> torch.Tensor:
-        """The statistic of inputs that favour no feature: H = I (SparseGPT then prunes by |W| and compensates
-        nothing)."""
-        return torch.eye(lin.in_features, dtype=torch.float32, device=lin.weight.device)
-
-    @staticmethod
-    def _term(x: torch.Tensor) -> torch.Tensor:  # x: (tokens, in), the layer's dtype
-        x = x.float()
-        return 2 * x.T @ x
-
-
-NO_STATISTIC, INPUT_NORMS, HESSIAN = "none", "norms", "hessian"
-ACCUMULATORS = {INPUT_NORMS: InputNormAccumulator, HESSIAN: HessianAccumulator}
-
-
-def collect_statistics(layer: nn.Module, layer_index: int, inputs: LayerInputs, linears: dict[str, nn.Linear],
-                       statistic: str, advance: bool = False) -> LayerStatistics:
-    """Run ``layer`` on every calibration batch of ``inputs`` (resident or streamed) with hooks on ``linears`` and
-    return their statistics: name → (in,) Σ_t x_tj² for "norms", (in, in) 2 XᵀX for "hessian". With ``advance``,
-    the layer's outputs become the inputs of the next layer (only right if the layer is not changed afterwards).
-
-    A routed expert's statistic sums only the tokens its router sent to it (``.routed`` counts them). An expert
-    that received no token gets the statistic of inputs that favour no feature (``isotropic``: norms of 1, H = I),
-    so it is pruned by weight magnitude alone, within the method's own comparison group.
-
-    Data-parallel (``inputs.parallel``): each rank runs its own batches and the statistics are summed across ranks
-    in the single-process order (``parallel.OrderedSum``), so every rank gets exactly one process's statistics."""
-    accumulator = ACCUMULATORS[statistic]
-    with accumulator(linears) as acc:
-        if inputs.parallel is None:
-            inputs.run(layer, layer_index, advance)
-            routed = acc.routed
-        else:
-            reduction = OrderedSum(acc.stats, inputs.parallel, inputs.batch_ids, inputs.n_batches)
-            inputs.run(layer, layer_index, advance, after_batch=reduction.batch_done)
-            routed = reduction.finish({name: int(count) for name, count in acc.routed.items()})
-    stats = LayerStatistics(acc.stats)
-    stats.routed = {name: int(count) for name, count in routed.items()}
-    for name, count in stats.routed.items():
-        if count == 0:
-            stats[name] = accumulator.isotropic(linears[name])
-    return stats
-
-
-@torch.no_grad()
-def collect_input_norms(model: nn.Module, tokens: torch.Tensor, layer_index: int, batch_size: int = 8
-                        ) -> dict[str, torch.Tensor]:
-    """Input feature norms ``sqrt(sum_t x_tj**2)`` of every linear in decoder layer ``layer_index`` of the
-    unpruned model (02-Prune plots them). Returns name -> tensor (in_features,) on the CPU."""
-    layers = find_decoder_layers(model)
-    if not 0 <= layer_index < len(layers):
-        raise BadInput(f"layer_index {layer_index} out of range; the model has {len(layers)} decoder layers "
-                       f"(0..{len(layers) - 1})")
-    inputs = capture_layer_inputs(model, tokens, batch_size)
-    for i in range(layer_index):
-        inputs.run(layers[i], i, advance=True)
-    stats = collect_statistics(layers[layer_index], layer_index, inputs, find_linears(layers[layer_index]),
-                               INPUT_NORMS)
-    return {name: sq.sqrt().cpu() for name, sq in stats.items()}

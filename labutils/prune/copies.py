@@ -1,9 +1,9 @@
-"""Copying nested tensors between devices, and the copy streams of the low-memory mode (``prune.streaming``).
+"""Copying nested tensors between devices, and the copy streams of the low-memory mode (``prune.offload``).
 
 ``tree_to`` copies every tensor of a layer's inputs (hidden states, and the keyword arguments a decoder layer
 takes: masks, rotary embeddings) at once, each shared tensor once. ``CopyStreams`` holds one side stream per
 copy direction on CUDA and names its device in every CUDA call; off CUDA its methods do nothing and copies are
-synchronous, which is how the tests run the streamed code on a CPU.
+synchronous, which is how the tests run the offload code on a CPU.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ def tree_to(obj, device: torch.device, *, non_blocking: bool = False, memo: dict
     """``obj`` with every tensor inside (dicts, lists, tuples) copied to ``device``; other values are kept.
 
     A tensor reached twice is copied once (``memo``, by id), so tensors the layers share stay shared. ``empty``
-    makes each copy's buffer from (shape, dtype) (``StreamedInputs``: pinned, or from a ``PinnedPool``); default:
-    a new tensor on ``device``. A copy is always made, even to the tensor's own device, so the streamed path really
+    makes each copy's buffer from (shape, dtype) (``OffloadedInputs``: pinned, or from a ``PinnedPool``); default:
+    a new tensor on ``device``. A copy is always made, even to the tensor's own device, so the offloaded path really
     copies when it runs on a CPU.
     """
     memo = {} if memo is None else memo

@@ -10,13 +10,14 @@ lies outside them (embeddings, final norm, lm_head: 2 % of a 70B model) is loade
     prune it with the same driver as ``prune_model`` (same statistics, same masks)
     hash its mask, write it to the output as one shard of the sparse checkpoint, drop its weights
 
-Peak memory: the outer weights, two layers, the calibration activations (pinned CPU memory on a GPU, as the
-low-memory mode keeps them) and one layer's encoded shard — independent of the model's depth.
+Peak memory: the outer weights, two layers, the calibration activations (offloaded to pinned CPU memory on a GPU,
+as the low-memory mode keeps them) and one layer's encoded shard — independent of the model's depth.
 """
 from __future__ import annotations
 
 import json
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -30,11 +31,13 @@ from ..core.sparse.bits import KeptMasks
 from ..core.anatomy import find_decoder_layers
 from ..core.sparse.format import SAFETENSORS_DTYPES, write_safetensors
 from ..core.sparse.model import ShardWriter
-from .driver import PruneReport, calibration_tokens, check_prunable, prune_all
-from .parallel import DataParallel, check_ranks_agree
+from .calibration import CalibrationData
+from .driver import calibration_tokens, check_prunable, prune_all
+from .parallel import check_ranks_agree
+from .placement import Placement
+from .report import PruneReport
 from .sparsity import MaskDigest
 from .spec import PruneSpec, check_spec
-from .streaming import Placement
 
 INDEX_FILE = "model.safetensors.index.json"  # transformers' sharded checkpoints
 SINGLE_FILE = "model.safetensors"
@@ -162,7 +165,7 @@ def layer_prefixes(model: nn.Module) -> list[str]:
     return [names[id(layer)] for layer in find_decoder_layers(model)]
 
 
-def check_names(model: nn.Module, reader: CheckpointReader) -> None:
+def check_layer_tensors_stored(model: nn.Module, reader: CheckpointReader) -> None:
     """LabError, before any work, unless the checkpoint holds every tensor of every decoder layer under the model's
     own names (the streamed layers are loaded by name; tied weights may be missing)."""
     prefixes = layer_prefixes(model)
@@ -181,7 +184,7 @@ def check_names(model: nn.Module, reader: CheckpointReader) -> None:
 def load_outer(model: nn.Module, reader: CheckpointReader, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Load every weight outside the decoder layers (embeddings, final norm, lm_head) into the skeleton, on the CPU;
     returns them by state-dict name (tied weights under each name). LabError if the checkpoint lacks one."""
-    check_names(model, reader)
+    check_layer_tensors_stored(model, reader)
     prefixes = tuple(f"{p}." for p in layer_prefixes(model))
     outer = [name for name in model.state_dict() if not name.startswith(prefixes)]
     model.load_state_dict(reader.read([n for n in outer if n in reader.entries], dtype, torch.device("cpu")),
@@ -201,21 +204,31 @@ def drop_weights(module: nn.Module) -> None:
             setattr(owner, name, nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False))
 
 
+@dataclass(frozen=True)
+class LayerCallbacks:
+    """Callbacks (i, layer) that ``DiskLayers`` runs when layer i has been read (``on_load``) and when it has been
+    pruned (``on_pruned``) — what the stream job uses to measure dense and pruned perplexity in the same pass."""
+
+    on_load: tuple = ()
+    on_pruned: tuple = ()
+
+
 class DiskLayers:
     """The decoder layers of a skeleton, read from the checkpoint when their turn comes and dropped after: the
-    ``layer_visits`` protocol of ``streaming.OffloadedLayers`` (prefetch, attach, release; a context manager).
+    ``placement.layer_visits`` protocol of ``offload.OffloadedLayers`` (prefetch, attach, release; a context
+    manager).
 
     ``store(i, layer, kept)`` (the pruning pass) hashes the layer's mask and, with a ``writer``, writes it as
-    shard i + 2. ``on_load`` / ``on_pruned``: callbacks (i, layer) run when a layer has been read, and when it is
-    pruned — what the stream job uses to measure dense and pruned perplexity in the same pass.
+    shard i + 2. ``callbacks`` (``LayerCallbacks``): what runs when a layer has been read, and when it is pruned.
     """
 
     def __init__(self, model: nn.Module, reader: CheckpointReader, device: torch.device, dtype: torch.dtype, *,
-                 writer: ShardWriter | None = None, on_load=(), on_pruned=()):
+                 writer: ShardWriter | None = None, callbacks: LayerCallbacks | None = None):
+        callbacks = callbacks or LayerCallbacks()
         self.model, self.reader, self.device, self.dtype = model, reader, torch.device(device), dtype
-        self.streamed = self.device.type == "cuda"  # activations in pinned CPU memory, as the low-memory mode
+        self.offloaded = self.device.type == "cuda"  # activations in pinned CPU memory, as the low-memory mode
         self.layers, self.prefixes = find_decoder_layers(model), layer_prefixes(model)
-        self.writer, self.on_load, self.on_pruned = writer, list(on_load), list(on_pruned)
+        self.writer, self.on_load, self.on_pruned = writer, list(callbacks.on_load), list(callbacks.on_pruned)
         self.digest = MaskDigest()
         self.parameters = self.zeros = 0  # over the layers stored so far
         self._reads: dict[int, Future] = {}
@@ -276,15 +289,15 @@ class DiskLayers:
 
 
 @torch.no_grad()
-def prune_streamed(model: nn.Module, disk: DiskLayers, spec: PruneSpec, tokens: torch.Tensor | None,
-                   batch_size: int = 8, progress: bool = True, parallel: DataParallel | None = None) -> PruneReport:
+def prune_streamed(model: nn.Module, disk: DiskLayers, spec: PruneSpec, data: CalibrationData,
+                   progress: bool = True) -> PruneReport:
     """Prune the skeleton ``model`` layer by layer from ``disk`` (``DiskLayers``), as ``prune_model`` would prune
-    the whole model: the same masks, the same report (its ``mask_sha256`` hashed layer by layer)."""
+    the whole model: the same masks, the same report (its ``mask_sha256`` hashed layer by layer). ``data``: the
+    calibration tokens (nsamples, seqlen), batch size and data-parallel share."""
     check_spec(spec)
-    tokens = calibration_tokens(model, spec, tokens)
+    data = replace(data, tokens=calibration_tokens(model, spec, data.tokens))
     check_prunable(model, spec.target)
-    report = prune_all(model, spec, tokens, batch_size, Placement(disk.device, disk.streamed, disk), progress,
-                       parallel)
+    report = prune_all(model, spec, data, Placement(disk.device, disk.offloaded, disk), progress)
     report.mask_sha256 = disk.digest.hexdigest()
-    check_ranks_agree(parallel, report.mask_sha256, "the masks")
+    check_ranks_agree(data.parallel, report.mask_sha256, "the masks")
     return report

@@ -10,13 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ..core.errors import BadInput
 from ..core.anatomy import find_decoder_layers, find_linears
 from ..core.validation import check_number
-from .calibration import INPUT_NORMS, collect_statistics
+from .calibration import CalibrationData
 from .methods.wanda import wanda_score
-from .streaming import calibration_inputs, compute_device, layer_visits
+from .placement import Placement, calibration_inputs, layer_visits
+from .statistics import INPUT_NORMS, collect_statistics
 
 
 @dataclass(frozen=True)
@@ -51,17 +53,17 @@ def check_owl_lambda(lam: float, sparsity: float) -> None:
 
 
 @torch.no_grad()
-def layer_outlier_ratios(model, tokens: torch.Tensor, batch_size: int, m: float, progress: bool = True, *,
-                         low_memory: bool | str | torch.device = False, parallel=None, disk=None) -> list[float]:
+def layer_outlier_ratios(model: nn.Module, data: CalibrationData, m: float, where: Placement,
+                         progress: bool = True) -> list[float]:
     """Share of each decoder layer's Wanda scores (over all its linears) above ``m`` × their mean, measured on the
     dense model with one pass per layer: the hooks collect input norms while the layer makes its outputs.
-    ``low_memory``, ``parallel``: as in ``prune_model`` (False: everything where the model is). ``disk``: a
-    ``disk.DiskLayers`` that reads each layer from the checkpoint (the model itself is a skeleton)."""
+    ``data``: the calibration tokens, batch size and data-parallel share, as ``prune_model`` takes them; ``where``:
+    as ``placement.compute_device`` gives it (``where.disk``: a ``disk.DiskLayers`` that only reads each layer from
+    the checkpoint; the model itself is then a skeleton)."""
     layers = find_decoder_layers(model)
-    device, low_memory = (disk.device, disk.streamed) if disk is not None else compute_device(model, low_memory)[:2]
-    inputs = calibration_inputs(model, tokens, batch_size, device, low_memory, parallel)
+    inputs = calibration_inputs(model, data.tokens, data.batch_size, where.device, where.offloaded, data.parallel)
     ratios = []
-    with layer_visits(layers, device, low_memory, "OWL outlier ratios", progress, disk) as visits:
+    with layer_visits(layers, where, "OWL outlier ratios", progress) as visits:
         for i, layer in visits:
             linears = find_linears(layer)
             stats = collect_statistics(layer, i, inputs, linears, INPUT_NORMS, advance=True)

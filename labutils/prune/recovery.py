@@ -1,4 +1,4 @@
-"""Recovery by fine-tuning a pruned model with LoRA, the mask kept (introduced in 04-Benchmark, section 3b).
+"""Recovery by fine-tuning a pruned model with LoRA, the mask kept (introduced in 05-Recover, section 3).
 
 Sun et al. (arXiv 2306.11695, §5) recover part of what 2:4 costs by LoRA fine-tuning (rank 8 on q_proj and v_proj).
 A LoRA update B·A is dense, so merging it into a pruned weight would fill its zeros. Here every LoRA layer uses

@@ -1,17 +1,19 @@
-"""Low-memory pruning: weights and activations streamed between CPU memory and the GPU (04-Benchmark).
+"""Low-memory pruning ("offload"): weights and activations kept in CPU memory, each visiting the GPU in turn
+(04-Benchmark; ``prune_model(low_memory=True)``, ``--low-memory``). ``placement`` picks this mode; the default
+(resident) path never enters this module.
 
 The default driver keeps the model and every calibration batch's hidden states on the GPU: 12.6 GiB of fp16
 weights plus 4 GiB per copy of the activations for Llama-2-7B at 128 × 4096 tokens. Pruning only ever needs ONE
-decoder layer and ONE batch at a time, so the low-memory mode keeps everything else in CPU memory:
+decoder layer and ONE batch at a time, so the low-memory mode offloads everything else to CPU memory:
 
-- ``StreamedInputs``: the hidden states entering the current layer live in page-locked ("pinned") CPU memory.
+- ``OffloadedInputs``: the hidden states entering the current layer live in page-locked ("pinned") CPU memory.
   While the GPU runs batch b, a copy stream already brings batch b + 1 in (double buffering), and each output
   goes back to CPU memory on a second stream (the other copy direction). Pinned memory is what lets these copies
   run alongside compute.
 - ``OffloadedLayers``: the model's weights stay in CPU memory, pinned once and reused. A fetch thread copies
   layer i + 1 to the GPU on one stream while layer i computes; a store thread copies layer i back (with its zeros)
   into the same pinned buffers on the other stream while layer i + 1 computes.
-- ``PinnedPool``: pinned buffers reserved once and reused by every low-memory run (``bench-prune`` times runs that
+- ``PinnedPool``: pinned buffers reserved once and reused by every offloaded run (``bench-prune`` times runs that
   allocate nothing).
 
 Every CUDA call names the device (streams, events, the copy thread's current device), so cuda:1 works while cuda:0
@@ -29,12 +31,8 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from tqdm import tqdm  # plain text everywhere: a saved notebook shows the finished bar, not a widget
 
-from ..core.device import get_device
-from ..core.errors import BadInput
-from ..core.anatomy import find_decoder_layers, model_device
-from ..core.validation import describe
+from ..core.anatomy import find_decoder_layers
 from .calibration import LayerInputs, capture_layer_inputs, layer_output
 from .copies import CopyStreams, tensors_in, tree_to
 
@@ -45,7 +43,7 @@ class PinnedPool:
     A low-memory run on Llama-2-7B at 128 × 4096 tokens holds 8 GiB of pinned activations (two sets). Allocating
     them inside a timed run costs seconds, and torch's host caching allocator makes every later run cheaper than
     the first; ``bench-prune`` reserves them once, untimed (``reserve``), and every timed run reuses them. Inside
-    ``with pool.reuse():`` each ``StreamedInputs`` takes its buffers from the pool and gives them back at
+    ``with pool.reuse():`` each ``OffloadedInputs`` takes its buffers from the pool and gives them back at
     ``finish``; outside, each run allocates its own, as always.
     """
 
@@ -79,7 +77,7 @@ class PinnedPool:
         """Fill the pool with every buffer a low-memory run on these tokens takes (both sets), untimed, and pin
         the model's layers in place (``pin_layers``), as their first visit would."""
         with self.reuse():
-            inputs = calibration_inputs(model, tokens, batch_size, device, low_memory=True)
+            inputs = capture_layer_inputs(model, tokens, batch_size, device=device, into=OffloadedInputs(device))
             inputs.output_buffers()
             inputs.finish()
         if torch.device(device).type == "cuda":
@@ -89,7 +87,7 @@ class PinnedPool:
 _reused_pool: PinnedPool | None = None  # set by ``PinnedPool.reuse``
 
 
-class StreamedInputs(LayerInputs):
+class OffloadedInputs(LayerInputs):
     """``LayerInputs`` whose batches live in CPU memory (pinned on CUDA) and visit ``device`` one or two at a time.
 
     ``hidden[b]`` (batch, seq, hidden) and ``kwargs[b][layer]`` are CPU tensors. ``run`` fetches batch b + 1 on
@@ -360,63 +358,3 @@ def pin_layers(layers: nn.ModuleList) -> int:
     for slot in slots:
         slot.pinned()
     return fresh
-
-
-@contextlib.contextmanager
-def layer_visits(layers: nn.ModuleList, device: torch.device, low_memory: bool, desc: str, progress: bool = True,
-                 disk=None):
-    """``with layer_visits(…) as visits: for i, layer in visits: …`` — each decoder layer in order, on ``device``.
-
-    Default mode: the layers already are there. Low-memory mode: ``OffloadedLayers`` brings layer i in (layer
-    i + 1 is already on its way) and copies it back once the loop body is done with it; leaving the ``with``
-    waits for every copy back, also when the body raised. ``disk`` (a ``disk.DiskLayers``): each layer is read
-    from the checkpoint when its turn comes and dropped after, the same way.
-    """
-    steps = tqdm(range(len(layers)), desc=desc, unit="layer", disable=not progress)
-    if disk is None and not low_memory:
-        yield ((i, layers[i]) for i in steps)
-        return
-
-    def visits(placement: OffloadedLayers):
-        for i in steps:
-            layer = placement.attach(i)
-            placement.prefetch(i + 1)
-            yield i, layer
-            placement.release(i)
-
-    with (disk if disk is not None else OffloadedLayers(layers, device)) as placement:
-        yield visits(placement)
-
-
-def calibration_inputs(model: nn.Module, tokens: torch.Tensor, batch_size: int, device: torch.device,
-                       low_memory: bool, parallel=None) -> LayerInputs:
-    """The captured inputs of the first decoder layer: on ``device`` (default mode) or streamed from CPU memory;
-    ``parallel`` (``parallel.DataParallel``): only this rank's batches."""
-    into = StreamedInputs(device) if low_memory else None
-    return capture_layer_inputs(model, tokens, batch_size, device=device, into=into, parallel=parallel)
-
-
-class Placement(NamedTuple):
-    """Where the layers of a pruning run compute, whether activations stream from CPU memory (low-memory mode),
-    and, streaming from disk, the ``disk.DiskLayers`` that reads and writes them."""
-
-    device: torch.device
-    streamed: bool
-    disk: object = None
-
-
-def compute_device(model: nn.Module, low_memory: bool | str | torch.device) -> Placement:
-    """The placement that ``prune_model``'s ``low_memory`` asks for:
-
-    False — the default mode: everything where the model is. True — the model stays in CPU memory and its layers
-    visit the best device here (``get_device``); a device or its name ("cuda:1") — they visit that device.
-    """
-    home = model_device(model)
-    if low_memory is False:
-        return Placement(home, False)
-    if not (low_memory is True or isinstance(low_memory, (str, torch.device))):
-        raise BadInput(f"low_memory must be False, True or a device such as 'cuda'; got {describe(low_memory)}")
-    if home.type != "cpu":
-        raise BadInput(f"low_memory keeps the model in CPU memory and moves one layer at a time to the GPU; the "
-                       f"model is on {home}: load it on the CPU (or move it with model.to('cpu')) first")
-    return Placement(get_device(None if low_memory is True else str(low_memory)), True)
