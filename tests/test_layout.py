@@ -1,5 +1,6 @@
-"""The package's shape: imports run one way between subpackages, no private name crosses a module, and ``lu.*`` is
-exactly ``__all__`` (what the notebooks and README use)."""
+"""The package's shape: imports run one way between subpackages, no module imports itself back (lazy imports
+included), no private name crosses a module, no function takes more than six parameters unless a spec/config
+dataclass carries them, and ``lu.*`` is exactly ``__all__`` (what the notebooks and README use)."""
 import ast
 import json
 import re
@@ -205,7 +206,7 @@ def long_signatures(source: str, bundles: set[str]) -> list[tuple[str, int, int]
                 a = child.args
                 params = [*a.posonlyargs, *a.args, *a.kwonlyargs, *filter(None, (a.vararg, a.kwarg))]
                 params = [p for p in params if p.arg not in ("self", "cls")]
-                annotated = {_annotation_name(p.annotation) for p in params}
+                annotated = set().union(*(_annotation_names(p.annotation) for p in params))
                 if len(params) > MAX_PARAMETERS and not annotated & bundles:
                     found.append((prefix + child.name, child.lineno, len(params)))
                 visit(child, f"{prefix}{child.name}.")
@@ -218,18 +219,19 @@ def long_signatures(source: str, bundles: set[str]) -> list[tuple[str, int, int]
     return found
 
 
-def _annotation_name(node: ast.AST | None) -> str | None:
-    """The class an annotation names: ``PruneSpec``, ``spec.PruneSpec``, ``PruneSpec | None``, ``Optional[...]``
-    or the same quoted; None for anything else (``list[PruneSpec]`` is a list, not a spec)."""
+def _annotation_names(node: ast.AST | None) -> set[str]:
+    """The classes an annotation names: ``PruneSpec``, ``spec.PruneSpec``, ``PruneSpec | None``,
+    ``Optional[PruneSpec]`` or the same quoted; nothing inside a container (``list[PruneSpec]`` is not a spec)."""
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
-        return _annotation_name(ast.parse(node.value, mode="eval").body)
+        return _annotation_names(ast.parse(node.value, mode="eval").body)
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):  # X | None
-        return _annotation_name(node.left) or _annotation_name(node.right)
-    if isinstance(node, ast.Subscript) and _annotation_name(node.value) == "Optional":
-        return _annotation_name(node.slice)
+        return _annotation_names(node.left) | _annotation_names(node.right)
+    if isinstance(node, ast.Subscript) and _annotation_names(node.value) & {"Optional", "Union"}:
+        inner = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+        return set().union(*(_annotation_names(n) for n in inner))
     if isinstance(node, ast.Name):
-        return node.id
-    return node.attr if isinstance(node, ast.Attribute) else None
+        return {node.id}
+    return {node.attr} if isinstance(node, ast.Attribute) else set()
 
 
 def test_no_function_takes_more_than_six_parameters_without_a_spec():
@@ -272,3 +274,6 @@ def test_the_parameter_check_finds_a_long_signature():
     assert bundles == {"FitSettings"}
     assert long_signatures(source, bundles) == [("long", 7, 7), ("listed", 13, 7), ("Model.forward", 20, 7)]
     assert [name for name, _, _ in long_signatures(source, set())] == ["long", "bundled", "listed", "Model.forward"]
+    for annotation, names in (("Optional[spec.PruneSpec]", {"PruneSpec"}), ("int | 'PruneSpec'", {"int", "PruneSpec"}),
+                              ("list[PruneSpec]", set())):
+        assert _annotation_names(ast.parse(annotation, mode="eval").body) == names, annotation
