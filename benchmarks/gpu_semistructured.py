@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from dataclasses import asdict
@@ -45,14 +44,14 @@ from labutils.prune.methods import magnitude_score
 from labutils.prune.sparsity import nm_violations, prunable_linears
 from labutils.core.anatomy import max_sequence_length
 from labutils.core.manifests import write_json_atomic
-from labutils.sparse24.prefill import first_calls, prefill_speedup_table
+from labutils.sparse24.prefill import PrefillSettings, first_calls, prefill_speedup_table
 from labutils.sparse24.convert import (
     backend_name,
     semi_structured_ready,
     to_semi_structured,
     verify_semi_structured,
 )
-from labutils.sparse24.shapes import linear_shapes, linear_speedup_table
+from labutils.sparse24.shapes import LinearTimingSettings, linear_shapes, linear_speedup_table
 from labutils.speed.latency import latency_table, memory_table, random_prompt
 
 PROFILE = "llama2-7b-random"
@@ -242,8 +241,8 @@ def run_linears(dense, args: argparse.Namespace, step) -> list[dict]:
         for shape, names in linear_shapes(dense, fused=True).items():
             shapes.setdefault(shape, []).extend(n for n in names if n not in shapes.get(shape, []))
     lengths = tuple(args.linear_lengths or ((64, 256) if args.tiny else (512, 2048, 4096, 8192)))
-    table = linear_speedup_table(list(shapes), lengths, dtype=next(dense.parameters()).dtype, search=args.search,
-                                 progress=False)
+    table = linear_speedup_table(list(shapes), lengths, LinearTimingSettings(search=args.search),
+                                 dtype=next(dense.parameters()).dtype, progress=False)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table.round(3).to_string(), flush=True)
     step("timed each linear shape alone (" + "; ".join(f"{o}×{i}: {', '.join(n)}" for (o, i), n in shapes.items())
@@ -287,9 +286,10 @@ def run_sparse(dense, args: argparse.Namespace, step, kernel: str, section: dict
     section["memory"] = table_records(memory)
     save()
     speed = section.setdefault("speed", [])
-    table = prefill_speedup_table(dense, sparse, lengths, warmup=args.warmup, repeats=args.repeats,
-                                  decode_tokens=args.decode_tokens, decode_repeats=args.decode_repeats, seed=args.seed,
-                                  progress=False, on_row=lambda row: (speed.append(_plain(row)), save()))
+    timing = PrefillSettings(warmup=args.warmup, repeats=args.repeats, decode_tokens=args.decode_tokens,
+                             decode_repeats=args.decode_repeats, seed=args.seed)
+    table = prefill_speedup_table(dense, sparse, lengths, timing, progress=False,
+                                  on_row=lambda row: (speed.append(_plain(row)), save()))
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table.round(3).to_string(), flush=True)
     step(f"timed prefill{' and decode' if args.decode_tokens else ''} ({kernel} kernel)")

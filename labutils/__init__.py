@@ -47,7 +47,8 @@ from .evaluate.zeroshot.run import LOCAL_TASKS, profile_tasks, task_examples, ze
 from .evaluate.zeroshot.tasks import write_tasks
 from .jobs.bench_prune import bench_prune, bench_setup, saved_bench_results
 from .jobs.compare import Comparison, compare_methods, standard_variants, sweep_variants, write_results
-from .jobs.main_job import PruneJob, build_report, default_output_dir, ensure_pruned, run_prune_job
+from .jobs.main_job import PruneJob, default_output_dir, ensure_pruned, run_prune_job
+from .jobs.report import build_report
 from .jobs.stream_job import LayerwisePerplexity
 from .lab.checks import (
                                   CheckFailed,
@@ -92,9 +93,10 @@ from .prune.methods import (
                                   sparsegpt_weights,
                                   wanda_score,
 )
+from .prune.methods.admm import AdmmSettings
 from .prune.owl import OwlConfig
 from .prune.parallel import DataParallel, start_data_parallel
-from .prune.recovery import RecoveryReport, recover
+from .prune.recovery import RecoveryReport, RecoverySettings, recover
 from .prune.report import PruneReport
 from .prune.sparsity import mask_sha256, model_sparsity, sparsity_table
 from .prune.spec import PruneSpec
@@ -105,8 +107,8 @@ from .sparse24.convert import (
                                   to_semi_structured,
                                   verify_semi_structured,
 )
-from .sparse24.prefill import prefill_speedup_table
-from .sparse24.shapes import linear_speedup_table
+from .sparse24.prefill import PrefillSettings, prefill_speedup_table
+from .sparse24.shapes import LinearTimingSettings, linear_speedup_table
 from .speed.latency import latency_table, load_time_table, memory_table, random_prompt, zeros_matmul_table
 
 __all__ = [
@@ -118,7 +120,8 @@ __all__ = [
     # prune
     "SparsityTarget", "as_target", "parse_nm", "select_mask", "unstructured_mask", "capture_layer_inputs",
     "collect_input_norms", "collect_statistics", "METHODS", "get_method", "magnitude_score", "output_error",
-    "sparsegpt_weights", "admm_update", "wanda_score", "OwlConfig", "recover", "RecoveryReport", "PruneSpec",
+    "sparsegpt_weights", "admm_update", "AdmmSettings", "wanda_score", "OwlConfig", "recover", "RecoveryReport",
+    "RecoverySettings", "PruneSpec",
     "PruneReport", "prune_model", "mask_sha256",
     "model_sparsity", "sparsity_table", "CheckpointReader", "DiskLayers", "load_outer", "prune_streamed", "skeleton",
     "CalibrationData", "LayerCallbacks",
@@ -128,8 +131,8 @@ __all__ = [
     "side_by_side", "format_answers", "LOCAL_TASKS", "profile_tasks", "task_examples", "zero_shot", "zero_shot_table", "write_tasks",
     # speed and 2:4
     "latency_table", "load_time_table", "memory_table", "random_prompt", "zeros_matmul_table", "prefill_speedup_table",
-    "semi_structured_ready", "semi_structured_support", "to_semi_structured", "verify_semi_structured",
-    "linear_speedup_table",
+    "PrefillSettings", "semi_structured_ready", "semi_structured_support", "to_semi_structured",
+    "verify_semi_structured", "linear_speedup_table", "LinearTimingSettings",
     # jobs
     "PruneJob", "build_report", "default_output_dir", "ensure_pruned", "run_prune_job", "Comparison", "compare_methods",
     "standard_variants", "sweep_variants", "write_results", "bench_prune", "bench_setup", "saved_bench_results",

@@ -7,7 +7,7 @@ from test_methods import correlated_inputs
 
 import labutils as lu
 from labutils.cli import main
-from labutils.prune.methods.admm import admm_update, objective, scaled_problem
+from labutils.prune.methods.admm import AdmmSettings, admm_update, objective, scaled_problem
 from labutils.prune.sparsity import nm_violations
 
 TARGETS = [lu.as_target(0.5), lu.as_target("2:4"), lu.as_target("4:8")]
@@ -49,7 +49,7 @@ def test_admm_converges_to_the_optimum_for_its_mask(target):
     weight, hessian = torch.randn(24, 32, generator=gen), 2 * x.T @ x
     pruned = lu.select_mask(lu.wanda_score(weight, hessian.diagonal() / 2), target)
     trace = []
-    admm, _ = admm_update(weight, hessian, pruned, target, iterations=300, dampening=0.0, trace=trace)
+    admm, _ = admm_update(weight, hessian, pruned, target, AdmmSettings(iterations=300, dampening=0.0), trace=trace)
     objectives, residuals = zip(*trace)
     assert residuals[-1] < 1e-4 and residuals[-1] < residuals[10] < residuals[0]
     assert objectives[-1] <= objectives[0]  # the first iterate is the mask alone
@@ -64,8 +64,8 @@ def test_growing_rho_and_the_default_iterations_reach_the_same_error():
     weight, hessian = layer_problem(seed=3)
     target = lu.as_target(0.5)
     pruned = lu.select_mask(lu.wanda_score(weight, hessian.diagonal() / 2), target)
-    constant, _ = admm_update(weight, hessian, pruned, target, iterations=200)
-    growing, _ = admm_update(weight, hessian, pruned, target, iterations=60, rho=0.1, rho_growth=1.1)
+    constant, _ = admm_update(weight, hessian, pruned, target, AdmmSettings(iterations=200))
+    growing, _ = admm_update(weight, hessian, pruned, target, AdmmSettings(iterations=60, rho=0.1, rho_growth=1.1))
     a, b = lu.output_error(weight, constant, hessian), lu.output_error(weight, growing, hessian)
     assert b == pytest.approx(a, rel=1e-3)
 
@@ -73,9 +73,9 @@ def test_growing_rho_and_the_default_iterations_reach_the_same_error():
 @pytest.mark.parametrize("target", TARGETS, ids=lambda t: t.label)
 def test_mask_choice_wanda_and_gradual(target):
     weight, hessian = layer_problem(seed=4)
-    _, wanda = admm_update(weight, hessian, None, target, gradual_steps=0)
+    _, wanda = admm_update(weight, hessian, None, target, AdmmSettings(gradual_steps=0))
     assert torch.equal(wanda, lu.select_mask(lu.wanda_score(weight, hessian.diagonal() / 2), target))
-    gradual_weight, gradual = admm_update(weight, hessian, None, target, iterations=20, gradual_steps=15)
+    gradual_weight, gradual = admm_update(weight, hessian, None, target, AdmmSettings(iterations=20, gradual_steps=15))
     assert int(gradual.sum()) == int(wanda.sum())  # the same number of weights pruned
     if target.is_nm:
         assert nm_violations(gradual_weight, target.n, target.m) == 0

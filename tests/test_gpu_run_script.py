@@ -212,8 +212,8 @@ def test_prefill_rows_and_first_calls_are_handed_over_as_measured(monkeypatch):
     assert all(r["first call s"] > 0 and r["next call ms"] > 0 for r in rows)
     seen = []
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "emulated")
-    table = prefill.prefill_speedup_table(dense, sparse, (8, 16), warmup=0, repeats=1, graphs=False,
-                                          decode_tokens=0, progress=False, on_row=seen.append)
+    timing = prefill.PrefillSettings(warmup=0, repeats=1, graphs=False, decode_tokens=0)
+    table = prefill.prefill_speedup_table(dense, sparse, (8, 16), timing, progress=False, on_row=seen.append)
     assert [(r["phase"], r["tokens"]) for r in seen] == [("prefill", 8), ("prefill", 16)] == list(table.index)
     assert all(r["eager × dense"] > 0 for r in seen)
 

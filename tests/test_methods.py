@@ -332,7 +332,8 @@ def test_comparison_keeps_the_models_asked_for(calib_tokens):
     profile = lu.get_profile("smollm2-135m", eval_seqlen=32, batch_size=4)
     test = random_tokens((128,), 1)
     variants = [lu.PruneSpec("magnitude", 0.5), lu.PruneSpec("wanda", 0.5)]
-    result = lu.compare_methods(profile, variants, calib_tokens, test, dense, progress=False, keep=["wanda 50%"])
+    result = lu.Comparison(profile, calib_tokens, test, dense, progress=False)
+    result.add(variants, keep=["wanda 50%"])
     assert list(result.models) == ["wanda 50%"]
     alone = make_tiny()
     report = lu.prune_model(alone, variants[1], calib_tokens, profile.batch_size, progress=False)
@@ -340,7 +341,7 @@ def test_comparison_keeps_the_models_asked_for(calib_tokens):
     assert result.table.loc["wanda 50%", "perplexity"] == lu.perplexity(result.models["wanda 50%"], test, 32, 4,
                                                                         progress=False)
     with pytest.raises(lu.BadInput, match=r"keep has unknown name\(s\) \['wanda 2:4'\]"):
-        lu.compare_methods(profile, variants, calib_tokens, test, dense, progress=False, keep=["wanda 2:4"])
+        lu.Comparison(profile, calib_tokens, test, dense, progress=False).add(variants, keep=["wanda 2:4"])
 
 
 def test_a_comparison_grows_over_several_adds_and_measures_each_variant_once(calib_tokens, monkeypatch):

@@ -23,7 +23,7 @@ def test_recovery_keeps_the_mask_and_lowers_the_loss(target, tmp_path):
     tokens = random_tokens((8, 32), seed=3)
     with torch.no_grad():
         start = model(tokens, labels=tokens).loss.item()
-    report = lu.recover(model, tokens, epochs=4, batch_size=4, lr=5e-3, progress=False)
+    report = lu.recover(model, tokens, lu.RecoverySettings(epochs=4, batch_size=4, lr=5e-3), progress=False)
     with torch.no_grad():
         end = model(tokens, labels=tokens).loss.item()
     assert end < start and report.losses[-1] < report.losses[0]
@@ -48,10 +48,10 @@ def test_masked_update_is_what_training_sees():
     """The LoRA layer computes with W + (B·A · scale) ⊙ M during training, exactly what the merge writes."""
     model = pruned_tiny()
     tokens = random_tokens((4, 16), seed=5)
-    lu.recover(model, tokens, epochs=1, batch_size=4, progress=False, targets=("q_proj",))
+    lu.recover(model, tokens, lu.RecoverySettings(epochs=1, batch_size=4, targets=("q_proj",)), progress=False)
     from peft import LoraConfig, get_peft_model
 
-    from labutils.prune.recovery import KEPT_ATTRIBUTE
+    from labutils.prune.lora import KEPT_ATTRIBUTE
     for layer in model.model.layers:
         q = layer.self_attn.q_proj
         object.__setattr__(q, KEPT_ATTRIBUTE, q.weight != 0)
@@ -76,7 +76,7 @@ def test_bad_recovery_arguments(kwargs, message):
     model = pruned_tiny()
     sha = lu.mask_sha256(model)
     with pytest.raises(lu.BadInput, match=message):
-        lu.recover(model, random_tokens((4, 16)), progress=False, **kwargs)
+        lu.recover(model, random_tokens((4, 16)), lu.RecoverySettings(**kwargs), progress=False)
     assert lu.mask_sha256(model) == sha and not any(isinstance(m, MaskedLoraLinear) for m in model.modules())
 
 

@@ -205,8 +205,8 @@ def test_gpu_graphed_forward_matches_eager(gpu_pair):
 @needs_2_4_kernels
 def test_gpu_speed_table(gpu_pair):
     dense, sparse, _ = gpu_pair
-    table = prefill_speedup_table(dense, sparse, (64, 128, 512), warmup=1, repeats=2, decode_prompt_len=16,
-                                  decode_tokens=4, decode_repeats=1, progress=False)
+    timing = lu.PrefillSettings(warmup=1, repeats=2, decode_prompt_len=16, decode_tokens=4, decode_repeats=1)
+    table = prefill_speedup_table(dense, sparse, (64, 128, 512), timing, progress=False)
     assert list(table.index) == [("prefill", 64), ("prefill", 128), ("prefill", 512), ("decode", 4)]
     assert "exceed the models' 256 positions" in table.loc[("prefill", 512), "note"]
     timed = table.loc[[("prefill", 64), ("prefill", 128)], ["dense eager ms", "2:4 eager ms", "dense graphed ms",
@@ -270,17 +270,19 @@ def emulated_cslt(packed, dense_t, *, bias=None, transpose_result=False, alg_id=
     return out.t().contiguous() if transpose_result else out
 
 
-def emulated_module(linear, **kwargs):
-    return SparseLinear24.from_linear(linear, compress=emulated_compress, mm=emulated_cslt, **kwargs)
+def emulated_module(monkeypatch, linear, **kwargs):
+    """``linear`` as a ``SparseLinear24`` whose products run ``emulated_cslt`` (torch._cslt_sparse_mm replaced)."""
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", emulated_cslt)
+    return SparseLinear24.from_linear(linear, compress=emulated_compress, **kwargs)
 
 
 @pytest.mark.parametrize("shape", [(2, 37), (1, 1), (3, 8), (16,)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_sparse_linear_matches_linear_on_any_token_count(shape, bias):
+def test_sparse_linear_matches_linear_on_any_token_count(monkeypatch, shape, bias):
     """Padding to multiples of 8 tokens, the transposed operand and the fused transpose give F.linear exactly."""
     torch.manual_seed(0)
     linear = prune_2_4_linear(torch.nn.Linear(32, 48, bias=bias))
-    module = emulated_module(linear)
+    module = emulated_module(monkeypatch, linear)
     x = torch.randn(*shape, 32)
     y = module(x)
     assert y.shape == (*shape, 48) and y.is_contiguous()
@@ -293,18 +295,19 @@ def prune_2_4_linear(linear):
     return linear
 
 
-def test_sparse_linear_layout_check_catches_an_untransposed_result():
+def test_sparse_linear_layout_check_catches_an_untransposed_result(monkeypatch):
     from labutils.sparse24.kernel import check_against_dense
 
     linear = prune_2_4_linear(torch.nn.Linear(32, 48, bias=False))
-    good = emulated_module(linear)
+    good = emulated_module(monkeypatch, linear)
     check_against_dense(good, linear.weight, None, "ok")
-    wrong_layout = SparseLinear24(linear.weight.clone(), 48, 32, mm=lambda p, d, **kw: (p @ d).contiguous())
+    wrong_layout = SparseLinear24(linear.weight.clone(), 48, 32)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", lambda p, d, **kw: (p @ d).contiguous())  # never transposed
     with pytest.raises(lu.LabError, match="2:4 kernel for layers.0.mlp.up_proj"):
         check_against_dense(wrong_layout, linear.weight, None, "layers.0.mlp.up_proj")
 
 
-def test_sparse_linear_algorithm_search_is_used():
+def test_sparse_linear_algorithm_search_is_used(monkeypatch):
     linear = prune_2_4_linear(torch.nn.Linear(32, 48, bias=False))
     seen = {}
 
@@ -312,7 +315,7 @@ def test_sparse_linear_algorithm_search_is_used():
         seen.update(in_features=module.in_features, tokens=tokens)
         return CsltPlan(3, 2, 1)
 
-    module = emulated_module(linear, alg_search_tokens=64, search=search)
+    module = emulated_module(monkeypatch, linear, alg_search_tokens=64, search=search)
     assert module.plan == CsltPlan(3, 2, 1) and module.alg_id == 3 and seen == {"in_features": 32, "tokens": 64}
     assert "alg_id=3, split_k=2, split_k_mode=1" in repr(module)
 
@@ -350,7 +353,8 @@ def check_linear_table(table, search: bool):
 
 @needs_2_4_kernels
 def test_gpu_linear_speedup_table():
-    table = lu.linear_speedup_table([(128, 256)], [64, 100], warmup=1, repeats=2, progress=False)
+    table = lu.linear_speedup_table([(128, 256)], [64, 100], lu.LinearTimingSettings(warmup=1, repeats=2),
+                                    progress=False)
     check_linear_table(table, search=False)
 
 
@@ -359,9 +363,12 @@ def test_linear_speedup_table_columns_with_and_without_the_search(monkeypatch, s
     """The GPU test's check, run on the CPU emulation: without the search there is no searched column to ask for."""
     use_emulated_kernels(monkeypatch)
     fake_mm_search(monkeypatch, (5, 2, 1, 9), [])
-    table = lu.linear_speedup_table([(128, 256)], [64, 100], dtype=torch.float32, device="cpu", warmup=0, repeats=1,
-                                    search=search, progress=False)
+    timing = lu.LinearTimingSettings(warmup=0, repeats=1, search=search)
+    table = lu.linear_speedup_table([(128, 256)], [64, 100], timing, dtype=torch.float32, device="cpu", progress=False)
     check_linear_table(table, search)
+
+
+SEARCH = lu.LinearTimingSettings(search=True)
 
 
 def test_a_measuring_process_refuses_the_search(monkeypatch, tiny_model):
@@ -371,7 +378,7 @@ def test_a_measuring_process_refuses_the_search(monkeypatch, tiny_model):
     monkeypatch.setenv(kernel.NO_SEARCH_VARIABLE, "1")
     assert "LAB_NO_CUSPARSELT_SEARCH is set" in kernel.search_problem()
     with pytest.raises(lu.LabError, match="search=True: cuSPARSELt's algorithm search is refused in this process"):
-        lu.linear_speedup_table([(32, 64)], [8], dtype=torch.float32, device="cpu", search=True)
+        lu.linear_speedup_table([(32, 64)], [8], SEARCH, dtype=torch.float32, device="cpu")
     with pytest.raises(lu.LabError, match="alg_search_tokens: .*refused in this process"):
         to_semi_structured(prune_2_4(tiny_model).half(), alg_search_tokens=64)
 
@@ -508,8 +515,8 @@ def test_speedup_table_searches_first_on_its_own_copy(monkeypatch):
     calls = use_emulated_kernels(monkeypatch)
     searched = []
     fake_mm_search(monkeypatch, (5, 2, 1, 9), searched)
-    table = lu.linear_speedup_table([(32, 64)], [8, 12], dtype=torch.float32, device="cpu", warmup=0, repeats=1,
-                                    search=True, progress=False)
+    table = lu.linear_speedup_table([(32, 64)], [8, 12], lu.LinearTimingSettings(warmup=0, repeats=1, search=True),
+                                    dtype=torch.float32, device="cpu", progress=False)
     assert [shape for _, shape in searched] == [(64, 8), (64, 16)]  # 12 tokens padded to 16
     assert len(calls) == 2 * 2  # alg 0 and searched, once per length: all after the searches (no mm before)
     alg0 = [packed for packed, kw in calls if kw["alg_id"] == 0]
@@ -546,6 +553,6 @@ def test_a_search_of_a_broken_cusparselt_is_refused_before_any_work(monkeypatch,
         to_semi_structured(model, alg_search_tokens=64)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(lu.LabError, match="search=True: cuSPARSELt's algorithm search is refused"):
-        lu.linear_speedup_table([(32, 64)], [8], dtype=torch.float32, device="cpu", search=True)
+        lu.linear_speedup_table([(32, 64)], [8], SEARCH, dtype=torch.float32, device="cpu")
     monkeypatch.setattr(torch.backends.cusparselt, "version", lambda: 701)
     assert kernel.search_problem() is None

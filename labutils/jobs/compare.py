@@ -105,13 +105,14 @@ class Comparison:
 
 
 def compare_methods(profile: Profile, variants: list[PruneSpec], calib: torch.Tensor, test: torch.Tensor,
-                    dense: nn.Module, progress: bool = True, keep: Sequence[str] = ()) -> Comparison:
+                    dense: nn.Module, progress: bool = True) -> Comparison:
     """Prune a fresh dense model with every variant and measure it, in one call: ``Comparison`` and one ``add``.
-    ``dense`` (``lu.load_model``) is copied for every variant and never modified."""
+    ``dense`` (``lu.load_model``) is copied for every variant and never modified. To keep pruned models for later
+    measurements, grow a ``Comparison`` with ``add(variants, keep)`` instead (as 04-Benchmark and 05-Recover do)."""
     for v in variants:  # bad input fails before the dense model is scored
         check_spec(v, "each of variants")
     comparison = Comparison(profile, calib, test, dense, progress)
-    comparison.add(variants, keep)
+    comparison.add(variants)
     return comparison
 
 

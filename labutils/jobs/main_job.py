@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -23,7 +23,7 @@ from ..core.saved import (
     save_pruned,
 )
 from ..core.config import Profile, get_profile
-from ..core.device import get_device, peak_rss_bytes, require_cuda, set_seed, versions
+from ..core.device import get_device, peak_rss_bytes, require_cuda, set_seed
 from ..core.errors import BadInput, LabError
 from ..core.loading import CACHE_FOLDER, load_model
 from ..core.locks import output_lock
@@ -33,8 +33,7 @@ from ..core.validation import check_choice
 from ..evaluate.perplexity import perplexity
 from ..prune.driver import prune_model
 from ..prune.parallel import DataParallel, start_data_parallel, stop_data_parallel
-from ..prune.report import PruneReport
-from ..prune.sparsity import model_sparsity
+from .report import build_report
 from .stream_job import run_streamed
 from .tokens import job_tokens
 from ..prune.spec import PruneSpec, check_spec
@@ -114,32 +113,6 @@ def expected_model_bytes(profile: Profile, model_path: str | None) -> int | None
     return LLAMA2_7B_PARAMS * torch.finfo(getattr(torch, profile.dtype)).bits // 8
 
 
-def build_report(profile: Profile, model, prune: PruneReport, perplexities: dict[str, float], *, seed: int,
-                 eval_tokens: int, sparsity: dict | None = None) -> dict:
-    """The report.json of a pruned model: what was done, what it measured, and with which versions. The main job
-    adds its model label and the seconds it spent loading and evaluating. ``sparsity``: ``model_sparsity``'s totals
-    when ``model`` is not whole in memory (streamed from disk)."""
-    return {
-        "profile": profile.name, "model": profile.model_id, "base_model": profile.base_model,
-        "license": profile.license, "method": prune.method,
-        "label": prune.label, "params": prune.params, "true_sequential": prune.true_sequential,
-        "owl": prune.owl, "layer_sparsity": prune.layer_sparsity, "low_memory": prune.low_memory,
-        "target": prune.target,
-        "target_sparsity": prune.target_sparsity,
-        "nm": None if prune.nm is None else f"{prune.nm[0]}:{prune.nm[1]}",
-        "measured_sparsity": prune.measured_sparsity, **(sparsity or model_sparsity(model)),
-        "perplexity": perplexities, "mask_sha256": prune.mask_sha256,
-        "nsamples": prune.nsamples, "seqlen": prune.seqlen, "seed": seed,
-        "eval_tokens": eval_tokens, "eval_seqlen": profile.eval_seqlen, "batch_size": profile.batch_size,
-        "device": prune.device, "dtype": profile.dtype,
-        "seconds": {"prune": round(prune.seconds, 3), "method": round(prune.method_seconds, 3)},
-        "layer_seconds": [round(s, 3) for s in prune.layer_seconds],
-        "versions": versions(), "quality_warning": profile.quality_warning,
-        "sublayers": prune.records(),
-        "left_dense": [asdict(d) for d in prune.left_dense], "empty_experts": prune.empty_experts,
-    }
-
-
 # The dense perplexity of each profile's own model, by (profile, eval_tokens, eval_seqlen): the main job checks its
 # dense figure against it (``check_plausible``). smollm2-135m: measured, the same to 1e-5 on every CPU kernel set
 # (README "Portability"); llama2-7b: Sun et al. 2023, Table 3 (dense LLaMA-2-7B on WikiText-2, 4096-token windows).
@@ -185,7 +158,7 @@ def run_prune_job(job: PruneJob, progress: bool = True) -> dict:
         with output_lock(out) if leader else contextlib.nullcontext():  # a second run to the same folder stops
             if job.stream_from_disk:
                 set_seed(job.seed)
-                return run_streamed(job, profile, out, device, progress and leader, parallel, build_report)
+                return run_streamed(job, profile, out, device, progress and leader, parallel)
             return _run_locked(job, profile, out, device, progress and leader, parallel)
     finally:
         if parallel is not None:

@@ -25,6 +25,7 @@ from ..prune.calibration import CalibrationData, layers_replaced, outer_modules_
 from ..prune.disk import CheckpointReader, DiskLayers, LayerCallbacks, load_outer, prune_streamed, skeleton
 from ..prune.parallel import DataParallel
 from ..prune.placement import calibration_inputs
+from .report import build_report_from_totals
 from .tokens import job_tokens
 
 
@@ -78,10 +79,11 @@ class LayerwisePerplexity:
 
 
 def run_streamed(job, profile: Profile, out: Path, device: torch.device, progress: bool,
-                 parallel: DataParallel | None, build_report) -> dict:
-    """The main job streamed from disk (``PruneJob(stream_from_disk=True)``); ``build_report`` is the main job's.
-    With ``parallel`` every rank reads and prunes every layer on its share of the calibration batches; rank 0
-    measures perplexity and writes the output, the others return only their mask hash."""
+                 parallel: DataParallel | None) -> dict:
+    """The main job streamed from disk (``PruneJob(stream_from_disk=True)``), with the main job's report
+    (``report.build_report_from_totals``). With ``parallel`` every rank reads and prunes every layer on its share of
+    the calibration batches; rank 0 measures perplexity and writes the output, the others return only their mask
+    hash."""
     folder = model_folder(profile, job.model_path)
     dtype = getattr(torch, profile.dtype)
     model = skeleton(folder, dtype)
@@ -106,8 +108,8 @@ def run_streamed(job, profile: Profile, out: Path, device: torch.device, progres
                           callbacks=LayerCallbacks(on_load=(dense.advance,), on_pruned=(pruned.advance,)))
         prune = prune_streamed(model, disk, job.spec, CalibrationData(calib, profile.batch_size, parallel), progress)
         perplexities = {"dense": dense.result(), "pruned": pruned.result()}
-        report = build_report(profile, None, prune, perplexities, seed=job.seed, eval_tokens=int(test.numel()),
-                              sparsity=streamed_sparsity(outer, disk))
+        report = build_report_from_totals(profile, prune, perplexities, streamed_sparsity(outer, disk), seed=job.seed,
+                                          eval_tokens=int(test.numel()))
         report.update(model=job.model_path or report["model"], device=str(device), stream_from_disk=True,
                       data_parallel=None if parallel is None else parallel.world, peak_rss_bytes=peak_rss_bytes())
         model.config.save_pretrained(tmp)

@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model  # noqa: F401  (re-exported for ``re
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
-from .recovery import KEPT_ATTRIBUTE
+KEPT_ATTRIBUTE = "lab_lora_kept"  # the kept mask a target linear carries while peft wraps it (set by ``recover``)
 
 
 class MaskedLoraLinear(LoraLinear):

@@ -23,9 +23,6 @@ from ..core.sparse.format import nonzero_bits
 from ..core.validation import check_model, check_number, check_positive_int, check_tokens
 from .sparsity import mask_sha256, model_sparsity
 
-KEPT_ATTRIBUTE = "lab_lora_kept"  # the kept mask a target linear carries while peft wraps it
-
-
 
 def masked_merge(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
                  kept: torch.Tensor | None = None) -> torch.Tensor:
@@ -51,31 +48,45 @@ class RecoveryReport:
     sparsity: float = 0.0  # of the decoder linears, after the merge
 
 
-def recover(model: nn.Module, tokens: torch.Tensor, *, rank: int = 8, alpha: float = 16.0,
-            targets: tuple[str, ...] = ("q_proj", "v_proj"), epochs: int = 1, batch_size: int = 4, lr: float = 2e-4,
-            seed: int = 0, progress: bool = True) -> RecoveryReport:
-    """Fine-tune a pruned ``model`` in place with masked LoRA on ``tokens`` (windows, seqlen) for ``epochs``, then
-    merge: ``lu.recover(model, lu.calibration_data(...))``. Only the linears named in ``targets`` get adapters;
-    every pruned weight stays exactly zero (the mask hash is checked before and after). Returns a report."""
-    check_model(model)
-    tokens = check_tokens("recovery tokens", tokens, model.config.vocab_size, ndim=2)
-    for name, value in (("rank", rank), ("epochs", epochs), ("batch_size", batch_size)):
-        check_positive_int(name, value)
-    check_number("alpha", alpha, 0, 1e6, interval="(]")
-    check_number("lr", lr, 0, 1, interval="(]", allowed="a learning rate in (0, 1]")
-    linears = _target_linears(model, targets)
+@dataclass(frozen=True)
+class RecoverySettings:
+    """How ``recover`` fine-tunes: the LoRA adapter (``rank``, ``alpha``: the update is scaled by alpha / rank, and
+    the names of the linears it wraps, ``targets``) and the training run (``epochs`` over the windows, ``batch_size``
+    windows per AdamW step at learning rate ``lr``, shuffled with ``seed``). The defaults are Sun et al.'s §5 rank 8
+    on q_proj and v_proj."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    epochs: int = 1
+    batch_size: int = 4
+    lr: float = 2e-4
+    seed: int = 0
+
+
+def recover(model: nn.Module, tokens: torch.Tensor, settings: RecoverySettings | None = None, *,
+            progress: bool = True) -> RecoveryReport:
+    """Fine-tune a pruned ``model`` in place with masked LoRA on ``tokens`` (windows, seqlen) for
+    ``settings.epochs``, then merge: ``lu.recover(model, lu.calibration_data(...))``. Only the linears named in
+    ``settings.targets`` get adapters; every pruned weight stays exactly zero (the mask hash is checked before and
+    after). ``settings``: ``RecoverySettings()`` when None. Returns a report."""
+    settings = RecoverySettings() if settings is None else settings
+    linears, tokens = _checked(model, tokens, settings)
     before = mask_sha256(model)
     trainable_before = {id(p): p.requires_grad for p in model.parameters()}  # peft freezes the whole model
-    _attach_kept(model, linears)
-    from .lora import LoraConfig, MaskedLoraLinear, get_peft_model  # peft's import takes ~1 s and ~170 MB: only here
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none")
+    kept = _kept_bits(model, linears)
+    from .lora import KEPT_ATTRIBUTE, LoraConfig, MaskedLoraLinear, get_peft_model  # peft takes ~1 s, ~170 MB
+    for name, linear in linears.items():
+        object.__setattr__(linear, KEPT_ATTRIBUTE, kept[name])
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, target_modules=list(settings.targets),
+                        lora_dropout=0.0, bias="none")
     config._register_custom_module({nn.Linear: MaskedLoraLinear})
     with warnings.catch_warnings():  # peft asks transformers a question transformers 5 has renamed
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = get_peft_model(model, config)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     start = time.perf_counter()
-    losses = _train(peft_model, tokens, trainable, epochs, batch_size, lr, seed, progress)
+    losses = _train(peft_model, tokens, trainable, settings, progress)
     merged = peft_model.merge_and_unload()
     for linear in linears.values():
         delattr(linear, KEPT_ATTRIBUTE)
@@ -84,9 +95,21 @@ def recover(model: nn.Module, tokens: torch.Tensor, *, rank: int = 8, alpha: flo
     after = mask_sha256(merged)
     if after != before:  # cannot happen: every update is masked
         raise RuntimeError(f"recovery changed the mask (sha256 {before[:12]} → {after[:12]})")
-    return RecoveryReport(rank, alpha, tuple(targets), len(losses), int(tokens.numel()) * epochs,
-                          sum(p.numel() for p in trainable), time.perf_counter() - start, losses, after,
-                          model_sparsity(merged)["linear_sparsity"])
+    return RecoveryReport(settings.rank, settings.alpha, tuple(settings.targets), len(losses),
+                          int(tokens.numel()) * settings.epochs, sum(p.numel() for p in trainable),
+                          time.perf_counter() - start, losses, after, model_sparsity(merged)["linear_sparsity"])
+
+
+def _checked(model: nn.Module, tokens: torch.Tensor,
+             settings: RecoverySettings) -> tuple[dict[str, nn.Linear], torch.Tensor]:
+    """Every input check of ``recover``, before anything changes: the target linears by name, and the tokens."""
+    check_model(model)
+    tokens = check_tokens("recovery tokens", tokens, model.config.vocab_size, ndim=2)
+    for name in ("rank", "epochs", "batch_size"):
+        check_positive_int(name, getattr(settings, name))
+    check_number("alpha", settings.alpha, 0, 1e6, interval="(]")
+    check_number("lr", settings.lr, 0, 1, interval="(]", allowed="a learning rate in (0, 1]")
+    return _target_linears(model, settings.targets), tokens
 
 
 def _target_linears(model: nn.Module, targets) -> dict[str, nn.Linear]:
@@ -102,25 +125,28 @@ def _target_linears(model: nn.Module, targets) -> dict[str, nn.Linear]:
     return found
 
 
-def _attach_kept(model: nn.Module, linears: dict[str, nn.Linear]) -> None:
-    """Give each target linear the mask its update may touch: the non-zeros among the weights pruning kept (the
-    record, where there is one). A kept weight that is exactly zero stays zero too, so the zero pattern — the mask
-    hash, the measured sparsity — is the same after recovery."""
+def _kept_bits(model: nn.Module, linears: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+    """The mask each target linear's update may touch, (out, in) bool by name: the non-zeros among the weights
+    pruning kept (the record, where there is one). A kept weight that is exactly zero stays zero too, so the zero
+    pattern — the mask hash, the measured sparsity — is the same after recovery."""
     record, names = kept_masks(model), storage_names(model)
-    for linear in linears.values():
+    bits = {}
+    for name, linear in linears.items():
         pname = names[linear.weight.untyped_storage().data_ptr()][0]
         kept = nonzero_bits(linear.weight.detach())
         if record is not None and pname in record.packed:
             kept &= record.kept(pname).to(kept.device)
-        object.__setattr__(linear, KEPT_ATTRIBUTE, kept)
+        bits[name] = kept
+    return bits
 
 
-def _train(model: nn.Module, tokens: torch.Tensor, params: list, epochs: int, batch_size: int, lr: float, seed: int,
+def _train(model: nn.Module, tokens: torch.Tensor, params: list, settings: RecoverySettings,
            progress: bool) -> list[float]:
     """AdamW on the LoRA parameters, causal-LM loss on every window; one step per batch, windows shuffled."""
     device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
+    epochs, batch_size = settings.epochs, settings.batch_size
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(settings.seed)
     steps = epochs * math.ceil(len(tokens) / batch_size)
     losses = []
     model.train()

@@ -35,11 +35,6 @@ from torch.nn import functional as F
 from ..core.errors import LabError
 from ..core.anatomy import CompressedLinear
 
-# torch._cslt_sparse_mm's signature (packed, dense_t, *, bias, transpose_result, alg_id, split_k, split_k_mode);
-# a CPU test passes an emulation.
-SparseMM = Callable[..., torch.Tensor]
-
-
 @dataclass(frozen=True)
 class CsltPlan:
     """What cuSPARSELt's search chose for one weight and token count: the algorithm id and the split-K setting
@@ -89,10 +84,10 @@ class SparseMatmul24(nn.Module):
     """
 
     def __init__(self, packed: torch.Tensor, out_features: int, in_features: int, bias: torch.Tensor | None = None,
-                 *, plan: CsltPlan | None = None, pad_to: int = 8, mm: SparseMM | None = None):
+                 *, plan: CsltPlan | None = None, pad_to: int = 8):
         super().__init__()
         self.out_features, self.in_features = out_features, in_features
-        self.plan, self.pad_to, self._mm = plan or CsltPlan(), pad_to, mm
+        self.plan, self.pad_to = plan or CsltPlan(), pad_to
         self.register_buffer("packed", packed)
         self.register_buffer("bias", bias)
 
@@ -104,9 +99,8 @@ class SparseMatmul24(nn.Module):
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)
         tokens = x2d.shape[0]
-        mm = self._mm or torch._cslt_sparse_mm
-        y = mm(self.packed, pad_tokens(x2d, self.pad_to).t(), bias=self.bias, transpose_result=True,
-               **self.plan.mm_kwargs())
+        y = torch._cslt_sparse_mm(self.packed, pad_tokens(x2d, self.pad_to).t(), bias=self.bias,
+                                  transpose_result=True, **self.plan.mm_kwargs())
         if y.shape[0] != tokens:
             y = y[:tokens]  # a row-major prefix: still contiguous
         return y.view(*lead, self.out_features)
@@ -132,13 +126,13 @@ class SparseLinear24(SparseMatmul24, CompressedLinear):
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, *, alg_search_tokens: int | None = None, pad_to: int = 8,
-                    compress: Callable[[torch.Tensor], torch.Tensor] | None = None, mm: SparseMM | None = None,
+                    compress: Callable[[torch.Tensor], torch.Tensor] | None = None,
                     search: Callable[[SparseMatmul24, int], CsltPlan] | None = None) -> "SparseLinear24":
         """Compress ``linear``'s 2:4 weight; with ``alg_search_tokens``, pick cuSPARSELt's fastest plan for
         inputs of that many tokens. The caller checks the pattern, shape, device and dtype first."""
         weight = linear.weight.detach().contiguous()
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        module = cls((compress or torch._cslt_compress)(weight), *weight.shape, bias, pad_to=pad_to, mm=mm)
+        module = cls((compress or torch._cslt_compress)(weight), *weight.shape, bias, pad_to=pad_to)
         if alg_search_tokens is not None:
             module.plan = (search or search_plan)(module, alg_search_tokens)
         return module

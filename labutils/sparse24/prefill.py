@@ -7,7 +7,8 @@ interleaved rounds so both models see the same GPU state, and decode token by to
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import pandas as pd
@@ -26,11 +27,25 @@ from .graphs import GraphedForward, graphed_forward
 from .kernel import SparseMatmul24
 
 
+@dataclass(frozen=True)
+class PrefillSettings:
+    """How ``prefill_speedup_table`` measures: untimed and timed rounds per prefill length, CUDA graphs or eager
+    only, the decode row (``decode_tokens`` steps after a ``decode_prompt_len`` prefill, ``decode_repeats`` timed
+    runs; ``decode_tokens=0`` leaves it out) and the seed of the random prompts (04-Benchmark)."""
+
+    warmup: int = 2
+    repeats: int = 5
+    graphs: bool = True
+    decode_prompt_len: int = 128
+    decode_tokens: int = 32
+    decode_repeats: int = 3
+    seed: int = 0
+
+
 def prefill_speedup_table(dense_model: nn.Module, sparse_model: nn.Module,
-                          lengths: Sequence[int] = (512, 1024, 2048, 4096, 8192), *, warmup: int = 2, repeats: int = 5,
-                          graphs: bool = True, decode_prompt_len: int = 128, decode_tokens: int = 32,
-                          decode_repeats: int = 3, seed: int = 0, progress: bool = True,
-                          on_row=None) -> pd.DataFrame:
+                          lengths: Sequence[int] = (512, 1024, 2048, 4096, 8192),
+                          settings: PrefillSettings | None = None, *, progress: bool = True,
+                          on_row: Callable[[dict], None] | None = None) -> pd.DataFrame:
     """Batch-1 speed of the 2:4 model against the masked dense model, on the GPU.
 
     One row per prefill length: P50 ms of dense and 2:4, eager and replayed from a CUDA graph
@@ -38,14 +53,16 @@ def prefill_speedup_table(dense_model: nn.Module, sparse_model: nn.Module,
     times its four variants in interleaved, rotated rounds (``time_interleaved``) on one fixed prompt;
     only the last position's logits are computed, as in ``generate()``. A length above the models' maximum
     positions, or one that runs out of GPU memory, gets a note instead of numbers. The last row is decode:
-    P50 ms per token over ``decode_tokens`` steps after a ``decode_prompt_len`` prefill, one untimed warm-up run
-    then ``decode_repeats`` timed runs, eager only (replaying decode from a graph needs a static KV cache);
-    ``decode_tokens=0`` leaves it out. ``on_row(row)``, if given, receives each row as soon as it is measured (a
-    benchmark saves it at once: a run cut short keeps the rows it finished).
+    P50 ms per token over ``settings.decode_tokens`` steps after a ``decode_prompt_len`` prefill, one untimed
+    warm-up run then ``decode_repeats`` timed runs, eager only (replaying decode from a graph needs a static KV
+    cache); ``decode_tokens=0`` leaves it out. ``settings``: ``PrefillSettings()`` when None. ``on_row(row)``, if
+    given, receives each row as soon as it is measured (a benchmark saves it at once: a run cut short keeps the
+    rows it finished).
     """
+    settings = PrefillSettings() if settings is None else settings
     lengths = check_positive_ints("lengths", lengths)
-    check_positive_int("decode_repeats", decode_repeats)
-    check_count("decode_tokens", decode_tokens)
+    check_positive_int("decode_repeats", settings.decode_repeats)
+    check_count("decode_tokens", settings.decode_tokens)
     for name, model in (("dense_model", dense_model), ("sparse_model", sparse_model)):
         problem = kernel_problem(model_device(model))
         if problem is not None:
@@ -54,13 +71,15 @@ def prefill_speedup_table(dense_model: nn.Module, sparse_model: nn.Module,
     report = on_row or (lambda row: None)
     rows = []
     for n in tqdm(lengths, desc="prefill lengths", unit="length", disable=not progress):
-        rows.append(_prefill_row(dense_model, sparse_model, n, limit, warmup, repeats, graphs, seed))
+        rows.append(_prefill_row(dense_model, sparse_model, n, limit, settings))
         report(rows[-1])
-    if decode_tokens:
-        rows.append(_decode_row(dense_model, sparse_model, decode_prompt_len, decode_tokens, decode_repeats, seed))
+    if settings.decode_tokens:
+        rows.append(_decode_row(dense_model, sparse_model, settings.decode_prompt_len, settings.decode_tokens,
+                                settings.decode_repeats, settings.seed))
         report(rows[-1])
     table = pd.DataFrame(rows).set_index(["phase", "tokens"])
-    table.attrs.update(warmup=warmup, repeats=repeats, device=torch.cuda.get_device_name(model_device(dense_model)))
+    table.attrs.update(warmup=settings.warmup, repeats=settings.repeats,
+                       device=torch.cuda.get_device_name(model_device(dense_model)))
     return table
 
 
@@ -105,20 +124,19 @@ def _synchronized_seconds(fn, x: torch.Tensor, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def _prefill_row(dense: nn.Module, sparse: nn.Module, length: int, limit: int, warmup: int, repeats: int,
-                 graphs: bool, seed: int) -> dict:
+def _prefill_row(dense: nn.Module, sparse: nn.Module, length: int, limit: int, settings: PrefillSettings) -> dict:
     row = {"phase": "prefill", "tokens": length}
     if length > limit:
         return {**row, "note": f"skipped: {length} tokens exceed the models' {limit} positions"}
-    ids = random_prompt(dense, length, 1, seed)
+    ids = random_prompt(dense, length, 1, settings.seed)
     captured: list[GraphedForward] = []
     try:
         fns = {"dense eager": prefill_fn(dense, ids), "2:4 eager": prefill_fn(sparse, ids)}
-        if graphs:
+        if settings.graphs:
             for label, model in (("dense graphed", dense), ("2:4 graphed", sparse)):
                 captured.append(graphed_forward(model, ids, logits_to_keep=1))
                 fns[label] = partial(captured[-1], ids)
-        stats = time_interleaved(fns, warmup=warmup, repeats=repeats, device=ids.device)
+        stats = time_interleaved(fns, warmup=settings.warmup, repeats=settings.repeats, device=ids.device)
     except torch.cuda.OutOfMemoryError:
         return {**row, "note": f"skipped: out of GPU memory at {length} tokens"}
     finally:

@@ -10,6 +10,7 @@ lists the stacked q/k/v and gate/up shapes that ``to_semi_structured(..., fuse=T
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import pandas as pd
@@ -44,16 +45,27 @@ def linear_shapes(model: torch.nn.Module, fused: bool = False) -> dict[tuple[int
     return shapes
 
 
+@dataclass(frozen=True)
+class LinearTimingSettings:
+    """How ``linear_speedup_table`` measures: untimed and timed interleaved rounds per (shape, tokens), whether
+    cuSPARSELt's search adds a searched plan's columns (off by default: the search of cuSPARSELt 0.8.0 broke the
+    CUDA context on an H200, see ``kernel.BROKEN_SEARCH``), and the seed of the random weights and inputs (04)."""
+
+    warmup: int = 3
+    repeats: int = 10
+    search: bool = False
+    seed: int = 0
+
+
 @torch.inference_mode()
-def linear_speedup_table(shapes: Sequence[tuple[int, int]], lengths: Sequence[int], *,
-                         dtype: torch.dtype = torch.float16, device: torch.device | str = "cuda", warmup: int = 3,
-                         repeats: int = 10, search: bool = False, seed: int = 0,
-                         progress: bool = True) -> pd.DataFrame:
+def linear_speedup_table(shapes: Sequence[tuple[int, int]], lengths: Sequence[int],
+                         settings: LinearTimingSettings | None = None, *, dtype: torch.dtype = torch.float16,
+                         device: torch.device | str = "cuda", progress: bool = True) -> pd.DataFrame:
     """One row per (shape, tokens): P50 ms of y = x Wᵀ dense and 2:4 (algorithm 0, and the plan cuSPARSELt's search
     picks: algorithm and split-K), and "× dense" = dense ms / 2:4 ms. W is a random weight pruned 2:4 by magnitude;
-    x (tokens, in). For the fused shapes of a model, pass ``list(linear_shapes(model, fused=True))``. ``search``
-    (off by default: the search of cuSPARSELt 0.8.0 broke the CUDA context on an H200, see ``kernel.BROKEN_SEARCH``)
-    adds the searched plan's columns."""
+    x (tokens, in). For the fused shapes of a model, pass ``list(linear_shapes(model, fused=True))``. ``settings``:
+    ``LinearTimingSettings()`` when None; its ``search`` adds the searched plan's columns."""
+    settings = LinearTimingSettings() if settings is None else settings
     check_not_empty("shapes", shapes, "(out, in) weight shape")
     shapes = [check_positive_ints(f"shapes[{i}] (out, in)", shape, length=2) for i, shape in enumerate(shapes)]
     lengths = check_positive_ints("lengths", lengths)
@@ -61,15 +73,16 @@ def linear_speedup_table(shapes: Sequence[tuple[int, int]], lengths: Sequence[in
     problem = kernel_problem(device)
     if problem is not None:
         raise LabError(f"cannot time 2:4 kernels: {problem}")
-    if search and (problem := search_problem()) is not None:
+    if settings.search and (problem := search_problem()) is not None:
         raise LabError(f"search=True: {problem}")
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
     rows = []
     for out_features, in_features in tqdm(shapes, desc="linear shapes", unit="shape", disable=not progress):
         weight = torch.randn(out_features, in_features, dtype=dtype, device=device, generator=generator)
         weight.masked_fill_(nm_mask(weight.abs().float(), 2, 4), 0)
         inputs = {n: torch.randn(n, in_features, dtype=dtype, device=device, generator=generator) for n in lengths}
-        rows += _shape_rows(weight, inputs, search, {"warmup": warmup, "repeats": repeats, "device": device})
+        rows += _shape_rows(weight, inputs, settings.search, {"warmup": settings.warmup, "repeats": settings.repeats,
+                                                     "device": device})
     return pd.DataFrame(rows).set_index(["shape (out, in)", "tokens"])
 
 

@@ -17,6 +17,8 @@ sparsity rises as s · (1 − (1 − t / T)³) and each step prunes the smallest
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, replace
+
 import torch
 from torch import nn
 
@@ -26,6 +28,20 @@ from ..masks import SparsityTarget, lowest_mask, nm_mask, select_mask
 from .base import HESSIAN, Method, check_group
 
 SELECTIONS = ("wanda", "gradual")  # how the mask is chosen
+
+
+@dataclass(frozen=True)
+class AdmmSettings:
+    """How ``admm_update`` solves (05-Recover): the mask's comparison ``group`` ("row" or "layer"), the number of
+    ``iterations``, the penalty ρ and its growth per iteration (1: constant), the iterations of the gradual mask
+    (0: Wanda's mask) and the Hessian's ``dampening`` (a share of its mean scaled diagonal)."""
+
+    group: str = "row"
+    iterations: int = 20
+    rho: float = 1.0
+    rho_growth: float = 1.0
+    gradual_steps: int = 15
+    dampening: float = 0.1
 
 
 def scaled_problem(weight: torch.Tensor, hessian: torch.Tensor, dampening: float):
@@ -61,36 +77,36 @@ def gradual_mask(v: torch.Tensor, target: SparsityTarget, group: str, fraction: 
     return select_mask(score, SparsityTarget(sparsity=target.sparsity * fraction), group)
 
 
-def admm_update(weight: torch.Tensor, hessian: torch.Tensor, pruned: torch.Tensor | None, target: SparsityTarget, *,
-                group: str = "row", iterations: int = 20, rho: float = 1.0, rho_growth: float = 1.0,
-                gradual_steps: int = 15, dampening: float = 0.1,
+def admm_update(weight: torch.Tensor, hessian: torch.Tensor, pruned: torch.Tensor | None, target: SparsityTarget,
+                settings: AdmmSettings | None = None, *,
                 trace: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(new weight in float32, pruned mask) for weight (out, in) and hessian (in, in); the weight is not modified.
 
     pruned: a fixed mask (True = pruned) to update the weights for, or None to choose one: Wanda's when
-    ``gradual_steps`` is 0, else gradually. ``trace``, if given, receives one (objective, ‖V − Z‖ / ‖Z‖) per
-    iteration (the objective of Z, undampened)."""
-    scale, w0, damped, hs = scaled_problem(weight, hessian, dampening)
-    if pruned is None and gradual_steps == 0:
-        pruned = select_mask(w0.abs(), target, group)  # |W| · ‖X‖: Wanda's score
+    ``settings.gradual_steps`` is 0, else gradually. ``settings``: ``AdmmSettings()`` when None. ``trace``, if
+    given, receives one (objective, ‖V − Z‖ / ‖Z‖) per iteration (the objective of Z, undampened)."""
+    settings = AdmmSettings() if settings is None else settings
+    scale, w0, damped, hs = scaled_problem(weight, hessian, settings.dampening)
+    if pruned is None and settings.gradual_steps == 0:
+        pruned = select_mask(w0.abs(), target, settings.group)  # |W| · ‖X‖: Wanda's score
     fixed = pruned.to(w0.device) if pruned is not None else None
     rhs = w0 @ damped  # W₀ H, (out, in)
-    solve = _inverse_solver(damped, rho, rho_growth)
+    solve = _inverse_solver(damped, settings.rho, settings.rho_growth)
     v, u = w0.clone(), torch.zeros_like(w0)
-    mask, penalty = fixed, rho
-    for step in range(iterations):
-        if fixed is None and step < gradual_steps:
-            mask = gradual_mask(v + u, target, group, 1 - (1 - (step + 1) / gradual_steps) ** 3)
+    mask, penalty = fixed, settings.rho
+    for step in range(settings.iterations):
+        if fixed is None and step < settings.gradual_steps:
+            mask = gradual_mask(v + u, target, settings.group, 1 - (1 - (step + 1) / settings.gradual_steps) ** 3)
         z = (v + u).masked_fill_(mask, 0)
         u += v - z
         v = solve(rhs + penalty * (z - u), penalty)
-        if rho_growth != 1.0:  # U is the dual scaled by 1/ρ: rescale it with ρ
-            u *= 1 / rho_growth
-            penalty *= rho_growth
+        if settings.rho_growth != 1.0:  # U is the dual scaled by 1/ρ: rescale it with ρ
+            u *= 1 / settings.rho_growth
+            penalty *= settings.rho_growth
         if trace is not None:
             trace.append((objective(w0, z, hs), float((v - z).norm() / z.norm().clamp_min(1e-30))))
     if mask is None:  # no iterations: the mask alone
-        mask = gradual_mask(w0, target, group, 1.0)
+        mask = gradual_mask(w0, target, settings.group, 1.0)
     z = (v + u).masked_fill_(mask, 0)
     return z / scale, mask
 
@@ -105,12 +121,14 @@ def _inverse_solver(damped: torch.Tensor, rho: float, growth: float):
     return lambda x, penalty: ((x @ vectors) / (values + penalty)) @ vectors.T
 
 
-def prune(linear: nn.Linear, hessian: torch.Tensor, target: SparsityTarget, selection: str, group: str,
-          iterations: float, rho: float, rho_growth: float, gradual_steps: float, dampening: float) -> torch.Tensor:
-    steps = int(gradual_steps) if selection == "gradual" else 0
-    new_weight, pruned = admm_update(linear.weight, hessian.to(linear.weight.device), None, target, group=group,
-                                     iterations=int(iterations), rho=rho, rho_growth=rho_growth,
-                                     gradual_steps=steps, dampening=dampening)
+def prune(linear: nn.Linear, hessian: torch.Tensor, target: SparsityTarget, selection: str,
+          **settings: float | str) -> torch.Tensor:
+    """The registry's entry: ``settings`` are ``AdmmSettings``' fields as ``METHOD.params`` holds them (whole
+    numbers may come as floats from the command line)."""
+    given = AdmmSettings(**settings)
+    steps = int(given.gradual_steps) if selection == "gradual" else 0
+    solver = replace(given, iterations=int(given.iterations), gradual_steps=steps)
+    new_weight, pruned = admm_update(linear.weight, hessian.to(linear.weight.device), None, target, solver)
     with torch.no_grad():
         linear.weight.copy_(new_weight.to(linear.weight.dtype))
     return pruned
@@ -134,5 +152,4 @@ def check(params: dict) -> None:
 
 
 METHOD = Method("admm", HESSIAN, prune, "Wanda's mask (or a gradual one), weights solved by ADMM",
-                {"selection": "wanda", "group": "row", "iterations": 20, "rho": 1.0, "rho_growth": 1.0,
-                 "gradual_steps": 15, "dampening": 0.1}, check)
+                {"selection": "wanda", **asdict(AdmmSettings())}, check)
