@@ -38,7 +38,7 @@ setup:
 	fi
 	@$(MAKE) --no-print-directory chromium
 
-# The full install, in order (README "Setup"); `make setup` runs it when needed.
+# The full install, in order (docs/running.md "Setup"); `make setup` runs it when needed.
 setup-packages:
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
 	  echo "keeping the installed torch $$($(PYTHON) -c 'import torch; print(torch.__version__)')"; \
@@ -65,7 +65,7 @@ chromium:
 	  echo "no Chromium: tests/test_browser.py will be skipped (sudo apt-get install chromium enables it)"; \
 	fi
 
-# The main job: Wanda 50 % on the default model, dense vs pruned perplexity (README "The main job").
+# The main job: Wanda 50 % on the default model, dense vs pruned perplexity (docs/running.md "The main job").
 run: setup
 	$(PYTHON) -m labutils prune
 
@@ -100,7 +100,7 @@ test-optional: setup
 # The notebooks on "another CPU": strict nbval on 01-04 with torch's float kernels switched to another set than this
 # machine's own (AVX2 on an AVX-512 machine, the portable C++ kernels otherwise), then the spread of every compared
 # figure against the committed reference run, then the masters graded under two kernel sets (full marks both
-# times). README "Portability". About 35 minutes on 2 cores; not part of make test (its 15-minute budget).
+# times). docs/testing.md "Portability". About 35 minutes on 2 cores; not part of make test (its 15-minute budget).
 # PORTABLE_CAPABILITY=… chooses the kernel set (default: worked out after setup, in the recipe).
 test-portable: setup
 	@cap="$(PORTABLE_CAPABILITY)"; \

@@ -1,5 +1,5 @@
 """What checking every byte costs a load: ``lu.load_pruned`` of the default model's Wanda 50 % save, sparse and
-dense, with and without the manifest check, interleaved (README "Saving: what is guaranteed").
+dense, with and without the manifest check, interleaved (docs/saving.md "Saving: what is guaranteed").
 
     python benchmarks/check_cost.py [--rounds 7]
 

@@ -7,7 +7,7 @@ test-portable`` writes one per variant under outputs/portable/). For every figur
 reference run (``labutils.lab.reference.TOLERANCES``) it prints the largest difference any variant shows — relative
 for a relative tolerance, absolute for an absolute one —, the row it was seen on, the tolerance and the tolerance
 as a multiple of that spread. ``--write`` saves the table, and beside it ``…-machines.json``: which CPU, kernel set and settings each run
-recorded, for the README ("Portability", ``python -m labutils readme``). Exits 1 when some figure of some variant lies outside its tolerance.
+recorded, for docs/testing.md ("Portability", ``python -m labutils readme``). Exits 1 when some figure of some variant lies outside its tolerance.
 """
 from __future__ import annotations
 

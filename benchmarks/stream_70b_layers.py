@@ -1,4 +1,4 @@
-"""Per-layer figures of disk-streamed pruning at Llama-2-70B's layer shape, on whatever machine runs it (README "70B").
+"""Per-layer figures of disk-streamed pruning at Llama-2-70B's layer shape, on whatever machine runs it (docs/gpu.md "70B").
 
     python benchmarks/stream_70b_layers.py WORK [--layers 2] [--method wanda] [--dtype bfloat16] [-- PRUNE_OPTIONS]
 
@@ -6,7 +6,7 @@ Writes a random model with Llama-2-70B's decoder layers (8192 wide, 28672 in the
 heads) to WORK/model — ``--layers`` of them, in ``--dtype`` on disk, with the default model's 49152-token
 vocabulary so that its tokenizer makes the calibration text —, then prunes it with ``python -m labutils prune
 --stream-from-disk`` (the default profile: float32 on a CPU) and prints the run's per-layer seconds and peak
-memory as JSON (also written to WORK/figures.json). Every number of the README's 70B section that says "measured
+memory as JSON (also written to WORK/figures.json). Every number of docs/gpu.md's 70B section that says "measured
 on the CPU" comes from this script.
 """
 from __future__ import annotations

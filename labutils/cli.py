@@ -1,7 +1,7 @@
 """Command line: ``python -m labutils prune …`` (the main job), ``export`` (a dense copy of a saved model),
 ``prepare``, ``bench-prune`` (04-Benchmark), for
 instructors ``student`` (student copies of the notebooks) and ``grade`` (score submitted notebooks), and for
-maintainers ``readme`` (the README's result tables from ``results/``)."""
+maintainers ``readme`` (the result tables of the README and docs/ from ``results/``)."""
 from __future__ import annotations
 
 import argparse
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "transformers folder, for from_pretrained, vLLM or llama.cpp's converter")
     export.add_argument("folder", metavar="FOLDER", help="a folder written by prune or lu.save_pruned")
     export.add_argument("out", metavar="OUT", help="the dense folder to write (new, or an earlier lab output)")
-    readme = sub.add_parser("readme", help="rewrite the README's result tables from results/ (after make notebooks)")
+    readme = sub.add_parser("readme", help="rewrite the README and docs/ tables from results/ (after make notebooks)")
     readme.add_argument("--readme", default="README.md", help="the README to update (default README.md)")
     return parser
 
@@ -112,7 +112,7 @@ def _add_prune(sub) -> None:
     prune.add_argument("--stream-from-disk", action="store_true",
                        help="never load the model whole: each decoder layer is read from the safetensors files, "
                             "pruned and written as one shard of the sparse output (models larger than memory; "
-                            "README \"70B\")")
+                            "docs/gpu.md \"70B\")")
     prune.add_argument("--data-parallel", action="store_true",
                        help="under torchrun --nproc-per-node N: each process calibrates on its share of the samples, "
                             "statistics summed in one process's order (same masks); rank 0 evaluates and writes")

@@ -19,7 +19,7 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
-SECONDS_FILE = Path("results/notebook-seconds.json")  # read by the README's "notebook-seconds" table
+SECONDS_FILE = Path("results/notebook-seconds.json")  # read by docs/running.md's "notebook-seconds" table
 RUN_FOLDER = Path("outputs/notebook-results")  # this run's result tables, copied into results/ at the end
 
 

@@ -292,7 +292,7 @@ def test_a_badly_tagged_master_is_refused_with_the_cell_named(tmp_path, edit, me
 
 def test_every_check_still_passes_and_fails_as_it_should_under_another_kernel_set():
     """The test above, in a process whose torch runs its portable C++ kernels instead of this CPU's vector ones
-    (``ATEN_CPU_CAPABILITY=default``): a correct answer computed with them gets full points, a wrong one none (README
+    (``ATEN_CPU_CAPABILITY=default``): a correct answer computed with them gets full points, a wrong one none (docs/testing.md
     "Portability"; ``make test-portable`` grades the real notebooks under AVX2 kernels)."""
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::"

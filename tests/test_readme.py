@@ -1,10 +1,13 @@
-"""The README's result tables come from the committed results files, and the committed notebooks keep the lab's
-time budget (issue E, items 8 and 9).
+"""The result tables of the README and docs/ come from the committed results files, the committed notebooks keep the
+lab's time budget (issue E, items 8 and 9), and the README stays a short start (issue H2, item 6).
 
-``labutils.lab.readme`` regenerates every ``<!-- results: NAME -->`` block of README.md from ``results/``, which
-the notebooks write (``lu.write_results``) when they are executed for a commit (``make notebooks``); the same run
-records each notebook's run time. So a README number that differs from the committed run fails here.
+``labutils.lab.readme`` regenerates every ``<!-- results: NAME -->`` block of README.md and docs/*.md from
+``results/``, which the notebooks write (``lu.write_results``) when they are executed for a commit
+(``make notebooks``); the same run records each notebook's run time. So a number that differs from the committed
+run fails here. The README keeps the three commands CI runs (``.ci/run``), stays within 300 lines, and every
+relative link of the README, CONTRIBUTING.md and docs/ reaches a file (and a heading, for ``#anchor`` links).
 """
+import re
 import shutil
 from pathlib import Path
 
@@ -13,17 +16,25 @@ import pandas as pd
 import pytest
 from execute_notebooks import cell_seconds
 
-from labutils.lab.readme import BLOCK, README_TABLES, markdown_table, render_readme
+from labutils.lab.readme import BLOCK, README_TABLES, generated_files, markdown_table, render_readme
 
 ROOT = Path(__file__).resolve().parents[1]
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+LINKED = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *DOCS]
 NOTEBOOKS = ["01-Setup.ipynb", "02-Prune.ipynb", "03-Inference.ipynb", "04-Benchmark.ipynb", "05-Recover.ipynb"]
 CELL_BUDGET, BENCHMARK_BUDGET = 180, 300  # seconds on the 2-core reference machine
 
 
-def test_every_generated_table_is_in_the_readme_and_equals_the_committed_results():
-    text = (ROOT / "README.md").read_text()
-    assert sorted(m["name"] for m in BLOCK.finditer(text)) == sorted(README_TABLES)
-    assert render_readme(text, ROOT / "results") == text, "run `python -m labutils readme` after `make notebooks`"
+def test_every_generated_table_is_in_the_readme_or_docs_and_equals_the_committed_results():
+    files = generated_files(ROOT / "README.md")
+    assert files[1:] == DOCS and DOCS, "the generated tables live in README.md and docs/*.md"
+    names = set()
+    for path in files:
+        text = path.read_text()
+        names |= {m["name"] for m in BLOCK.finditer(text)}
+        assert render_readme(text, ROOT / "results") == text, f"{path.name}: run `python -m labutils readme`"
+    assert sorted(names) == sorted(README_TABLES)
+    assert "prune" in {m["name"] for m in BLOCK.finditer((ROOT / "README.md").read_text())}  # results at a glance
 
 
 def test_a_changed_number_is_caught(tmp_path):
@@ -58,3 +69,60 @@ def test_the_readme_command_rewrites_a_drifted_table(tmp_path, capsys):
     assert (tmp_path / "README.md").read_text() == text and "tables rewritten" in capsys.readouterr().out
     assert main(["readme", "--readme", str(tmp_path / "nothing.md")]) == 2
     assert capsys.readouterr().err.startswith("error: --readme")
+
+
+def test_the_readme_command_rewrites_a_drifted_table_in_docs(tmp_path, capsys):
+    from labutils.cli import main
+    shutil.copytree(ROOT / "results", tmp_path / "results")
+    shutil.copytree(ROOT / "docs", tmp_path / "docs")
+    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
+    text = (ROOT / "docs" / "results.md").read_text()
+    block = next(BLOCK.finditer(text))
+    (tmp_path / "docs" / "results.md").write_text(text.replace(block["body"], "| stale | table |\n"))
+    assert main(["readme", "--readme", str(tmp_path / "README.md")]) == 0
+    assert (tmp_path / "docs" / "results.md").read_text() == text and "tables rewritten" in capsys.readouterr().out
+    assert main(["readme", "--readme", str(tmp_path / "README.md")]) == 0
+    assert "already equal" in capsys.readouterr().out
+
+
+def test_the_readme_is_a_short_start():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 300, f"README.md has {len(lines)} lines (at most 300: reference material goes to docs/)"
+
+
+def test_the_readme_gives_the_three_commands_ci_runs():
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## The three commands"):]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    commands = [line.split("#")[0].strip() for line in block.splitlines()]
+    assert commands == ["make setup", "python -m labutils prune", "make test"]
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if line and not line.startswith(("#", "set ", "cd "))]
+    assert ci == ["make setup", "make test"], "CI runs the README's setup command, then its test command"
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _links(path: Path) -> list[str]:
+    """The relative link targets of ``path``'s markdown, code blocks left out."""
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    return [t for t in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"[a-z]+:", t)]
+
+
+@pytest.mark.parametrize("path", LINKED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_resolves(path):
+    for target in _links(path):
+        file, _, anchor = target.partition("#")
+        where = (path.parent / file).resolve() if file else path
+        assert where.exists(), f"{path.name}: link {target} names no file"
+        if anchor and where.suffix == ".md":
+            headings = re.findall(r"^#+ (.*)$", re.sub(r"```.*?```", "", where.read_text(), flags=re.S), re.M)
+            assert anchor in {_anchor(h) for h in headings}, f"{path.name}: link {target} names no heading"
+
+
+def test_the_readme_links_every_docs_file_and_contributing():
+    links = {target.partition("#")[0] for target in _links(ROOT / "README.md")}
+    assert {f"docs/{p.name}" for p in DOCS} | {"CONTRIBUTING.md"} <= links

@@ -1,4 +1,4 @@
-"""Checksums of every byte the lab writes, checked before the bytes are used (README "Saving: what is guaranteed").
+"""Checksums of every byte the lab writes, checked before the bytes are used (docs/saving.md "Saving: what is guaranteed").
 
 Every file a lab folder holds (a pruned model, sparse or dense; the converted model cache) is listed in its
 manifest with an xxh3-64 digest (``xxhash``: about 20 GB/s on one core, so checking a 540 MB model costs a few

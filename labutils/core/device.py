@@ -135,7 +135,7 @@ def device_summary(device: torch.device) -> dict[str, str]:
     return info
 
 
-# Environment variables that change which float kernels torch and MKL run (README "Portability")
+# Environment variables that change which float kernels torch and MKL run (docs/testing.md "Portability")
 KERNEL_SETTINGS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "OMP_NUM_THREADS")
 
 

@@ -115,7 +115,7 @@ def expected_model_bytes(profile: Profile, model_path: str | None) -> int | None
 
 # The dense perplexity of each profile's own model, by (profile, eval_tokens, eval_seqlen): the main job checks its
 # dense figure against it (``check_plausible``). smollm2-135m: measured, the same to 1e-5 on every CPU kernel set
-# (README "Portability"); llama2-7b: Sun et al. 2023, Table 3 (dense LLaMA-2-7B on WikiText-2, 4096-token windows).
+# (docs/testing.md "Portability"); llama2-7b: Sun et al. 2023, Table 3 (dense LLaMA-2-7B on WikiText-2, 4096-token windows).
 DENSE_PERPLEXITY = {("smollm2-135m", 8192, 512): 13.8201, ("smollm2-135m", 1024, 512): 14.0139,
                     ("smollm2-135m", 2048, 512): 12.6429, ("llama2-7b", None, 4096): 5.12}
 PLAUSIBLE = 0.05  # relative distance from the recorded figure beyond which the model or the text is suspect

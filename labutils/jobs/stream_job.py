@@ -1,4 +1,4 @@
-"""The main job with the model streamed from disk (``python -m labutils prune --stream-from-disk``, README "70B").
+"""The main job with the model streamed from disk (``python -m labutils prune --stream-from-disk``, docs/gpu.md "70B").
 
 One pass over the checkpoint does everything the in-memory job does: each decoder layer is read, runs the dense
 perplexity windows, is pruned (``prune.disk``), runs the pruned perplexity windows, and is written to the output

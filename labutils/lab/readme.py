@@ -1,10 +1,12 @@
-"""The README's result tables, generated from the results files the notebooks write, so they cannot drift.
+"""The result tables of README.md and docs/*.md, generated from the results files the notebooks write, so they cannot
+drift.
 
-Each generated table in README.md sits between ``<!-- results: NAME -->`` and ``<!-- /results -->``.
+Each generated table sits between ``<!-- results: NAME -->`` and ``<!-- /results -->``, in README.md (results at a
+glance) or in one of the ``docs/*.md`` files beside it (docs/results.md, docs/saving.md, ...).
 ``README_TABLES[NAME]`` names the results file it reads (``results/<profile>-<stem>.json``, written by
 ``lu.write_results`` in a notebook; ``results/notebook-seconds.json`` by ``tests/execute_notebooks.py``) and turns
-its rows into the table. ``python -m labutils readme`` rewrites every block from the files; a test checks that
-README.md equals what the committed results files give.
+its rows into the table. ``python -m labutils readme`` rewrites every block of every one of those files from the
+results files; a test checks that they equal what the committed results files give.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def _num(value: float, digits: int = 2) -> str:
 
 
 def _label(name: str) -> str:
-    """"wanda 50%" → "Wanda 50 %": the README's spelling of a variant label."""
+    """"wanda 50%" → "Wanda 50 %": the README's and docs' spelling of a variant label."""
     for raw, shown in (("wanda", "Wanda"), ("sparsegpt", "SparseGPT"), ("ria", "RIA"), ("admm", "ADMM")):
         name = re.sub(rf"\b{raw}\b", shown, name)
     return re.sub(r"(\d)%", r"\1 %", name)
@@ -234,7 +236,8 @@ def results_rows(folder: Path, table: ReadmeTable, profile: str = DEFAULT_PROFIL
 
 
 def render_readme(text: str, folder: Path, profile: str = DEFAULT_PROFILE) -> str:
-    """``text`` (README.md) with every ``<!-- results: NAME -->`` block regenerated from the results in ``folder``."""
+    """``text`` (README.md or a docs/*.md file) with every ``<!-- results: NAME -->`` block regenerated from the
+    results in ``folder``."""
     def replace(match: re.Match) -> str:
         name = match["name"]
         if name not in README_TABLES:
@@ -250,13 +253,30 @@ def render_readme(text: str, folder: Path, profile: str = DEFAULT_PROFILE) -> st
     return BLOCK.sub(replace, text)
 
 
-def update_readme(readme: Path, folder: Path | None = None) -> bool:
-    """Rewrite ``readme``'s generated tables from ``folder`` (default: ``results/`` beside it); True if it changed."""
+def generated_files(readme: Path) -> list[Path]:
+    """``readme`` and every ``docs/*.md`` beside it (sorted): the files whose generated tables ``update_readme``
+    rewrites."""
+    return [readme, *sorted((readme.parent / "docs").glob("*.md"))]
+
+
+def _read_text(path: Path, label: str) -> str:
     try:
-        old = readme.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise BadInput(f"--readme {readme}: not a readable UTF-8 text file ({exc})") from None
-    new = render_readme(old, folder or readme.parent / "results")
-    if new != old:
-        readme.write_text(new)
-    return new != old
+        raise BadInput(f"{label}: not a readable UTF-8 text file ({exc})") from None
+
+
+def update_readme(readme: Path, folder: Path | None = None) -> bool:
+    """Rewrite the generated tables of ``readme`` and of the ``docs/*.md`` beside it from ``folder`` (default:
+    ``results/`` beside ``readme``); True if any file changed. Every file is rendered before any is written, so a
+    bad results file leaves them all as they were."""
+    folder = folder or readme.parent / "results"
+    changed = {}
+    for path in generated_files(readme):
+        old = _read_text(path, f"--readme {readme}" if path == readme else str(path))
+        new = render_readme(old, folder)
+        if new != old:
+            changed[path] = new
+    for path, new in changed.items():
+        path.write_text(new)
+    return bool(changed)

@@ -7,7 +7,7 @@ on one machine). So a notebook shows its raw table (not compared by nbval) and, 
 ``compare_with_reference`` prints: whether each figure lies within a stated tolerance of the reference run — the
 committed ``results/`` that ``make notebooks`` wrote. That line is the same on every correct machine.
 
-Each tolerance is a small multiple of the spread measured across kernel variants of one machine (README
+Each tolerance is a small multiple of the spread measured across kernel variants of one machine (docs/testing.md
 "Portability"; ``benchmarks/portability.py`` measures it): wide enough for any CPU's rounding, narrow enough that a
 broken method (Wanda scored by |W| alone, a mask shifted by one row) fails by a factor of several.
 """
@@ -81,7 +81,7 @@ class Figures:
 
 
 # results file (its name in write_results) → what is compared. Each tolerance is about 3× the largest spread measured
-# across the kernel variants of README "Portability" (its ``spread``), rounded up; counts and text are exact.
+# across the kernel variants of docs/testing.md "Portability" (its ``spread``), rounded up; counts and text are exact.
 TOLERANCES: dict[str, Figures] = {
     "trained": Figures({"perplexity": Tolerance(relative=3e-5, spread=7.9e-6)}),  # 01
     "outliers": Figures({"median ‖X_j‖": Tolerance(relative=1e-6, spread=2.9e-7),  # 02

@@ -1,4 +1,4 @@
-"""Disk-streamed pruning: the model is never whole in memory (README "70B"; ``python -m labutils prune
+"""Disk-streamed pruning: the model is never whole in memory (docs/gpu.md "70B"; ``python -m labutils prune
 --stream-from-disk``).
 
 Llama-2-70B is 138 GB in float16, more than most machines' memory, yet pruning needs one decoder layer at a time.
@@ -129,7 +129,7 @@ def write_random_checkpoint(folder: str | Path, config, dtype: torch.dtype = tor
                             std: float = 0.05) -> int:
     """A random model of ``config`` written to ``folder`` as transformers would save it (config.json, one
     safetensors shard per decoder layer plus one for the rest, and the index), one shard at a time, so a model far
-    larger than memory can be made (the tests' 1.6 GB model, the README's 70B-shaped layers). Matrices are normal
+    larger than memory can be made (the tests' 1.6 GB model, docs/gpu.md's 70B-shaped layers). Matrices are normal
     with ``std``, norm weights 1, other vectors 0. Returns the bytes of the weights."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

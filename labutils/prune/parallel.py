@@ -1,5 +1,5 @@
 """Data-parallel calibration on ``torch.distributed``: each process runs its share of the calibration batches through
-every layer, and the statistics are summed in exactly the order one process would sum them (README "70B").
+every layer, and the statistics are summed in exactly the order one process would sum them (docs/gpu.md "70B").
 
 Every statistic the lab collects is a sum over calibration batches — Wanda's Σ_t x_tj², SparseGPT's and ADMM's
 2 Σ_t x_t x_tᵀ — so the batches can be split between processes. Floating-point addition is not associative, though:

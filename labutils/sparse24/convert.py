@@ -8,7 +8,7 @@ weights of a pruned model's decoder linears for it and checks the result against
 capability 9.0 (H100/H200).
 
 Each eager call of the subclass pays Python and planning on the CPU; replayed from a CUDA graph
-(``sparse24.graphs``) only the kernels remain. Measured speeds live in the README and ``benchmarks/results/``, not here.
+(``sparse24.graphs``) only the kernels remain. Measured speeds live in docs/results.md and ``benchmarks/results/``, not here.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ through Python: ``F.linear`` decomposes into a transpose and a matmul that reach
 ``__torch_dispatch__``, which builds a transposed wrapper object, checks dtypes and shapes and calls a
 ``torch.library`` custom op, which pads and finally calls ``torch._cslt_sparse_mm`` (torch 2.13 fuses the output
 transpose there, so the result is already row-major). That is Python work on every call, eager, times 224
-sparse linears per forward (how much it costs is measured in the README, not here). It also always uses
+sparse linears per forward (how much it costs is measured in docs/results.md, not here). It also always uses
 cuSPARSELt's algorithm 0 unless one was chosen at compression.
 
 ``SparseLinear24`` replaces the whole ``nn.Linear`` and calls ``torch._cslt_sparse_mm`` itself: on xᵀ (a free

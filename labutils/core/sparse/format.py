@@ -1,7 +1,7 @@
 """The lab's sparse checkpoint: pruned weights stored as the kept values and where they were (02-Prune).
 
 One safetensors file, ``sparse-model.safetensors``, of plain dense tensors, so that any safetensors reader can
-decode it (the README's "Sparse checkpoint format" gives the few lines of numpy). Every pruned weight ``K`` of
+decode it (docs/saving.md's "Sparse checkpoint format" gives the few lines of numpy). Every pruned weight ``K`` of
 the model's state dict becomes two tensors, in one of two layouts:
 
 - ``bitmask`` (unstructured, OWL, any group): ``K.values`` (kept,) — the kept weights in row-major order, in the
