@@ -86,6 +86,7 @@ baseline=()
 step prune-low-memory 120 "$out/bench-prune-low-memory.json" "$py" -m labutils bench-prune --modes low-memory \
     "${baseline[@]}" --json "$out/bench-prune-low-memory.json"
 step tests 600 "" "$py" -m pytest -q -rs -p no:cacheprovider -m "not slow" tests/test_sparse24.py \
-    tests/test_sparse24_fusion.py tests/test_streaming.py tests/test_streaming_g1.py tests/test_graphs_capture.py
+    tests/test_sparse24_fusion.py tests/test_offload.py tests/test_bench_prune.py \
+    tests/test_sparsity.py tests/test_graphs_capture.py
 step linears 120 "$out/linears.json" "$py" benchmarks/gpu_semistructured.py --parts linears --fused-shapes \
     --out "$out/linears.json"

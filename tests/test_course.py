@@ -221,6 +221,7 @@ def tamper(copy) -> None:
                            "\"message\": \"\"}]')")
 
 
+@pytest.mark.slow  # executes notebooks' cells
 def test_grading_scores_exactly_what_the_master_checks_pass(tmp_path):
     (tmp_path / "masters").mkdir()
     master = synthetic_master(tmp_path / "masters")
@@ -290,6 +291,7 @@ def test_a_badly_tagged_master_is_refused_with_the_cell_named(tmp_path, edit, me
         course.student_copy(nb, "99-Synthetic.ipynb")
 
 
+@pytest.mark.slow  # this file again in a subprocess under another kernel set
 def test_every_check_still_passes_and_fails_as_it_should_under_another_kernel_set():
     """The test above, in a process whose torch runs its portable C++ kernels instead of this CPU's vector ones
     (``ATEN_CPU_CAPABILITY=default``): a correct answer computed with them gets full points, a wrong one none (docs/testing.md

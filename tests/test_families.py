@@ -8,7 +8,7 @@ captured layer inputs equal the model's own hidden states, and the driver equal 
 import pytest
 import torch
 from test_masks import slow_unstructured_mask
-from test_pruning_model import slow_sequential_wanda
+from test_driver import slow_sequential_wanda
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,

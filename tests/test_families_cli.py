@@ -40,6 +40,7 @@ def saved(tmp_path_factory):
     return get
 
 
+@pytest.mark.slow  # a whole CLI job per family (test_families: in process)
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method, target", [("wanda", "50%"), ("magnitude", "50%"), ("wanda", "2:4"),
                                             ("magnitude", "2:4")])

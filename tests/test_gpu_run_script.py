@@ -59,6 +59,7 @@ def fake_wheel(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow  # the whole script end to end
 @pytest.mark.skipif(sys.platform != "linux", reason="the script is bash with GNU timeout")
 def test_dry_run_of_the_gpu_run(tmp_path):
     """The whole script on the CPU, with a stand-in for python3 (G3): the steps in the issue's order, each under its

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from test_families import COMMON
 from test_masks import slow_nm_mask, slow_unstructured_mask
-from test_pruning_model import whole_model_inputs
+from test_driver import whole_model_inputs
 from transformers import (
     GptOssConfig,
     GptOssForCausalLM,
@@ -192,6 +192,7 @@ def slow_moe_wanda(model, tokens, mask_fn):
                 lin.weight[mask_fn(score)] = 0
 
 
+@pytest.mark.slow  # the slow whole-model reference (test_driver keeps the fast loop's reference check)
 @pytest.mark.parametrize("family, target, mask_fn", [
     *[(family, 0.5, lambda s: slow_unstructured_mask(s, 0.5)) for family in SWIGLU],
     ("mixtral", "2:4", lambda s: slow_nm_mask(s, 2, 4)), ("qwen2_moe-dense0", "2:4", lambda s: slow_nm_mask(s, 2, 4))])

@@ -14,6 +14,7 @@ def pruned_tiny(target="2:4", seed=0):
     return model
 
 
+@pytest.mark.slow  # training runs
 @pytest.mark.parametrize("target", ["2:4", "50%"])
 def test_recovery_keeps_the_mask_and_lowers_the_loss(target, tmp_path):
     model = pruned_tiny(target)

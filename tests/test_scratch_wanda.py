@@ -28,6 +28,7 @@ def run_worker(capability: str | None) -> list[dict]:
     return [json.loads(line) for line in done.stdout.splitlines()]
 
 
+@pytest.mark.slow  # a notebook cell in subprocesses under three CPU kernel sets
 @pytest.mark.parametrize("capability", CAPABILITIES, ids=lambda c: c or "native")
 def test_scratch_loop_equals_the_library_on_every_capability_and_thread_count(capability):
     rows = run_worker(capability)

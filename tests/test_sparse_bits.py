@@ -154,3 +154,12 @@ def test_the_driver_packs_on_a_gpu_as_on_the_cpu(monkeypatch):
     ka, kb = lu.kept_masks(a), lu.kept_masks(b)
     assert ka.nm == kb.nm == (2, 4) and ka.packed.keys() == kb.packed.keys()
     assert all(torch.equal(ka.packed[n], kb.packed[n]) and kb.packed[n].device.type == "cpu" for n in ka.packed)
+
+
+@pytest.mark.parametrize("shape", [(0,), (1,), (7,), (8,), (9,), (3, 5), (13, 7), (2, 3, 5), (77, 36)])
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_pack_bits_is_numpys_packbits(shape, density):
+    bits = torch.rand(shape, generator=torch.Generator().manual_seed(sum(shape))) < density
+    packed = pack_mask_torch(bits)
+    assert packed.dtype == torch.uint8
+    np.testing.assert_array_equal(packed.numpy(), np.packbits(bits.numpy()))

@@ -307,6 +307,7 @@ def test_save_pruned_validates_its_arguments(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # a timing on a 25M-parameter model
 def test_loading_sparse_is_vectorised(tmp_path):
     """A 25M-parameter model: the sparse folder loads in at most 10× the dense folder's time (a per-weight Python
     loop would take minutes). The default profile's ratio is measured in 04-Benchmark."""

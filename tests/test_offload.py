@@ -1,157 +1,153 @@
-"""The GPU paths of pruning, checked on the CPU (issue G1): the mask fingerprint off the timed path and packed where the
-weights are, pinned buffers reserved once for every low-memory run, and every CUDA call naming its device."""
+"""The low-memory mode (prune/offload.py) on the CPU: each layer's weights and inputs are copied to the device and
+back, overlapping compute, through a reserved pinned pool, and give the default mode's weights; a CPU run makes no
+CUDA call and a GPU run names its device in every call."""
 import contextlib
 import copy
-import hashlib
-import json
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
 from conftest import make_tiny, random_tokens
 
 import labutils as lu
-from labutils.jobs import bench_prune as bench
-from labutils.prune import driver, offload, sparsity
-from labutils.core.sparse.bits import pack_mask_torch
-from labutils.prune.sparsity import prunable_linears
-from labutils.prune.offload import OffloadedInputs, OffloadedLayers, PinnedPool
+from labutils.core.saved import is_lab_output
+from labutils.core.device import SectionTimer
+from labutils.prune import offload
+from labutils.prune.calibration import run_layer
+from labutils.prune.offload import OffloadedInputs, OffloadedLayers, PinnedPool, tree_to
 from labutils.prune.placement import calibration_inputs
 
-
-def reference_mask_sha256(model) -> str:
-    """The fingerprint as it was first written: one numpy ``packbits`` per linear, on the host."""
-    digest = hashlib.sha256()
-    for name, lin in prunable_linears(model).items():
-        zeros = (lin.weight.detach() == 0).cpu().numpy()
-        digest.update(f"{name}:{zeros.shape}".encode())
-        digest.update(np.packbits(zeros).tobytes())
-    return digest.hexdigest()
+TARGETS = {"50%": lu.SparsityTarget.of(sparsity=0.5), "2:4": lu.SparsityTarget.of(nm="2:4"),
+           "60%": lu.SparsityTarget.of(sparsity=0.6)}
 
 
-def odd_model():
-    """Linears whose sizes are not multiples of 8 (30 × 30, 10 × 30, 77 × 30 …) with random zeros: no linear ends on a
-    byte boundary."""
-    model = make_tiny(hidden_size=30, intermediate_size=77, num_attention_heads=3, num_key_value_heads=1)
-    gen = torch.Generator().manual_seed(3)
-    for lin in prunable_linears(model).values():
-        lin.weight.data[torch.rand(lin.weight.shape, generator=gen) < 0.5] = 0
-    return model
-
-
-# --- 1. the mask fingerprint ---------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("shape", [(0,), (1,), (7,), (8,), (9,), (3, 5), (13, 7), (2, 3, 5), (77, 36)])
-@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
-def test_pack_bits_is_numpys_packbits(shape, density):
-    bits = torch.rand(shape, generator=torch.Generator().manual_seed(sum(shape))) < density
-    packed = pack_mask_torch(bits)
-    assert packed.dtype == torch.uint8
-    np.testing.assert_array_equal(packed.numpy(), np.packbits(bits.numpy()))
-
-
-def test_mask_sha256_is_the_reference_digest_in_one_transfer(monkeypatch):
-    model = odd_model()
-    expected = reference_mask_sha256(model)
-    assert lu.mask_sha256(model) == expected
-    # The device path (what runs on a GPU): packed by torch, then one copy to the host for all linears.
-    monkeypatch.setattr(sparsity, "pack_mask", pack_mask_torch)
-    copies = []
-    real_cpu = torch.Tensor.cpu
-    monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: copies.append(t.shape) or real_cpu(t, *a, **k))
-    assert lu.mask_sha256(model) == expected
-    assert len(copies) == 1 and len(prunable_linears(model)) == 14
-
-
-def test_prune_model_can_leave_the_fingerprint_to_the_caller(monkeypatch, calib_tokens):
-    a, b = make_tiny(), make_tiny()
-    spec = lu.PruneSpec("wanda", 0.5)
-    full = lu.prune_model(a, spec, calib_tokens, progress=False)
-    assert full.mask_sha256 == reference_mask_sha256(a)
-    monkeypatch.setattr(driver, "mask_sha256", lambda model: pytest.fail("hashed although fingerprint=False"))
-    bare = lu.prune_model(b, spec, calib_tokens, progress=False, fingerprint=False)
-    assert bare.mask_sha256 == "" and lu.mask_sha256(b) == full.mask_sha256
-
-
-def test_bench_prune_times_pruning_alone(monkeypatch):
-    """No fingerprint and no pinned allocation inside ``measure``; every row still has its hash."""
-    timing, hashed, pools = [], [], []
-    real_measure, real_hash = bench.measure, sparsity.mask_sha256
-
-    def measure(device, fn):
-        before = [p.allocations for p in pools]
-        timing.append(True)
-        try:
-            return real_measure(device, fn)
-        finally:
-            timing.pop()
-            assert [p.allocations for p in pools] == before, "pinned buffers allocated inside a timed run"
-
-    def mask_hash(model):
-        hashed.append(bool(timing))
-        return real_hash(model)
-
-    class CountedPool(PinnedPool):
-        def __init__(self):
-            super().__init__()
-            pools.append(self)
-
-    monkeypatch.setattr(bench, "measure", measure)
-    monkeypatch.setattr(bench, "mask_sha256", mask_hash)
-    monkeypatch.setattr(driver, "mask_sha256", mask_hash)
-    monkeypatch.setattr(bench, "PinnedPool", CountedPool)
-    setup = bench.bench_setup(tiny=True, device="cpu", sizes={"nsamples": 4, "seqlen": 32})
-    result = bench.bench_prune(setup, progress=False)
-    assert hashed == [False] * 4 and len(pools) == 1 and pools[0].allocations > 0
-    rows = result.rows
-    assert rows[0]["mask sha256"] == rows[2]["mask sha256"] != rows[1]["mask sha256"] == rows[3]["mask sha256"]
-    assert [r["same masks as default"] for r in rows] == ["", "", True, True]
-
-
-# --- 5. pinned buffers reserved once ----------------------------------------------------------------------------
-
-def test_a_reserved_pool_serves_every_low_memory_run(calib_tokens):
+@pytest.mark.parametrize("method, target, options", [
+    ("wanda", "50%", {}), ("wanda", "2:4", {}), ("magnitude", "50%", {}), ("sparsegpt", "2:4", {}),
+    ("ria", "50%", {}), ("wanda", "50%", {"true_sequential": True}), ("wanda", "60%", {"owl": lu.OwlConfig()}),
+])
+def test_low_memory_mode_gives_the_default_modes_weights(method, target, options, calib_tokens):
     model = make_tiny(num_hidden_layers=3)
-    pool = PinnedPool()
-    pool.reserve(model, calib_tokens, 4, torch.device("cpu"))
-    reserved = pool.allocations
-    assert reserved > 0
-    hashes = {}
-    with pool.reuse():
-        for target in ("50%", "2:4", "50%"):
-            low = copy.deepcopy(model)
-            report = lu.prune_model(low, lu.PruneSpec("wanda", target), calib_tokens, batch_size=4, progress=False,
-                                    low_memory="cpu")
-            assert pool.allocations == reserved, f"the {target} run allocated buffers"
-            hashes.setdefault(target, set()).add(report.mask_sha256)
-    for target, found in hashes.items():  # the same masks as without a pool, in either mode
-        alone = lu.prune_model(copy.deepcopy(model), lu.PruneSpec("wanda", target), calib_tokens, batch_size=4,
-                               progress=False, low_memory="cpu")
-        default = lu.prune_model(copy.deepcopy(model), lu.PruneSpec("wanda", target), calib_tokens, batch_size=4,
-                                 progress=False)
-        assert found == {alone.mask_sha256} == {default.mask_sha256}
-    assert pool.allocations == reserved  # outside ``reuse`` the pool is not touched
+    default, low = copy.deepcopy(model), copy.deepcopy(model)
+    spec = lu.PruneSpec(method, TARGETS[target], **options)
+    a = lu.prune_model(default, spec, calib_tokens, batch_size=4, progress=False)
+    b = lu.prune_model(low, spec, calib_tokens, batch_size=4, progress=False, low_memory="cpu")
+    assert b.low_memory and not a.low_memory
+    assert a.mask_sha256 == b.mask_sha256
+    for (name, x), y in zip(default.state_dict().items(), low.state_dict().values()):
+        assert torch.equal(x, y), name  # not only the masks: SparseGPT's updated weights too
+    assert [s.pruned for s in a.sublayers] == [s.pruned for s in b.sublayers]
+    assert a.layer_sparsity == b.layer_sparsity
 
 
-def test_without_a_pool_a_second_run_counts_its_first_allocations_once(calib_tokens):
-    """Unreserved, the first run inside ``reuse`` allocates and the second takes the same buffers back."""
-    model = make_tiny()
-    pool = PinnedPool()
-    with pool.reuse():
-        first = calibration_inputs(model, calib_tokens, 4, torch.device("cpu"), low_memory=True)
-        first.run(lu.find_decoder_layers(model)[0], 0, advance=True)
-        first.finish()
-        after_first = pool.allocations
-        second = calibration_inputs(model, calib_tokens, 4, torch.device("cpu"), low_memory=True)
-        second.output_buffers()
-        second.finish()
-    assert after_first > 0 and pool.allocations == after_first
-    assert OffloadedInputs(torch.device("cpu")).pool is None  # ordinary use: nothing reserved
+def test_offloaded_inputs_copy_every_batch_and_match_resident_inputs(tiny_model, calib_tokens):
+    resident = calibration_inputs(tiny_model, calib_tokens, 4, torch.device("cpu"), low_memory=False)
+    offloaded = calibration_inputs(tiny_model, calib_tokens, 4, torch.device("cpu"), low_memory=True)
+    assert isinstance(offloaded, OffloadedInputs) and len(offloaded.hidden) == 2
+    layers = lu.find_decoder_layers(tiny_model)
+    for i, layer in enumerate(layers):
+        produced = []
+        handle = layer.register_forward_hook(lambda m, a, out: produced.append(out))
+        resident.run(layer, i, advance=True)
+        offloaded.run(layer, i, advance=True)
+        handle.remove()
+        for r, s in zip(resident.hidden, offloaded.hidden):
+            torch.testing.assert_close(s, r, rtol=0, atol=0)
+        # the offloaded store holds its own copies, never the tensors the layer returned
+        own = {t.data_ptr() for t in offloaded.hidden}
+        assert not own & {(o[0] if isinstance(o, tuple) else o).data_ptr() for o in produced}
+    offloaded.finish()
 
 
-# --- 8. every CUDA call names the device -------------------------------------------------------------------------
+def test_statistics_pass_keeps_no_outputs(tiny_model, calib_tokens):
+    inputs = calibration_inputs(tiny_model, calib_tokens, 4, torch.device("cpu"), low_memory=False)
+    before = [t.clone() for t in inputs.hidden]
+    layer = lu.find_decoder_layers(tiny_model)[0]
+    assert run_layer(layer, 0, inputs, keep=False) == []
+    inputs.run(layer, 0, advance=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, inputs.hidden))
+
+
+def test_tree_to_copies_shared_tensors_once():
+    t = torch.arange(4.0)
+    copied = tree_to({"a": t, "b": (t, 3, None), "c": [t * 2]}, torch.device("cpu"))
+    assert copied["a"] is copied["b"][0] and copied["a"].data_ptr() != t.data_ptr()
+    assert copied["b"][1:] == (3, None) and torch.equal(copied["c"][0], t * 2)
+
+
+def test_offloaded_layers_visit_and_return(tiny_model):
+    layers = lu.find_decoder_layers(tiny_model)
+    with OffloadedLayers(layers, torch.device("cpu")) as placement:
+        for i in range(len(layers)):
+            assert placement.attach(i) is layers[i]
+            placement.prefetch(i + 1)
+            placement.release(i)
+    assert all(p.device.type == "cpu" for p in tiny_model.parameters())
+
+
+def test_low_memory_needs_the_model_in_cpu_memory(tiny_model, calib_tokens):
+    target = TARGETS["50%"]
+    with pytest.raises(lu.BadInput, match="low_memory keeps the model in CPU memory.*the model is on meta"):
+        lu.prune_model(tiny_model.to("meta"), lu.PruneSpec("wanda", target), calib_tokens, low_memory=True)
+
+
+@pytest.mark.parametrize("value,message", [
+    (1, "low_memory must be False, True or a device such as 'cuda'; got 1"),
+    (None, "low_memory must be False, True or a device such as 'cuda'; got None"),
+    ("nowhere", "device 'nowhere' is not one the lab can run on; allowed: cuda, cuda:N, mps, cpu"),
+])
+def test_low_memory_takes_a_flag_or_a_device(value, message, tiny_model, calib_tokens):
+    before = lu.mask_sha256(tiny_model)
+    with pytest.raises(lu.BadInput, match=message):
+        lu.prune_model(tiny_model, lu.PruneSpec("wanda", TARGETS["50%"]), calib_tokens, low_memory=value)
+    assert lu.mask_sha256(tiny_model) == before
+
+
+def test_section_timer_on_cpu_times_each_section():
+    timer = SectionTimer(torch.device("cpu"))
+    for _ in range(3):
+        with timer.section():
+            sum(range(1000))
+    seconds = timer.seconds()
+    assert len(seconds) == 3 and all(0 <= s < 1 for s in seconds)
+
+
+@pytest.mark.slow
+def test_main_job_low_memory_gives_the_same_model(tmp_path):
+    """`python -m labutils prune --low-memory` on the default profile: same masks and perplexities as the default."""
+    sizes = dict(nsamples=4, seqlen=64, eval_tokens=512, batch_size=2, device="cpu")
+    default = lu.run_prune_job(lu.PruneJob(out=str(tmp_path / "default"), **sizes), progress=False)
+    low = lu.run_prune_job(lu.PruneJob(out=str(tmp_path / "low"), low_memory=True, **sizes), progress=False)
+    assert low["mask_sha256"] == default["mask_sha256"]
+    assert low["perplexity"] == default["perplexity"]
+    assert is_lab_output(tmp_path / "low")
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: streams, pinned memory")
+
+
+@needs_cuda
+@pytest.mark.parametrize("target", ["50%", "2:4"])
+def test_gpu_low_memory_same_weights_less_memory(target):
+    """On a GPU: offloaded to pinned CPU memory, copied on copy streams, the weights still match the default mode's."""
+    config = lu.tiny_llama_config(num_hidden_layers=4, hidden_size=256, intermediate_size=512,
+                                  max_position_embeddings=256)
+    tokens = random_tokens((8, 128), 0)
+    on_gpu = lu.random_model(config, torch.float16, torch.device("cuda"), seed=0)
+    on_cpu = copy.deepcopy(on_gpu).to("cpu")
+    torch.cuda.reset_peak_memory_stats()
+    a = lu.prune_model(on_gpu, lu.PruneSpec("wanda", TARGETS[target]), tokens, batch_size=2, progress=False)
+    default_peak = torch.cuda.max_memory_allocated()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    b = lu.prune_model(on_cpu, lu.PruneSpec("wanda", TARGETS[target]), tokens, batch_size=2, progress=False,
+                       low_memory="cuda")
+    assert torch.cuda.max_memory_allocated() - base < default_peak
+    assert a.mask_sha256 == b.mask_sha256 and all(p.device.type == "cpu" for p in on_cpu.parameters())
+    for x, y in zip(on_gpu.state_dict().values(), on_cpu.state_dict().values()):
+        assert torch.equal(x.cpu(), y)
+
 
 class CudaFakes:
     """Stand-ins for the CUDA stream API that record which device each call named, and in which thread."""
@@ -225,6 +221,55 @@ class CudaFakes:
         monkeypatch.setattr(offload, "_device_copy", device_copy)
 
 
+def visit_all(layers, device, timeline=None, compute=None):
+    with OffloadedLayers(layers, device, timeline) as placement:
+        for i in range(len(layers)):
+            layer = placement.attach(i)
+            placement.prefetch(i + 1)
+            if compute is not None:
+                compute(i, layer)
+            placement.release(i)
+
+
+def test_a_reserved_pool_serves_every_low_memory_run(calib_tokens):
+    model = make_tiny(num_hidden_layers=3)
+    pool = PinnedPool()
+    pool.reserve(model, calib_tokens, 4, torch.device("cpu"))
+    reserved = pool.allocations
+    assert reserved > 0
+    hashes = {}
+    with pool.reuse():
+        for target in ("50%", "2:4", "50%"):
+            low = copy.deepcopy(model)
+            report = lu.prune_model(low, lu.PruneSpec("wanda", target), calib_tokens, batch_size=4, progress=False,
+                                    low_memory="cpu")
+            assert pool.allocations == reserved, f"the {target} run allocated buffers"
+            hashes.setdefault(target, set()).add(report.mask_sha256)
+    for target, found in hashes.items():  # the same masks as without a pool, in either mode
+        alone = lu.prune_model(copy.deepcopy(model), lu.PruneSpec("wanda", target), calib_tokens, batch_size=4,
+                               progress=False, low_memory="cpu")
+        default = lu.prune_model(copy.deepcopy(model), lu.PruneSpec("wanda", target), calib_tokens, batch_size=4,
+                                 progress=False)
+        assert found == {alone.mask_sha256} == {default.mask_sha256}
+    assert pool.allocations == reserved  # outside ``reuse`` the pool is not touched
+
+
+def test_without_a_pool_a_second_run_counts_its_first_allocations_once(calib_tokens):
+    """Unreserved, the first run inside ``reuse`` allocates and the second takes the same buffers back."""
+    model = make_tiny()
+    pool = PinnedPool()
+    with pool.reuse():
+        first = calibration_inputs(model, calib_tokens, 4, torch.device("cpu"), low_memory=True)
+        first.run(lu.find_decoder_layers(model)[0], 0, advance=True)
+        first.finish()
+        after_first = pool.allocations
+        second = calibration_inputs(model, calib_tokens, 4, torch.device("cpu"), low_memory=True)
+        second.output_buffers()
+        second.finish()
+    assert after_first > 0 and pool.allocations == after_first
+    assert OffloadedInputs(torch.device("cpu")).pool is None  # ordinary use: nothing reserved
+
+
 @pytest.mark.parametrize("given", ["cuda:1", "cuda"])  # "cuda" while cuda:1 is current: fixed at construction
 def test_every_cuda_call_names_the_device_of_a_non_default_gpu(given, monkeypatch, tiny_model, calib_tokens):
     fakes = CudaFakes()
@@ -270,17 +315,6 @@ def test_cpu_offload_makes_no_cuda_call(monkeypatch, tiny_model, calib_tokens):
     assert low.low_memory
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: packing on the device, "
-                                "pinned memory, streams")
-
-
-@needs_cuda
-def test_gpu_mask_sha256_packs_on_the_device_to_the_same_digest():
-    model = odd_model()
-    expected = reference_mask_sha256(model)
-    assert lu.mask_sha256(model.to("cuda")) == expected
-
-
 @needs_cuda
 def test_gpu_reserved_pinned_pool_serves_low_memory_runs_with_the_default_masks():
     config = lu.tiny_llama_config(num_hidden_layers=3, hidden_size=256, intermediate_size=512,
@@ -317,38 +351,6 @@ def test_section_timer_records_on_its_own_devices_stream(monkeypatch):
     with timer.section():
         pass
     assert asked == [torch.device("cuda", 1)] * 2 and recorded == ["stream of cuda:1"] * 2
-
-
-def test_fingerprint_must_be_a_flag(tiny_model, calib_tokens):
-    with pytest.raises(lu.BadInput, match="fingerprint must be True or False; got 'no'"):
-        lu.prune_model(tiny_model, lu.PruneSpec("wanda", 0.5), calib_tokens, progress=False, fingerprint="no")
-
-
-def test_saved_bench_results_reads_back_a_written_run(tmp_path):
-    """A run written by bench-prune (its setup and environment both name a device) reads back as 04 shows it: the
-    newest file of the folder, floor first, with date, GPU and calibration size in attrs."""
-    result = bench.bench_prune(bench.bench_setup(tiny=True, device="cpu", sizes={"nsamples": 4}), progress=False)
-    bench.write_json(result, tmp_path / "2026-01-01-bench-prune.json")
-    newer = result.to_json()
-    newer["environment"]["gpu"] = "a newer GPU"
-    (tmp_path / "2026-02-01-bench-prune.json").write_text(json.dumps(newer))
-    table = lu.saved_bench_results(tmp_path)
-    assert list(table.index)[0] == ("floor: 2 passes / layer", "") and len(table) == 1 + len(result.rows)
-    assert table.attrs["gpu"] == "a newer GPU" and table.attrs["nsamples"] == 4
-    assert table.attrs["device"] == "cpu" and table.attrs["file"].endswith("2026-02-01-bench-prune.json")
-    assert lu.saved_bench_results(tmp_path / "empty") is None
-
-
-# --- 9. the layers' copies (G3 item 5): pinned homes reused, one thread and stream per direction, overlap -----------
-
-def visit_all(layers, device, timeline=None, compute=None):
-    with OffloadedLayers(layers, device, timeline) as placement:
-        for i in range(len(layers)):
-            layer = placement.attach(i)
-            placement.prefetch(i + 1)
-            if compute is not None:
-                compute(i, layer)
-            placement.release(i)
 
 
 def test_a_second_low_memory_visit_pins_nothing_and_writes_back_into_the_same_buffers(monkeypatch, tiny_model):
