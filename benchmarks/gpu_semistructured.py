@@ -34,23 +34,23 @@ import pandas as pd
 import torch
 from transformers import LlamaConfig
 
+from labutils.core.anatomy import max_sequence_length
 from labutils.core.config import get_profile
 from labutils.core.device import device_summary, get_device, require_cuda, set_seed
 from labutils.core.errors import LabError
 from labutils.core.loading import LLAMA2_7B_CONFIG, random_model, tiny_llama_config
+from labutils.core.manifests import write_json_atomic
 from labutils.jobs.compare import table_records
 from labutils.prune.masks import SparsityTarget, prune_by_score
 from labutils.prune.methods import magnitude_score
 from labutils.prune.sparsity import nm_violations, prunable_linears
-from labutils.core.anatomy import max_sequence_length
-from labutils.core.manifests import write_json_atomic
-from labutils.sparse24.prefill import PrefillSettings, first_calls, prefill_speedup_table
 from labutils.sparse24.convert import (
     backend_name,
     semi_structured_ready,
     to_semi_structured,
     verify_semi_structured,
 )
+from labutils.sparse24.prefill import PrefillSettings, first_calls, prefill_speedup_table
 from labutils.sparse24.shapes import LinearTimingSettings, linear_shapes, linear_speedup_table
 from labutils.speed.latency import latency_table, memory_table, random_prompt
 

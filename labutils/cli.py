@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from .core.saved import OUTPUT_KIND, SAVE_FORMATS, disk_table, export_dense, load_report
 from .core.config import DEFAULT_PROFILE, PROFILES
 from .core.data import corpus_split, split_tokens
 from .core.errors import BadInput, LabError
 from .core.loading import embedded_model_dir, folder_tokenizer
 from .core.manifests import strict_json
 from .core.publish import PUBLISHED, cache_dir, check_can_write, interrupt_on_termination
+from .core.saved import OUTPUT_KIND, SAVE_FORMATS, disk_table, export_dense, load_report
 from .core.validation import check_seed
 from .jobs.bench_prune import (
     MODES,
@@ -35,8 +35,8 @@ from .lab.course import master_paths, write_student_copies
 from .lab.grading import feedback_folder, grade
 from .lab.readme import update_readme
 from .prune.masks import GROUPS
-from .prune.parallel import launched_ranks
 from .prune.methods import METHODS
+from .prune.parallel import launched_ranks
 from .prune.spec import CLI_FLAGS, METHOD_FLAGS, PruneSpec
 
 

@@ -8,10 +8,10 @@ import torch
 import labutils as lu
 from labutils.cli import main
 from labutils.jobs import bench_prune as bench
-from labutils.jobs.bench_prune import bench_prune, bench_setup, forward_floor, summary_line as bench_summary
+from labutils.jobs.bench_prune import bench_prune, bench_setup, forward_floor
+from labutils.jobs.bench_prune import summary_line as bench_summary
 from labutils.prune import driver, sparsity
 from labutils.prune.offload import PinnedPool
-
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: streams, pinned memory")
 

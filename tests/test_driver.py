@@ -8,8 +8,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForC
 
 import labutils as lu
 from labutils.prune.calibration import run_layer
-from labutils.prune.statistics import InputNormAccumulator
 from labutils.prune.sparsity import nm_violations, prunable_linears
+from labutils.prune.statistics import InputNormAccumulator
 
 
 def test_captured_inputs_reproduce_the_model(tiny_model, calib_tokens):

@@ -7,8 +7,9 @@ captured layer inputs equal the model's own hidden states, and the driver equal 
 """
 import pytest
 import torch
-from test_masks import slow_unstructured_mask
+from conftest import random_tokens
 from test_driver import slow_sequential_wanda
+from test_masks import slow_unstructured_mask
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
@@ -29,7 +30,6 @@ from transformers import (
 )
 
 import labutils as lu
-from conftest import random_tokens
 from labutils.prune.calibration import capture_layer_inputs, layer_output
 from labutils.prune.sparsity import nm_violations, prunable_linears
 

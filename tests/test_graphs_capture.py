@@ -7,10 +7,10 @@ spied on, so what a real capture would hand to SDPA is visible without a GPU.
 """
 import pytest
 import torch
+from conftest import make_tiny, random_tokens
 from torch.nn import functional as F
 from transformers import MistralConfig, MistralForCausalLM
 
-from conftest import make_tiny, random_tokens
 from labutils.sparse24.graphs import CAUSAL_SDPA, causal_attention
 
 

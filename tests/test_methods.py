@@ -10,7 +10,6 @@ import labutils as lu
 from labutils.cli import main
 from labutils.core.loading import embedded_model_dir
 from labutils.prune.calibration import run_layer
-from labutils.prune.statistics import HessianAccumulator
 from labutils.prune.driver import calibration_stages
 from labutils.prune.masks import apply_mask, nm_mask
 from labutils.prune.methods import REGISTRY
@@ -18,6 +17,7 @@ from labutils.prune.methods.base import Method
 from labutils.prune.methods.ria import ria_score
 from labutils.prune.owl import owl_sparsities
 from labutils.prune.sparsity import nm_violations, prunable_linears
+from labutils.prune.statistics import HessianAccumulator
 
 
 def correlated_inputs(tokens=256, features=32, seed=0):

@@ -9,9 +9,10 @@ from the router weights by hand and compute every expert's inputs with their own
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_tokens
+from test_driver import whole_model_inputs
 from test_families import COMMON
 from test_masks import slow_nm_mask, slow_unstructured_mask
-from test_driver import whole_model_inputs
 from transformers import (
     GptOssConfig,
     GptOssForCausalLM,
@@ -24,13 +25,12 @@ from transformers import (
 )
 
 import labutils as lu
-from conftest import random_tokens
 from labutils.core.anatomy import ExpertWeight, expert_hidden, find_routers, is_stacked_experts
 from labutils.prune.calibration import capture_layer_inputs
-from labutils.prune.statistics import INPUT_NORMS, collect_statistics
 from labutils.prune.driver import calibration_stages
 from labutils.prune.masks import select_mask
 from labutils.prune.sparsity import nm_violations, prunable_linears
+from labutils.prune.statistics import INPUT_NORMS, collect_statistics
 
 QWEN2_MOE = dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=32)
 MOE = {  # name: (config class, model class, config overrides)

@@ -11,8 +11,8 @@ import torch
 from conftest import make_tiny, random_tokens
 
 import labutils as lu
-from labutils.core.saved import is_lab_output
 from labutils.core.device import SectionTimer
+from labutils.core.saved import is_lab_output
 from labutils.prune import offload
 from labutils.prune.calibration import run_layer
 from labutils.prune.offload import OffloadedInputs, OffloadedLayers, PinnedPool, tree_to

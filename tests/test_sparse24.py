@@ -9,16 +9,16 @@ from conftest import make_tiny
 import labutils as lu
 from labutils.prune.masks import prune_by_score
 from labutils.prune.sparsity import nm_violations, prunable_linears
-from labutils.sparse24.prefill import prefill_speedup_table
+from labutils.sparse24 import convert, kernel, shapes
 from labutils.sparse24.convert import (
     SemiStructuredReport,
     semi_structured_ready,
     to_semi_structured,
     verify_semi_structured,
 )
-from labutils.sparse24 import convert, kernel, shapes
 from labutils.sparse24.graphs import graphed_forward
 from labutils.sparse24.kernel import CsltPlan, SparseLinear24
+from labutils.sparse24.prefill import prefill_speedup_table
 from labutils.sparse24.shapes import linear_shapes
 from labutils.speed.latency import memory_table
 

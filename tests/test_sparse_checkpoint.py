@@ -17,10 +17,10 @@ from transformers import AutoModelForCausalLM
 
 import labutils as lu
 from labutils.cli import main
+from labutils.core.manifests import write_manifest
 from labutils.core.saved import load_report
 from labutils.core.sparse.format import METADATA_KEY, SPARSE_FILE
 from labutils.core.sparse.model import prunable_parameter_names
-from labutils.core.manifests import write_manifest
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 PATTERNS = {  # name: spec

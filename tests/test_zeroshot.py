@@ -17,8 +17,14 @@ from labutils.evaluate.zeroshot import lastword as lastword_module
 from labutils.evaluate.zeroshot import nextsentence as nextsentence_module
 from labutils.evaluate.zeroshot import run as zeroshot
 from labutils.evaluate.zeroshot import tasks as zeroshot_tasks
-from labutils.evaluate.zeroshot.sentences import (article_sentences, brackets_balanced, clean_text, is_invisible,
-                                                  is_pronoun_led, split_sentences)
+from labutils.evaluate.zeroshot.sentences import (
+    article_sentences,
+    brackets_balanced,
+    clean_text,
+    is_invisible,
+    is_pronoun_led,
+    split_sentences,
+)
 
 
 def _clean_texts() -> dict[str, str]:

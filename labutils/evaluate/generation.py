@@ -21,8 +21,8 @@ from torch import nn
 from tqdm import tqdm  # plain text everywhere: a saved notebook shows the finished bar, not a widget
 from transformers import GenerationConfig
 
-from ..core.errors import BadInput
 from ..core.anatomy import model_device
+from ..core.errors import BadInput
 from ..core.validation import check_positive_int
 from .perplexity import next_token_logits, window_batches
 

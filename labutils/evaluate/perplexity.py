@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm  # plain text everywhere: a saved notebook shows the finished bar, not a widget
 
-from ..core.errors import BadInput, LabError, is_out_of_memory
 from ..core.anatomy import check_seqlen, model_device
+from ..core.errors import BadInput, LabError, is_out_of_memory
 from ..core.validation import check_count, check_model, check_positive_int, check_tokens
 
 MAX_LOG_PERPLEXITY = math.log(sys.float_info.max)  # math.exp overflows above this

@@ -24,18 +24,18 @@ import pandas as pd
 import torch
 from transformers import LlamaConfig
 
+from ..core.anatomy import check_seqlen, find_decoder_layers
 from ..core.config import get_profile
 from ..core.device import get_device, require_cuda, set_seed, versions
 from ..core.errors import BadInput
-from ..core.manifests import write_json_atomic
-from ..core.anatomy import check_seqlen, find_decoder_layers
 from ..core.loading import LLAMA2_7B_CONFIG, random_model, tiny_llama_config
+from ..core.manifests import write_json_atomic
 from ..core.validation import check_positive_int
 from ..prune.driver import prune_model
-from ..prune.spec import PruneSpec, check_spec
-from ..prune.sparsity import mask_sha256
 from ..prune.offload import PinnedPool
 from ..prune.placement import calibration_inputs
+from ..prune.sparsity import mask_sha256
+from ..prune.spec import PruneSpec, check_spec
 from ..speed.timing import Measured, measure
 
 MODES = ("default", "low-memory")

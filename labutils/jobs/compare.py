@@ -21,9 +21,9 @@ from ..core.errors import BadInput
 from ..core.validation import check_model, check_names
 from ..evaluate.perplexity import perplexity
 from ..prune.driver import prune_model
-from ..prune.report import PruneReport
 from ..prune.masks import SparsityTarget
 from ..prune.owl import OwlConfig
+from ..prune.report import PruneReport
 from ..prune.spec import PruneSpec, check_spec
 
 

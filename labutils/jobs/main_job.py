@@ -14,6 +14,13 @@ import pandas as pd
 import torch
 
 from ..core.card import folder_card_fields
+from ..core.config import Profile, get_profile
+from ..core.device import get_device, peak_rss_bytes, require_cuda, set_seed
+from ..core.errors import BadInput, LabError
+from ..core.loading import CACHE_FOLDER, load_model
+from ..core.locks import output_lock
+from ..core.manifests import verify_folder
+from ..core.publish import cache_dir
 from ..core.saved import (
     SAVE_FORMATS,
     check_output_dir,
@@ -22,21 +29,14 @@ from ..core.saved import (
     model_file_bytes,
     save_pruned,
 )
-from ..core.config import Profile, get_profile
-from ..core.device import get_device, peak_rss_bytes, require_cuda, set_seed
-from ..core.errors import BadInput, LabError
-from ..core.loading import CACHE_FOLDER, load_model
-from ..core.locks import output_lock
-from ..core.manifests import verify_folder
-from ..core.publish import cache_dir
 from ..core.validation import check_choice
 from ..evaluate.perplexity import perplexity
 from ..prune.driver import prune_model
 from ..prune.parallel import DataParallel, start_data_parallel, stop_data_parallel
+from ..prune.spec import PruneSpec, check_spec
 from .report import build_report
 from .stream_job import run_streamed
 from .tokens import job_tokens
-from ..prune.spec import PruneSpec, check_spec
 
 LLAMA2_7B_PARAMS = 6_738_415_616  # Llama-2-7B's parameter count (13.5 GB in float16)
 EMBEDDED_MODEL_BYTES = 538_000_000  # SmolLM2-135M in float32, before the cache exists to measure it

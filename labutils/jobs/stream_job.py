@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.saved import OUTPUT_KIND, write_folder_files
+from ..core.anatomy import decoder_stack, find_decoder_layers
 from ..core.config import Profile
 from ..core.device import give_back_freed_memory, peak_rss_bytes
-from ..core.anatomy import decoder_stack, find_decoder_layers
 from ..core.loading import folder_tokenizer, load_tokenizer, model_folder
-from ..core.sparse.model import GENERATION_FILE, ShardWriter
 from ..core.publish import atomic_folder
+from ..core.saved import OUTPUT_KIND, write_folder_files
+from ..core.sparse.model import GENERATION_FILE, ShardWriter
 from ..evaluate.perplexity import perplexity_of, total_nll, window_batches
 from ..prune.calibration import CalibrationData, layers_replaced, outer_modules_on
 from ..prune.disk import CheckpointReader, DiskLayers, LayerCallbacks, load_outer, prune_streamed, skeleton

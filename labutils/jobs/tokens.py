@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..core import data
-from ..core.config import Profile
 from ..core.anatomy import check_seqlen
+from ..core.config import Profile
 from ..prune.driver import check_prunable
 from ..prune.spec import PruneSpec
 

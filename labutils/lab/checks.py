@@ -34,6 +34,7 @@ from ..prune.masks import nm_mask, unstructured_mask
 from ..prune.methods import ria_score, wanda_score
 from ..prune.recovery import masked_merge
 
+
 @dataclass(frozen=True)
 class CheckResult:
     """One check's outcome: ``points`` of ``max_points`` (all or nothing) and what was compared."""

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..core.errors import LabError
 from ..core.anatomy import decoder_stack, find_decoder_layers
+from ..core.errors import LabError
 from ..core.validation import check_positive_int
 from .parallel import DataParallel
 

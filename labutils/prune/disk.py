@@ -25,10 +25,10 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, initialization
 
+from ..core.anatomy import find_decoder_layers
 from ..core.device import give_back_freed_memory, map_large_allocations
 from ..core.errors import LabError
 from ..core.sparse.bits import KeptMasks
-from ..core.anatomy import find_decoder_layers
 from ..core.sparse.format import SAFETENSORS_DTYPES, write_safetensors
 from ..core.sparse.model import ShardWriter
 from .calibration import CalibrationData

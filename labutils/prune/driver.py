@@ -20,9 +20,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..core.anatomy import find_decoder_layers, find_linears
 from ..core.device import SectionTimer, synchronize
 from ..core.errors import BadInput, LabError, is_out_of_memory
-from ..core.anatomy import find_decoder_layers, find_linears
 from ..core.sparse.bits import KeptMasks, record_kept
 from ..core.validation import check_flag, check_model, check_positive_int, check_tokens
 from .calibration import CalibrationData, LayerInputs

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core.errors import BadInput
 from ..core.anatomy import find_decoder_layers, find_linears
+from ..core.errors import BadInput
 from ..core.validation import check_number
 from .calibration import CalibrationData
 from .methods.wanda import wanda_score

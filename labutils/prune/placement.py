@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from tqdm import tqdm  # plain text everywhere: a saved notebook shows the finished bar, not a widget
 
+from ..core.anatomy import model_device
 from ..core.device import get_device
 from ..core.errors import BadInput
-from ..core.anatomy import model_device
 from ..core.validation import describe
 from .calibration import LayerInputs, capture_layer_inputs
 from .offload import OffloadedInputs, OffloadedLayers

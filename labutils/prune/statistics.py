@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.errors import BadInput
 from ..core.anatomy import ExpertWeight, find_decoder_layers, find_linears
+from ..core.errors import BadInput
 from .calibration import LayerInputs, capture_layer_inputs
 from .parallel import OrderedSum
 from .routing import RoutedExperts

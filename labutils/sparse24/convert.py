@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from tqdm import tqdm  # plain text everywhere: a saved notebook shows the finished bar, not a widget
 
+from ..core.anatomy import CompressedLinear, find_decoder_layers, model_device
 from ..core.device import cuda_capability, get_device
 from ..core.errors import BadInput, LabError
-from ..core.anatomy import CompressedLinear, find_decoder_layers, model_device
 from ..core.validation import (
     check_choice,
     check_flag,

@@ -20,10 +20,9 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..core.errors import LabError
 from ..core.anatomy import model_device
+from ..core.errors import LabError
 from ..core.validation import check_count, check_shape, check_tensor
-
 
 CAUSAL_SDPA = "lab_causal_sdpa"  # SDPA registered under a name without a mask function: no mask, is_causal=True
 

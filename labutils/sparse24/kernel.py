@@ -32,8 +32,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..core.errors import LabError
 from ..core.anatomy import CompressedLinear
+from ..core.errors import LabError
+
 
 @dataclass(frozen=True)
 class CsltPlan:

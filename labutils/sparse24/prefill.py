@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from tqdm import tqdm  # plain text everywhere: a saved notebook shows the finished bar, not a widget
 
+from ..core.anatomy import max_sequence_length, model_device
 from ..core.device import synchronize
 from ..core.errors import LabError
-from ..core.anatomy import max_sequence_length, model_device
 from ..core.validation import check_count, check_positive_int, check_positive_ints
 from ..speed.latency import prefill_fn, random_prompt
 from ..speed.timing import decode_interleaved, time_interleaved

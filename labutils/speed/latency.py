@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.saved import load_pruned, load_report, model_file_bytes
-from ..core.device import get_device
 from ..core.anatomy import CompressedLinear, check_seqlen, model_device
+from ..core.device import get_device
+from ..core.saved import load_pruned, load_report, model_file_bytes
 from ..core.validation import check_not_empty, check_number, check_positive_int, check_seed, check_tensor
 from ..prune.masks import unstructured_mask
 from .timing import decode_interleaved, measure, time_interleaved

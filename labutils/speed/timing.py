@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from tqdm import tqdm  # plain text everywhere: a saved notebook shows the finished bar, not a widget
 
+from ..core.anatomy import check_seqlen
 from ..core.device import synchronize
 from ..core.errors import BadInput
-from ..core.anatomy import check_seqlen
 from ..core.validation import check_callable, check_count, check_not_empty, check_positive_int, check_tokens
 
 Clock = Callable[[], float]

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-from transformers import initialization
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, initialization
 
-from ..errors import BadInput, LabError
 from ..anatomy import find_decoder_layers, find_linears
+from ..errors import BadInput, LabError
 from .bits import KeptMasks, kept_masks, record_kept, storage_names
 from .format import (
     SPARSE_FILE,

@@ -14,8 +14,16 @@ import random
 import numpy as np
 
 from ...core.data import corpus_split
-from .sentences import (MIN_SENTENCE_WORDS, STOPWORDS, article_sentences, brackets_balanced, clean_text,
-                        is_pronoun_led, n_words, words)
+from .sentences import (
+    MIN_SENTENCE_WORDS,
+    STOPWORDS,
+    article_sentences,
+    brackets_balanced,
+    clean_text,
+    is_pronoun_led,
+    n_words,
+    words,
+)
 
 NEXT_MAX_CONTEXT_WORDS = 30  # as many as before: 04-Benchmark is short of time
 NEXT_MAX_CHOICE_WORDS = 25

@@ -9,11 +9,11 @@ from torch import nn
 
 from ...core.errors import BadInput
 from ...core.validation import check_choice
+from ..masks import GROUPS, SparsityTarget
 
 # Which calibration statistic a method needs for each linear, collected by the shared layer-by-layer driver:
 # NO_STATISTIC; INPUT_NORMS (in,) = Σ_t x_tj²; HESSIAN (in, in) = 2 · Σ_t x_t x_tᵀ. Re-exported for the methods.
 from ..statistics import HESSIAN, INPUT_NORMS, NO_STATISTIC  # noqa: F401
-from ..masks import GROUPS, SparsityTarget
 
 
 @dataclass(frozen=True)
