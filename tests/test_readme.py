@@ -126,3 +126,49 @@ def test_every_relative_link_resolves(path):
 def test_the_readme_links_every_docs_file_and_contributing():
     links = {target.partition("#")[0] for target in _links(ROOT / "README.md")}
     assert {f"docs/{p.name}" for p in DOCS} | {"CONTRIBUTING.md"} <= links
+
+
+SYMPTOMS = ["Accuracy collapse", "A model that will not load", "No speed-up", "Repeated or garbled output",
+            "Out of memory"]  # issue L1, item 4
+
+
+def _symptoms() -> dict[str, str]:
+    """docs/troubleshooting.md's "## Symptoms" section, as {### subsection heading: its text}."""
+    text = (ROOT / "docs" / "troubleshooting.md").read_text()
+    section = re.search(r"^## Symptoms\n(.*?)(?=^## )", text, re.S | re.M)
+    assert section, "docs/troubleshooting.md has no '## Symptoms' section followed by another section"
+    parts = re.split(r"^### (.*)\n", section.group(1), flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def _lab_commands(text: str) -> list[str]:
+    """Every ``python -m labutils …`` quoted in ``text``: inline code that starts with it, and code-block lines."""
+    inline = re.findall(r"`(python -m labutils [^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    blocks = [line.split("#")[0] for block in re.findall(r"```\w*\n(.*?)```", text, re.S)
+              for line in block.splitlines() if line.strip().startswith("python -m labutils ")]
+    return [" ".join(command.split()) for command in inline + blocks]
+
+
+def test_troubleshooting_has_a_subsection_per_symptom_and_each_quotes_a_command():
+    symptoms = _symptoms()
+    assert list(symptoms) == SYMPTOMS
+    for heading, body in symptoms.items():
+        assert _lab_commands(body), f"troubleshooting.md '### {heading}' quotes no `python -m labutils …` command"
+        assert "results/" in body or "benchmarks/results/" in body, f"'### {heading}' names no figure's results file"
+
+
+@pytest.mark.parametrize("command", sorted({c for body in _symptoms().values() for c in _lab_commands(body)}))
+def test_every_command_of_the_troubleshooting_symptoms_parses(command, capsys):
+    """Parsed by the real parser of ``python -m labutils`` (nothing runs); a prune command's spec is built too, so a
+    method, target or OWL option that does not exist fails here."""
+    import shlex
+
+    from labutils.cli import build_parser
+    from labutils.prune.spec import PruneSpec
+    argv = shlex.split(command)[3:]
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit:
+        pytest.fail(f"`{command}` does not parse: {capsys.readouterr().err.strip()}")
+    if args.command == "prune":
+        PruneSpec.from_cli(vars(args))
