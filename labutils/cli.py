@@ -101,7 +101,12 @@ def _add_prune(sub) -> None:
     prune.add_argument("--eval-seqlen", type=int, default=None, help="tokens per perplexity window (profile default)")
     prune.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (profile default)")
     prune.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
-    prune.add_argument("--out", default=None, help="output folder (default outputs/<profile>-<method>-<target>)")
+    prune.add_argument("--calibration", default="wiki", metavar="wiki|code|mixed|FOLDER",
+                       help="calibration text: wiki, the profile's own (default); code, Python standard-library "
+                            "modules; mixed, half of each; or a folder of *.txt / *.md / *.py files "
+                            "(docs/running.md \"Calibration source\")")
+    prune.add_argument("--out", default=None, help="output folder (default outputs/<profile>-<method>-<target>, "
+                                                   "with -code, -mixed or -text-<folder> for another --calibration)")
     prune.add_argument("--model", dest="model_path", default=None,
                        help="local folder or hub id replacing the profile's model")
     prune.add_argument("--tokenizer", dest="tokenizer_path", default=None, metavar="PATH_OR_ID",

@@ -288,3 +288,63 @@ def test_cli_owl_lambda_refused_before_loading(tmp_path, capsys, monkeypatch):
     assert main(["prune", "--owl", "--owl-lambda", "1.0", "--out", str(out)]) == 2
     assert owl_lambda_message(1.0) in capsys.readouterr().err
     assert not out.exists()
+
+
+# 5. The calibration source (--calibration)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--calibration", "nope"], "error: calibration must be wiki, code, mixed or a folder of text files (*.txt, *.md, "
+                                "*.py); got 'nope': no such folder"),
+    (["--calibration", "code", "--method", "magnitude"],
+     "error: --calibration code chooses calibration text; method 'magnitude' uses none (allowed: wiki, the default)"),
+    (["--calibration", "mixed", "--nsamples", "1"],
+     "error: calibration 'mixed' takes half its windows from each text and needs nsamples ≥ 2; got 1"),
+    (["--calibration", "code", "--profile", "llama2-7b-random"],
+     "error: calibration 'code' needs a profile with real text; profile 'llama2-7b-random' calibrates on random "
+     "tokens (allowed: wiki)"),
+])
+def test_bad_calibration_source_is_one_line_before_loading(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("labutils.jobs.main_job.load_model", raiser(AssertionError("loaded the model first")))
+    assert cli_error(["prune", *argv], tmp_path, capsys) == message
+
+
+def test_empty_calibration_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("labutils.jobs.main_job.load_model", raiser(AssertionError("loaded the model first")))
+    (tmp_path / "texts").mkdir()
+    line = cli_error(["prune", "--calibration", str(tmp_path / "texts")], tmp_path, capsys)
+    assert line.endswith(f"got '{tmp_path / 'texts'}': it holds no *.txt, *.md or *.py file")
+
+
+def test_calibration_source_names_the_default_folder_only_when_not_the_default(tmp_path):
+    from labutils.jobs.main_job import PruneJob
+    profile = lu.get_profile("smollm2-135m")
+    (tmp_path / "My Texts").mkdir()
+    (tmp_path / "My Texts" / "a.md").write_text("words")
+    folders = {value: PruneJob(calibration=value).output_dir(profile).name
+               for value in ("wiki", "code", "mixed", str(tmp_path / "My Texts"))}
+    assert folders == {"wiki": "smollm2-135m-wanda-50", "code": "smollm2-135m-wanda-50-code",
+                       "mixed": "smollm2-135m-wanda-50-mixed",
+                       str(tmp_path / "My Texts"): "smollm2-135m-wanda-50-text-My-Texts"}
+    assert PruneJob().output_dir(profile) == lu.jobs.main_job.default_output_dir(profile, PruneJob().spec)
+    assert PruneJob(calibration="code", out=str(tmp_path / "o")).output_dir(profile) == tmp_path / "o"
+    assert PruneJob(calibration="code").calibration_label() == "code"
+    assert PruneJob(lu.PruneSpec("magnitude", 0.5)).calibration_label() is None
+
+
+@pytest.mark.slow
+def test_folder_calibration_is_recorded_in_the_report(tiny_with_tokenizer, tmp_path, capsys):
+    """A whole CLI run calibrated on a folder of text: report.json and the model card name the source."""
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    out = tmp_path / "out"
+    argv = ["prune", "--model", str(tiny_with_tokenizer), *SMALL, "--calibration", str(texts), "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"] == str(texts) and report["mask_sha256"]
+    assert f"from {texts}" in (out / "README.md").read_text()
+    assert main([*argv[:-2], "--calibration", "wiki", "--out", str(tmp_path / "wiki")]) == 0
+    wiki = json.loads((tmp_path / "wiki" / "report.json").read_text())
+    assert wiki["calibration"] == "wiki" and wiki["mask_sha256"] != report["mask_sha256"]
+    capsys.readouterr()

@@ -192,6 +192,14 @@ def test_ensure_pruned_redoes_a_model_made_differently(recorded_jobs):
     assert "other settings (nsamples, seed)" in how and len(recorded_jobs) == 1
 
 
+def test_ensure_pruned_redoes_a_model_calibrated_on_other_text(recorded_jobs):
+    """A report without ``calibration`` (written before the field) is a wiki run; one calibrated on code is not."""
+    profile = lu.get_profile("smollm2-135m")
+    _fake_lab_output(lu.default_output_dir(profile, lu.PruneSpec("wanda", "50%")), calibration="code")
+    _, how = lu.ensure_pruned(profile, lu.PruneSpec("wanda", lu.SparsityTarget.of(sparsity=0.5)))
+    assert "other settings (calibration)" in how and recorded_jobs[0].calibration == "wiki"
+
+
 def test_ensure_pruned_magnitude_ignores_calibration_settings(recorded_jobs):
     profile = lu.get_profile("smollm2-135m")
     folder = lu.default_output_dir(profile, lu.PruneSpec("magnitude", "50%"))

@@ -535,3 +535,50 @@ def test_missing_data_package_says_how_to_install():
         packaged_file("no-such-lab-package", "x.gguf", "1.0", "the default model")
     with pytest.raises(lu.LabError, match="nothing.bin is missing from it; reinstall it: pip install --force"):
         packaged_file("pytest", "nothing.bin", "9.0.3", "a test")
+
+
+def calibration_folders(tmp_path):
+    """(value, message) for every calibration source that is refused."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "a.txt").write_text("  \n")
+    (tmp_path / "latin").mkdir()
+    (tmp_path / "latin" / "a.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "file.txt").write_text("text")
+    allowed = "calibration must be wiki, code, mixed or a folder of text files (*.txt, *.md, *.py); got "
+    return [(str(tmp_path / "missing"), f"{allowed}'{tmp_path / 'missing'}': no such folder"),
+            (str(tmp_path / "file.txt"), f"{allowed}'{tmp_path / 'file.txt'}': not a folder"),
+            (str(tmp_path / "empty"), f"{allowed}'{tmp_path / 'empty'}': it holds no *.txt, *.md or *.py file"),
+            (str(tmp_path / "blank"), f"{allowed}'{tmp_path / 'blank'}': its 1 text file(s) are empty"),
+            (str(tmp_path / "latin"), f"{allowed}'{tmp_path / 'latin'}': cannot read it as UTF-8 text "
+                                      "(UnicodeDecodeError: "),
+            ("", f"{allowed}''"), (3, f"{allowed}3"), (None, f"{allowed}None")]
+
+
+def test_bad_calibration_sources_are_one_line(tmp_path):
+    from labutils.core.sources import calibration_source
+    for value, message in calibration_folders(tmp_path):
+        with pytest.raises(lu.BadInput) as info:
+            calibration_source(value)
+        assert str(info.value).startswith(message) and "\n" not in str(info.value), (value, str(info.value))
+        with pytest.raises(lu.BadInput, match=re.escape(message)):  # the data function checks it the same way
+            lu.calibration_data(lu.get_profile("smollm2-135m"), None, 2, 16, 0, source=value)
+
+
+def test_calibration_sources_refused_where_they_cannot_apply():
+    random = lu.get_profile("llama2-7b-random")
+    for source in ("code", "mixed"):
+        with pytest.raises(lu.BadInput, match=exactly(f"calibration '{source}' needs a profile with real text; "
+                                                      "profile 'llama2-7b-random' calibrates on random tokens "
+                                                      "(allowed: wiki)")):
+            lu.calibration_data(random, None, 2, 16, 0, vocab_size=50, source=source)
+    assert lu.calibration_data(random, None, 2, 16, 0, vocab_size=50, source="wiki").shape == (2, 16)
+    with pytest.raises(lu.BadInput, match=exactly("calibration 'mixed' takes half its windows from each text and "
+                                                  "needs nsamples ≥ 2; got 1")):
+        lu.calibration_data(lu.get_profile("smollm2-135m"), None, 1, 16, 0, source="mixed")
+    with pytest.raises(lu.LabError, match="no tokenizer .* and calibration 'code' needs one"):
+        lu.calibration_data(lu.get_profile("smollm2-135m"), None, 2, 16, 0, source="code")
+    with pytest.raises(lu.BadInput, match=exactly("test source must be one of wiki, code; got 'mixed'")):
+        lu.test_tokens(lu.get_profile("smollm2-135m"), None, 64, source="mixed")
+    with pytest.raises(lu.BadInput, match="test source 'code' needs a profile with real text"):
+        lu.test_tokens(random, None, 64, vocab_size=50, source="code")

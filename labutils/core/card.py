@@ -57,8 +57,10 @@ def _facts(report: dict, disk: dict) -> list[tuple[str, str]]:
     if isinstance(report.get("measured_sparsity"), float):
         facts.append(("measured sparsity", f"{report['measured_sparsity']:.2%} of the pruned linears' weights"))
     if report.get("nsamples"):
+        source = report.get("calibration")
         facts.append(("calibration", f"{report['nsamples']} windows × {report.get('seqlen')} tokens, seed "
-                                     f"{report.get('seed')}"))
+                                     f"{report.get('seed')}" + (f", from {source}" if source not in (None, "wiki")
+                                                                else "")))
     ppl = report.get("perplexity") or {}
     if "dense" in ppl and "pruned" in ppl:
         facts.append(("perplexity, dense → pruned", f"{ppl['dense']:.3f} → {ppl['pruned']:.3f} "

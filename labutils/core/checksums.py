@@ -10,6 +10,7 @@ manifest passes, which is what the metadata checks and the main job's plausibili
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 from pathlib import Path
@@ -22,6 +23,16 @@ HEADER = "__header__"  # the digest of a safetensors file's length prefix and JS
 def digest(data) -> str:
     """The xxh3-64 digest of a bytes-like object (bytes, memoryview, mmap), as 16 hex digits."""
     return xxhash.xxh3_64_hexdigest(data)
+
+
+def name_key(name: str) -> bytes:
+    """The SHA-256 of a name (an article title, a module name): a fixed pseudo-random order and split for it."""
+    return hashlib.sha256(name.encode("utf-8")).digest()
+
+
+def name_bucket(name: str) -> int:
+    """A fixed bucket in [0, 100) for a name, from its SHA-256: corpus splits by percent."""
+    return int.from_bytes(name_key(name)[:8], "big") % 100
 
 
 def safetensors_ranges(view: memoryview) -> dict[str, tuple[int, int]]:

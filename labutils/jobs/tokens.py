@@ -11,9 +11,11 @@ from ..prune.driver import check_prunable
 from ..prune.spec import PruneSpec
 
 
-def job_tokens(profile: Profile, spec: PruneSpec, model, tokenizer, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(test tokens (N,), calibration tokens (nsamples, seqlen) or None when the method needs none), after refusing
-    windows longer than the model takes and an N:M that some input size cannot hold."""
+def job_tokens(profile: Profile, spec: PruneSpec, model, tokenizer, seed: int,
+               calibration: str = "wiki") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(test tokens (N,), calibration tokens (nsamples, seqlen) from the ``calibration`` source, or None when the
+    method needs none), after refusing windows longer than the model takes and an N:M that some input size cannot
+    hold."""
     check_seqlen(model, "seqlen", profile.seqlen)
     check_seqlen(model, "eval seqlen", profile.eval_seqlen)
     check_prunable(model, spec.target)
@@ -21,5 +23,6 @@ def job_tokens(profile: Profile, spec: PruneSpec, model, tokenizer, seed: int) -
     test = data.test_tokens(profile, tokenizer, profile.eval_tokens, vocab_size=vocab, seed=seed)
     calib = None
     if spec.needs_calibration:
-        calib = data.calibration_data(profile, tokenizer, profile.nsamples, profile.seqlen, seed, vocab_size=vocab)
+        calib = data.calibration_data(profile, tokenizer, profile.nsamples, profile.seqlen, seed, vocab_size=vocab,
+                                      source=calibration)
     return test, calib
