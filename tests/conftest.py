@@ -32,6 +32,16 @@ def raiser(exc: BaseException):
     return fail
 
 
+def copy_of(folder, tmp_path):
+    """A copy of a model ``folder`` to damage (``tmp_path / "model"``)."""
+    return shutil.copytree(folder, tmp_path / "model")
+
+
+def owl_lambda_message(lam, where="at every target: the most and least pruned layers are 2·lambda apart; "
+                                  "allowed here: 0 ≤ lambda < 0.5 (--owl-lambda, OwlConfig(lam=…); the paper uses 0.08)"):
+    return f"OWL lambda {lam!r} moves some layer's sparsity out of [0, 1) {where}"
+
+
 @pytest.fixture
 def tiny_model():
     return make_tiny()

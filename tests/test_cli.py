@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_tiny, raiser
+from conftest import copy_of, make_tiny, owl_lambda_message, raiser
 
 import labutils as lu
 from labutils.cli import main
@@ -26,10 +26,6 @@ def cli_error(argv, tmp_path, capsys) -> str:
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert not out.exists()
     return lines[0]
-
-
-def copy_of(folder, tmp_path):
-    return shutil.copytree(folder, tmp_path / "model")
 
 
 # 1. Model folders that exist but are not a whole model
@@ -275,11 +271,6 @@ def test_cli_bad_input_writes_nothing(argv, message, tmp_path, capsys):
     assert main(argv + ["--out", str(out)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
-
-
-def owl_lambda_message(lam, where="at every target: the most and least pruned layers are 2·lambda apart; "
-                                  "allowed here: 0 ≤ lambda < 0.5 (--owl-lambda, OwlConfig(lam=…); the paper uses 0.08)"):
-    return f"OWL lambda {lam!r} moves some layer's sparsity out of [0, 1) {where}"
 
 
 def test_cli_owl_lambda_refused_before_loading(tmp_path, capsys, monkeypatch):

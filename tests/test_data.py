@@ -95,12 +95,12 @@ def fake_stdlib(tmp_path, monkeypatch):
     (root / "_sysconfigdata__linux.py").write_text("build_time_vars = {}\n")
     (root / "empty.py").write_text("\n")
     monkeypatch.setattr(sources, "stdlib_dir", lambda: root)
-    for cached in (sources.code_modules, sources.code_text, sources._source):
+    for cached in (sources.code_modules, sources.code_text):
         cached.cache_clear()
     monkeypatch.setenv("LAB_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(data, "_TOKEN_CACHE", {})
     yield root, [*names, "pkg"]
-    for cached in (sources.code_modules, sources.code_text, sources._source):
+    for cached in (sources.code_modules, sources.code_text):
         cached.cache_clear()
 
 

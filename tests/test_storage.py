@@ -38,7 +38,7 @@ def writer(folder: Path, pause: str, exchange: bool = True) -> list[str]:
     return [sys.executable, str(WORKER), str(folder), "2", pause, *([] if exchange else ["fallback"])]
 
 
-def run_writer(tmp_path: Path, folder: Path, pause: str, sig: int, exchange: bool = True):
+def run_writer(folder: Path, pause: str, sig: int, exchange: bool = True):
     """Start a writer of version 2, send ``sig`` when it reaches ``pause``, return (exit code, stderr)."""
     proc = subprocess.Popen(writer(folder, pause, exchange), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     for line in proc.stderr:
@@ -78,7 +78,7 @@ CASES = [
 def test_signal_at_every_moment_loses_nothing(tmp_path, pause, sig, fallback, code, version, left):
     folder = tmp_path / "out" / "run"
     publish_version(folder, "1")
-    rc, output = run_writer(tmp_path, folder, pause, sig, exchange=not fallback)
+    rc, output = run_writer(folder, pause, sig, exchange=not fallback)
     assert rc == code, output
     if code == 0:
         assert "saved" in output and "was held until the new folder was in place" in output
@@ -109,7 +109,7 @@ def test_leftovers_of_a_live_run_are_kept(tmp_path):
 
 def test_next_run_says_what_it_removed(tmp_path, capsys):
     folder = tmp_path / "run"
-    rc, _ = run_writer(tmp_path, folder, "writing", signal.SIGKILL)
+    rc, _ = run_writer(folder, "writing", signal.SIGKILL)
     assert rc == -signal.SIGKILL and leftovers(tmp_path)
     publish_version(folder, "3")
     assert "left by a run that died" in capsys.readouterr().err

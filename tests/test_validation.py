@@ -3,12 +3,11 @@ before the model is touched and writing nothing (targets, tokens, sizes, seeds, 
 folders, out of memory)."""
 import math
 import re
-import shutil
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny, raiser, random_tokens
+from conftest import copy_of, make_tiny, owl_lambda_message, raiser, random_tokens
 
 import labutils as lu
 from labutils.cli import main
@@ -315,11 +314,6 @@ def test_other_runtime_errors_pass_through_perplexity(tiny_model, monkeypatch):
 
 # --- OWL lambda ------------------------------------------------------------------------------------------------------
 
-def owl_lambda_message(lam, where="at every target: the most and least pruned layers are 2·lambda apart; "
-                                  "allowed here: 0 ≤ lambda < 0.5 (--owl-lambda, OwlConfig(lam=…); the paper uses 0.08)"):
-    return f"OWL lambda {lam!r} moves some layer's sparsity out of [0, 1) {where}"
-
-
 @pytest.mark.parametrize("lam,sparsity", [(1.0, 0.5), (0.5, 0.5), (0.5, 0.9), (0.75, 0.1)])
 def test_owl_lambda_that_can_never_work_is_refused_before_calibration(lam, sparsity, tiny_model, calib_tokens,
                                                                       monkeypatch):
@@ -356,10 +350,6 @@ def test_owl_exact_bound_still_checked_after_calibration(calib_tokens):
 def test_valid_inputs_still_prune_to_the_target(tiny_model, calib_tokens):
     report = lu.prune_model(tiny_model, lu.PruneSpec("wanda", np.float64(0.5)), calib_tokens, progress=False)
     assert math.isclose(report.measured_sparsity, 0.5)
-
-
-def copy_of(folder, tmp_path):
-    return shutil.copytree(folder, tmp_path / "model")
 
 
 NO_TOKENIZER = ("the model has no tokenizer (its folder holds no tokenizer.json / tokenizer_config.json) and "

@@ -35,6 +35,13 @@ def name_bucket(name: str) -> int:
     return int.from_bytes(name_key(name)[:8], "big") % 100
 
 
+def split_by_name(name: str, bounds: dict[str, int]) -> str:
+    """The split a name belongs to, a fixed function of the name: the first of ``bounds`` (split → cumulative
+    percent) above its bucket."""
+    bucket = name_bucket(name)
+    return next(split for split, bound in bounds.items() if bucket < bound)
+
+
 def safetensors_ranges(view: memoryview) -> dict[str, tuple[int, int]]:
     """Byte ranges of a safetensors file's parts: ``HEADER`` → (0, start of data), each tensor → its (start, end)
     in the file. ValueError when the header cannot be read or a range falls outside the file."""

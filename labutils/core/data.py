@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checksums import digest, name_bucket, name_key
+from .checksums import digest, name_key, split_by_name
 from .config import Profile, flag_note
 from .errors import BadInput, LabError
 from .publish import cache_dir, packaged_file
@@ -56,8 +56,7 @@ def load_corpus() -> tuple[Article, ...]:
 
 def split_of(title: str) -> str:
     """Which split an article belongs to: a fixed function of its title, so splits never change."""
-    bucket = name_bucket(title)
-    return next(name for name, bound in SPLIT_BOUNDS.items() if bucket < bound)
+    return split_by_name(title, SPLIT_BOUNDS)
 
 
 @functools.lru_cache(maxsize=None)

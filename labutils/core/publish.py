@@ -247,7 +247,7 @@ def atomic_folder(path: str | os.PathLike, kind: str = "pruned-model", replace_a
             _publish_permissions(tmp)
             _fsync_folder(tmp, files=True)
             if path.exists() and not replace_any:
-                _check_replaceable(path, kind)
+                check_replaceable(path, kind)
             with _HeldSignals() as held:
                 aside = _swap_in(tmp, path)
                 published = True
@@ -268,11 +268,12 @@ def atomic_folder(path: str | os.PathLike, kind: str = "pruned-model", replace_a
                 os.close(held_fd)
 
 
-def _check_replaceable(path: Path, kind: str) -> None:
-    """BadInput unless the existing ``path`` is a lab folder of ``kind`` holding only what the lab wrote."""
+def check_replaceable(path: Path, kind: str, shown: Path | None = None) -> None:
+    """BadInput unless the existing ``path`` is a lab folder of ``kind`` holding only what the lab wrote; the
+    message names ``shown`` (the path as the user gave it) when given."""
     problem = replace_problem(path, kind)
     if problem:
-        raise BadInput(f"output {str(path)!r} exists and is {problem}; allowed: a new path or a "
+        raise BadInput(f"output {str(shown or path)!r} exists and is {problem}; allowed: a new path or a "
                        "previous lab output folder, which is then replaced")
 
 

@@ -21,8 +21,8 @@ from .device import get_device
 from .errors import BadInput, LabError
 from .loading import folder_tokenizer, load_pretrained, quiet_hf_progress, weight_files
 from .locks import resolve_target
-from .manifests import LAB_MARKER, read_manifest, replace_problem, strict_json, verify_folder
-from .publish import atomic_folder, check_apart, check_writable
+from .manifests import LAB_MARKER, read_manifest, strict_json, verify_folder
+from .publish import atomic_folder, check_apart, check_replaceable, check_writable
 from .sparse.model import (
     is_sparse_folder,
     kept_from_nonzeros,
@@ -52,10 +52,7 @@ def check_output_dir(path: str | os.PathLike, need_bytes: int | None = None,
     target = resolve_target(given)
     check_apart(target, inputs or {})
     if target.exists():
-        problem = replace_problem(target, OUTPUT_KIND)
-        if problem:
-            raise BadInput(f"output {str(given)!r} exists and is {problem}; allowed: a new path or a previous lab "
-                           "output folder, which is then replaced")
+        check_replaceable(target, OUTPUT_KIND, shown=given)
     check_writable(target, need_bytes)
     return given
 

@@ -25,7 +25,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checksums import name_bucket, name_key
+from .checksums import name_key, split_by_name
 from .config import Profile
 from .errors import BadInput
 from .validation import describe
@@ -118,8 +118,7 @@ def stdlib_dir() -> Path:
 
 def code_split_of(module: str) -> str:
     """Which split a top-level standard-library module belongs to: a fixed function of its name."""
-    bucket = name_bucket(module)
-    return next(name for name, bound in CODE_SPLIT_BOUNDS.items() if bucket < bound)
+    return split_by_name(module, CODE_SPLIT_BOUNDS)
 
 
 @functools.lru_cache(maxsize=1)
@@ -165,7 +164,6 @@ def code_text(split: str) -> str:
     return text
 
 
-@functools.lru_cache(maxsize=None)
 def _source(path: Path) -> str | None:
     """The file's text, or None where the rules leave it out (not UTF-8, too large, generated)."""
     try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -65,7 +65,8 @@ class PruneJob:
     stream_from_disk: bool = False  # never load the model whole: layers are read, pruned and written one by one
     data_parallel: bool = False  # one of torchrun's processes, each calibrating on its share of the samples
     strict: bool = False  # stop (instead of warning) when the dense perplexity is far from the profile's recorded one
-    calibration: str = "wiki"  # "wiki" (the profile's own text), "code", "mixed" or a folder of text files
+    # "wiki" (the profile's own text), "code", "mixed" or a folder of text files; ``validate_job`` resolves it once
+    calibration: str | CalibrationSourceSpec = "wiki"
 
     def resolved_profile(self) -> Profile:
         return get_profile(self.profile, nsamples=self.nsamples, seqlen=self.seqlen, eval_tokens=self.eval_tokens,
@@ -89,9 +90,10 @@ def default_output_dir(profile: Profile, spec: PruneSpec,
     return Path("outputs") / f"{profile.name}-{spec.slug}{calibration.slug if calibration else ''}"
 
 
-def validate_job(job: PruneJob) -> tuple[Profile, Path]:
+def validate_job(job: PruneJob) -> tuple[PruneJob, Profile, Path]:
     """Every check that needs no model, so bad input fails at once and writes nothing (the spec checked itself
-    when it was built)."""
+    when it was built). Returns the job with its calibration source resolved (a folder's text is read once here,
+    not again by each later use), its profile and its checked output folder."""
     check_spec(job.spec, "PruneJob.spec")
     check_choice("save format", job.save_format, SAVE_FORMATS)
     if job.tokenizer_path is not None and job.model_path is None:
@@ -105,6 +107,7 @@ def validate_job(job: PruneJob) -> tuple[Profile, Path]:
                        "dense copy: python -m labutils export OUT DENSE_OUT)")
     profile = job.resolved_profile()
     source = check_calibration_source(job.calibration, profile, profile.nsamples)
+    job = replace(job, calibration=source)
     if source.kind != "wiki" and not job.spec.needs_calibration:
         raise BadInput(f"--calibration {source.label} chooses calibration text; method {job.spec.method!r} uses none "
                        "(allowed: wiki, the default)")
@@ -112,7 +115,7 @@ def validate_job(job: PruneJob) -> tuple[Profile, Path]:
         require_cuda(f"profile {profile.name!r}")
     out = check_output_dir(job.output_dir(profile), need_bytes=expected_model_bytes(profile, job.model_path),
                            inputs={"the --model folder": job.model_path, "the --tokenizer folder": job.tokenizer_path})
-    return profile, out
+    return job, profile, out
 
 
 def expected_model_bytes(profile: Profile, model_path: str | None) -> int | None:
@@ -158,7 +161,7 @@ def run_prune_job(job: PruneJob, progress: bool = True) -> dict:
 
     ``job.data_parallel`` (launched by torchrun): every rank prunes on its share of the calibration samples; rank 0
     evaluates, writes and returns the report, every other rank returns {"rank", "mask_sha256"}."""
-    profile, out = validate_job(job)
+    job, profile, out = validate_job(job)
     device, parallel = get_device(job.device), None
     if job.data_parallel:
         parallel, device = start_data_parallel(device)
@@ -238,7 +241,7 @@ def ensure_pruned(profile: Profile, spec: PruneSpec, device: torch.device | str 
         saved = load_report(out)
         saved_owl = saved.get("owl") or None
         saved = {**saved, "owl": saved_owl and {k: saved_owl.get(k) for k in ("M", "lambda")},
-                 "calibration": saved.get("calibration", "wiki")}  # reports from before the field: wiki
+                 "calibration": saved.get("calibration", "wiki")}  # earlier reports, and lu.build_report's: wiki
         differs = [key for key, value in wanted.items() if saved.get(key) != value]
         damage = verify_folder(out)
         if not differs and damage is None:

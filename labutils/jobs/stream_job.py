@@ -94,19 +94,19 @@ def run_streamed(job, profile: Profile, out: Path, device: torch.device, progres
     test, calib = job_tokens(profile, job.spec, model, tokenizer, job.seed, job.calibration)
     give_back_freed_memory()
     outer = load_outer(model, reader, dtype)
+    data = CalibrationData(calib, profile.batch_size, parallel)
     if parallel is not None and not parallel.leader:
         disk = DiskLayers(model, reader, device, dtype)
-        prune = prune_streamed(model, disk, job.spec, CalibrationData(calib, profile.batch_size, parallel), False)
+        prune = prune_streamed(model, disk, job.spec, data, False)
         return {"rank": parallel.rank, "mask_sha256": prune.mask_sha256}
     dense = LayerwisePerplexity(model, test, profile.eval_seqlen, profile.batch_size, device)
     pruned = LayerwisePerplexity(model, test, profile.eval_seqlen, profile.batch_size, device)
-    target = job.spec.target
     with atomic_folder(out, OUTPUT_KIND) as tmp:
-        writer = ShardWriter(tmp, len(find_decoder_layers(model)) + 1, (target.n, target.m) if target.is_nm else None)
+        writer = ShardWriter(tmp, len(find_decoder_layers(model)) + 1, job.spec.target.nm)
         writer.write(1, outer, {})
         disk = DiskLayers(model, reader, device, dtype, writer=writer,
                           callbacks=LayerCallbacks(on_load=(dense.advance,), on_pruned=(pruned.advance,)))
-        prune = prune_streamed(model, disk, job.spec, CalibrationData(calib, profile.batch_size, parallel), progress)
+        prune = prune_streamed(model, disk, job.spec, data, progress)
         perplexities = {"dense": dense.result(), "pruned": pruned.result()}
         report = build_report_from_totals(profile, prune, perplexities, streamed_sparsity(outer, disk), seed=job.seed,
                                           eval_tokens=int(test.numel()))

@@ -7,12 +7,13 @@ import torch
 from ..core import data
 from ..core.anatomy import check_seqlen
 from ..core.config import Profile
+from ..core.sources import CalibrationSourceSpec
 from ..prune.driver import check_prunable
 from ..prune.spec import PruneSpec
 
 
 def job_tokens(profile: Profile, spec: PruneSpec, model, tokenizer, seed: int,
-               calibration: str = "wiki") -> tuple[torch.Tensor, torch.Tensor | None]:
+               calibration: CalibrationSourceSpec | str = "wiki") -> tuple[torch.Tensor, torch.Tensor | None]:
     """(test tokens (N,), calibration tokens (nsamples, seqlen) from the ``calibration`` source, or None when the
     method needs none), after refusing windows longer than the model takes and an N:M that some input size cannot
     hold."""

@@ -133,7 +133,7 @@ def prune_all(model: nn.Module, spec: PruneSpec, data: CalibrationData, where: P
     inputs = (calibration_inputs(model, data.tokens, data.batch_size, device, offloaded, data.parallel)
               if spec.runner.needs_calibration else None)
     method_timer, layer_timer = SectionTimer(device), SectionTimer(device)
-    pruned, kept, prefixes = [], KeptMasks(), {id(m): name for name, m in model.named_modules()}
+    pruned, kept, prefixes = [], KeptMasks(nm=spec.target.nm), {id(m): name for name, m in model.named_modules()}
     with layer_visits(layers, where, spec.label, progress) as visits:
         for i, layer in visits:
             with layer_timer.section():
@@ -148,8 +148,6 @@ def prune_all(model: nn.Module, spec: PruneSpec, data: CalibrationData, where: P
         inputs.finish()
     synchronize(device)
     report.seconds = time.perf_counter() - start
-    target = spec.target
-    kept.nm = (target.n, target.m) if target.is_nm else None
     record_kept(model, kept)
     report.sublayers = sublayer_reports(pruned)
     report.method_seconds = sum(method_timer.seconds())

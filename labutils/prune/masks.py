@@ -58,6 +58,11 @@ class SparsityTarget:
         return self.n is not None
 
     @property
+    def nm(self) -> tuple[int, int] | None:
+        """(n, m) for an N:M target, None for a fraction."""
+        return (self.n, self.m) if self.is_nm else None
+
+    @property
     def fraction(self) -> float:
         """The share of weights this target removes."""
         return 1 - self.n / self.m if self.is_nm else self.sparsity

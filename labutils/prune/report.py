@@ -63,10 +63,7 @@ class PruneReport:
     target = property(lambda self: self.spec.target.label, doc='the target\'s label: "50%", "2:4"')
     target_sparsity = property(lambda self: self.spec.target.fraction)
 
-    @property
-    def nm(self) -> tuple[int, int] | None:
-        target = self.spec.target
-        return (target.n, target.m) if target.is_nm else None
+    nm = property(lambda self: self.spec.target.nm, doc="(n, m) of an N:M target, else None")
 
     @property
     def owl(self) -> dict | None:
