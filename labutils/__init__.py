@@ -30,6 +30,8 @@ from .core.data import calibration_data, corpus_split, heldout_tokens, test_toke
 from .core.device import cuda_capability, device_summary, get_device, set_seed, versions_table
 from .core.errors import BadInput, LabError
 from .core.sparse.bits import KeptMasks, kept_masks
+from .core.sparse.model import quantize_model
+from .core.sparse.quant import QUANTS, quant_record
 from .core.anatomy import find_decoder_layers, find_linears
 from .core.loading import load_model, random_model, tiny_llama_config
 from .evaluate.generation import (
@@ -117,6 +119,7 @@ __all__ = [
     "set_seed", "versions_table", "find_decoder_layers", "find_linears", "load_model", "random_model",
     "tiny_llama_config", "calibration_data", "corpus_split", "heldout_tokens", "test_tokens", "load_pruned",
     "save_pruned", "load_report", "export_dense", "disk_table", "KeptMasks", "kept_masks",
+    "quantize_model", "quant_record", "QUANTS",
     # prune
     "SparsityTarget", "as_target", "parse_nm", "select_mask", "unstructured_mask", "capture_layer_inputs",
     "collect_input_norms", "collect_statistics", "METHODS", "get_method", "magnitude_score", "output_error",

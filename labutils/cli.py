@@ -105,8 +105,13 @@ def _add_prune(sub) -> None:
                        help="calibration text: wiki, the profile's own (default); code, Python standard-library "
                             "modules; mixed, half of each; or a folder of *.txt / *.md / *.py files "
                             "(docs/running.md \"Calibration source\")")
+    prune.add_argument("--quant", choices=["q4_0", "q8_0"], default=None,
+                       help="after pruning, quantize the linears and the embedding to llama.cpp's 4- or 8-bit blocks "
+                            "(zeros kept), evaluate again and save the blocks (docs/saving.md \"Pruned and "
+                            "quantized\"; default: none)")
     prune.add_argument("--out", default=None, help="output folder (default outputs/<profile>-<method>-<target>, "
-                                                   "with -code, -mixed or -text-<folder> for another --calibration)")
+                                                   "with -code, -mixed or -text-<folder> for another --calibration, "
+                                                   "-q4_0 or -q8_0 for --quant)")
     prune.add_argument("--model", dest="model_path", default=None,
                        help="local folder or hub id replacing the profile's model")
     prune.add_argument("--tokenizer", dest="tokenizer_path", default=None, metavar="PATH_OR_ID",

@@ -65,6 +65,9 @@ def _facts(report: dict, disk: dict) -> list[tuple[str, str]]:
     if "dense" in ppl and "pruned" in ppl:
         facts.append(("perplexity, dense → pruned", f"{ppl['dense']:.3f} → {ppl['pruned']:.3f} "
                                                      f"({report.get('eval_tokens')} test tokens)"))
+    if report.get("quant") and "quantized" in ppl:
+        facts.append(("quantized", f"{report['quant']} (llama.cpp's blocks of 32; linears and embedding), "
+                                   f"perplexity {ppl['quantized']:.3f}"))
     if disk:
         files = (f"{SPARSE_INDEX} and {disk['shards']} shards" if disk.get("shards") else
                  SPARSE_FILE if disk["format"] == "sparse" else "model.safetensors")

@@ -30,6 +30,8 @@ from ..core.saved import (
     save_pruned,
 )
 from ..core.sources import CalibrationSourceSpec, calibration_source, check_calibration_source
+from ..core.sparse.model import quantize_model
+from ..core.sparse.quant import STORED_QUANTS
 from ..core.validation import check_choice
 from ..evaluate.perplexity import perplexity
 from ..prune.driver import prune_model
@@ -67,6 +69,7 @@ class PruneJob:
     strict: bool = False  # stop (instead of warning) when the dense perplexity is far from the profile's recorded one
     # "wiki" (the profile's own text), "code", "mixed" or a folder of text files; ``validate_job`` resolves it once
     calibration: str | CalibrationSourceSpec = "wiki"
+    quant: str | None = None  # "q4_0" or "q8_0": quantize the pruned model's weights (07-Quantize) and save the blocks
 
     def resolved_profile(self) -> Profile:
         return get_profile(self.profile, nsamples=self.nsamples, seqlen=self.seqlen, eval_tokens=self.eval_tokens,
@@ -75,7 +78,8 @@ class PruneJob:
     def output_dir(self, profile: Profile) -> Path:
         if self.out is not None:
             return Path(self.out)
-        return default_output_dir(profile, self.spec, calibration_source(self.calibration))
+        folder = default_output_dir(profile, self.spec, calibration_source(self.calibration))
+        return folder.with_name(f"{folder.name}-{self.quant}") if self.quant else folder
 
     def calibration_label(self) -> str | None:
         """What report.json records as ``calibration``: the source's label, or None when the method calibrates on
@@ -102,6 +106,11 @@ def validate_job(job: PruneJob) -> tuple[PruneJob, Profile, Path]:
     if job.stream_from_disk and job.low_memory:
         raise BadInput("--stream-from-disk already keeps the model out of memory (one layer at a time, from disk); "
                        "drop --low-memory")
+    if job.quant is not None:
+        check_choice("quant", job.quant, STORED_QUANTS)
+        if job.save_format != "sparse" or job.stream_from_disk:
+            raise BadInput(f"--quant {job.quant} stores the quantized blocks in the sparse format of a model held in "
+                           "memory; drop " + ("--stream-from-disk" if job.stream_from_disk else "--save-format dense"))
     if job.stream_from_disk and job.save_format != "sparse":
         raise BadInput("--stream-from-disk writes the sparse format, shard by shard; drop --save-format dense (a "
                        "dense copy: python -m labutils export OUT DENSE_OUT)")
@@ -209,11 +218,18 @@ def _run_locked(job: PruneJob, profile: Profile, out: Path, device: torch.device
         pruned_ppl = perplexity(model, test, profile.eval_seqlen, profile.batch_size, progress,
                                 desc="pruned perplexity")
     seconds["pruned_eval"] = _lap(clock)
+    perplexities = {"dense": dense_ppl, "pruned": pruned_ppl}
+    if job.quant is not None:
+        clock = time.perf_counter()
+        quantize_model(model, job.quant)
+        with _visiting(model, device, home):
+            perplexities["quantized"] = perplexity(model, test, profile.eval_seqlen, profile.batch_size, progress,
+                                                   desc=f"pruned + {job.quant} perplexity")
+        seconds["quantize_and_eval"] = _lap(clock)
 
-    report = build_report(profile, model, prune, {"dense": dense_ppl, "pruned": pruned_ppl}, seed=job.seed,
-                          eval_tokens=int(test.numel()))
+    report = build_report(profile, model, prune, perplexities, seed=job.seed, eval_tokens=int(test.numel()))
     report.update(model=job.model_path or report["model"], device=str(device), dense_perplexity_expected=expected,
-                  calibration=job.calibration_label(),
+                  calibration=job.calibration_label(), quant=job.quant,
                   seconds={**seconds, **report["seconds"]}, data_parallel=None if parallel is None else parallel.world,
                   peak_rss_bytes=peak_rss_bytes())
     if job.model_path is not None:  # the card's base model and licence: what the folder's own card says
@@ -234,7 +250,7 @@ def ensure_pruned(profile: Profile, spec: PruneSpec, device: torch.device | str 
     sentence saying which happened.
     """
     out = default_output_dir(profile, spec)
-    wanted = {"profile": profile.name, **spec.to_dict()}
+    wanted = {"profile": profile.name, **spec.to_dict(), "quant": None}  # not a quantized model (07 makes those)
     if spec.needs_calibration:
         wanted.update(nsamples=profile.nsamples, seqlen=profile.seqlen, seed=seed, calibration="wiki")
     if is_lab_output(out):
@@ -279,4 +295,7 @@ def summary_table(report: dict) -> pd.DataFrame:
         {"model": report["label"], "sparsity": report["measured_sparsity"],
          "perplexity": report["perplexity"]["pruned"]},
     ]
+    if report.get("quant"):
+        rows.append({"model": f"{report['label']} + {report['quant']}", "sparsity": report["measured_sparsity"],
+                     "perplexity": report["perplexity"]["quantized"]})
     return pd.DataFrame(rows).set_index("model")

@@ -19,6 +19,13 @@ Every other tensor is stored under its own name as it is. The file's metadata ke
 {name: stored name}}`` (aliases: tied weights, stored once). A pruned position is +0.0; a kept weight keeps its
 exact bits, even when it is 0.0 or -0.0, so decoding gives back the saved weights bit for bit, and the masks.
 
+Version 2 (written only for a model quantized by ``quant.quantize_model``, 07-Quantize) adds ``"quant": "q4_0"``
+or ``"q8_0"`` to the entries of quantized tensors. Their ``K.values`` are then llama.cpp's blocks of those values
+(``quant``: (⌈count / 32⌉, 18) uint8 for q4_0, 34 bytes a block for q8_0; ``dtype`` is the dtype they decode
+into): for a pruned weight the kept values in the order above, for a weight stored whole (layout ``dense``: the
+input embedding, and the linears of a model the lab did not prune) all of its values. Decoding gives back the
+quantized model's weights bit for bit.
+
 A model pruned while streamed from disk (``prune.disk``) is written shard by shard: ``sparse-model-00001-of-000NN
 .safetensors`` … (the first holds everything outside the decoder layers, then one per decoder layer), each a file
 of the layout above with its own metadata, and ``sparse-model.safetensors.index.json`` mapping every stored tensor
@@ -38,21 +45,29 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..errors import LabError
+from ..errors import BadInput, LabError
 from .bits import pack_fields, pack_mask, unpack_fields, unpack_mask
+from .quant import STORED_QUANTS, QuantRecord, block_size, dequantize_values, quantize_values, quantized_bytes
 
 SPARSE_FILE = "sparse-model.safetensors"
 SPARSE_INDEX = "sparse-model.safetensors.index.json"  # the shards of a model written layer by layer
 DECODE_THREADS = max(1, min(8, os.cpu_count() or 1))
 METADATA_KEY = "wanda_lab.sparse"
 VERSION = 1
-LAYOUTS = ("bitmask", "nm")
+QUANT_VERSION = 2  # a file with quantized tensors
+LAYOUTS = ("bitmask", "nm", "dense")  # dense: a quantized tensor stored whole
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # element size → same-size integer
 
 
 def nonzero_bits(weight: torch.Tensor) -> torch.Tensor:
     """True where the weight is not +0.0 (bit for bit: -0.0 counts as a value to keep). Same shape, bool."""
     return weight.view(_INT_VIEW[weight.element_size()]) != 0
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True if ``a`` and ``b`` hold the same bits (unlike ``torch.equal``, -0.0 differs from 0.0 and NaN matches)."""
+    view = _INT_VIEW[a.element_size()]
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(view), b.view(view))
 
 
 MAX_NM_M = 16  # the N:M layout's lookup tables hold 2^M and C(M, N) entries; larger M use the bitmask
@@ -76,11 +91,18 @@ def follows_nm(kept: torch.Tensor, n: int, m: int) -> bool:
             and bool((kept.reshape(-1, m).sum(1) == n).all()))
 
 
-def encode(weight: torch.Tensor, kept: torch.Tensor, nm: tuple[int, int] | None) -> tuple[dict, dict]:
+def encode(weight: torch.Tensor, kept: torch.Tensor | None, nm: tuple[int, int] | None,
+           quant: str | None = None) -> tuple[dict, dict]:
     """(tensors under their suffix: "values" and "mask" or "positions", layout entry) for one pruned weight on
-    the CPU. ``nm``: use the N:M layout if the mask follows it, else the bitmask."""
-    flat, keep = weight.reshape(-1), kept.reshape(-1)
+    the CPU. ``nm``: use the N:M layout if the mask follows it, else the bitmask. ``quant``: store the values as
+    that quantizer's blocks (``kept`` None: the whole weight, layout dense)."""
     entry = {"layout": "bitmask", "shape": list(weight.shape), "dtype": str(weight.dtype).removeprefix("torch.")}
+    if quant is not None:
+        entry["quant"] = quant
+    if kept is None:
+        entry["layout"] = "dense"
+        return {"values": _quantized(weight, quant)}, entry
+    flat, keep = weight.reshape(-1), kept.reshape(-1)
     if nm is not None and follows_nm(kept, *nm):
         n, m = nm
         table = combinations_table(n, m)
@@ -91,8 +113,21 @@ def encode(weight: torch.Tensor, kept: torch.Tensor, nm: tuple[int, int] | None)
         bits = position_bits(n, m)
         entry.update(layout="nm", n=n, m=m, bits=bits)
         values = flat[keep].reshape(weight.shape[0], -1)
-        return {"values": values, "positions": pack_fields(rank_of[groups], bits)}, entry
-    return {"values": flat[keep], "mask": pack_mask(keep)}, entry
+        return {"values": _quantized(values, quant), "positions": pack_fields(rank_of[groups], bits)}, entry
+    return {"values": _quantized(flat[keep], quant), "mask": pack_mask(keep)}, entry
+
+
+def _quantized(values: torch.Tensor, quant: str | None) -> torch.Tensor:
+    """``values`` as stored: as they are, or their ``quant`` blocks, which must decode to them bit for bit (the
+    model holds what ``quantize_model`` left; BadInput if the weights changed since)."""
+    if quant is None:
+        return values
+    blocks = quantize_values(values, quant)
+    decoded = dequantize_values(blocks, quant, values.numel(), values.dtype)
+    if not same_bits(decoded, values.reshape(-1)):
+        raise BadInput(f"the weights are not what {quant} gives: they changed after lu.quantize_model; quantize "
+                       "the model again before saving it")
+    return blocks
 
 
 def zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -102,32 +137,57 @@ def zeros(numel: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(np.zeros(numel * size, np.uint8)).view(dtype)
 
 
-def encoded_bytes(kept: torch.Tensor, element_size: int, nm: tuple[int, int] | None) -> int:
-    """Bytes ``encode`` stores for a weight with this mask, computed without encoding it."""
+def encoded_bytes(kept: torch.Tensor | None, element_size: int, nm: tuple[int, int] | None,
+                  quant: str | None = None, numel: int | None = None) -> int:
+    """Bytes ``encode`` stores for a weight with this mask (None: a quantized weight stored whole, of ``numel``
+    values), computed without encoding it."""
+    if kept is None:
+        return quantized_bytes(numel, quant)
     count = int(kept.sum())
+    values = quantized_bytes(count, quant) if quant else count * element_size
     if nm is not None and follows_nm(kept, *nm):
-        return count * element_size + math.ceil(kept.numel() // nm[1] * position_bits(*nm) / 8)
-    return count * element_size + math.ceil(kept.numel() / 8)
+        return values + math.ceil(kept.numel() // nm[1] * position_bits(*nm) / 8)
+    return values + math.ceil(kept.numel() / 8)
 
 
-def decode(key: str, entry: dict, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight, its kept bits packed as ``np.packbits`` packs them) of pruned weight ``key`` from its stored
-    tensors; LabError naming the tensor when they do not fit together."""
+def decode(key: str, entry: dict, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, its kept bits packed as ``np.packbits`` packs them; None for a quantized weight stored whole) of
+    weight ``key`` from its stored tensors; LabError naming the tensor when they do not fit together."""
     layout, shape = entry.get("layout"), tuple(entry.get("shape", ()))
     if layout not in LAYOUTS:
         raise LabError(f"sparse tensor {key}: unknown layout {layout!r} (this lab reads {', '.join(LAYOUTS)})")
     values = tensors["values"]
     numel = math.prod(shape)
-    if str(values.dtype).removeprefix("torch.") != entry.get("dtype"):
-        raise LabError(f"sparse tensor {key}: values are {values.dtype}, the layout says {entry.get('dtype')}")
+    if layout == "dense":
+        return stored_values(key, entry, values, numel).reshape(shape), None
     if layout == "bitmask":
         packed = tensors["mask"].numpy()
         if packed.shape != (math.ceil(numel / 8),):
             raise LabError(f"sparse tensor {key}: mask has {packed.size} bytes; {numel} weights need "
                            f"{math.ceil(numel / 8)}")
-        weight = _scatter_kept(key, packed, numel, values.reshape(-1))
+        count = int(unpack_mask(packed, numel).sum()) if "quant" in entry else values.numel()
+        weight = _scatter_kept(key, packed, numel, stored_values(key, entry, values, count).reshape(-1))
         return weight.reshape(shape), tensors["mask"].clone()
     return _decode_nm(key, entry, shape, values, tensors["positions"].numpy())
+
+
+def stored_values(key: str, entry: dict, values: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` values of weight ``key`` as its stored ``values`` give them: as they are, or decoded from the
+    blocks of the entry's ``quant``; LabError naming the tensor when they do not fit the entry."""
+    quant, dtype = entry.get("quant"), entry.get("dtype")
+    if quant is None:
+        if str(values.dtype).removeprefix("torch.") != dtype:
+            raise LabError(f"sparse tensor {key}: values are {values.dtype}, the layout says {dtype}")
+        return values
+    per_block, size = block_size(quant)
+    want = (math.ceil(count / per_block), size)
+    if values.dtype != torch.uint8 or tuple(values.shape) != want:
+        raise LabError(f"sparse tensor {key}: its {quant} values are {values.dtype} {tuple(values.shape)}; "
+                       f"{count} values need uint8 {want}")
+    target = getattr(torch, dtype, None)
+    if not isinstance(target, torch.dtype) or not target.is_floating_point:
+        raise LabError(f"sparse tensor {key}: {quant} values decode into a float dtype, not {dtype!r}")
+    return dequantize_values(values, quant, count, target)
 
 
 def _scatter_kept(key: str, packed: np.ndarray, numel: int, values: torch.Tensor) -> torch.Tensor:
@@ -145,6 +205,10 @@ def _decode_nm(key: str, entry: dict, shape: tuple, values: torch.Tensor, packed
             bits != position_bits(n, m) or shape[1] % m:
         raise LabError(f"sparse tensor {key}: N:M layout {n}:{m} with {bits}-bit positions does not fit shape {shape}")
     groups = shape[0] * shape[1] // m
+    if "quant" in entry:
+        values = stored_values(key, entry, values, groups * n).reshape(shape[0], -1)
+    elif str(values.dtype).removeprefix("torch.") != entry.get("dtype"):
+        raise LabError(f"sparse tensor {key}: values are {values.dtype}, the layout says {entry.get('dtype')}")
     if values.shape != (shape[0], shape[1] // m * n):
         raise LabError(f"sparse tensor {key}: values have shape {tuple(values.shape)}; {n}:{m} of {shape} needs "
                        f"{(shape[0], shape[1] // m * n)}")
@@ -162,11 +226,12 @@ def _decode_nm(key: str, entry: dict, shape: tuple, values: torch.Tensor, packed
 
 
 def write_sparse(path: Path, state: dict[str, torch.Tensor], kept: dict[str, torch.Tensor],
-                 nm: tuple[int, int] | None) -> list[str]:
+                 nm: tuple[int, int] | None, quant: QuantRecord | None = None) -> list[str]:
     """Write ``state`` (name → tensor) to the safetensors file ``path``, each name in ``kept`` (name → kept bool
-    mask, same shape) encoded. Tensors that share memory are stored once, the others as aliases. Returns the names
-    of the tensors stored."""
+    mask, same shape) encoded, and the names ``quant`` lists as its blocks (whole, if not in ``kept``). Tensors that
+    share memory are stored once, the others as aliases. Returns the names of the tensors stored."""
     tensors, layout, aliases, stored = {}, {}, {}, {}
+    quantized = set(quant.names) if quant else set()
     for name, tensor in state.items():
         identity = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
         if identity in stored:
@@ -174,15 +239,17 @@ def write_sparse(path: Path, state: dict[str, torch.Tensor], kept: dict[str, tor
             continue
         stored[identity] = name
         tensor = tensor.detach().cpu()
-        if name not in kept:
+        if name not in kept and name not in quantized:
             tensors[name] = tensor
             continue
-        parts, layout[name] = encode(tensor.contiguous(), kept[name], nm)
+        parts, layout[name] = encode(tensor.contiguous(), kept.get(name), nm,
+                                     quant.quant if name in quantized else None)
         for suffix, part in parts.items():
             if f"{name}.{suffix}" in state:
                 raise LabError(f"cannot store {name} sparse: the model has a tensor called {name}.{suffix}")
             tensors[f"{name}.{suffix}"] = part.contiguous()
-    metadata = {"format": "pt", METADATA_KEY: json.dumps({"version": VERSION, "tensors": layout,
+    version = QUANT_VERSION if quantized else VERSION
+    metadata = {"format": "pt", METADATA_KEY: json.dumps({"version": version, "tensors": layout,
                                                           "aliases": aliases})}
     write_safetensors(path, tensors, metadata)
     return list(tensors)
@@ -249,22 +316,28 @@ def sparse_files(folder: Path) -> list[Path]:
     return files
 
 
-def read_sparse_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], tuple[int, int] | None]:
-    """(state dict, packed kept bits of each pruned weight, the N:M pattern all of them are stored in or None)
-    decoded from every sparse file of ``folder`` (one, or the shards of a model written layer by layer), merged;
-    LabError naming the tensor or the file when one is damaged. Everything is decoded before anything is
-    returned. Tensors decode in parallel threads (numpy and torch release the GIL), a few at a time, so memory
-    holds the decoded model and a few encoded tensors, not two copies of the model."""
-    state, kept, patterns = {}, {}, set()
+def read_sparse_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                              tuple[int, int] | None, QuantRecord | None]:
+    """(state dict, packed kept bits of each pruned weight, the N:M pattern all of them are stored in or None, the
+    quantization of a quantized model or None) decoded from every sparse file of ``folder`` (one, or the shards of
+    a model written layer by layer), merged; LabError naming the tensor or the file when one is damaged. Everything
+    is decoded before anything is returned. Tensors decode in parallel threads (numpy and torch release the GIL),
+    a few at a time, so memory holds the decoded model and a few encoded tensors, not two copies of the model."""
+    state, kept, patterns, quantized = {}, {}, set(), {}
     for path in sparse_files(folder):
         part = _read_file(path)
         state.update(part[0])
         kept.update(part[1])
         patterns |= part[2]
-    return state, kept, patterns.pop() if len(patterns) == 1 else None
+        quantized.update(part[3])
+    kinds = set(quantized.values())
+    if len(kinds) > 1:
+        raise LabError(f"{folder} mixes quantizations ({', '.join(sorted(kinds))}); save the model again")
+    quant = QuantRecord(kinds.pop(), list(quantized)) if kinds else None
+    return state, kept, patterns.pop() if len(patterns) == 1 else None, quant
 
 
-def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], set]:
+def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], set, dict[str, str]]:
     state, kept = {}, {}
     try:
         with safe_open(str(path), framework="pt") as file, ThreadPoolExecutor(DECODE_THREADS) as pool:
@@ -273,14 +346,17 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Ten
             for start in range(0, len(entries), 2 * DECODE_THREADS):
                 jobs = []
                 for key, entry in entries[start:start + 2 * DECODE_THREADS]:
-                    suffixes = ("values", "positions" if entry.get("layout") == "nm" else "mask")
+                    suffixes = {"nm": ("values", "positions"), "dense": ("values",)}.get(entry.get("layout"),
+                                                                                         ("values", "mask"))
                     missing = [f"{key}.{s}" for s in suffixes if f"{key}.{s}" not in names]
                     if missing:
                         raise LabError(f"sparse tensor {key}: {', '.join(missing)} missing from {path.name}")
                     jobs.append((key, entry, {s: file.get_tensor(f"{key}.{s}") for s in suffixes}))
                     names -= {f"{key}.{s}" for s in suffixes}
                 for (key, _, _), (weight, bits) in zip(jobs, pool.map(lambda job: decode(*job), jobs)):
-                    state[key], kept[key] = weight, bits
+                    state[key] = weight
+                    if bits is not None:
+                        kept[key] = bits
             state.update({name: file.get_tensor(name) for name in names})
     except SafetensorError as exc:
         raise LabError(f"{path} is not a readable safetensors file ({exc}); save the model again") from exc
@@ -288,8 +364,10 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Ten
         if name not in state:
             raise LabError(f"sparse file {path.name}: alias {alias} points to {name}, which it does not hold")
         state[alias] = state[name]
-    patterns = {(e.get("n"), e.get("m")) if e.get("layout") == "nm" else None for e in layout["tensors"].values()}
-    return state, kept, patterns
+    pruned = [e for e in layout["tensors"].values() if e.get("layout") != "dense"]
+    patterns = {(e.get("n"), e.get("m")) if e.get("layout") == "nm" else None for e in pruned}
+    quantized = {key: e["quant"] for key, e in layout["tensors"].items() if "quant" in e}
+    return state, kept, patterns, quantized
 
 
 def _layout(path: Path, metadata: dict | None) -> dict:
@@ -304,9 +382,9 @@ def _layout(path: Path, metadata: dict | None) -> dict:
         raise LabError(f"{path}: its {METADATA_KEY} metadata is not JSON ({exc}); save the model again") from None
     if not isinstance(layout, dict):
         raise LabError(f"{path}: its {METADATA_KEY} metadata is {type(layout).__name__}, not an object")
-    if layout.get("version") != VERSION:
-        raise LabError(f"{path} uses sparse layout version {layout.get('version')!r}; this lab reads version "
-                       f"{VERSION} (update labutils)")
+    if layout.get("version") not in (VERSION, QUANT_VERSION):
+        raise LabError(f"{path} uses sparse layout version {layout.get('version')!r}; this lab reads versions "
+                       f"{VERSION} and {QUANT_VERSION} (update labutils)")
     problem = _layout_problem(layout)
     if problem:
         raise LabError(f"{path}: {METADATA_KEY} {problem}; save the model again")
@@ -334,4 +412,9 @@ def _layout_problem(layout: dict) -> str | None:
             return f"tensors.{key} has layout nm without integer n, m and bits"
         if not isinstance(entry.get("dtype"), str):
             return f"tensors.{key}.dtype is {entry.get('dtype')!r}, not a dtype name"
+        quant = entry.get("quant")
+        if quant is not None and (quant not in STORED_QUANTS or layout.get("version") != QUANT_VERSION):
+            return f"tensors.{key}.quant is {quant!r}, not one of {', '.join(STORED_QUANTS)} in a version 2 file"
+        if entry.get("layout") == "dense" and quant is None:
+            return f"tensors.{key} has layout dense without a quant"
     return None

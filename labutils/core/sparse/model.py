@@ -1,16 +1,19 @@
 """A whole model to and from the sparse checkpoint (``format``): which weights are pruned, with which masks,
-and an ordinary transformers model built back from the file (02-Prune saves, 03 and 04 load).
+and an ordinary transformers model built back from the file (02-Prune saves, 03 and 04 load); a model's weights
+quantized to llama.cpp's 4- and 8-bit blocks, zeros kept (``quantize_model``, 07-Quantize).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, initialization
 
 from ..anatomy import find_decoder_layers, find_linears
 from ..errors import BadInput, LabError
+from ..validation import check_choice
 from .bits import KeptMasks, kept_masks, record_kept, storage_names
 from .format import (
     SPARSE_FILE,
@@ -22,6 +25,7 @@ from .format import (
     write_sparse,
     write_sparse_index,
 )
+from .quant import BITS, QUANTS, STORED_QUANTS, QuantRecord, quant_record, record_quant, round_trip
 
 GENERATION_FILE = "generation_config.json"
 
@@ -62,21 +66,26 @@ def kept_from_nonzeros(model: nn.Module, state: dict[str, torch.Tensor]) -> dict
     return {name: nonzero_bits(state[name].detach().cpu()) for name in prunable_parameter_names(model)}
 
 
-def sparse_sizes(state: dict[str, torch.Tensor], kept: dict[str, torch.Tensor], nm: tuple[int, int] | None) -> dict:
-    """Bytes of the model's tensors (each shared tensor once) and of the pruned ones alone, dense and sparse."""
+def sparse_sizes(state: dict[str, torch.Tensor], kept: dict[str, torch.Tensor], nm: tuple[int, int] | None,
+                 quant: QuantRecord | None = None) -> dict:
+    """Bytes of the model's tensors (each shared tensor once) and of the pruned ones alone, dense and sparse
+    (``quant``: the names it lists stored as its blocks)."""
     seen, dense, sparse = set(), 0, 0
     pruned_dense = pruned_sparse = 0
+    quantized = set(quant.names) if quant else set()
     for name, tensor in state.items():
         if tensor.data_ptr() in seen:
             continue
         seen.add(tensor.data_ptr())
         size = tensor.numel() * tensor.element_size()
         dense += size
+        coded = size
+        if name in kept or name in quantized:
+            coded = encoded_bytes(kept.get(name), tensor.element_size(), nm,
+                                  quant.quant if name in quantized else None, tensor.numel())
+        sparse += coded
         if name in kept:
-            coded = encoded_bytes(kept[name], tensor.element_size(), nm)
-            pruned_dense, pruned_sparse, sparse = pruned_dense + size, pruned_sparse + coded, sparse + coded
-        else:
-            sparse += size
+            pruned_dense, pruned_sparse = pruned_dense + size, pruned_sparse + coded
     return {"model": {"dense": dense, "sparse": sparse}, "pruned linears": {"dense": pruned_dense,
                                                                              "sparse": pruned_sparse}}
 
@@ -87,8 +96,11 @@ def save_sparse_model(model: nn.Module, folder: Path, nm: tuple[int, int] | None
     pattern of a model without recorded masks (``kept_to_save``)."""
     state = model.state_dict()
     kept, nm = kept_to_save(model, state, nm)
-    sizes = sparse_sizes(state, kept, nm)
-    write_sparse(folder / SPARSE_FILE, state, kept, nm)
+    quant = quant_record(model)
+    if quant is not None and kept_masks(model) is None:  # a model the lab did not prune: quantized weights whole
+        kept = {name: mask for name, mask in kept.items() if name not in quant.names}
+    sizes = sparse_sizes(state, kept, nm, quant)
+    write_sparse(folder / SPARSE_FILE, state, kept, nm, quant)
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(folder)
@@ -132,7 +144,7 @@ def load_sparse_model(folder: Path, dtype: torch.dtype | None = None) -> nn.Modu
     """An ordinary transformers model from a sparse folder, its weights bit for bit those saved (then converted to
     ``dtype`` if given and different) and its kept masks recorded on it. Everything is decoded and checked before
     the model is built."""
-    state, kept, nm = read_sparse_folder(folder)  # kept: packed bits per pruned weight
+    state, kept, nm, quant = read_sparse_folder(folder)  # kept: packed bits per pruned weight
     try:
         config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as exc:
@@ -154,7 +166,59 @@ def load_sparse_model(folder: Path, dtype: torch.dtype | None = None) -> nn.Modu
     model.tie_weights()
     if (folder / GENERATION_FILE).is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
-    record_kept(model, KeptMasks(kept, {name: tuple(state[name].shape) for name in kept}, nm))
+    if kept:
+        record_kept(model, KeptMasks(kept, {name: tuple(state[name].shape) for name in kept}, nm))
+    record_quant(model, quant)
     if dtype is not None and dtype != stored:
         model.to(dtype)
     return model.eval()
+
+
+def quantizable_parameter_names(model: nn.Module) -> list[str]:
+    """What ``quantize_model`` quantizes: the prunable parameters, then the input embedding and the output one
+    when it is not the same matrix (state-dict names, each storage once)."""
+    names, params = prunable_parameter_names(model), storage_names(model)
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        weight = getattr(module, "weight", None)
+        if weight is not None:
+            name = params[weight.untyped_storage().data_ptr()][0]
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def quantize_model(model: nn.Module, quant: str = "q4_0", mask_aware: bool = True) -> pd.Series:
+    """Quantize ``model``'s linears and embeddings in place to ``quant`` (q4_0, q8_0 or q4_1; ``quant``'s
+    module docstring gives the formats) and return what it did: values quantized, bits per value, and how many of
+    the pruned weights are still exactly zero.
+
+    ``mask_aware`` (default): a pruned weight's kept values are quantized alone and its pruned ones stay +0.0 (what
+    the sparse checkpoint stores; the model is marked so that ``save_pruned`` writes the blocks). False: every
+    weight is quantized whole, as a tool that knows nothing of the mask does; the model is then not marked (q4_1
+    would not keep the zeros the sparse format relies on)."""
+    check_choice("quant", quant, QUANTS)
+    if not isinstance(mask_aware, bool):
+        raise BadInput(f"mask_aware must be True or False; got {mask_aware!r}")
+    if quant_record(model) is not None:
+        raise BadInput(f"the model is already quantized ({quant_record(model).quant}); load or prune it again to "
+                       "quantize it another way")
+    record, state = kept_masks(model), model.state_dict()
+    names = quantizable_parameter_names(model)
+    pruned_total = still_zero = values = 0
+    with torch.no_grad():
+        for name in names:
+            weight = state[name]
+            kept = record.kept(name).to(weight.device) if record and name in record.packed else None
+            if mask_aware and kept is not None:
+                weight[kept] = round_trip(weight[kept], quant)
+            else:
+                weight.copy_(round_trip(weight, quant))
+            values += weight.numel() if kept is None or not mask_aware else int(kept.sum())
+            if kept is not None:
+                pruned_total += int((~kept).sum())
+                still_zero += int((weight[~kept] == 0).sum())
+    if mask_aware and quant in STORED_QUANTS:
+        record_quant(model, QuantRecord(quant, names))
+    return pd.Series({"quant": quant, "mask aware": mask_aware, "tensors": len(names), "values quantized": values,
+                      "bits per value": BITS[quant], "pruned weights": pruned_total,
+                      "pruned weights still zero": still_zero}, name="quantize_model")
