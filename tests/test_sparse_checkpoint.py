@@ -253,7 +253,7 @@ def test_weights_changed_where_pruned_are_refused_before_writing(tmp_path):
 @pytest.mark.parametrize("damage, message", [
     ("values", "model.layers.0.mlp.up_proj.weight: 2 values but the mask keeps"),
     ("mask", "model.layers.0.mlp.up_proj.weight: mask has"),
-    ("version", "uses sparse layout version 2; this lab reads version 1"),
+    ("version", "uses sparse layout version 3; this lab reads versions 1 and 2"),
     ("layout", "model.layers.0.mlp.up_proj.weight: unknown layout 'csr'"),
     ("positions", "model.layers.0.mlp.up_proj.weight: positions have"),
     ("rank", "model.layers.0.mlp.up_proj.weight: a group's positions number exceeds the 6 sets of 2 in 4"),
@@ -271,7 +271,7 @@ def test_damaged_sparse_files_name_the_tensor(damage, message, tmp_path):
     elif damage == "mask":
         tensors[f"{key}.mask"] = tensors[f"{key}.mask"][:-1].clone()
     elif damage == "version":
-        layout["version"] = 2
+        layout["version"] = 3
     elif damage == "layout":
         layout["tensors"][key]["layout"] = "csr"
     elif damage == "positions":
