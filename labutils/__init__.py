@@ -31,7 +31,7 @@ from .core.device import cuda_capability, device_summary, get_device, set_seed, 
 from .core.errors import BadInput, LabError
 from .core.sparse.bits import KeptMasks, kept_masks
 from .core.sparse.model import quantize_model
-from .core.sparse.quant import QUANTS, quant_record
+from .core.sparse.quant import QUANTS, quant_record, quantize_dequantize
 from .core.anatomy import find_decoder_layers, find_linears
 from .core.loading import load_model, random_model, tiny_llama_config
 from .evaluate.generation import (
@@ -50,6 +50,17 @@ from .evaluate.zeroshot.tasks import write_tasks
 from .jobs.bench_prune import bench_prune, bench_setup, saved_bench_results
 from .jobs.compare import Comparison, compare_methods, standard_variants, sweep_variants, write_results
 from .jobs.main_job import PruneJob, default_output_dir, ensure_pruned, run_prune_job
+from .jobs.quantized import (
+    TARGET_OF_FP16,
+    QuantStudySettings,
+    fp16_bytes,
+    layer_of,
+    mask_bound,
+    quantization_rows,
+    quantization_table,
+    target_line,
+    zeros_table,
+)
 from .jobs.report import build_report
 from .jobs.stream_job import LayerwisePerplexity
 from .lab.checks import (
@@ -57,6 +68,7 @@ from .lab.checks import (
                                   CheckResult,
                                   check_close,
                                   check_layer_sparsity,
+                                  check_q4_0,
                                   check_masked_merge,
                                   check_mean_kl,
                                   check_nm_mask,
@@ -77,6 +89,7 @@ from .lab.plots import (
                                   plot_layer_sparsity,
                                   plot_method_comparison,
                                   plot_perplexity,
+                                  plot_quantization,
                                   plot_recovery_losses,
                                   plot_sparsity_sweep,
 )
@@ -119,7 +132,7 @@ __all__ = [
     "set_seed", "versions_table", "find_decoder_layers", "find_linears", "load_model", "random_model",
     "tiny_llama_config", "calibration_data", "corpus_split", "heldout_tokens", "test_tokens", "load_pruned",
     "save_pruned", "load_report", "export_dense", "disk_table", "KeptMasks", "kept_masks",
-    "quantize_model", "quant_record", "QUANTS",
+    "quantize_model", "quantize_dequantize", "quant_record", "QUANTS",
     # prune
     "SparsityTarget", "as_target", "parse_nm", "select_mask", "unstructured_mask", "capture_layer_inputs",
     "collect_input_norms", "collect_statistics", "METHODS", "get_method", "magnitude_score", "output_error",
@@ -138,12 +151,13 @@ __all__ = [
     "verify_semi_structured", "linear_speedup_table", "LinearTimingSettings",
     # jobs
     "PruneJob", "build_report", "default_output_dir", "ensure_pruned", "run_prune_job", "Comparison", "compare_methods",
-    "standard_variants", "sweep_variants", "write_results", "bench_prune", "bench_setup", "saved_bench_results",
+    "standard_variants", "sweep_variants", "write_results", "TARGET_OF_FP16", "QuantStudySettings", "fp16_bytes", "layer_of",
+    "mask_bound", "quantization_rows", "quantization_table", "target_line", "zeros_table", "bench_prune", "bench_setup", "saved_bench_results",
     "LayerwisePerplexity",
     # lab
-    "CheckFailed", "CheckResult", "check_close", "check_layer_sparsity", "check_masked_merge", "check_mean_kl", "check_nm_mask",
+    "CheckFailed", "CheckResult", "check_close", "check_layer_sparsity", "check_q4_0", "check_masked_merge", "check_mean_kl", "check_nm_mask",
     "check_perplexity", "check_prediction", "check_ria_score", "check_row_mask", "check_top1_agreement",
-    "check_wanda_score", "data_sources", "model_summary", "outlier_summary", "plot_admm_convergence", "plot_benchmark_summary", "plot_recovery_losses", "plot_drift", "plot_input_norms",
+    "check_wanda_score", "data_sources", "model_summary", "outlier_summary", "plot_admm_convergence", "plot_benchmark_summary", "plot_quantization", "plot_recovery_losses", "plot_drift", "plot_input_norms",
     "plot_layer_sparsity", "plot_method_comparison", "plot_perplexity", "plot_sparsity_sweep", "benchmark_summary",
     "compare_with_reference",
 ]

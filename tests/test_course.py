@@ -4,6 +4,7 @@ import ast
 import os
 import subprocess
 import sys
+import tempfile
 import types
 from pathlib import Path
 
@@ -83,6 +84,15 @@ def _tiny_pruned():
     return model
 
 
+def _tiny_quantized_folder():
+    """A folder holding what 07's section 3 saves for Wanda 50 % + q4_0, from a tiny model."""
+    out = Path(tempfile.mkdtemp())
+    model = _tiny_pruned()
+    lu.quantize_model(model, "q4_0")
+    lu.save_pruned(model, out / "wanda-50-q4_0", None, {"dtype": "float32"})
+    return types.SimpleNamespace(out=str(out))
+
+
 STATE = {
     "01-Setup.ipynb": lambda: dict(model=make_tiny(), test=random_tokens((2048,)), device=torch.device("cpu"),
                                    profile=types.SimpleNamespace(batch_size=4, eval_seqlen=128), trained_ppl=1.0),
@@ -93,6 +103,7 @@ STATE = {
                                        profile=types.SimpleNamespace(batch_size=2)),
     "05-Recover.ipynb": lambda: dict(dense=make_tiny(), calib=random_tokens((4, 32)), pd=pd,
                                      profile=types.SimpleNamespace(batch_size=2)),
+    "07-Quantize.ipynb": lambda: dict(settings=_tiny_quantized_folder()),
 }
 
 

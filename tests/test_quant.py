@@ -11,7 +11,7 @@ from safetensors import safe_open
 import labutils as lu
 from labutils.cli import main
 from labutils.core.sparse.format import METADATA_KEY, SPARSE_FILE, same_bits, write_safetensors
-from labutils.core.sparse.quant import dequantize_values, quantize_values, quantized_bytes, round_trip
+from labutils.core.sparse.quant import dequantize_values, quantize_values, quantized_bytes, quantize_dequantize
 
 SMALL = ["--nsamples", "2", "--seqlen", "16", "--eval-tokens", "64", "--eval-seqlen", "32"]
 
@@ -27,7 +27,7 @@ def test_q4_0_error_bound_on_random_matrices(seed, scale):
     its level, except those of the other sign beyond 6.5·|d|, clipped to 7·|d| (within |d|); fp16's rounding of d
     adds at most 2⁻¹¹ relative."""
     x = torch.randn(64, 96, generator=torch.Generator().manual_seed(seed)) * scale
-    error = (round_trip(x, "q4_0") - x).abs()
+    error = (quantize_dequantize(x, "q4_0") - x).abs()
     amax = blocks_of(x).abs().amax(1, keepdim=True)
     d = amax / 8
     assert bool((blocks_of(error) <= d * (1 + 2 ** -10)).all())
@@ -35,16 +35,16 @@ def test_q4_0_error_bound_on_random_matrices(seed, scale):
     assert bool((blocks_of(error)[inner.expand_as(blocks_of(error))] <=
                  (d / 2 * (1 + 2 ** -9) + 8 * amax * 2 ** -11).expand_as(blocks_of(error))[inner]).all())
     assert error.max() > 0  # it is lossy: the bound above is not vacuous
-    assert blocks_of(round_trip(x, "q4_0")).unique(dim=None).numel() <= 16 * blocks_of(x).shape[0]
+    assert blocks_of(quantize_dequantize(x, "q4_0")).unique(dim=None).numel() <= 16 * blocks_of(x).shape[0]
 
 
 @pytest.mark.parametrize("seed", range(3))
 def test_q8_0_error_bound_and_rounding_to_nearest(seed):
     x = torch.randn(32, 128, generator=torch.Generator().manual_seed(seed))
-    error = (round_trip(x, "q8_0") - x).abs()
+    error = (quantize_dequantize(x, "q8_0") - x).abs()
     d = blocks_of(x).abs().amax(1, keepdim=True) / 127
     assert bool((blocks_of(error) <= d / 2 * (1 + 2 ** -8) + d * 127 * 2 ** -11).all())
-    assert error.max() < (round_trip(x, "q4_0") - x).abs().max() / 8  # eight bits: far closer than four
+    assert error.max() < (quantize_dequantize(x, "q4_0") - x).abs().max() / 8  # eight bits: far closer than four
 
 
 def test_block_bytes_and_padding():
@@ -58,8 +58,8 @@ def test_block_bytes_and_padding():
 def test_quantizing_twice_changes_nothing():
     x = torch.randn(16, 64, generator=torch.Generator().manual_seed(3))
     for quant in ("q4_0", "q8_0"):
-        once = round_trip(x, quant)
-        assert same_bits(round_trip(once, quant), once)
+        once = quantize_dequantize(x, quant)
+        assert same_bits(quantize_dequantize(once, quant), once)
 
 
 def pruned_tiny(target="0.5", calib=None):
@@ -91,9 +91,9 @@ def test_mask_aware_quantization_quantizes_the_kept_values_alone(calib_tokens):
     record = lu.kept_masks(model)
     name = "model.layers.0.mlp.down_proj.weight"
     kept = record.kept(name)
-    assert same_bits(model.state_dict()[name][kept], round_trip(before[name][kept], "q4_0"))
+    assert same_bits(model.state_dict()[name][kept], quantize_dequantize(before[name][kept], "q4_0"))
     embed = "model.embed_tokens.weight"
-    assert same_bits(model.state_dict()[embed], round_trip(before[embed], "q4_0"))
+    assert same_bits(model.state_dict()[embed], quantize_dequantize(before[embed], "q4_0"))
     norm = "model.norm.weight"
     assert same_bits(model.state_dict()[norm], before[norm])  # norms are left as they are
 

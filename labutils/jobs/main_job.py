@@ -221,7 +221,7 @@ def _run_locked(job: PruneJob, profile: Profile, out: Path, device: torch.device
     perplexities = {"dense": dense_ppl, "pruned": pruned_ppl}
     if job.quant is not None:
         clock = time.perf_counter()
-        quantize_model(model, job.quant)
+        quantize_model(model, job.quant, progress=progress)
         with _visiting(model, device, home):
             perplexities["quantized"] = perplexity(model, test, profile.eval_seqlen, profile.batch_size, progress,
                                                    desc=f"pruned + {job.quant} perplexity")

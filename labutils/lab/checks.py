@@ -27,6 +27,7 @@ import torch
 
 from ..core.anatomy import find_decoder_layers, find_linears
 from ..core.loading import random_model, tiny_llama_config
+from ..core.sparse.quant import quantize_dequantize
 from ..core.validation import check_count
 from ..evaluate.generation import mean_kl, top1_agreement
 from ..evaluate.perplexity import perplexity
@@ -249,6 +250,26 @@ def check_masked_merge(student_fn: Callable[..., torch.Tensor], points: int = 1,
     lora_a, lora_b = torch.randn(2, 16, generator=generator), torch.randn(6, 2, generator=generator)
     return _graded("masked LoRA merge", points, hint, lambda: _compare_tensor(
         student_fn(weight, lora_a, lora_b, 0.5), masked_merge(weight, lora_a, lora_b, 0.5)))
+
+
+def check_q4_0(student_fn: Callable[[torch.Tensor], torch.Tensor], points: int = 1,
+               hint: str = "d = (the value of largest magnitude, with its sign) / -8; codes from that float32 d, "
+                           "values from d rounded to float16; a block of zeros has d = 0") -> CheckResult:
+    """The student's q4_0 of one block (32,) float32 → the 32 values it gives back, against llama.cpp's (the gguf
+    package) on seeded blocks: normal, scaled, with an outlier, all zeros (07-Quantize)."""
+    def compare():
+        generator = torch.Generator().manual_seed(7)
+        blocks = {"normal": torch.randn(32, generator=generator), "scaled by 1e-3": torch.randn(32, generator=generator)
+                  * 1e-3, "one outlier": torch.randn(32, generator=generator).index_fill_(0, torch.tensor([5]), -9.0),
+                  "largest positive": torch.rand(32, generator=generator) * 4, "all zeros": torch.zeros(32)}
+        for label, block in blocks.items():
+            got, expected = student_fn(block.clone()), quantize_dequantize(block, "q4_0")
+            if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+                return False, f"{label}: expected a tensor of shape (32,), got {type(got).__name__}"
+            if not torch.allclose(got.float(), expected, rtol=0, atol=1e-7 * float(block.abs().max()) + 1e-12):
+                return False, f"{label} block: {int((got.float() - expected).abs().gt(1e-12).sum())} of 32 values differ"
+        return True, f"the same values as llama.cpp's q4_0 on {len(blocks)} blocks ({', '.join(blocks)})"
+    return _graded("q4_0 of one block", points, hint, compare)
 
 
 def check_layer_sparsity(model: torch.nn.Module, sparsity: float, points: int = 1,

@@ -235,6 +235,24 @@ def plot_recovery_losses(losses: dict[str, list[float]], title: str = "LoRA reco
                      title)
 
 
+def plot_quantization(table: pd.DataFrame, dense_fp16_bytes: int, target: float,
+                      title: str = "Pruning plus quantization: size against quality"):
+    """Perplexity against megabytes on disk, one line per model through its float16, 8-bit and 4-bit rows
+    (``quantization_table``), with the size target (a share of the float16 dense model) as a vertical line
+    (07-Quantize)."""
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for model, rows in table.groupby(level="model", sort=False):
+        rows = rows.droplevel("model").sort_values("bytes")
+        ax.plot(rows["bytes"] / 1e6, rows["perplexity"], marker="o", label=model)
+        for weights, row in rows.iterrows():
+            ax.annotate(weights, (row["bytes"] / 1e6, row["perplexity"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7)
+    ax.axvline(target * dense_fp16_bytes / 1e6, color="grey", linestyle="--", linewidth=1,
+               label=f"{target:.0%} of the float16 dense model")
+    _plain_log_axis(ax, "y")
+    return _labelled(fig, ax, "bytes on disk, MB", "test perplexity (log scale)", title)
+
+
 def _labelled(fig, ax, xlabel: str, ylabel: str, title: str):
     """Axis labels, title and a small legend on a one-panel figure; the figure, laid out."""
     ax.set_xlabel(xlabel)

@@ -185,9 +185,19 @@ def _portability(rows: pd.DataFrame) -> pd.DataFrame:
                                                 for v in rows["tolerance ÷ spread"]]})
 
 
+def _quantization(rows: pd.DataFrame) -> pd.DataFrame:
+    """07's table: each model at float16, q8_0 and q4_0, its bytes on disk and perplexity."""
+    return pd.DataFrame({"model": [_label(m) for m in rows["model"]], "weights": rows["weights"],
+                         "MB on disk": [_num(b / 1e6, 1) for b in rows["bytes"]],
+                         "÷ float16 dense": [f"{s:.1%}" for s in rows["÷ f16 dense bytes"]],
+                         "bits per parameter": [_num(b) for b in rows["bits per parameter"]],
+                         "perplexity": [_num(p) for p in rows["perplexity"]],
+                         "÷ dense": [_num(r) for r in rows["÷ dense perplexity"]]})
+
+
 NOTEBOOK_OF = {"trained": "01", "outliers": "02", "prune": "02, 03", "groups": "02", "answers": "03", "drift": "03",
                "perplexity": "04", "layer-errors": "04", "zeroshot": "04", "admm-layer": "05", "admm": "05",
-               "recovery": "05"}
+               "recovery": "05", "quantization": "07"}
 
 
 README_TABLES: dict[str, ReadmeTable] = {
@@ -205,6 +215,7 @@ README_TABLES: dict[str, ReadmeTable] = {
     "load-times": ReadmeTable("load-times", _load_times),  # 04-Benchmark
     "admm": ReadmeTable("admm", _methods),  # 05-Recover
     "recovery": ReadmeTable("recovery", _recovery),  # 05-Recover
+    "quantization": ReadmeTable("quantization", _quantization),  # 07-Quantize
     "notebook-seconds": ReadmeTable("notebook-seconds", _notebook_seconds, profile=False),
     "portability": ReadmeTable("portability", _portability, profile=False),  # benchmarks/portability.py
     "portability-machines": ReadmeTable("portability-machines", lambda rows: rows.fillna(""), profile=False),

@@ -107,6 +107,8 @@ TOLERANCES: dict[str, Figures] = {
     "admm": Figures({"perplexity": Tolerance(relative=0.09, spread=0.0285),  # 05
                      "sparsity": Tolerance(relative=1e-6, spread=2.7e-8)},
                     rows={("perplexity", "sparsegpt"): Tolerance(relative=0.25, spread=0.0765)}),
+    # 07: the quantizers are numpy (the same bits everywhere); the perplexities are float32 forward passes like 04's
+    "quantization": Figures({"perplexity": Tolerance(relative=0.09, spread=0.0285), "bytes": EXACT}),
     "recovery": Figures({"perplexity before": Tolerance(relative=0.09, spread=0.0285),  # 05
                          "perplexity after": Tolerance(relative=0.09, spread=0.0285),
                          "mask hash unchanged": EXACT, "sparsity after": EXACT, "LoRA parameters": EXACT}),

@@ -92,16 +92,17 @@ def follows_nm(kept: torch.Tensor, n: int, m: int) -> bool:
 
 
 def encode(weight: torch.Tensor, kept: torch.Tensor | None, nm: tuple[int, int] | None,
-           quant: str | None = None) -> tuple[dict, dict]:
+           quant: str | None = None, blocks: torch.Tensor | None = None) -> tuple[dict, dict]:
     """(tensors under their suffix: "values" and "mask" or "positions", layout entry) for one pruned weight on
     the CPU. ``nm``: use the N:M layout if the mask follows it, else the bitmask. ``quant``: store the values as
-    that quantizer's blocks (``kept`` None: the whole weight, layout dense)."""
+    that quantizer's blocks (``kept`` None: the whole weight, layout dense); ``blocks``: those ``quantize_model``
+    computed, if it did (used once checked)."""
     entry = {"layout": "bitmask", "shape": list(weight.shape), "dtype": str(weight.dtype).removeprefix("torch.")}
     if quant is not None:
         entry["quant"] = quant
     if kept is None:
         entry["layout"] = "dense"
-        return {"values": _quantized(weight, quant)}, entry
+        return {"values": _quantized(weight, quant, blocks)}, entry
     flat, keep = weight.reshape(-1), kept.reshape(-1)
     if nm is not None and follows_nm(kept, *nm):
         n, m = nm
@@ -113,16 +114,17 @@ def encode(weight: torch.Tensor, kept: torch.Tensor | None, nm: tuple[int, int] 
         bits = position_bits(n, m)
         entry.update(layout="nm", n=n, m=m, bits=bits)
         values = flat[keep].reshape(weight.shape[0], -1)
-        return {"values": _quantized(values, quant), "positions": pack_fields(rank_of[groups], bits)}, entry
-    return {"values": _quantized(flat[keep], quant), "mask": pack_mask(keep)}, entry
+        return {"values": _quantized(values, quant, blocks), "positions": pack_fields(rank_of[groups], bits)}, entry
+    return {"values": _quantized(flat[keep], quant, blocks), "mask": pack_mask(keep)}, entry
 
 
-def _quantized(values: torch.Tensor, quant: str | None) -> torch.Tensor:
-    """``values`` as stored: as they are, or their ``quant`` blocks, which must decode to them bit for bit (the
-    model holds what ``quantize_model`` left; BadInput if the weights changed since)."""
+def _quantized(values: torch.Tensor, quant: str | None, blocks: torch.Tensor | None) -> torch.Tensor:
+    """``values`` as stored: as they are, or their ``quant`` blocks (``blocks``, or computed now), which must decode
+    to them bit for bit (the model holds what ``quantize_model`` left; BadInput if the weights changed since)."""
     if quant is None:
         return values
-    blocks = quantize_values(values, quant)
+    if blocks is None:
+        blocks = quantize_values(values, quant)
     decoded = dequantize_values(blocks, quant, values.numel(), values.dtype)
     if not same_bits(decoded, values.reshape(-1)):
         raise BadInput(f"the weights are not what {quant} gives: they changed after lu.quantize_model; quantize "
@@ -243,7 +245,8 @@ def write_sparse(path: Path, state: dict[str, torch.Tensor], kept: dict[str, tor
             tensors[name] = tensor
             continue
         parts, layout[name] = encode(tensor.contiguous(), kept.get(name), nm,
-                                     quant.quant if name in quantized else None)
+                                     quant.quant if name in quantized else None,
+                                     quant.blocks.get(name) if name in quantized else None)
         for suffix, part in parts.items():
             if f"{name}.{suffix}" in state:
                 raise LabError(f"cannot store {name} sparse: the model has a tensor called {name}.{suffix}")

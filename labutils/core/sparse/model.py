@@ -6,15 +6,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from tqdm import tqdm  # plain text everywhere: a saved notebook shows the finished bar, not a widget
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, initialization
 
 from ..anatomy import find_decoder_layers, find_linears
 from ..errors import BadInput, LabError
 from ..validation import check_choice
-from .bits import KeptMasks, kept_masks, record_kept, storage_names
+from .bits import KeptMasks, kept_masks, record_kept, storage_names, unpack_mask
 from .format import (
     SPARSE_FILE,
     encoded_bytes,
@@ -25,7 +27,7 @@ from .format import (
     write_sparse,
     write_sparse_index,
 )
-from .quant import BITS, QUANTS, STORED_QUANTS, QuantRecord, quant_record, record_quant, round_trip
+from .quant import BITS, QUANTS, STORED_QUANTS, QuantRecord, quant_record, quantized_pair, record_quant
 
 GENERATION_FILE = "generation_config.json"
 
@@ -187,7 +189,7 @@ def quantizable_parameter_names(model: nn.Module) -> list[str]:
     return names
 
 
-def quantize_model(model: nn.Module, quant: str = "q4_0", mask_aware: bool = True) -> pd.Series:
+def quantize_model(model: nn.Module, quant: str = "q4_0", mask_aware: bool = True, progress: bool = True) -> pd.Series:
     """Quantize ``model``'s linears and embeddings in place to ``quant`` (q4_0, q8_0 or q4_1; ``quant``'s
     module docstring gives the formats) and return what it did: values quantized, bits per value, and how many of
     the pruned weights are still exactly zero.
@@ -205,20 +207,29 @@ def quantize_model(model: nn.Module, quant: str = "q4_0", mask_aware: bool = Tru
     record, state = kept_masks(model), model.state_dict()
     names = quantizable_parameter_names(model)
     pruned_total = still_zero = values = 0
+    blocks = {}
     with torch.no_grad():
-        for name in names:
-            weight = state[name]
-            kept = record.kept(name).to(weight.device) if record and name in record.packed else None
+        for name in tqdm(names, desc=f"quantize {quant}", unit="tensor", disable=not progress):
+            flat = state[name].view(-1)  # the parameter's own memory
+            kept = None
+            if record is not None and name in record.packed:  # the kept positions, ascending
+                kept = torch.from_numpy(np.flatnonzero(unpack_mask(record.packed[name].numpy(), flat.numel())))
+                kept = kept.to(flat.device)
             if mask_aware and kept is not None:
-                weight[kept] = round_trip(weight[kept], quant)
+                decoded, blocks[name] = quantized_pair(flat.index_select(0, kept), quant)
+                flat.index_copy_(0, kept, decoded)
+                values += kept.numel()
             else:
-                weight.copy_(round_trip(weight, quant))
-            values += weight.numel() if kept is None or not mask_aware else int(kept.sum())
-            if kept is not None:
-                pruned_total += int((~kept).sum())
-                still_zero += int((weight[~kept] == 0).sum())
+                whole, blocks[name] = quantized_pair(flat, quant)
+                flat.copy_(whole)
+                values += flat.numel()
+                decoded = flat.index_select(0, kept) if kept is not None else None
+            if kept is not None:  # non-zeros among the pruned positions: all non-zeros less those among the kept
+                pruned_total += flat.numel() - kept.numel()
+                moved = int(torch.count_nonzero(flat)) - int(torch.count_nonzero(decoded))
+                still_zero += flat.numel() - kept.numel() - moved
     if mask_aware and quant in STORED_QUANTS:
-        record_quant(model, QuantRecord(quant, names))
+        record_quant(model, QuantRecord(quant, names, blocks))
     return pd.Series({"quant": quant, "mask aware": mask_aware, "tensors": len(names), "values quantized": values,
                       "bits per value": BITS[quant], "pruned weights": pruned_total,
                       "pruned weights still zero": still_zero}, name="quantize_model")

@@ -47,26 +47,37 @@ def quantized_bytes(count: int, quant: str) -> int:
     return math.ceil(count / values) * size
 
 
+ROW_BLOCKS = 256  # blocks handed to gguf per row: it loops over rows in Python, so long rows are much faster
+
+
 def quantize_values(values: torch.Tensor, quant: str) -> torch.Tensor:
     """The blocks of ``values`` (any shape, read row-major; padded with zeros to whole blocks) in ``quant``:
-    (⌈numel / 32⌉, bytes per block) uint8 on the CPU."""
-    per_block, _ = block_size(quant)
+    (⌈numel / 32⌉, bytes per block) uint8 on the CPU. Each block depends on its own 32 values only."""
+    per_block, size = block_size(quant)
     flat = values.detach().reshape(-1).to("cpu", torch.float32).numpy()
-    padded = np.zeros(math.ceil(flat.size / per_block) * per_block, np.float32)
+    count = math.ceil(flat.size / per_block)
+    padded = np.zeros(math.ceil(count / ROW_BLOCKS) * ROW_BLOCKS * per_block, np.float32)
     padded[:flat.size] = flat
-    return torch.from_numpy(quants.quantize(padded.reshape(-1, per_block), quant_type(quant)))
+    blocks = quants.quantize(padded.reshape(-1, ROW_BLOCKS * per_block), quant_type(quant)).reshape(-1, size)
+    return torch.from_numpy(np.ascontiguousarray(blocks[:count]))
 
 
 def dequantize_values(blocks: torch.Tensor, quant: str, count: int, dtype: torch.dtype) -> torch.Tensor:
     """The first ``count`` values the ``quant`` blocks (blocks, bytes per block) uint8 hold, as (count,) ``dtype``."""
-    decoded = quants.dequantize(blocks.numpy(), quant_type(quant)).reshape(-1)[:count]
+    decoded = quants.dequantize(blocks.numpy().reshape(1, -1), quant_type(quant)).reshape(-1)[:count]
     return torch.from_numpy(np.ascontiguousarray(decoded)).to(dtype)
 
 
-def round_trip(values: torch.Tensor, quant: str) -> torch.Tensor:
+def quantize_dequantize(values: torch.Tensor, quant: str) -> torch.Tensor:
     """``values`` (any shape) as ``quant`` gives them back: quantized, then decoded into their own dtype."""
+    return quantized_pair(values, quant)[0]
+
+
+def quantized_pair(values: torch.Tensor, quant: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``values`` as ``quant`` gives them back, same shape, dtype and device; the blocks that hold them)."""
     blocks = quantize_values(values, quant)
-    return dequantize_values(blocks, quant, values.numel(), values.dtype).reshape(values.shape).to(values.device)
+    decoded = dequantize_values(blocks, quant, values.numel(), values.dtype).reshape(values.shape)
+    return decoded.to(values.device), blocks
 
 
 @dataclass
@@ -76,6 +87,9 @@ class QuantRecord:
 
     quant: str
     names: list[str] = field(default_factory=list)
+    # name → the blocks quantize_model computed (not saved with the model): saving reuses them after checking that
+    # they still decode to the weights, instead of quantizing the whole model again
+    blocks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
 def quant_record(model: torch.nn.Module) -> QuantRecord | None:
