@@ -11,7 +11,7 @@ from safetensors import safe_open
 import labutils as lu
 from labutils.cli import main
 from labutils.core.sparse.format import METADATA_KEY, SPARSE_FILE, same_bits, write_safetensors
-from labutils.core.sparse.quant import dequantize_values, quantize_values, quantized_bytes, quantize_dequantize
+from labutils.core.sparse.quant import dequantize_values, quantize_dequantize, quantize_values, quantized_bytes
 
 SMALL = ["--nsamples", "2", "--seqlen", "16", "--eval-tokens", "64", "--eval-seqlen", "32"]
 

@@ -8,9 +8,9 @@ lab's version-2 sparse files (``quant``), saved and measured on disk, and evalua
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import torch
