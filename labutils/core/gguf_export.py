@@ -139,7 +139,8 @@ def template() -> tuple[dict, dict]:
 
 def encode(tensor: torch.Tensor, quant: str, name: str):
     """(array, GGML type) of one tensor as the file stores it: 1-D norms float32 (as llama.cpp keeps them); 2-D
-    weights float16, or quantized per block of 32 — the token embedding in q8_0 under q4_0, as the template has it."""
+    weights float16, or quantized per block of 32 — under q4_0 the token embedding and output in q8_0 (the template's
+    embedding is q8_0; llama.cpp's own q4_0 keeps the output above 4 bits too)."""
     types = gguf.GGMLQuantizationType
     if tensor.ndim == 1:
         return tensor.detach().to(torch.float32).numpy(), types.F32
