@@ -29,6 +29,7 @@ from .core.config import DEFAULT_PROFILE, get_profile
 from .core.data import calibration_data, corpus_split, heldout_tokens, test_tokens
 from .core.device import cuda_capability, device_summary, get_device, set_seed, versions_table
 from .core.errors import BadInput, LabError
+from .core.gguf_export import export_gguf
 from .core.sparse.bits import KeptMasks, kept_masks
 from .core.sparse.model import quantize_model
 from .core.sparse.quant import QUANTS, quant_record, quantize_dequantize
@@ -131,7 +132,7 @@ __all__ = [
     "BadInput", "LabError", "DEFAULT_PROFILE", "get_profile", "cuda_capability", "device_summary", "get_device",
     "set_seed", "versions_table", "find_decoder_layers", "find_linears", "load_model", "random_model",
     "tiny_llama_config", "calibration_data", "corpus_split", "heldout_tokens", "test_tokens", "load_pruned",
-    "save_pruned", "load_report", "export_dense", "disk_table", "KeptMasks", "kept_masks",
+    "save_pruned", "load_report", "export_dense", "export_gguf", "disk_table", "KeptMasks", "kept_masks",
     "quantize_model", "quantize_dequantize", "quant_record", "QUANTS",
     # prune
     "SparsityTarget", "as_target", "parse_nm", "select_mask", "unstructured_mask", "capture_layer_inputs",

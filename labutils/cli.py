@@ -1,7 +1,7 @@
-"""Command line: ``python -m labutils prune …`` (the main job), ``export`` (a dense copy of a saved model),
-``prepare``, ``bench-prune`` (04-Benchmark), for
-instructors ``student`` (student copies of the notebooks) and ``grade`` (score submitted notebooks), and for
-maintainers ``readme`` (the result tables of the README and docs/ from ``results/``)."""
+"""Command line: ``python -m labutils prune …`` (the main job), ``export`` (a dense copy of a saved model, or a GGUF
+file for llama.cpp), ``prepare``, ``bench-prune`` (04-Benchmark), for instructors ``student`` (student copies of the
+notebooks) and ``grade`` (score submitted notebooks), and for maintainers ``readme`` (the result tables of the README
+and docs/ from ``results/``)."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,7 @@ import pandas as pd
 from .core.config import DEFAULT_PROFILE, PROFILES
 from .core.data import corpus_split, split_tokens
 from .core.errors import BadInput, LabError
+from .core.gguf_export import QUANTS, export_gguf
 from .core.loading import embedded_model_dir, folder_tokenizer
 from .core.manifests import strict_json
 from .core.publish import PUBLISHED, cache_dir, check_can_write, interrupt_on_termination
@@ -40,6 +41,9 @@ from .prune.parallel import launched_ranks
 from .prune.spec import CLI_FLAGS, METHOD_FLAGS, PruneSpec
 
 
+EXPORT_FORMATS = ("dense", "gguf")
+
+
 class LabParser(argparse.ArgumentParser):
     """argparse, but a bad option is one line (``error: …``, exit 2), as every other bad input is, instead of the
     whole usage block."""
@@ -58,7 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a lab output folder (sparse or dense) as an ordinary dense "
                                            "transformers folder, for from_pretrained, vLLM or llama.cpp's converter")
     export.add_argument("folder", metavar="FOLDER", help="a folder written by prune or lu.save_pruned")
-    export.add_argument("out", metavar="OUT", help="the dense folder to write (new, or an earlier lab output)")
+    export.add_argument("out", metavar="OUT", help="the dense folder to write (new, or an earlier lab output); with "
+                                                   "--format gguf, the .gguf file to write (new, or one the lab wrote)")
+    export.add_argument("--format", choices=EXPORT_FORMATS, default="dense",
+                        help="dense: a transformers folder (default); gguf: one file for llama.cpp, with the default "
+                             "model's tokenizer and chat template (SmolLM2-135M-shaped Llama models only)")
+    export.add_argument("--quant", choices=QUANTS, default=None,
+                        help="with --format gguf: f16 (default; exact for a float16 model), or llama.cpp's q8_0 / "
+                             "q4_0 block quantization")
     readme = sub.add_parser("readme", help="rewrite the README and docs/ tables from results/ (after make notebooks)")
     readme.add_argument("--readme", default="README.md", help="the README to update (default README.md)")
     return parser
@@ -218,6 +229,13 @@ DISK_FORMAT = {"dense bytes": "{:,}".format, "sparse bytes": "{:,}".format, "spa
 
 
 def _export(args: argparse.Namespace) -> None:
+    if args.format == "gguf":
+        out = export_gguf(args.folder, args.out, args.quant or "f16")
+        print(f"wrote {out}: {out.stat().st_size:,} bytes, weights {args.quant or 'f16'}, a complete llama.cpp model "
+              f"(llama-cli -m {out})")
+        return
+    if args.quant is not None:
+        raise BadInput(f"--quant {args.quant} goes with --format gguf; a dense export keeps the model's own dtype")
     out = export_dense(args.folder, args.out)
     print(disk_table(load_report(out)).to_string(formatters=DISK_FORMAT))
     print(f"wrote {out}: an ordinary transformers folder (AutoModelForCausalLM.from_pretrained({str(out)!r}))")
