@@ -32,7 +32,8 @@ import nbformat
 
 from ..core.errors import BadInput
 
-NOTEBOOKS = ("01-Setup.ipynb", "02-Prune.ipynb", "03-Inference.ipynb", "04-Benchmark.ipynb", "05-Recover.ipynb")
+NOTEBOOKS = ("01-Setup.ipynb", "02-Prune.ipynb", "03-Inference.ipynb", "04-Benchmark.ipynb", "05-Recover.ipynb",
+             "06-Calibrate.ipynb")
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 INSTRUCTOR = "instructor"
 EXERCISE_ID = re.compile(r"\d\d\.\d+")
