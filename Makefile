@@ -5,7 +5,7 @@ PYTHON ?= python
 TORCH ?= torch==2.13.0
 NOTEBOOKS := 01-Setup.ipynb 02-Prune.ipynb 03-Inference.ipynb 04-Benchmark.ipynb
 # Optional notebooks: executed by `make notebooks`, checked by `make test-optional`, not by `make test` (its budget).
-OPTIONAL_NOTEBOOKS := 05-Recover.ipynb 07-Quantize.ipynb
+OPTIONAL_NOTEBOOKS := 05-Recover.ipynb 06-Calibrate.ipynb 07-Quantize.ipynb
 # Extra arguments for `make lab`, e.g. LAB_ARGS="--no-browser --port 8899".
 LAB_ARGS ?=
 

@@ -48,6 +48,15 @@ from .evaluate.generation import (
 from .evaluate.perplexity import perplexity
 from .evaluate.zeroshot.run import LOCAL_TASKS, profile_tasks, task_examples, zero_shot, zero_shot_table
 from .evaluate.zeroshot.tasks import write_tasks
+from .jobs.calibration_study import (
+                                  CalibrationRun,
+                                  CalibrationStudy,
+                                  domain_runs,
+                                  nsamples_runs,
+                                  seed_spread,
+                                  seqlen_runs,
+                                  windows_sha256,
+)
 from .jobs.bench_prune import bench_prune, bench_setup, saved_bench_results
 from .jobs.compare import Comparison, compare_methods, standard_variants, sweep_variants, write_results
 from .jobs.main_job import PruneJob, default_output_dir, ensure_pruned, run_prune_job
@@ -75,6 +84,7 @@ from .lab.checks import (
                                   check_nm_mask,
                                   check_perplexity,
                                   check_prediction,
+                                  check_random_windows,
                                   check_ria_score,
                                   check_row_mask,
                                   check_top1_agreement,
@@ -85,6 +95,8 @@ from .lab.plots import (
                                   outlier_summary,
                                   plot_admm_convergence,
                                   plot_benchmark_summary,
+                                  plot_calibration_domains,
+                                  plot_calibration_sweep,
                                   plot_drift,
                                   plot_input_norms,
                                   plot_layer_sparsity,
@@ -152,13 +164,14 @@ __all__ = [
     "verify_semi_structured", "linear_speedup_table", "LinearTimingSettings",
     # jobs
     "PruneJob", "build_report", "default_output_dir", "ensure_pruned", "run_prune_job", "Comparison", "compare_methods",
-    "standard_variants", "sweep_variants", "write_results", "TARGET_OF_FP16", "QuantStudySettings", "fp16_bytes", "layer_of",
-    "mask_bound", "quantization_rows", "quantization_table", "target_line", "zeros_table", "bench_prune", "bench_setup", "saved_bench_results",
-    "LayerwisePerplexity",
+    "standard_variants", "sweep_variants", "write_results", "TARGET_OF_FP16", "QuantStudySettings", "fp16_bytes",
+    "layer_of", "mask_bound", "quantization_rows", "quantization_table", "target_line", "zeros_table", "bench_prune", "bench_setup", "saved_bench_results",
+    "LayerwisePerplexity", "CalibrationRun", "CalibrationStudy", "domain_runs", "nsamples_runs", "seed_spread",
+    "seqlen_runs", "windows_sha256",
     # lab
     "CheckFailed", "CheckResult", "check_close", "check_layer_sparsity", "check_q4_0", "check_masked_merge", "check_mean_kl", "check_nm_mask",
-    "check_perplexity", "check_prediction", "check_ria_score", "check_row_mask", "check_top1_agreement",
-    "check_wanda_score", "data_sources", "model_summary", "outlier_summary", "plot_admm_convergence", "plot_benchmark_summary", "plot_quantization", "plot_recovery_losses", "plot_drift", "plot_input_norms",
+    "check_perplexity", "check_prediction", "check_random_windows", "check_ria_score", "check_row_mask", "check_top1_agreement",
+    "check_wanda_score", "data_sources", "model_summary", "outlier_summary", "plot_admm_convergence", "plot_benchmark_summary", "plot_calibration_domains", "plot_calibration_sweep", "plot_quantization", "plot_recovery_losses", "plot_drift", "plot_input_norms",
     "plot_layer_sparsity", "plot_method_comparison", "plot_perplexity", "plot_sparsity_sweep", "benchmark_summary",
     "compare_with_reference",
 ]

@@ -168,7 +168,7 @@ def _add_bench_prune(sub) -> None:
 
 
 def _add_course(sub) -> None:
-    student = sub.add_parser("student", help="write the student copies of the notebooks, 01 to 05 (solutions replaced by "
+    student = sub.add_parser("student", help="write the student copies of the notebooks, 01 to 07 (solutions replaced by "
                                              "stubs, outputs cleared, instructor cells removed)")
     student.add_argument("--out", default="student", help="folder for the copies (default: student/)")
     student.add_argument("--masters", default=".", help="folder holding the master notebooks (default: .)")

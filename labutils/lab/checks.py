@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from ..core.anatomy import find_decoder_layers, find_linears
+from ..core.data import random_windows
 from ..core.loading import random_model, tiny_llama_config
 from ..core.sparse.quant import quantize_dequantize
 from ..core.validation import check_count
@@ -252,6 +253,25 @@ def check_masked_merge(student_fn: Callable[..., torch.Tensor], points: int = 1,
         student_fn(weight, lora_a, lora_b, 0.5), masked_merge(weight, lora_a, lora_b, 0.5)))
 
 
+def check_random_windows(student_fn: Callable[[torch.Tensor, int, int, int], torch.Tensor], points: int = 1,
+                         hint: str = "offsets = torch.randint(0, len(tokens) - seqlen, (nsamples,), generator="
+                                     "torch.Generator().manual_seed(seed)); stack tokens[s : s + seqlen] for each "
+                                     "offset s, in the order drawn") -> CheckResult:
+    """``student_fn(tokens, nsamples, seqlen, seed)`` → (nsamples, seqlen) calibration windows, against the package's
+    sampler (06-Calibrate), on a 1000-token text, for several sizes and seeds. Token ids: equal on every machine."""
+    tokens = torch.arange(1000) * 7 % 1009
+    cases = [(1, 32, 0), (16, 128, 0), (8, 64, 1), (4, 999, 2)]
+
+    def compare():
+        for nsamples, seqlen, seed in cases:
+            got, expected = student_fn(tokens, nsamples, seqlen, seed), random_windows(tokens, nsamples, seqlen, seed)
+            if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
+                what = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+                return False, f"nsamples {nsamples}, seqlen {seqlen}: expected shape {tuple(expected.shape)}, got {what}"
+            if not torch.equal(got.long(), expected):
+                return False, f"nsamples {nsamples}, seqlen {seqlen}, seed {seed}: other windows than the package's"
+        return True, f"the package's windows in {len(cases)} cases (sizes and seeds)"
+    return _graded("calibration windows", points, hint, compare)
 def check_q4_0(student_fn: Callable[[torch.Tensor], torch.Tensor], points: int = 1,
                hint: str = "d = (the value of largest magnitude, with its sign) / -8; codes from that float32 d, "
                            "values from d rounded to float16; a block of zeros has d = 0") -> CheckResult:

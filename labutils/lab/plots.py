@@ -235,6 +235,35 @@ def plot_recovery_losses(losses: dict[str, list[float]], title: str = "LoRA reco
                      title)
 
 
+def plot_calibration_sweep(spread: pd.DataFrame, dense: float, xlabel: str, title: str, log_x: bool = True):
+    """Perplexity against one calibration knob (06-Calibrate): the mean over seeds (``seed_spread``'s rows, indexed by
+    the knob) with bars from the lowest to the highest seed, and the dense model's perplexity as a line."""
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    x = spread.index.to_numpy()
+    ax.errorbar(x, spread["mean"], yerr=[spread["mean"] - spread["min"], spread["max"] - spread["mean"]],
+                marker="o", capsize=4, label=f"Wanda 50 %: mean of {int(spread['runs'].max())} seeds, bar = min–max")
+    ax.axhline(dense, color="gray", ls="--", lw=0.8, label="dense")
+    if log_x:
+        _plain_log_axis(ax, "x")
+    return _labelled(fig, ax, xlabel, "test perplexity (lower is better)", title)
+
+
+def plot_calibration_domains(spread: dict[str, pd.DataFrame], dense: dict[str, float], title: str):
+    """Perplexity on each test set (``spread``: test set → ``seed_spread`` by calibration source) for each
+    calibration source, bars at the mean over seeds with min–max error bars, the dense model as a black tick
+    (06-Calibrate)."""
+    fig, axes = plt.subplots(1, len(spread), figsize=(4.2 * len(spread), 3.6), squeeze=False)
+    for ax, (test, table) in zip(axes[0], spread.items()):
+        x = range(len(table))
+        ax.bar(x, table["mean"], yerr=[table["mean"] - table["min"], table["max"] - table["mean"]], capsize=4,
+               color=[f"C{i}" for i in x], label="Wanda 50 %: mean over seeds, bar = min–max")
+        ax.axhline(dense[test], color="black", lw=1, label="dense")
+        ax.set_xticks(list(x), [f"calibrated on {s}" for s in table.index], rotation=15)
+        _labelled(fig, ax, "calibration text", f"perplexity on held-out {test} (lower is better)",
+                  f"test set: {test}")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
 def plot_quantization(table: pd.DataFrame, dense_fp16_bytes: int, target: float,
                       title: str = "Pruning plus quantization: size against quality"):
     """Perplexity against megabytes on disk, one line per model through its float16, 8-bit and 4-bit rows

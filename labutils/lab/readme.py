@@ -169,6 +169,42 @@ def _recovery(rows: pd.DataFrame) -> pd.DataFrame:
                          "LoRA parameters": [f"{v:,}" for v in rows["LoRA parameters"]]})
 
 
+def _over_seeds(rows: pd.DataFrame, by: str, column: str = "perplexity (wiki)") -> pd.DataFrame:
+    grouped = rows.groupby(by, sort=True)[column]
+    return pd.DataFrame({"mean": grouped.mean(), "min": grouped.min(), "max": grouped.max(), "runs": grouped.count()})
+
+
+def _calibration_nsamples(rows: pd.DataFrame) -> pd.DataFrame:
+    """06's section 1: the runs at the most common window length, by number of windows."""
+    stats = _over_seeds(rows[rows["seqlen"] == rows["seqlen"].mode()[0]], "nsamples")
+    last = stats["mean"].iloc[-1]
+    return pd.DataFrame({"calibration windows": stats.index, "seeds": stats["runs"],
+                         "perplexity, mean": [_num(v) for v in stats["mean"]],
+                         "lowest – highest seed": [f"{_num(a)} – {_num(b)}" for a, b in zip(stats["min"], stats["max"])],
+                         f"mean ÷ {stats.index[-1]} windows": [_num(v / last, 3) for v in stats["mean"]]})
+
+
+def _calibration_seqlen(rows: pd.DataFrame) -> pd.DataFrame:
+    """06's section 2: the runs of the token budget that every window length was run at, by window length."""
+    budget = rows.groupby("tokens")["seqlen"].nunique().idxmax()
+    chosen = rows[rows["tokens"] == budget]
+    stats = _over_seeds(chosen, "seqlen")
+    return pd.DataFrame({"window length": stats.index,
+                         "windows": [budget // s for s in stats.index], "seeds": stats["runs"],
+                         "perplexity, mean": [_num(v) for v in stats["mean"]],
+                         "lowest – highest seed": [f"{_num(a)} – {_num(b)}" for a, b in zip(stats["min"], stats["max"])]})
+
+
+def _calibration_domain(rows: pd.DataFrame) -> pd.DataFrame:
+    """06's section 3: calibration text × test set, mean over seeds (lowest – highest seed)."""
+    out = {"calibrated on": list(dict.fromkeys(rows["source"]))}
+    for test in ("wiki", "code"):
+        stats = _over_seeds(rows, "source", f"perplexity ({test})").loc[out["calibrated on"]]
+        out[f"perplexity on held-out {test}"] = [f"{_num(r['mean'])} ({_num(r['min'])} – {_num(r['max'])})"
+                                                 for _, r in stats.iterrows()]
+    return pd.DataFrame(out)
+
+
 def _portability(rows: pd.DataFrame) -> pd.DataFrame:
     def spread(r) -> str:
         if r["largest spread"] == 0:
@@ -197,7 +233,8 @@ def _quantization(rows: pd.DataFrame) -> pd.DataFrame:
 
 NOTEBOOK_OF = {"trained": "01", "outliers": "02", "prune": "02, 03", "groups": "02", "answers": "03", "drift": "03",
                "perplexity": "04", "layer-errors": "04", "zeroshot": "04", "admm-layer": "05", "admm": "05",
-               "recovery": "05", "quantization": "07"}
+               "recovery": "05", "calibration": "06", "calibration-domain": "06",
+               "quantization": "07"}
 
 
 README_TABLES: dict[str, ReadmeTable] = {
@@ -215,6 +252,9 @@ README_TABLES: dict[str, ReadmeTable] = {
     "load-times": ReadmeTable("load-times", _load_times),  # 04-Benchmark
     "admm": ReadmeTable("admm", _methods),  # 05-Recover
     "recovery": ReadmeTable("recovery", _recovery),  # 05-Recover
+    "calibration": ReadmeTable("calibration", _calibration_nsamples),  # 06-Calibrate
+    "calibration-seqlen": ReadmeTable("calibration", _calibration_seqlen),
+    "calibration-domain": ReadmeTable("calibration-domain", _calibration_domain),
     "quantization": ReadmeTable("quantization", _quantization),  # 07-Quantize
     "notebook-seconds": ReadmeTable("notebook-seconds", _notebook_seconds, profile=False),
     "portability": ReadmeTable("portability", _portability, profile=False),  # benchmarks/portability.py

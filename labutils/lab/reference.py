@@ -107,6 +107,12 @@ TOLERANCES: dict[str, Figures] = {
     "admm": Figures({"perplexity": Tolerance(relative=0.09, spread=0.0285),  # 05
                      "sparsity": Tolerance(relative=1e-6, spread=2.7e-8)},
                     rows={("perplexity", "sparsegpt"): Tolerance(relative=0.25, spread=0.0765)}),
+    # 06: windows are token ids (exact); perplexity at 04's Wanda tolerance (docs/testing.md "Portability")
+    "calibration": Figures({"perplexity (wiki)": Tolerance(relative=0.09, spread=0.0285), "tokens": EXACT,
+                            "windows": EXACT}),
+    "calibration-domain": Figures({"perplexity (wiki)": Tolerance(relative=0.09, spread=0.0285),
+                                   "perplexity (code)": Tolerance(relative=0.09, spread=0.0285), "tokens": EXACT,
+                                   "windows": EXACT}),
     # 07: the quantizers are numpy (the same bits everywhere); the perplexities are float32 forward passes like 04's
     "quantization": Figures({"perplexity": Tolerance(relative=0.09, spread=0.0285), "bytes": EXACT}),
     "recovery": Figures({"perplexity before": Tolerance(relative=0.09, spread=0.0285),  # 05
