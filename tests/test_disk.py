@@ -11,7 +11,7 @@ from transformers import LlamaConfig
 
 import labutils as lu
 from labutils.core.loading import embedded_model_dir
-from labutils.core.sparse.format import SPARSE_INDEX
+from labutils.core.sparse.files import SPARSE_INDEX
 from labutils.prune.disk import CheckpointReader, write_random_checkpoint
 
 SMALL = dict(nsamples=6, seqlen=16, eval_tokens=512, eval_seqlen=32, batch_size=2)

@@ -10,7 +10,8 @@ from safetensors import safe_open
 
 import labutils as lu
 from labutils.cli import main
-from labutils.core.sparse.format import METADATA_KEY, SPARSE_FILE, same_bits, write_safetensors
+from labutils.core.sparse.files import SPARSE_FILE, write_safetensors
+from labutils.core.sparse.format import METADATA_KEY, same_bits
 from labutils.core.sparse.quant import dequantize_values, quantize_dequantize, quantize_values, quantized_bytes
 
 SMALL = ["--nsamples", "2", "--seqlen", "16", "--eval-tokens", "64", "--eval-seqlen", "32"]
@@ -190,7 +191,7 @@ def test_damaged_quantized_file_is_one_line(damage, message, tmp_path, calib_tok
     lu.quantize_model(model, "q4_0")
     out = lu.save_pruned(model, tmp_path / "q", None, {"dtype": "float32"})
     rewrite(out / SPARSE_FILE, damage)
-    from labutils.core.sparse.format import read_sparse_folder
+    from labutils.core.sparse.files import read_sparse_folder
     with pytest.raises(lu.LabError) as caught:
         read_sparse_folder(out)
     assert message in str(caught.value) and "\n" not in str(caught.value)

@@ -22,7 +22,7 @@ from labutils.core.sparse.bits import (
     unpack_fields,
     unpack_mask,
 )
-from labutils.core.sparse.format import read_sparse_folder, write_sparse
+from labutils.core.sparse.files import read_sparse_folder, write_sparse
 
 # SHA-256 of the packed bytes of the masks ``seeded_masks`` draws, as the torch and the numpy packer packed them
 # before the refactor (commit 8e28f77, when they lived in prune/sparsity and core/kept_masks).

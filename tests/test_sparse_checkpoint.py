@@ -19,7 +19,8 @@ import labutils as lu
 from labutils.cli import main
 from labutils.core.manifests import write_manifest
 from labutils.core.saved import load_report
-from labutils.core.sparse.format import METADATA_KEY, SPARSE_FILE
+from labutils.core.sparse.files import SPARSE_FILE
+from labutils.core.sparse.format import METADATA_KEY
 from labutils.core.sparse.model import prunable_parameter_names
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

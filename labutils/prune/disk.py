@@ -29,7 +29,7 @@ from ..core.anatomy import find_decoder_layers
 from ..core.device import give_back_freed_memory, map_large_allocations
 from ..core.errors import LabError
 from ..core.sparse.bits import KeptMasks
-from ..core.sparse.format import SAFETENSORS_DTYPES, write_safetensors
+from ..core.sparse.files import SAFETENSORS_DTYPES, write_safetensors
 from ..core.sparse.model import ShardWriter
 from .calibration import CalibrationData
 from .driver import calibration_tokens, check_prunable, prune_all

@@ -17,16 +17,8 @@ from ..anatomy import find_decoder_layers, find_linears
 from ..errors import BadInput, LabError
 from ..validation import check_choice
 from .bits import KeptMasks, kept_masks, record_kept, storage_names, unpack_mask
-from .format import (
-    SPARSE_FILE,
-    encoded_bytes,
-    nonzero_bits,
-    read_sparse_folder,
-    shard_name,
-    sparse_files,
-    write_sparse,
-    write_sparse_index,
-)
+from .files import SPARSE_FILE, read_sparse_folder, shard_name, sparse_files, write_sparse, write_sparse_index
+from .format import encoded_bytes, nonzero_bits
 from .quant import BITS, QUANTS, STORED_QUANTS, QuantRecord, quant_record, quantized_pair, record_quant
 
 GENERATION_FILE = "generation_config.json"
