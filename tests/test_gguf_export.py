@@ -3,6 +3,7 @@ included), within the quantizer's bound in q8_0 / q4_0, the template's metadata 
 every bad input one line, exit 2, nothing written. The fast tests give the export a tiny template GGUF written here
 for the tiny Llama (untied lm_head, so ``output.weight`` too); one slow test exports the real default model against
 its own GGUF file and checks the Q/K row order on it."""
+import errno
 import struct
 
 import gguf
@@ -258,6 +259,25 @@ def test_an_interrupted_export_leaves_the_previous_file(pruned, tmp_path, monkey
     assert main(["export", str(pruned[0]), str(out), "--format", "gguf"]) == 130
     assert "nothing was published" in capsys.readouterr().err
     assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+
+
+@pytest.mark.parametrize("earlier", [False, True])
+def test_a_full_disk_is_one_line_and_leaves_what_was_there(earlier, pruned, tmp_path, monkeypatch, capsys):
+    """ENOSPC while writing: one line saying so and what is at OUT now (the earlier export, or nothing)."""
+    out = fake_lab_gguf(tmp_path / "model.gguf") if earlier else tmp_path / "model.gguf"
+    before = out.read_bytes() if earlier else None
+
+    def full(path, *args):
+        path.write_bytes(b"GGUF partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gguf_export, "write_gguf", full)
+    assert main(["export", str(pruned[0]), str(out), "--format", "gguf"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device (the disk is full); " in err and err.count("\n") == 1
+    assert ("the previous file there is unchanged" if earlier else "nothing was written") in err
+    assert (out.read_bytes() == before) if earlier else not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == (["model.gguf"] if earlier else [])
 
 
 @pytest.fixture

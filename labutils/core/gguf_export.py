@@ -10,7 +10,6 @@ model would need metadata (a tokenizer, a chat template) this file cannot supply
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import struct
@@ -23,7 +22,7 @@ import torch
 from .errors import BadInput, LabError
 from .loading import embedded_gguf_path
 from .locks import output_lock, resolve_target
-from .publish import check_apart, check_writable
+from .publish import atomic_file, check_apart, check_writable
 from .saved import is_lab_output, load_pruned
 from .validation import check_choice
 
@@ -192,27 +191,6 @@ def write_gguf(path: Path, fields: dict, tensors: dict, extra: dict, file_type: 
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path):
-    """Yield a temporary sibling of ``path`` to write; on success it is flushed to disk and renamed onto ``path``
-    in one step. On any error or interrupt (Ctrl-C), the temporary file is removed and ``path`` is untouched."""
-    tmp = path.parent / f".{path.name}.part-{os.getpid()}"
-    try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise LabError(f"could not write {str(path)!r}: {exc.strerror or exc}; "
-                       f"{'the previous file there is unchanged' if path.exists() else 'nothing was written'}") from exc
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, quant: str = "f16") -> Path:

@@ -207,22 +207,41 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a))
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_folder(folder: Path, files: bool = False) -> None:
     """Flush a folder's entries (and its files' data) to disk, so a crash right after publishing loses nothing."""
     if files:
         for file in folder.rglob("*"):
             if file.is_file():
-                fd = os.open(file, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                _fsync(file)
     with contextlib.suppress(OSError):  # not every system can open a folder
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(folder)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path):
+    """Yield a temporary sibling of the file ``path`` to write; on success it is flushed to disk and renamed onto
+    ``path`` in one step, and the folder's entry flushed too. On any error or interrupt (Ctrl-C), the temporary
+    file is removed and ``path`` is untouched; an OSError becomes one line (``_write_error``). The caller holds
+    ``path``'s lock (``locks.output_lock``)."""
+    tmp = path.parent / f".{path.name}.part-{os.getpid()}"
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync_folder(path.parent)
+    except OSError as exc:
+        raise _write_error(exc, path, "file") from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 @contextlib.contextmanager
@@ -288,12 +307,13 @@ def _remove_aside(aside: Path | None, path: Path, replace_any: bool) -> None:
          else remove_lab_folder(aside, keep_as=path.parent / f"{path.name}.unlisted-{os.getpid()}"))
 
 
-def _write_error(exc: BaseException, path: Path) -> LabError:
-    """One line for a write that failed before publishing (a full disk said so), and what is at ``path`` now."""
+def _write_error(exc: BaseException, path: Path, what: str = "folder") -> LabError:
+    """One line for a write that failed before publishing (a full disk said so), and what is at ``path`` now
+    (``what``: "folder" or "file")."""
     full = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc)
     reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
     return LabError(f"could not write {str(path)!r}: {reason}{' (the disk is full)' if full else ''}; "
-                    f"{'the previous folder there is unchanged' if path.exists() else 'nothing was written'}")
+                    f"{f'the previous {what} there is unchanged' if path.exists() else 'nothing was written'}")
 
 
 def _swap_in(tmp: Path, path: Path) -> Path | None:
