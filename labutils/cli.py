@@ -20,6 +20,7 @@ from .core.loading import embedded_model_dir, folder_tokenizer
 from .core.manifests import strict_json
 from .core.publish import PUBLISHED, cache_dir, check_can_write, interrupt_on_termination
 from .core.saved import OUTPUT_KIND, SAVE_FORMATS, disk_table, export_dense, load_report
+from .core.sparse.quant import STORED_QUANTS
 from .core.validation import check_seed
 from .jobs.bench_prune import (
     MODES,
@@ -116,7 +117,7 @@ def _add_prune(sub) -> None:
                        help="calibration text: wiki, the profile's own (default); code, Python standard-library "
                             "modules; mixed, half of each; or a folder of *.txt / *.md / *.py files "
                             "(docs/running.md \"Calibration source\")")
-    prune.add_argument("--quant", choices=["q4_0", "q8_0"], default=None,
+    prune.add_argument("--quant", choices=list(STORED_QUANTS), default=None,
                        help="after pruning, quantize the linears and the embedding to llama.cpp's 4- or 8-bit blocks "
                             "(zeros kept), evaluate again and save the blocks (docs/saving.md \"Pruned and "
                             "quantized\"; default: none)")
