@@ -20,6 +20,7 @@ import pandas as pd
 
 from ..core.config import DEFAULT_PROFILE
 from ..core.errors import BadInput, LabError
+from ..jobs.calibration_study import seed_spread
 
 BLOCK = re.compile(r"(<!-- results: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.DOTALL)
 
@@ -169,14 +170,9 @@ def _recovery(rows: pd.DataFrame) -> pd.DataFrame:
                          "LoRA parameters": [f"{v:,}" for v in rows["LoRA parameters"]]})
 
 
-def _over_seeds(rows: pd.DataFrame, by: str, column: str = "perplexity (wiki)") -> pd.DataFrame:
-    grouped = rows.groupby(by, sort=True)[column]
-    return pd.DataFrame({"mean": grouped.mean(), "min": grouped.min(), "max": grouped.max(), "runs": grouped.count()})
-
-
 def _calibration_nsamples(rows: pd.DataFrame) -> pd.DataFrame:
     """06's section 1: the runs at the most common window length, by number of windows."""
-    stats = _over_seeds(rows[rows["seqlen"] == rows["seqlen"].mode()[0]], "nsamples")
+    stats = seed_spread(rows[rows["seqlen"] == rows["seqlen"].mode()[0]], "nsamples", "perplexity (wiki)")
     last = stats["mean"].iloc[-1]
     return pd.DataFrame({"calibration windows": stats.index, "seeds": stats["runs"],
                          "perplexity, mean": [_num(v) for v in stats["mean"]],
@@ -188,7 +184,7 @@ def _calibration_seqlen(rows: pd.DataFrame) -> pd.DataFrame:
     """06's section 2: the runs of the token budget that every window length was run at, by window length."""
     budget = rows.groupby("tokens")["seqlen"].nunique().idxmax()
     chosen = rows[rows["tokens"] == budget]
-    stats = _over_seeds(chosen, "seqlen")
+    stats = seed_spread(chosen, "seqlen", "perplexity (wiki)")
     return pd.DataFrame({"window length": stats.index,
                          "windows": [budget // s for s in stats.index], "seeds": stats["runs"],
                          "perplexity, mean": [_num(v) for v in stats["mean"]],
@@ -199,7 +195,7 @@ def _calibration_domain(rows: pd.DataFrame) -> pd.DataFrame:
     """06's section 3: calibration text × test set, mean over seeds (lowest – highest seed)."""
     out = {"calibrated on": list(dict.fromkeys(rows["source"]))}
     for test in ("wiki", "code"):
-        stats = _over_seeds(rows, "source", f"perplexity ({test})").loc[out["calibrated on"]]
+        stats = seed_spread(rows, "source", f"perplexity ({test})").loc[out["calibrated on"]]
         out[f"perplexity on held-out {test}"] = [f"{_num(r['mean'])} ({_num(r['min'])} – {_num(r['max'])})"
                                                  for _, r in stats.iterrows()]
     return pd.DataFrame(out)
