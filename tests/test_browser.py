@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ["01-Setup.ipynb", "02-Prune.ipynb", "03-Inference.ipynb", "04-Benchmark.ipynb", "05-Recover.ipynb",
-             "06-Calibrate.ipynb", "07-Quantize.ipynb"]
+             "06-Calibrate.ipynb", "07-Quantize.ipynb", "08-Deploy.ipynb"]
 RUN_ALL = "01-Setup.ipynb"
 # Chromium's own background traffic goes nowhere on a closed network; keep it quiet and fast.
 CHROMIUM_ARGS = ["--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update",

@@ -16,6 +16,7 @@ from conftest import make_tiny, random_tokens
 
 import labutils as lu
 from labutils.cli import main
+from labutils.deploy.loadtest import LoadTestResult
 from labutils.lab import course, grading
 
 ROOT = Path(lu.__file__).parent.parent
@@ -107,6 +108,8 @@ STATE = {
         {"nsamples": [1, 1, 1, 16, 16, 16, 128, 128, 128], "seed": [0, 1, 2] * 3,
          "perplexity (wiki)": [40.0, 35.5, 37.0, 31.0, 32.5, 31.5, 30.2, 30.6, 30.4]})),
     "07-Quantize.ipynb": lambda: dict(settings=_tiny_quantized_folder()),
+    "08-Deploy.ipynb": lambda: dict(load=LoadTestResult(8, 4, 4, 0, 0, 2.0, [0.5, 0.6, 0.7, 0.8],
+                                                        memory=[700e6, 705e6, 703e6])),
 }
 
 

@@ -18,8 +18,9 @@ ALLOWED = {
     "evaluate": {"core", "evaluate"},
     "speed": {"core", "prune", "speed"},
     "sparse24": {"core", "prune", "speed", "sparse24"},
-    "jobs": {"core", "prune", "evaluate", "speed", "jobs"},
-    "lab": {"core", "prune", "evaluate", "speed", "sparse24", "jobs", "lab"},
+    "deploy": {"core", "prune", "evaluate", "deploy"},
+    "jobs": {"core", "prune", "evaluate", "speed", "deploy", "jobs"},
+    "lab": {"core", "prune", "evaluate", "speed", "sparse24", "deploy", "jobs", "lab"},
 }
 MODULES = sorted(p for p in ROOT.rglob("*.py") if "lm_tasks" not in p.parts)
 

@@ -14,7 +14,7 @@ import torch
 from labutils.lab import course, grading
 
 ROOT = Path(__file__).resolve().parents[1]
-OPTIONAL = ("05-Recover.ipynb", "06-Calibrate.ipynb", "07-Quantize.ipynb")
+OPTIONAL = ("05-Recover.ipynb", "06-Calibrate.ipynb", "07-Quantize.ipynb", "08-Deploy.ipynb")
 MASTERS = [ROOT / name for name in course.NOTEBOOKS if name not in OPTIONAL]
 OTHER = "avx2" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "default"
 

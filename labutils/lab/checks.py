@@ -18,11 +18,13 @@ way to points, and ``CheckFailed``'s message is the feedback.
 from __future__ import annotations
 
 import hashlib
+import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..core.anatomy import find_decoder_layers, find_linears
@@ -30,6 +32,7 @@ from ..core.data import random_windows
 from ..core.loading import random_model, tiny_llama_config
 from ..core.sparse.quant import quantize_dequantize
 from ..core.validation import check_count
+from ..deploy.engine import nll_of_logits
 from ..evaluate.generation import mean_kl, top1_agreement
 from ..evaluate.perplexity import perplexity
 from ..prune.masks import nm_mask, unstructured_mask
@@ -290,6 +293,25 @@ def check_q4_0(student_fn: Callable[[torch.Tensor], torch.Tensor], points: int =
                 return False, f"{label} block: {int((got.float() - expected).abs().gt(1e-12).sum())} of 32 values differ"
         return True, f"the same values as llama.cpp's q4_0 on {len(blocks)} blocks ({', '.join(blocks)})"
     return _graded("q4_0 of one block", points, hint, compare)
+
+
+def check_nll(student_fn: Callable, points: int = 1,
+              hint: str = "log-softmax of a row is x − log Σ exp(x); subtract the row's largest logit before exp") \
+        -> CheckResult:
+    """The student's summed negative log-likelihood of targets (T,) under logits (T, vocab), numpy in and a float out,
+    against ``lu.nll_of_logits`` on seeded logits: small, large (×400: exp overflows without the shift), one row
+    (08-Deploy)."""
+    def compare():
+        rng = np.random.default_rng(0)
+        logits, targets = rng.normal(size=(16, 50)) * 3, rng.integers(0, 50, 16)
+        cases = {"small logits": (logits, targets), "logits ×400": (logits * 400, targets),
+                 "one row": (logits[:1], targets[:1])}
+        for label, (x, t) in cases.items():
+            got, expected = student_fn(x.copy(), t.copy()), nll_of_logits(x, t)
+            if _number(got) is None or not math.isclose(_number(got), expected, rel_tol=1e-9):
+                return False, f"{label}: expected {expected:.6g}, got {got!r}"
+        return True, f"the package's value in {len(cases)} cases ({', '.join(cases)})"
+    return _graded("summed NLL from logits", points, hint, compare)
 
 
 def check_layer_sparsity(model: torch.nn.Module, sparsity: float, points: int = 1,

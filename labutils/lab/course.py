@@ -33,7 +33,7 @@ import nbformat
 from ..core.errors import BadInput
 
 NOTEBOOKS = ("01-Setup.ipynb", "02-Prune.ipynb", "03-Inference.ipynb", "04-Benchmark.ipynb", "05-Recover.ipynb",
-             "06-Calibrate.ipynb", "07-Quantize.ipynb")
+             "06-Calibrate.ipynb", "07-Quantize.ipynb", "08-Deploy.ipynb")
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 INSTRUCTOR = "instructor"
 EXERCISE_ID = re.compile(r"\d\d\.\d+")

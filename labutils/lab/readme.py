@@ -21,6 +21,7 @@ import pandas as pd
 from ..core.config import DEFAULT_PROFILE
 from ..core.errors import BadInput, LabError
 from ..jobs.calibration_study import seed_spread
+from .deploy_view import checklist_markdown, engines_markdown, loadtest_markdown
 
 BLOCK = re.compile(r"(<!-- results: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.DOTALL)
 
@@ -230,7 +231,7 @@ def _quantization(rows: pd.DataFrame) -> pd.DataFrame:
 NOTEBOOK_OF = {"trained": "01", "outliers": "02", "prune": "02, 03", "groups": "02", "answers": "03", "drift": "03",
                "perplexity": "04", "layer-errors": "04", "zeroshot": "04", "admm-layer": "05", "admm": "05",
                "recovery": "05", "calibration": "06", "calibration-domain": "06",
-               "quantization": "07"}
+               "quantization": "07", "engines": "08", "deploy-checklist": "08", "loadtest": "08"}
 
 
 README_TABLES: dict[str, ReadmeTable] = {
@@ -252,6 +253,9 @@ README_TABLES: dict[str, ReadmeTable] = {
     "calibration-seqlen": ReadmeTable("calibration", _calibration_seqlen),
     "calibration-domain": ReadmeTable("calibration-domain", _calibration_domain),
     "quantization": ReadmeTable("quantization", _quantization),  # 07-Quantize
+    "engines": ReadmeTable("engines", engines_markdown),  # 08-Deploy
+    "deploy-checklist": ReadmeTable("deploy-checklist", checklist_markdown),
+    "loadtest": ReadmeTable("loadtest", loadtest_markdown),
     "notebook-seconds": ReadmeTable("notebook-seconds", _notebook_seconds, profile=False),
     "portability": ReadmeTable("portability", _portability, profile=False),  # benchmarks/portability.py
     "portability-machines": ReadmeTable("portability-machines", lambda rows: rows.fillna(""), profile=False),

@@ -26,11 +26,16 @@ from .timing import decode_interleaved, measure, time_interleaved
 
 def random_prompt(model: nn.Module, prompt_len: int, batch_size: int = 1, seed: int = 0) -> torch.Tensor:
     """Fixed random token ids for timing, on the model's device: (batch_size, prompt_len) int64."""
+    return random_token_ids(model.config.vocab_size, prompt_len, batch_size, seed).to(model_device(model))
+
+
+def random_token_ids(vocab_size: int, prompt_len: int, batch_size: int = 1, seed: int = 0) -> torch.Tensor:
+    """``random_prompt``'s ids for a vocabulary of ``vocab_size``, on the CPU (also what 08-Deploy gives
+    llama.cpp, so both engines decode after the same prompt)."""
     check_positive_int("prompt_len", prompt_len)
     check_positive_int("batch_size", batch_size)
     generator = torch.Generator().manual_seed(check_seed(seed))
-    ids = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), generator=generator)
-    return ids.to(model_device(model))
+    return torch.randint(0, vocab_size, (batch_size, prompt_len), generator=generator)
 
 
 def prefill_fn(model: nn.Module, input_ids: torch.Tensor) -> Callable[[], object]:

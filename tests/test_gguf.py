@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 import labutils as lu
 from labutils.cli import main
-from labutils.core import gguf_export
+from labutils.deploy import gguf as gguf_export
 from labutils.core.loading import embedded_gguf_path
-from labutils.core.gguf_export import MARKER_KEY, from_gguf_rows, gguf_name, template, template_reader, to_gguf_rows
+from labutils.deploy.gguf import MARKER_KEY, from_gguf_rows, gguf_name, template, template_reader, to_gguf_rows
 from conftest import make_tiny
 
 TINY_HEADS = {"attn_q": 4, "attn_k": 2}  # lu.tiny_llama_config: 4 query heads, 2 key/value heads

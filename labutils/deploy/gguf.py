@@ -19,14 +19,17 @@ import gguf
 import numpy as np
 import torch
 
-from .errors import BadInput, LabError
-from .loading import embedded_gguf_path
-from .locks import output_lock, resolve_target
-from .publish import atomic_file, check_apart, check_writable
-from .saved import is_lab_output, load_pruned
-from .validation import check_choice
+from ..core.errors import BadInput, LabError
+from ..core.loading import embedded_gguf_path, embedded_model_dir, quiet_hf_progress
+from ..core.locks import output_lock, resolve_target
+from ..core.publish import atomic_file, check_apart, check_writable
+from ..core.saved import is_lab_output, load_pruned
+from ..core.validation import check_choice
+from ..prune.sparsity import model_sparsity
 
 QUANTS = ("f16", "q8_0", "q4_0")
+DENSE = "default"  # export_gguf's name for the embedded dense model
+DENSE_REPORT = {"label": "dense", "target": "none"}
 SUFFIX = ".gguf"
 MARKER = "wanda_lab"  # prefix of the fields the lab adds; a .gguf holding them is one the lab may replace
 MARKER_KEY = f"{MARKER}.method"
@@ -166,14 +169,10 @@ def gguf_tensors(model, fields: dict, quant: str) -> dict:
 
 def pruned_fields(report: dict, model) -> dict:
     """The ``wanda_lab.*`` fields: the method and target from report.json, and the share of zeros measured over
-    the decoder layers' linear weights (what was pruned)."""
-    zeros = total = 0
-    for name, tensor in model.state_dict().items():
-        if name.startswith("model.layers.") and tensor.ndim == 2:
-            zeros, total = zeros + tensor.numel() - int(torch.count_nonzero(tensor)), total + tensor.numel()
+    the prunable linears (``lu.model_sparsity``)."""
     return {f"{MARKER}.method": str(report.get("label") or report.get("method") or "unknown"),
             f"{MARKER}.target": str(report.get("target") or "unknown"),
-            f"{MARKER}.linear_sparsity": zeros / total if total else 0.0}
+            f"{MARKER}.linear_sparsity": float(model_sparsity(model)["linear_sparsity"])}
 
 
 def write_gguf(path: Path, fields: dict, tensors: dict, extra: dict, file_type: int) -> None:
@@ -195,22 +194,31 @@ def write_gguf(path: Path, fields: dict, tensors: dict, extra: dict, file_type: 
 
 def export_gguf(folder: str | os.PathLike, out: str | os.PathLike, quant: str = "f16") -> Path:
     """Write the lab output at ``folder`` (either format) as one GGUF file ``out`` for llama.cpp; returns ``out``.
+    ``folder`` may also be ``"default"``: the embedded dense model (the baseline of 08-Deploy's engine table).
 
     ``quant``: "f16" (every weight as float16: exact for a float16 model, zeros kept), "q8_0" or "q4_0" (llama.cpp's
     block quantizers, 32 weights per scale). Refused with one line, nothing written: a folder that is not a lab
     output, a model other than a LlamaForCausalLM shaped like the default model, an unknown ``quant``, ``out``
     without ``.gguf``, or an existing ``out`` that is not a GGUF file the lab wrote (that one is replaced)."""
     check_choice("quant", quant, QUANTS)
-    if not isinstance(folder, (str, os.PathLike)) or not is_lab_output(folder):
+    dense = isinstance(folder, str) and folder == DENSE
+    if not dense and (not isinstance(folder, (str, os.PathLike)) or not is_lab_output(folder)):
         raise BadInput(f"{str(folder)!r} is not a lab output folder (no lab-manifest.json listing a report.json); "
-                       "allowed: a folder written by python -m labutils prune or lu.save_pruned")
+                       f"allowed: a folder written by python -m labutils prune or lu.save_pruned, or '{DENSE}' (the "
+                       "embedded dense model)")
     if not isinstance(out, (str, os.PathLike)):
         raise BadInput(f"export_gguf(folder, out, quant='f16'): out must be a path; got {type(out).__name__}")
-    path = check_gguf_output(out, folder)
+    path = check_gguf_output(out, embedded_model_dir() if dense else folder)
     fields, expected = template()
     values = {key: value for key, (value, _) in fields.items()}
-    check_template(_folder_config(folder), values)
-    model, _, report = load_pruned(folder, "cpu")
+    if dense:
+        from transformers import AutoModelForCausalLM
+
+        with quiet_hf_progress():
+            model, report = AutoModelForCausalLM.from_pretrained(embedded_model_dir(), dtype=torch.float32), DENSE_REPORT
+    else:
+        check_template(_folder_config(folder), values)
+        model, _, report = load_pruned(folder, "cpu")
     tensors = gguf_tensors(model, values, quant)
     got = {name: model_shape(array, qtype) for name, (array, qtype) in tensors.items()}
     if got != expected:
