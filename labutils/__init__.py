@@ -74,8 +74,6 @@ from .jobs.quantized import (
 from .jobs.report import build_report
 from .jobs.stream_job import LayerwisePerplexity
 from .lab.checks import (
-                                  CheckFailed,
-                                  CheckResult,
                                   check_close,
                                   check_layer_sparsity,
                                   check_q4_0,
@@ -91,6 +89,7 @@ from .lab.checks import (
                                   check_wanda_score,
 )
 from .lab.environment import data_sources, model_summary
+from .lab.verdict import CheckFailed, CheckResult
 from .lab.plots import (
                                   outlier_summary,
                                   plot_admm_convergence,
