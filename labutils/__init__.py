@@ -89,6 +89,7 @@ from .lab.checks import (
                                   check_wanda_score,
 )
 from .lab.environment import data_sources, model_summary
+from .lab.sanity import SanityResult, sanity
 from .lab.verdict import CheckFailed, CheckResult
 from .lab.plots import (
                                   outlier_summary,
@@ -168,7 +169,7 @@ __all__ = [
     "LayerwisePerplexity", "CalibrationRun", "CalibrationStudy", "domain_runs", "nsamples_runs", "seed_spread",
     "seqlen_runs", "windows_sha256",
     # lab
-    "CheckFailed", "CheckResult", "check_close", "check_layer_sparsity", "check_q4_0", "check_masked_merge", "check_mean_kl", "check_nm_mask",
+    "CheckFailed", "CheckResult", "SanityResult", "sanity", "check_close", "check_layer_sparsity", "check_q4_0", "check_masked_merge", "check_mean_kl", "check_nm_mask",
     "check_perplexity", "check_prediction", "check_random_windows", "check_ria_score", "check_row_mask", "check_top1_agreement",
     "check_wanda_score", "data_sources", "model_summary", "outlier_summary", "plot_admm_convergence", "plot_benchmark_summary", "plot_calibration_domains", "plot_calibration_sweep", "plot_quantization", "plot_recovery_losses", "plot_drift", "plot_input_norms",
     "plot_layer_sparsity", "plot_method_comparison", "plot_perplexity", "plot_sparsity_sweep", "benchmark_summary",

@@ -50,9 +50,29 @@ def test_student_copies_are_deterministic_and_hold_no_solution(tmp_path):
             lines = master.cells[ex.cell].source.split("\n")
             solution = lines[lines.index(next(x for x in lines if x.strip() == course.BEGIN)) + 1:]
             assert not [x for x in solution[:-1] if x.strip() and x.strip() != course.END and x in stub.split("\n")]
-            for index in ex.checks:  # check cells kept, unchanged, with their tag
-                assert by_id[master.cells[index].id].source == master.cells[index].source
-                assert course.tagged(by_id[master.cells[index].id], "check") == ex.id
+            for index in ex.checks:  # check cells kept with their tag: the visible sanity line, no hidden tests
+                kept = by_id[master.cells[index].id]
+                assert kept.source == f'lu.sanity("{ex.id}", ' + kept.source.split(", ", 1)[1], kept.source
+                assert course.HIDDEN_BEGIN in master.cells[index].source and "check_" not in kept.source
+                assert course.tagged(kept, "check") == ex.id
+        assert course.HIDDEN_BEGIN not in text and "HIDDEN" not in text
+
+
+def test_no_answer_reaches_a_student_copy(tmp_path):
+    """Every check call of a master sits in a hidden-test region; a copy holds no prediction's answer in any form (the
+    letter, a digest of it), no reference expression of a measurement, and nothing that names a check."""
+    for path, (name, master) in zip(course.write_student_copies(MASTERS, tmp_path), masters().items()):
+        text = path.read_text()
+        for ex in course.exercises(master, name).values():
+            for index in ex.checks:
+                source = master.cells[index].source
+                visible = course.without_hidden_tests(source, name)
+                assert not any(course.is_check_call(n) for n in ast.walk(ast.parse(visible))), (name, ex.id)
+                if "check_prediction" in source:
+                    answer = source.split(course.HIDDEN_BEGIN)[1].split('"')[3]  # check_prediction("id", VAR, "x"
+                    assert len(answer) == 1 and f'= "{answer}"' not in text, (name, ex.id)
+                    assert lu.lab.checks.answer_digest(source.split('"')[3], answer) not in text
+        assert "lu.model_sparsity(wanda_model)" not in text and "lu.mean_kl(logits" not in text
 
 
 def test_every_notebook_has_graduated_exercises_with_hints_and_an_answer_key():

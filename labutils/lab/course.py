@@ -10,7 +10,9 @@ guesses:
   cell still defines its names. The cell's ``metadata.task`` is one line saying what to write.
 - ``check:<id>`` — a check cell scoring exercise ``<id>``, after it: ``lu.check_…(…, points=N)`` calls. The exercise
   is worth the sum of those ``points=`` numbers, read from the source, so a tool knows the maximum without running
-  anything.
+  anything. The calls sit between ``### BEGIN HIDDEN TESTS`` and ``### END HIDDEN TESTS`` (nbgrader's hidden-test
+  markers), after a visible ``lu.sanity("<id>", …)`` line: student copies keep only the visible part, so no cell a
+  student receives computes the expected answer or holds a prediction's answer; grading runs the master's cell.
 - ``instructor`` — for instructors only (the answer key of the open and predict questions): left out of student
   copies and of graded runs.
 
@@ -18,7 +20,7 @@ Open questions have no code cell and no tag: a markdown cell asks, an ``instruct
 
 A student copy (``student_copy``) is the master with outputs and execution counts cleared, execution timings and
 widget state dropped, every solution region replaced by ``raise NotImplementedError("Exercise <id>: <task>")`` at
-the region's indentation, and the instructor cells removed. Everything else, cell ids included, is kept, so two
+the region's indentation, every hidden-test region removed, and the instructor cells removed. Everything else, cell ids included, is kept, so two
 runs write byte-identical files, and every cell outside the exercises runs as in the master.
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ from ..core.errors import BadInput
 NOTEBOOKS = ("01-Setup.ipynb", "02-Prune.ipynb", "03-Inference.ipynb", "04-Benchmark.ipynb", "05-Recover.ipynb",
              "06-Calibrate.ipynb", "07-Quantize.ipynb")
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
+HIDDEN_BEGIN, HIDDEN_END = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
 INSTRUCTOR = "instructor"
 EXERCISE_ID = re.compile(r"\d\d\.\d+")
 
@@ -92,22 +95,31 @@ def check_points(source: str, where: str) -> int:
     return sum(points)
 
 
-def solution_regions(source: str, where: str) -> list[tuple[int, int]]:
-    """(BEGIN line, END line) index pairs of a cell's solution regions, checked to be well nested."""
-    lines, regions, begin = source.split("\n"), [], None
+def solution_regions(source: str, where: str, markers: tuple[str, str] = (BEGIN, END)) -> list[tuple[int, int]]:
+    """(BEGIN line, END line) index pairs of a cell's solution regions (or, with ``markers``, its hidden-test
+    regions), checked to be well nested."""
+    (opening, closing), lines, regions, begin = markers, source.split("\n"), [], None
     for i, line in enumerate(lines):
         marker = line.strip()
-        if marker == BEGIN and begin is None:
+        if marker == opening and begin is None:
             begin = i
-        elif marker == END and begin is not None:
+        elif marker == closing and begin is not None:
             regions.append((begin, i))
             begin = None
-        elif marker in (BEGIN, END):
-            other = END if begin is None else BEGIN
+        elif marker in (opening, closing):
+            other = closing if begin is None else opening
             raise BadInput(f"{where}: {marker!r} on line {i + 1} does not pair with a {other!r}")
     if begin is not None:
-        raise BadInput(f"{where}: {BEGIN!r} on line {begin + 1} has no {END!r}")
+        raise BadInput(f"{where}: {opening!r} on line {begin + 1} has no {closing!r}")
     return regions
+
+
+def without_hidden_tests(source: str, where: str) -> str:
+    """A check cell's source with its hidden-test regions (markers included) removed."""
+    lines, drop = source.split("\n"), set()
+    for begin, end in solution_regions(source, where, (HIDDEN_BEGIN, HIDDEN_END)):
+        drop.update(range(begin, end + 1))
+    return "\n".join(line for i, line in enumerate(lines) if i not in drop).rstrip("\n")
 
 
 def exercises(nb, name: str) -> dict[str, Exercise]:
@@ -126,6 +138,8 @@ def exercises(nb, name: str) -> dict[str, Exercise]:
             cells[exercise] = index
         elif regions:
             raise BadInput(f"{where}: solution markers outside an exercise cell (tag it exercise:<id>)")
+        if solution_regions(cell.source, where, (HIDDEN_BEGIN, HIDDEN_END)) and check is None:
+            raise BadInput(f"{where}: hidden-test markers outside a check cell (tag it check:<id>)")
         if check is not None:
             if check not in cells:
                 raise BadInput(f"{where}: check:{check} comes before (or without) its exercise cell")
@@ -167,6 +181,8 @@ def student_copy(nb, name: str):
         exercise = tagged(cell, "exercise")
         if exercise is not None:
             cell.source = stub_source(cell.source, exercise, found[exercise].task)
+        if tagged(cell, "check") is not None:
+            cell.source = without_hidden_tests(cell.source, f"{name} cell {cell.get('id')}")
     nbformat.validate(copy)
     return copy
 
