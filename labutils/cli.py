@@ -35,6 +35,7 @@ from .jobs.bench_prune import (
 from .jobs.main_job import PruneJob, run_prune_job, summary_table
 from .lab.course import master_paths, write_student_copies
 from .lab.grading import feedback_folder, grade
+from .lab.nbgrader_cells import stamp
 from .lab.readme import update_readme
 from .prune.masks import GROUPS
 from .prune.methods import METHODS
@@ -173,6 +174,9 @@ def _add_course(sub) -> None:
                                              "stubs, outputs cleared, instructor cells removed)")
     student.add_argument("--out", default="student", help="folder for the copies (default: student/)")
     student.add_argument("--masters", default=".", help="folder holding the master notebooks (default: .)")
+    student.add_argument("--stamp", action="store_true",
+                         help="for maintainers: write each master's nbgrader metadata, derived from its cell tags, "
+                              "into the masters in place (no copies)")
     grading = sub.add_parser("grade", help="run every submitted notebook with the instructor's checks; write grades "
                                            "and one feedback file per student",
                              description="SUBMISSIONS holds one folder per student with their notebooks under the "
@@ -187,6 +191,10 @@ def _add_course(sub) -> None:
 
 
 def _student(args: argparse.Namespace) -> None:
+    if args.stamp:
+        for path in master_paths(args.masters):
+            print(f"{'stamped' if stamp(path) else 'already stamped'} {path}")
+        return
     check_can_write(args.out, "--out", folder=True)
     for path in write_student_copies(master_paths(args.masters), args.out):
         print(f"wrote {path}")

@@ -39,6 +39,7 @@ def test_student_copies_are_deterministic_and_hold_no_solution(tmp_path):
         found = course.exercises(master, name)
         text = path.read_text()
         assert course.BEGIN not in text and course.END not in text and "Answer key" not in text
+        assert text.count(course.ANSWER_STUB) == 1 and "*Rubric*" not in text
         assert not any(course.is_instructor(c) for c in copy.cells)
         assert [c.id for c in copy.cells] == [c.id for c in master.cells if not course.is_instructor(c)]
         assert all(c.outputs == [] and c.execution_count is None for c in copy.cells if c.cell_type == "code")
@@ -90,11 +91,12 @@ def test_every_notebook_has_graduated_exercises_with_hints_and_an_answer_key():
         assert all(course.tagged(c, "exercise") or course.tagged(c, "check")  # cell of a student copy runs as in
                    for c in nb.cells[first:] if c.cell_type == "code"), name  # the master
         questions = [c.source for c in nb.cells if c.cell_type == "markdown" and "(explain)." in c.source]
-        key = "\n".join(c.source for c in nb.cells if course.is_instructor(c))
-        for source in questions:
-            for number in [line.split(".")[0].strip("*") for line in source.split("\n") if "(explain)." in line]:
-                assert f"**{number}.**" in key, (name, number)
-        assert "Hint:" in "".join(questions) or not questions
+        (answers,) = [c for c in nb.cells if course.is_answers(c)]  # the key and rubric, in a solution region
+        key = answers.source.split(course.BEGIN)[1]
+        assert "*Rubric*" in key and not any(course.is_instructor(c) for c in nb.cells), name
+        for number in course.explain_questions(nb):
+            assert f"**{number}.**" in key and f"**{number}.**" in answers.source.split(course.BEGIN)[0], (name, number)
+        assert len(course.explain_questions(nb)) >= 2 and questions, name
 
 
 # Small stand-ins for what each notebook has in memory when its exercises run: tiny random Llama models.
@@ -267,8 +269,8 @@ def test_grading_scores_exactly_what_the_master_checks_pass(tmp_path):
     submit(master, subs, "erin", {"99.1": "import os\nos._exit(1)", "99.2": SOLUTIONS["99.2"]})  # kills the kernel
     (subs / "dave").mkdir()                                                          # handed in nothing
     table = grading.grade(subs, [master], tmp_path / "grades.csv", timeout=2, progress=False)
-    assert (tmp_path / "grades.csv").read_text().splitlines()[0] == "student,notebook,exercise,points,max,error"
-    assert list(table.columns) == ["student", "notebook", "exercise", "points", "max", "error"]
+    assert (tmp_path / "grades.csv").read_text().splitlines()[0] == "student,notebook,exercise,points,max,error,grading"
+    assert list(table.columns) == ["student", "notebook", "exercise", "points", "max", "error", "grading"]
     score = {(r.student, r.exercise): (r.points, r.error) for r in table.itertuples()}
     assert [score["alice", ex][0] for ex in SOLUTIONS] == [2, 0, 0]
     assert "NotImplementedError: Exercise 99.2: solve 99.2" in score["alice", "99.2"][1]
@@ -313,7 +315,7 @@ def test_command_line_writes_copies_and_refuses_bad_input_writing_nothing(tmp_pa
 @pytest.mark.parametrize("edit, message", [  # cells: 0 title, 1 imports, 2 markdown, 3 exercise 99.1, 4 its check
     (lambda nb: nb.cells[4].metadata.update(tags=[]), r"exercises \['99.1'\] have no check cell"),
     (lambda nb: setattr(nb.cells[4], "source", "mc.check_equal('x', 1, 1)"), "points=<whole number>"),
-    (lambda nb: setattr(nb.cells[1], "source", "### BEGIN SOLUTION\n### END SOLUTION"), "outside an exercise cell"),
+    (lambda nb: setattr(nb.cells[1], "source", "### BEGIN SOLUTION\n### END SOLUTION"), "outside an exercise or answers cell"),
     (lambda nb: setattr(nb.cells[3], "source", nb.cells[3].source + "\n### END SOLUTION"), "does not pair"),
     (lambda nb: nb.cells[4].metadata.update(tags=["check:99.7"]), "before .or without. its exercise cell"),
     (lambda nb: nb.cells[3].metadata.pop("task"), "a solution region and a task"),
@@ -336,3 +338,19 @@ def test_every_check_still_passes_and_fails_as_it_should_under_another_kernel_se
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:]
     assert f"{len(course.NOTEBOOKS)} passed" in done.stdout
+
+
+def test_masters_carry_the_nbgrader_metadata_their_tags_give():
+    """nbgrader reads metadata.nbgrader: every cell has it as nbgrader_cells derives it (python -m labutils student
+    --stamp writes it), grade ids are unique, and the points are the checks' points plus one per explain question."""
+    from labutils.lab import nbgrader_cells
+    for name, nb in masters().items():
+        assert nbgrader_cells.stale(nb, name) == [], name
+        meta = [c.metadata["nbgrader"] for c in nb.cells]
+        assert len({m["grade_id"] for m in meta}) == len(meta), name
+        found = course.exercises(nb, name)
+        auto = sum(m.get("points", 0) for m in meta if m["grade"] and not m["solution"])
+        manual = [m["points"] for m in meta if m["grade"] and m["solution"]]
+        assert auto == sum(ex.max_points for ex in found.values()) and manual == [len(course.explain_questions(nb))]
+        assert all(m["locked"] for c, m in zip(nb.cells, meta) if not course.tagged(c, "exercise")
+                   and not course.is_answers(c)), name

@@ -13,10 +13,12 @@ guesses:
   anything. The calls sit between ``### BEGIN HIDDEN TESTS`` and ``### END HIDDEN TESTS`` (nbgrader's hidden-test
   markers), after a visible ``lu.sanity("<id>", …)`` line: student copies keep only the visible part, so no cell a
   student receives computes the expected answer or holds a prediction's answer; grading runs the master's cell.
-- ``instructor`` — for instructors only (the answer key of the open and predict questions): left out of student
-  copies and of graded runs.
+- ``answers`` — the markdown cell at the end of a notebook where a student writes the explanations (the questions
+  marked *(explain)*), graded by hand. In the master its solution region holds the answer key and the rubric; a
+  student copy (and nbgrader's release) has ``YOUR ANSWER HERE`` in its place. Worth one point per explain question.
+- ``instructor`` — for instructors only: left out of student copies and of graded runs.
 
-Open questions have no code cell and no tag: a markdown cell asks, an ``instructor`` cell answers.
+Open questions have no code cell and no tag: a markdown cell asks, the ``answers`` cell takes the answer.
 
 A student copy (``student_copy``) is the master with outputs and execution counts cleared, execution timings and
 widget state dropped, every solution region replaced by ``raise NotImplementedError("Exercise <id>: <task>")`` at
@@ -38,7 +40,9 @@ NOTEBOOKS = ("01-Setup.ipynb", "02-Prune.ipynb", "03-Inference.ipynb", "04-Bench
              "06-Calibrate.ipynb", "07-Quantize.ipynb")
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 HIDDEN_BEGIN, HIDDEN_END = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
-INSTRUCTOR = "instructor"
+INSTRUCTOR, ANSWERS = "instructor", "answers"
+ANSWER_STUB = "YOUR ANSWER HERE"  # nbgrader's text stub, so both tools hand out the same cell
+EXPLAIN = re.compile(r"^\*\*(\d+)\.[^\n]*\((?:measure and )?explain\b", re.M)  # **5. … (explain).**
 EXERCISE_ID = re.compile(r"\d\d\.\d+")
 
 
@@ -61,6 +65,23 @@ def tagged(cell, kind: str) -> str | None:
 
 def is_instructor(cell) -> bool:
     return INSTRUCTOR in cell.get("metadata", {}).get("tags", [])
+
+
+def is_answers(cell) -> bool:
+    return ANSWERS in cell.get("metadata", {}).get("tags", []) and cell.cell_type == "markdown"
+
+
+def explain_questions(nb) -> list[str]:
+    """The numbers of a notebook's explain questions, in order (the manually graded part, a point each)."""
+    return [number for cell in nb.cells if cell.cell_type == "markdown" and not is_answers(cell)
+            for number in EXPLAIN.findall(cell.source)]
+
+
+def answer_text(source: str, handed_out: str) -> str:
+    """What a student wrote in an answers cell: its lines less those of the cell as handed out (``handed_out``: the
+    heading, the instructions, the stub); '' when nothing else is there."""
+    given = set(handed_out.split("\n"))
+    return "\n".join(line for line in source.split("\n") if line not in given).strip()
 
 
 def read_notebook(path: str | Path, what: str = "notebook"):
@@ -136,8 +157,8 @@ def exercises(nb, name: str) -> dict[str, Exercise]:
             if exercise in cells or not EXERCISE_ID.fullmatch(exercise):
                 raise BadInput(f"{where}: exercise id {exercise!r} is repeated or not like 02.1")
             cells[exercise] = index
-        elif regions:
-            raise BadInput(f"{where}: solution markers outside an exercise cell (tag it exercise:<id>)")
+        elif regions and not is_answers(cell):
+            raise BadInput(f"{where}: solution markers outside an exercise or answers cell (tag it exercise:<id>)")
         if solution_regions(cell.source, where, (HIDDEN_BEGIN, HIDDEN_END)) and check is None:
             raise BadInput(f"{where}: hidden-test markers outside a check cell (tag it check:<id>)")
         if check is not None:
@@ -168,6 +189,20 @@ def stub_source(source: str, exercise: str, task: str) -> str:
     return "\n".join(out)
 
 
+def answer_stub(source: str) -> str:
+    """An answers cell as handed out: each solution region (the key and rubric) replaced by ``YOUR ANSWER HERE``."""
+    lines, out, skipping = source.split("\n"), [], False
+    for line in lines:
+        if line.strip() == BEGIN:
+            out.append(ANSWER_STUB)
+            skipping = True
+        elif line.strip() == END:
+            skipping = False
+        elif not skipping:
+            out.append(line)
+    return "\n".join(out)
+
+
 def student_copy(nb, name: str):
     """A student's copy of a master notebook (see the module docstring); the master is left unchanged."""
     found = exercises(nb, name)
@@ -181,6 +216,8 @@ def student_copy(nb, name: str):
         exercise = tagged(cell, "exercise")
         if exercise is not None:
             cell.source = stub_source(cell.source, exercise, found[exercise].task)
+        if is_answers(cell):
+            cell.source = answer_stub(cell.source)
         if tagged(cell, "check") is not None:
             cell.source = without_hidden_tests(cell.source, f"{name} cell {cell.get('id')}")
     nbformat.validate(copy)

@@ -23,9 +23,11 @@ For each student and each master notebook:
 5. Score each exercise: the points of the check results recorded for its check cells (all or nothing per check);
    the error is the reason it lost points: its check's message and hint, or its own cell's error.
 
-Output: ``grades.csv`` (student, notebook, exercise, points, max, error): one row per student and exercise of
-every master; a notebook not submitted scores 0. And ``<student>.md`` in the feedback folder: the points and,
-for each exercise short of full marks, why and the hint.
+Output: ``grades.csv`` (student, notebook, exercise, points, max, error, grading): one row per student and exercise
+of every master, ``grading`` = ``auto``; a notebook not submitted scores 0. Then one row per student and notebook for
+the answers cell, graded by hand (``review.py``: ``manual: to grade`` or ``manual: no answer``, 0 points until an
+instructor enters them), with ``review/<notebook>.md`` beside the grades to read them. And ``<student>.md`` in the
+feedback folder: the points and, for each exercise short of full marks, why and the hint.
 
 Not guarded against: code written to subvert the kernel itself (replacing the lab's check functions at run time)
 shares the process with the checks, which no executed notebook can rule out; instructors read the submissions.
@@ -50,8 +52,9 @@ from ..core.errors import BadInput
 from ..core.validation import check_number
 from ..jobs.compare import RESULTS_ENV
 from .course import Exercise, exercises, is_check_call, is_instructor, read_notebook, stub_source, tagged
+from .review import AUTO, manual_rows, write_reviews
 
-COLUMNS = ["student", "notebook", "exercise", "points", "max", "error"]
+COLUMNS = ["student", "notebook", "exercise", "points", "max", "error", "grading"]
 MARKER = "labutils-grade"  # first word of a closing cell's line; the nonce and the JSON results follow
 RESULTS = "__grading_results__"  # the kernel's list of what a check cell's checks returned
 MASTER_TIMEOUT = 600  # seconds for each of the master's own cells (make test's nbval limit)
@@ -253,10 +256,12 @@ def grade(submissions: str | Path, masters: list[Path], out: str | Path, feedbac
     for student in tqdm(students, desc="grading", unit="student", disable=not progress):
         for path, nb in loaded.items():
             scores = grade_notebook(path, nb, found[path], student / path.name, timeout)
-            rows += [(student.name, path.stem, ex, points, found[path][ex].max_points, error)
+            rows += [(student.name, path.stem, ex, points, found[path][ex].max_points, error, AUTO)
                      for ex, (points, error) in scores.items()]
+            rows += manual_rows(student.name, path, nb, student / path.name)
     table = pd.DataFrame(rows, columns=COLUMNS)
     table.to_csv(out, index=False)
+    write_reviews(out.parent / "review", {student.name: student for student in students}, loaded)
     feedback.mkdir(parents=True, exist_ok=True)
     for student, rows in table.groupby("student", sort=True):
         (feedback / f"{student}.md").write_text(feedback_text(student, rows))
@@ -269,9 +274,12 @@ def feedback_folder(out: str | Path, feedback: str | Path | None) -> Path:
 
 
 def feedback_text(student: str, rows: pd.DataFrame) -> str:
-    """A student's feedback in markdown: the total, each notebook's points, and why each exercise lost points."""
-    lines = [f"# Feedback for {student}", "", f"Total: {rows['points'].sum()} / {rows['max'].sum()} points.", ""]
-    for notebook, part in rows.groupby("notebook", sort=False):
+    """A student's feedback in markdown: the total, each notebook's points, and why each exercise lost points; the
+    explanations graded by hand are listed with their points still to come."""
+    auto, manual = rows[rows["grading"] == AUTO], rows[rows["grading"] != AUTO]
+    lines = [f"# Feedback for {student}", "", f"Total: {auto['points'].sum()} / {auto['max'].sum()} points."
+             + (f" Your explanations ({manual['max'].sum()} points) are graded by hand." if len(manual) else ""), ""]
+    for notebook, part in auto.groupby("notebook", sort=False):
         lines += [f"## {notebook}: {part['points'].sum()} / {part['max'].sum()}", ""]
         if part["error"].str.startswith("not submitted").all():
             lines += [f"N{part['error'].iloc[0][1:]}.", ""]
@@ -279,5 +287,8 @@ def feedback_text(student: str, rows: pd.DataFrame) -> str:
         for row in part.itertuples():
             verdict = "full marks" if row.points == row.max else row.error
             lines.append(f"- **{row.exercise}** {row.points} / {row.max}: {verdict}")
+        for row in manual[manual["notebook"] == notebook].itertuples():
+            lines.append(f"- **{row.exercise}** (your explanations, {row.max} points): "
+                         f"{'to be graded by hand' if row.grading == 'manual: to grade' else 'no answer given'}")
         lines.append("")
     return "\n".join(lines)
