@@ -58,6 +58,7 @@ COLUMNS = ["student", "notebook", "exercise", "points", "max", "error", "grading
 MARKER = "labutils-grade"  # first word of a closing cell's line; the nonce and the JSON results follow
 RESULTS = "__grading_results__"  # the kernel's list of what a check cell's checks returned
 MASTER_TIMEOUT = 600  # seconds for each of the master's own cells (make test's nbval limit)
+EXERCISE_TIMEOUT = 400  # seconds for an exercise or check cell: a correct 01.3 took 175 s on a busy 2-core machine
 PROBE_TIMEOUT = 30    # seconds an interrupted kernel has to answer again before it counts as stuck
 TIMED_OUT = "CellTimeout"
 
@@ -233,7 +234,7 @@ def grade_notebook(master_path: Path, master, found: dict[str, Exercise], submis
 
 
 def grade(submissions: str | Path, masters: list[Path], out: str | Path, feedback: str | Path | None = None,
-          timeout: float = 120, progress: bool = True) -> pd.DataFrame:
+          timeout: float = EXERCISE_TIMEOUT, progress: bool = True) -> pd.DataFrame:
     """Grade every student folder in ``submissions`` against ``masters``; write ``out`` (CSV) and one feedback
     file per student in ``feedback`` (default: ``feedback/`` next to ``out``). Returns the grades table.
 
