@@ -192,6 +192,9 @@ def _add_course(sub) -> None:
                          help="grade the nbgrader course folder COURSE made by student --nbgrader (submissions in "
                               "COURSE/submitted/<student>/lab/): nbgrader autograde and generate_feedback, then "
                               "--out from its gradebook")
+    grading.add_argument("--export", action="store_true",
+                         help="with --nbgrader: only write --out from the gradebook (after manual grading in the "
+                              "formgrader); nothing runs")
     grading.add_argument("--out", default="grades.csv", help="grades table (default: grades.csv)")
     grading.add_argument("--feedback", default=None, help="folder for <student>.md (default: feedback/ next to --out)")
     grading.add_argument("--timeout", type=float, default=None,
@@ -219,7 +222,7 @@ def _grade(args: argparse.Namespace) -> None:
         raise BadInput("give SUBMISSIONS (the lab's own grader) or --nbgrader COURSE, one of the two")
     check_can_write(args.out, "--out")  # before any notebook runs
     if args.nbgrader:
-        table = grade_course(args.nbgrader, args.out, timeout=args.timeout)
+        table = grade_course(args.nbgrader, args.out, timeout=args.timeout, run=not args.export)
         print(table.groupby("student")[["points", "max"]].sum().to_string())
         print(f"wrote {args.out}; nbgrader's feedback is in {args.nbgrader}/feedback/")
         return

@@ -354,3 +354,25 @@ def test_masters_carry_the_nbgrader_metadata_their_tags_give():
         assert auto == sum(ex.max_points for ex in found.values()) and manual == [len(course.explain_questions(nb))]
         assert all(m["locked"] for c, m in zip(nb.cells, meta) if not course.tagged(c, "exercise")
                    and not course.is_answers(c)), name
+
+
+def test_the_answers_cell_is_collected_for_review(tmp_path):
+    """A student's explanations (the answers cell) get a manual row and a place in review/<notebook>.md beside the key
+    and rubric; a copy left as handed out counts as no answer."""
+    from labutils.lab import review
+    path = MASTERS[1]
+    master = course.read_notebook(path)
+    for student, text in {"alice": "**4.** The embeddings stay dense.", "bob": None}.items():
+        copy = course.student_copy(master, path.name)
+        if text:
+            cell = review.answers_cell(copy)
+            cell.source = cell.source.replace(course.ANSWER_STUB, text)
+        (tmp_path / student).mkdir()
+        nbformat.write(copy, str(tmp_path / student / path.name))
+    rows = {s: review.manual_rows(s, path, master, tmp_path / s / path.name)[0] for s in ("alice", "bob", "carol")}
+    assert rows["alice"] == ("alice", "02-Prune", "02.answers", 0, 3, "", review.TO_GRADE)
+    assert rows["bob"][-1] == rows["carol"][-1] == review.NO_ANSWER
+    review.write_reviews(tmp_path / "review", {s: tmp_path / s for s in ("alice", "bob")}, {path: master})
+    text = (tmp_path / "review" / "02-Prune.md").read_text()
+    assert "*Rubric*" in text and "## alice\n\n**4.** The embeddings stay dense." in text
+    assert "## bob\n\n*(no answer)*" in text

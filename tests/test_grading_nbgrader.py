@@ -67,6 +67,8 @@ def test_nbgrader_release_and_autograde_score_as_the_labs_grader(tmp_path):
     assert [score["carol", ex][0] for ex in SOLUTIONS] == [2, 3, 1]
     assert all(score["dave", ex] == (0, "not submitted (no 99-Synthetic.ipynb)") for ex in SOLUTIONS)
     assert (course / "feedback" / "alice" / "lab" / "99-Synthetic.html").is_file()
+    again = nbgrader_course.grade_course(course, tmp_path / "again.csv", run=False)  # --export: nothing runs
+    assert again.equals(table)
 
 
 def test_grade_command_refuses_bad_nbgrader_input_writing_nothing(tmp_path, capsys):
@@ -78,12 +80,16 @@ def test_grade_command_refuses_bad_nbgrader_input_writing_nothing(tmp_path, caps
              (["grade", "--nbgrader", str(tmp_path / "nowhere"), "--out", str(tmp_path / "g.csv")], "does not exist"),
              (["grade", "--nbgrader", str(tmp_path / "empty"), "--out", str(tmp_path / "g.csv")], "no source/lab/"),
              (["grade", "--nbgrader", str(tmp_path / "nosubs"), "--out", str(tmp_path / "g.csv")], "no submissions")]
+    (tmp_path / "graded" / "source" / "lab").mkdir(parents=True)
+    (tmp_path / "graded" / "submitted" / "ann" / "lab").mkdir(parents=True)
+    cases.append((["grade", "--nbgrader", str(tmp_path / "graded"), "--export", "--out", str(tmp_path / "g.csv")],
+                  "no gradebook.db yet"))
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, (argv, err)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "nosubs"]
-    assert not list((tmp_path / "empty").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "graded", "nosubs"]
+    assert not list((tmp_path / "empty").iterdir()) and not (tmp_path / "graded" / "gradebook.db").exists()
     (tmp_path / "file").write_text("")
     assert main(["student", "--nbgrader", str(tmp_path / "file")]) == 2
     assert "exists and is not a folder" in capsys.readouterr().err

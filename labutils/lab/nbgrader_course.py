@@ -124,8 +124,9 @@ def grade_rows(course: Path, assignment: str, students: list[str]) -> pd.DataFra
 
 
 def grade_course(course: str | Path, out: str | Path, assignment: str = ASSIGNMENT,
-                 timeout: float | None = None) -> pd.DataFrame:
-    """nbgrader autograde and generate_feedback on every submission, then ``out`` (grades.csv) from the gradebook."""
+                 timeout: float | None = None, run: bool = True) -> pd.DataFrame:
+    """nbgrader autograde and generate_feedback on every submission (unless ``run`` is False: after manual grading),
+    then ``out`` (grades.csv) from the gradebook."""
     course, out = Path(course), Path(out)
     if not course.is_dir():
         raise BadInput(f"--nbgrader {course} does not exist or is not a folder")
@@ -133,7 +134,10 @@ def grade_course(course: str | Path, out: str | Path, assignment: str = ASSIGNME
         raise BadInput(f"--out {out} must be a file in an existing folder")
     students = submitted_students(course, assignment)
     extra = [f"--Execute.timeout={int(timeout)}"] if timeout else []
-    nbgrader(course, "autograde", assignment, "--create", "--force", *extra)
+    if run:
+        nbgrader(course, "autograde", assignment, "--create", "--force", *extra)
+    elif not (course / "gradebook.db").is_file():
+        raise BadInput(f"{course} has no gradebook.db yet: run grade --nbgrader without --export first")
     nbgrader(course, "generate_feedback", assignment, "--force")
     table = grade_rows(course, assignment, students)
     table.to_csv(out, index=False)
