@@ -310,6 +310,15 @@ def test_command_line_writes_copies_and_refuses_bad_input_writing_nothing(tmp_pa
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, (argv, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copies", "empty", "student"]
+    core = tmp_path / "core"  # masters without the optional notebooks: grading needs only 01-04 unless asked
+    core.mkdir()
+    for name in course.CORE:
+        (core / name).write_bytes((ROOT / name).read_bytes())
+    assert course.master_paths(core, []) == [core / name for name in course.CORE] == course.master_paths(core)
+    assert [p.name[:2] for p in course.master_paths(ROOT, ["07", "05"])] == ["01", "02", "03", "04", "05", "07"]
+    for optional, message in ((["05"], "05-Recover.ipynb not found"), (["08"], "--optional 08: the optional")):
+        with pytest.raises(lu.BadInput, match=message):
+            course.master_paths(core, optional)
 
 
 @pytest.mark.parametrize("edit, message", [  # cells: 0 title, 1 imports, 2 markdown, 3 exercise 99.1, 4 its check

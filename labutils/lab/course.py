@@ -38,6 +38,7 @@ from ..core.errors import BadInput
 
 NOTEBOOKS = ("01-Setup.ipynb", "02-Prune.ipynb", "03-Inference.ipynb", "04-Benchmark.ipynb", "05-Recover.ipynb",
              "06-Calibrate.ipynb", "07-Quantize.ipynb")
+CORE = NOTEBOOKS[:4]  # graded by default; 05–07 are optional (grade --optional)
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 HIDDEN_BEGIN, HIDDEN_END = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
 INSTRUCTOR, ANSWERS = "instructor", "answers"
@@ -224,9 +225,18 @@ def student_copy(nb, name: str):
     return copy
 
 
-def master_paths(folder: str | Path) -> list[Path]:
-    """The four master notebooks in ``folder`` (the lab's root); BadInput naming the first one missing."""
-    paths = [Path(folder) / name for name in NOTEBOOKS]
+def master_paths(folder: str | Path, optional: list[str] | None = None) -> list[Path]:
+    """The master notebooks in ``folder`` (the lab's root): the core four (01–04) and the optional ones named in
+    ``optional`` (by number, ``"05"``; None: every optional one present). BadInput naming the first one missing."""
+    core, extra = NOTEBOOKS[:len(CORE)], NOTEBOOKS[len(CORE):]
+    if optional is not None:
+        unknown = sorted(set(optional) - {name[:2] for name in extra})
+        if unknown:
+            raise BadInput(f"--optional {unknown[0]}: the optional notebooks are {', '.join(n[:2] for n in extra)}")
+        extra = [name for name in extra if name[:2] in optional]
+    else:
+        extra = [name for name in extra if (Path(folder) / name).is_file()]
+    paths = [Path(folder) / name for name in (*core, *extra)]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise BadInput(f"master notebook {missing[0]} not found: run from the lab's folder or pass --masters")
