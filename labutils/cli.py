@@ -202,6 +202,9 @@ def _add_course(sub) -> None:
                               "took 175 s on a busy 2-core machine; the notebooks' own cells get 600); with "
                               "--nbgrader, every cell's (default 600)")
     grading.add_argument("--masters", default=".", help="folder holding the master notebooks (default: .)")
+    grading.add_argument("--jobs", type=int, default=1,
+                         help="notebooks graded at once, each in its own kernel (default 1); lowered to what the free "
+                              "memory holds, 5 GiB a run")
     grading.add_argument("--optional", nargs="*", default=None, metavar="NN",
                          help="also grade these optional notebooks (05 06 07; --optional alone: all three); by "
                               "default only 01-04 are graded, and totals count only those")
@@ -232,7 +235,7 @@ def _grade(args: argparse.Namespace) -> None:
     check_can_write(feedback_folder(args.out, args.feedback), "--feedback", folder=True)
     optional = [] if args.optional is None else args.optional or ["05", "06", "07"]  # --optional alone: all three
     table = grade(args.submissions, master_paths(args.masters, optional), args.out, args.feedback,
-                  EXERCISE_TIMEOUT if args.timeout is None else args.timeout)
+                  EXERCISE_TIMEOUT if args.timeout is None else args.timeout, jobs=args.jobs)
     totals = table.groupby("student")[["points", "max"]].sum()
     print(totals.to_string())
     print(f"wrote {args.out} and {feedback_folder(args.out, args.feedback) / '<student>.md'}")

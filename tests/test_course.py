@@ -290,6 +290,22 @@ def test_grading_scores_exactly_what_the_master_checks_pass(tmp_path):
                                                                         ("alice", "bob", "dave", "erin", "mallory")]
 
 
+@pytest.mark.large  # worker processes import labutils afresh: about a minute on one busy core (make test-optional)
+def test_grading_in_parallel_gives_the_same_table(tmp_path):
+    """--jobs 2: two notebooks graded at once in worker processes, the same rows in the same order as one at a time."""
+    (tmp_path / "masters").mkdir()
+    master = synthetic_master(tmp_path / "masters")
+    subs = tmp_path / "submissions"
+    submit(master, subs, "alice", {"99.1": SOLUTIONS["99.1"]})
+    submit(master, subs, "bob", dict(SOLUTIONS))
+    submit(master, subs, "carol", {"99.2": "def square(x):\n    return x + x"})
+    one = grading.grade(subs, [master], tmp_path / "one.csv", timeout=10, progress=False)
+    two = grading.grade(subs, [master], tmp_path / "two.csv", timeout=10, progress=False, jobs=2)
+    assert one.equals(two) and list(two["points"]) == [2, 0, 0, 2, 3, 1, 0, 0, 0]
+    with pytest.raises(lu.BadInput, match="jobs must be an integer ≥ 1"):
+        grading.grade(subs, [master], tmp_path / "x.csv", jobs=0)
+
+
 def test_command_line_writes_copies_and_refuses_bad_input_writing_nothing(tmp_path, capsys):
     assert main(["student", "--out", str(tmp_path / "copies"), "--masters", str(ROOT)]) == 0
     assert sorted(p.name for p in (tmp_path / "copies").iterdir()) == sorted(course.NOTEBOOKS)
