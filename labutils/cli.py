@@ -227,13 +227,13 @@ def _grade(args: argparse.Namespace) -> None:
     if (args.submissions is None) == (args.nbgrader is None):
         raise BadInput("give SUBMISSIONS (the lab's own grader) or --nbgrader COURSE, one of the two")
     check_can_write(args.out, "--out")  # before any notebook runs
+    optional = [] if args.optional is None else args.optional or ["05", "06", "07"]  # --optional alone: all three
     if args.nbgrader:
-        table = grade_course(args.nbgrader, args.out, timeout=args.timeout, run=not args.export)
+        table = grade_course(args.nbgrader, args.out, timeout=args.timeout, run=not args.export, optional=optional)
         print(table.groupby("student")[["points", "max"]].sum().to_string())
         print(f"wrote {args.out}; nbgrader's feedback is in {args.nbgrader}/feedback/")
         return
     check_can_write(feedback_folder(args.out, args.feedback), "--feedback", folder=True)
-    optional = [] if args.optional is None else args.optional or ["05", "06", "07"]  # --optional alone: all three
     table = grade(args.submissions, master_paths(args.masters, optional), args.out, args.feedback,
                   EXERCISE_TIMEOUT if args.timeout is None else args.timeout, jobs=args.jobs)
     totals = table.groupby("student")[["points", "max"]].sum()

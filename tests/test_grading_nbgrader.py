@@ -69,6 +69,8 @@ def test_nbgrader_release_and_autograde_score_as_the_labs_grader(tmp_path):
     assert (course / "feedback" / "alice" / "lab" / "99-Synthetic.html").is_file()
     again = nbgrader_course.grade_course(course, tmp_path / "again.csv", run=False)  # --export: nothing runs
     assert again.equals(table)
+    assert nbgrader_course.grade_rows(course, "lab", ["alice"], optional=[]).empty  # 99 is neither core nor asked for
+    assert len(nbgrader_course.grade_rows(course, "lab", ["alice"], optional=["99"])) == 3
 
 
 def test_grade_command_refuses_bad_nbgrader_input_writing_nothing(tmp_path, capsys):

@@ -25,7 +25,7 @@ import nbformat
 import pandas as pd
 
 from ..core.errors import BadInput
-from .course import is_instructor, read_notebook
+from .course import CORE, is_instructor, read_notebook
 from .grading import COLUMNS
 from .review import AUTO, NO_ANSWER, TO_GRADE
 
@@ -93,13 +93,16 @@ def check_error(notebook: Path, grade_id: str) -> str:
     return ""
 
 
-def grade_rows(course: Path, assignment: str, students: list[str]) -> pd.DataFrame:
-    """The grades table from nbgrader's gradebook and autograded notebooks."""
+def grade_rows(course: Path, assignment: str, students: list[str], optional: list[str] | None = None) \
+        -> pd.DataFrame:
+    """The grades table from nbgrader's gradebook and autograded notebooks: the core notebooks 01-04 and the
+    optional ones numbered in ``optional`` (None: every notebook of the assignment)."""
     from nbgrader.api import Gradebook
 
     rows = []
     with Gradebook(f"sqlite:///{(course / 'gradebook.db').resolve()}") as gradebook:
-        notebooks = [nb.name for nb in gradebook.find_assignment(assignment).notebooks]
+        notebooks = [nb.name for nb in gradebook.find_assignment(assignment).notebooks
+                     if optional is None or nb.name in {n.removesuffix(".ipynb") for n in CORE} or nb.name[:2] in optional]
         for student in students:
             for name in sorted(notebooks):
                 try:
@@ -119,14 +122,15 @@ def grade_rows(course: Path, assignment: str, students: list[str]) -> pd.DataFra
                     else:
                         status = NO_ANSWER if grade is None or (grade.auto_score == 0 and grade.manual_score is None) \
                             else TO_GRADE if grade.needs_manual_grade else "manual: graded"
+                        score = int(score) if float(score).is_integer() else score  # a hand-given 1.5 stays
                         rows.append((student, name, exercise, score, int(cell.max_score), "", status))
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
 def grade_course(course: str | Path, out: str | Path, assignment: str = ASSIGNMENT,
-                 timeout: float | None = None, run: bool = True) -> pd.DataFrame:
+                 timeout: float | None = None, run: bool = True, optional: list[str] | None = None) -> pd.DataFrame:
     """nbgrader autograde and generate_feedback on every submission (unless ``run`` is False: after manual grading),
-    then ``out`` (grades.csv) from the gradebook."""
+    then ``out`` (grades.csv) from the gradebook, for 01-04 and the optional notebooks numbered in ``optional``."""
     course, out = Path(course), Path(out)
     if not course.is_dir():
         raise BadInput(f"--nbgrader {course} does not exist or is not a folder")
@@ -139,6 +143,6 @@ def grade_course(course: str | Path, out: str | Path, assignment: str = ASSIGNME
     elif not (course / "gradebook.db").is_file():
         raise BadInput(f"{course} has no gradebook.db yet: run grade --nbgrader without --export first")
     nbgrader(course, "generate_feedback", assignment, "--force")
-    table = grade_rows(course, assignment, students)
+    table = grade_rows(course, assignment, students, optional)
     table.to_csv(out, index=False)
     return table
