@@ -34,7 +34,8 @@ from .jobs.bench_prune import (
 )
 from .jobs.main_job import PruneJob, run_prune_job, summary_table
 from .lab.course import master_paths, write_student_copies
-from .lab.grading import EXERCISE_TIMEOUT, feedback_folder, grade
+from .lab.feedback import feedback_folder
+from .lab.grading import EXERCISE_TIMEOUT, GradingSettings, grade
 from .lab.nbgrader_cells import stamp
 from .lab.nbgrader_course import grade_course, release
 from .lab.readme import update_readme
@@ -234,8 +235,9 @@ def _grade(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}; nbgrader's feedback is in {args.nbgrader}/feedback/")
         return
     check_can_write(feedback_folder(args.out, args.feedback), "--feedback", folder=True)
+    timeout = EXERCISE_TIMEOUT if args.timeout is None else args.timeout
     table = grade(args.submissions, master_paths(args.masters, optional), args.out, args.feedback,
-                  EXERCISE_TIMEOUT if args.timeout is None else args.timeout, jobs=args.jobs)
+                  GradingSettings(timeout, args.jobs))
     totals = table.groupby("student")[["points", "max"]].sum()
     print(totals.to_string())
     print(f"wrote {args.out} and {feedback_folder(args.out, args.feedback) / '<student>.md'}")

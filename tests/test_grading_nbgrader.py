@@ -1,11 +1,11 @@
 """The instructor commands over nbgrader (``student --nbgrader``, ``grade --nbgrader``): a synthetic master released,
-submitted as students do (full, none, one solved, tampered, endless loop, syntax error, a killed kernel), autograded
-by nbgrader, scored as the lab's own grader scores it (tests/test_course.py)."""
+submitted as students do (full, none, one solved, tampered, endless loop, syntax error), autograded
+by nbgrader, scored as the lab's own grader scores it (tests/test_grading.py)."""
 import shutil
 
 import nbformat
 import pytest
-from test_course import SOLUTIONS, synthetic_master
+from test_grading import SOLUTIONS, synthetic_master
 
 import labutils as lu
 from labutils.cli import main

@@ -54,6 +54,7 @@ from ..core.errors import BadInput
 from ..core.validation import check_count, check_number
 from ..jobs.compare import RESULTS_ENV
 from .course import Exercise, exercises, is_check_call, is_instructor, read_notebook, stub_source, tagged
+from .feedback import feedback_folder, feedback_text
 from .review import AUTO, manual_rows, write_reviews
 
 COLUMNS = ["student", "notebook", "exercise", "points", "max", "error", "grading"]
@@ -259,16 +260,25 @@ def run_tasks(tasks: list[tuple], jobs: int, progress: bool) -> list[dict]:
         return [future.result() for future in futures]
 
 
+@dataclass(frozen=True)
+class GradingSettings:
+    """How a class is graded: ``timeout`` seconds per exercise and check cell, ``jobs`` notebooks at once (lowered
+    to what the free memory holds, ``memory_jobs``), a progress bar or not."""
+
+    timeout: float = EXERCISE_TIMEOUT
+    jobs: int = 1
+    progress: bool = True
+
+
 def grade(submissions: str | Path, masters: list[Path], out: str | Path, feedback: str | Path | None = None,
-          timeout: float = EXERCISE_TIMEOUT, progress: bool = True, jobs: int = 1) -> pd.DataFrame:
+          settings: GradingSettings = GradingSettings()) -> pd.DataFrame:
     """Grade every student folder in ``submissions`` against ``masters``; write ``out`` (CSV) and one feedback
-    file per student in ``feedback`` (default: ``feedback/`` next to ``out``). Returns the grades table. ``jobs``:
-    notebooks graded at once, lowered to what the free memory holds (``memory_jobs``).
+    file per student in ``feedback`` (default: ``feedback/`` next to ``out``). Returns the grades table.
 
     Every input is checked before anything runs or is written."""
     submissions, out = Path(submissions), Path(out)
-    timeout = check_number("timeout", timeout, 0, interval="(]")
-    jobs = check_count("jobs", jobs, minimum=1)
+    timeout = check_number("timeout", settings.timeout, 0, interval="(]")
+    jobs = check_count("jobs", settings.jobs, minimum=1)
     if not submissions.is_dir():
         raise BadInput(f"submissions folder {submissions} does not exist or is not a folder")
     students = sorted(p for p in submissions.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
@@ -283,7 +293,7 @@ def grade(submissions: str | Path, masters: list[Path], out: str | Path, feedbac
     found = {path: exercises(nb, path.name) for path, nb in loaded.items()}
     pairs = [(student, path) for student in students for path in loaded]
     scored = run_tasks([(path, loaded[path], found[path], student / path.name, timeout) for student, path in pairs],
-                       memory_jobs(jobs), progress)
+                       memory_jobs(jobs), settings.progress)
     rows = []
     for (student, path), scores in zip(pairs, scored):
         rows += [(student.name, path.stem, ex, points, found[path][ex].max_points, error, AUTO)
@@ -296,29 +306,3 @@ def grade(submissions: str | Path, masters: list[Path], out: str | Path, feedbac
     for student, rows in table.groupby("student", sort=True):
         (feedback / f"{student}.md").write_text(feedback_text(student, rows))
     return table
-
-
-def feedback_folder(out: str | Path, feedback: str | Path | None) -> Path:
-    """Where the feedback files go: ``feedback``, or ``feedback/`` next to the grades file ``out``."""
-    return Path(out).parent / "feedback" if feedback is None else Path(feedback)
-
-
-def feedback_text(student: str, rows: pd.DataFrame) -> str:
-    """A student's feedback in markdown: the total, each notebook's points, and why each exercise lost points; the
-    explanations graded by hand are listed with their points still to come."""
-    auto, manual = rows[rows["grading"] == AUTO], rows[rows["grading"] != AUTO]
-    lines = [f"# Feedback for {student}", "", f"Total: {auto['points'].sum()} / {auto['max'].sum()} points."
-             + (f" Your explanations ({manual['max'].sum()} points) are graded by hand." if len(manual) else ""), ""]
-    for notebook, part in auto.groupby("notebook", sort=False):
-        lines += [f"## {notebook}: {part['points'].sum()} / {part['max'].sum()}", ""]
-        if part["error"].str.startswith("not submitted").all():
-            lines += [f"N{part['error'].iloc[0][1:]}.", ""]
-            continue
-        for row in part.itertuples():
-            verdict = "full marks" if row.points == row.max else row.error
-            lines.append(f"- **{row.exercise}** {row.points} / {row.max}: {verdict}")
-        for row in manual[manual["notebook"] == notebook].itertuples():
-            lines.append(f"- **{row.exercise}** (your explanations, {row.max} points): "
-                         f"{'to be graded by hand' if row.grading == 'manual: to grade' else 'no answer given'}")
-        lines.append("")
-    return "\n".join(lines)

@@ -17,6 +17,7 @@ score an instructor entered in the formgrader).
 """
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -39,10 +40,8 @@ c.ClearSolutions.code_stub = {{"python": "# YOUR CODE HERE\\nraise NotImplemente
 
 def nbgrader(course: Path, *args: str) -> None:
     """Run one nbgrader command in the course folder; BadInput with its last error line if it fails."""
-    try:
-        import nbgrader as _  # noqa: F401  (installed: requirements.txt pins nbgrader)
-    except ImportError:
-        raise BadInput("nbgrader is not installed: pip install nbgrader==0.9.6 (make setup installs it)") from None
+    if importlib.util.find_spec("nbgrader") is None:  # requirements.txt pins it; make setup installs it
+        raise BadInput("nbgrader is not installed: pip install nbgrader==0.9.6 (make setup installs it)")
     done = subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=course, capture_output=True, text=True)
     if done.returncode:
         errors = [line for line in done.stderr.splitlines() if "ERROR" in line or "Error" in line] or ["?"]
