@@ -173,7 +173,8 @@ def _add_bench_prune(sub) -> None:
 
 def _add_course(sub) -> None:
     student = sub.add_parser("student", help="write the student copies of the notebooks, 01 to 07 (solutions replaced by "
-                                             "stubs, outputs cleared, instructor cells removed)")
+                                             "stubs, hidden tests and the answer keys removed, outputs cleared), "
+                                             "or an nbgrader release (--nbgrader)")
     student.add_argument("--out", default="student", help="folder for the copies (default: student/)")
     student.add_argument("--masters", default=".", help="folder holding the master notebooks (default: .)")
     student.add_argument("--stamp", action="store_true",
