@@ -77,9 +77,11 @@ run: setup
 	$(PYTHON) -m labutils prune
 
 # The lab itself: JupyterLab in this folder; open the notebooks in order, 01-Setup first. As root (a container)
-# JupyterLab refuses to start without --allow-root, so it is added there.
+# JupyterLab refuses to start without --allow-root, so it is added there. .jupyter/ (added to JupyterLab's config
+# path, not the user's own config) turns off the news pop-up (the announcements plugin).
 lab: setup
-	$(PYTHON) -m jupyterlab $$([ "$$(id -u)" = 0 ] && echo --allow-root) $(LAB_ARGS)
+	JUPYTER_CONFIG_PATH="$(CURDIR)/.jupyter$${JUPYTER_CONFIG_PATH:+:$$JUPYTER_CONFIG_PATH}" \
+	  $(PYTHON) -m jupyterlab $$([ "$$(id -u)" = 0 ] && echo --allow-root) $(LAB_ARGS)
 
 # Every test but those marked `large` (make test-optional): unit tests, the browser test (JupyterLab in Chromium) and
 # strict nbval on the four notebooks.

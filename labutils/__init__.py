@@ -90,8 +90,6 @@ from .jobs.quantized import (
 from .jobs.report import build_report
 from .jobs.stream_job import LayerwisePerplexity
 from .lab.checks import (
-                                  CheckFailed,
-                                  CheckResult,
                                   check_close,
                                   check_layer_sparsity,
                                   check_nll,
@@ -109,6 +107,8 @@ from .lab.checks import (
 )
 from .lab.deploy_view import plot_engines
 from .lab.environment import data_sources, model_summary
+from .lab.sanity import SanityResult, sanity
+from .lab.verdict import CheckFailed, CheckResult
 from .lab.plots import (
                                   outlier_summary,
                                   plot_admm_convergence,
@@ -191,7 +191,7 @@ __all__ = [
     "seqlen_runs", "windows_sha256", "PERPLEXITY_TOLERANCE", "DeployEvidence", "DeploySettings", "checklist",
     "damaged_copy", "engine_table", "generation_table", "gguf_files", "llama_cpp_rows", "pytorch_rows",
     # lab
-    "CheckFailed", "CheckResult", "check_close", "check_layer_sparsity", "check_nll", "check_q4_0", "check_masked_merge", "check_mean_kl", "check_nm_mask",
+    "CheckFailed", "CheckResult", "SanityResult", "sanity", "check_close", "check_layer_sparsity", "check_nll", "check_q4_0", "check_masked_merge", "check_mean_kl", "check_nm_mask",
     "check_perplexity", "check_prediction", "check_random_windows", "check_ria_score", "check_row_mask", "check_top1_agreement",
     "check_wanda_score", "data_sources", "model_summary", "outlier_summary", "plot_admm_convergence", "plot_benchmark_summary", "plot_calibration_domains", "plot_calibration_sweep", "plot_engines", "plot_quantization", "plot_recovery_losses", "plot_drift", "plot_input_norms",
     "plot_layer_sparsity", "plot_method_comparison", "plot_perplexity", "plot_sparsity_sweep", "benchmark_summary",

@@ -35,7 +35,10 @@ from .jobs.bench_prune import (
 )
 from .jobs.main_job import PruneJob, run_prune_job, summary_table
 from .lab.course import master_paths, write_student_copies
-from .lab.grading import feedback_folder, grade
+from .lab.feedback import feedback_folder
+from .lab.grading import EXERCISE_TIMEOUT, GradingSettings, grade
+from .lab.nbgrader_cells import stamp
+from .lab.nbgrader_course import grade_course, release
 from .lab.readme import update_readme
 from .prune.masks import GROUPS
 from .prune.methods import METHODS
@@ -171,32 +174,72 @@ def _add_bench_prune(sub) -> None:
 
 def _add_course(sub) -> None:
     student = sub.add_parser("student", help="write the student copies of the notebooks, 01 to 08 (solutions replaced by "
-                                             "stubs, outputs cleared, instructor cells removed)")
+                                             "stubs, hidden tests and the answer keys removed, outputs cleared), "
+                                             "or an nbgrader release (--nbgrader)")
     student.add_argument("--out", default="student", help="folder for the copies (default: student/)")
     student.add_argument("--masters", default=".", help="folder holding the master notebooks (default: .)")
+    student.add_argument("--stamp", action="store_true",
+                         help="for maintainers: write each master's nbgrader metadata, derived from its cell tags, "
+                              "into the masters in place (no copies)")
+    student.add_argument("--nbgrader", default=None, metavar="COURSE",
+                         help="instead of --out: make or update the nbgrader course folder COURSE (source/lab/ the "
+                              "masters, nbgrader_config.py) and run nbgrader generate_assignment: hand out "
+                              "COURSE/release/lab/")
     grading = sub.add_parser("grade", help="run every submitted notebook with the instructor's checks; write grades "
                                            "and one feedback file per student",
                              description="SUBMISSIONS holds one folder per student with their notebooks under the "
                                          "masters' names: SUBMISSIONS/<student>/01-Setup.ipynb …")
-    grading.add_argument("submissions", metavar="SUBMISSIONS", help="folder of student folders")
+    grading.add_argument("submissions", metavar="SUBMISSIONS", nargs="?", default=None,
+                         help="folder of student folders (not with --nbgrader)")
+    grading.add_argument("--nbgrader", default=None, metavar="COURSE",
+                         help="grade the nbgrader course folder COURSE made by student --nbgrader (submissions in "
+                              "COURSE/submitted/<student>/lab/): nbgrader autograde and generate_feedback, then "
+                              "--out from its gradebook")
+    grading.add_argument("--export", action="store_true",
+                         help="with --nbgrader: only write --out from the gradebook (after manual grading in the "
+                              "formgrader); nothing runs")
     grading.add_argument("--out", default="grades.csv", help="grades table (default: grades.csv)")
     grading.add_argument("--feedback", default=None, help="folder for <student>.md (default: feedback/ next to --out)")
-    grading.add_argument("--timeout", type=float, default=120,
-                         help="seconds for each exercise and check cell (default 120; the notebooks' own cells get "
-                              "600)")
+    grading.add_argument("--timeout", type=float, default=None,
+                         help=f"seconds for each exercise and check cell (default {EXERCISE_TIMEOUT:g}: a correct 01.3 "
+                              "took 175 s on a busy 2-core machine; the notebooks' own cells get 600); with "
+                              "--nbgrader, every cell's (default 600)")
     grading.add_argument("--masters", default=".", help="folder holding the master notebooks (default: .)")
+    grading.add_argument("--jobs", type=int, default=1,
+                         help="notebooks graded at once, each in its own kernel (default 1); lowered to what the free "
+                              "memory holds, 5 GiB a run")
+    grading.add_argument("--optional", nargs="*", default=None, metavar="NN",
+                         help="also grade these optional notebooks (05 06 07 08; --optional alone: all four); by "
+                              "default only 01-04 are graded, and totals count only those")
 
 
 def _student(args: argparse.Namespace) -> None:
+    if args.stamp:
+        for path in master_paths(args.masters):
+            print(f"{'stamped' if stamp(path) else 'already stamped'} {path}")
+        return
+    if args.nbgrader:
+        print(f"wrote {release(master_paths(args.masters), args.nbgrader)} (nbgrader generate_assignment)")
+        return
     check_can_write(args.out, "--out", folder=True)
     for path in write_student_copies(master_paths(args.masters), args.out):
         print(f"wrote {path}")
 
 
 def _grade(args: argparse.Namespace) -> None:
+    if (args.submissions is None) == (args.nbgrader is None):
+        raise BadInput("give SUBMISSIONS (the lab's own grader) or --nbgrader COURSE, one of the two")
     check_can_write(args.out, "--out")  # before any notebook runs
+    optional = [] if args.optional is None else args.optional or ["05", "06", "07"]  # --optional alone: all three
+    if args.nbgrader:
+        table = grade_course(args.nbgrader, args.out, timeout=args.timeout, run=not args.export, optional=optional)
+        print(table.groupby("student")[["points", "max"]].sum().to_string())
+        print(f"wrote {args.out}; nbgrader's feedback is in {args.nbgrader}/feedback/")
+        return
     check_can_write(feedback_folder(args.out, args.feedback), "--feedback", folder=True)
-    table = grade(args.submissions, master_paths(args.masters), args.out, args.feedback, args.timeout)
+    timeout = EXERCISE_TIMEOUT if args.timeout is None else args.timeout
+    table = grade(args.submissions, master_paths(args.masters, optional), args.out, args.feedback,
+                  GradingSettings(timeout, args.jobs))
     totals = table.groupby("student")[["points", "max"]].sum()
     print(totals.to_string())
     print(f"wrote {args.out} and {feedback_folder(args.out, args.feedback) / '<student>.md'}")

@@ -332,3 +332,40 @@ def test_run_all_setup_notebook(browser, lab):
         assert not progress_problems(page), f"{RUN_ALL} after Run All: {progress_problems(page)}"
     finally:
         close(page)  # discarded unsaved: autosave is off, and the module checks the file's bytes
+
+
+@pytest.mark.large  # Run All of 01 up to its first exercise, about a minute: make test-optional
+def test_run_all_on_a_student_copy_stops_at_a_wrong_answer_with_a_short_block(browser, lab):
+    """A student copy of 01 (python -m labutils student) opens clean; with a wrong my_perplexity, Run All stops at its
+    check cell, which shows the short block (what was expected, what was got, the hint), no traceback through the
+    package, and the cells after it do not run."""
+    from labutils.lab import course
+    folder = ROOT / "outputs" / "browser-student"
+    (copy,) = course.write_student_copies([ROOT / RUN_ALL], folder)
+    nb = json.loads(copy.read_text())
+    for cell in nb["cells"]:
+        if "exercise:01.1" in cell["metadata"].get("tags", []):
+            cell["source"] = "def my_perplexity(model, window):\n    return -1.0"
+    copy.write_text(json.dumps(nb, indent=1))
+    name = str(copy.relative_to(ROOT))
+    page, expected = open_notebook(browser, lab, name)
+    try:
+        assert not table_problems(page, expected) + image_problems(page, expected)
+        page.locator(".lm-MenuBar-item", has_text=re.compile(r"^Run$")).click()
+        page.locator('.lm-Menu-item[data-command="runmenu:run-all"]').click()
+        queued = "[...root.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].some(p => p.textContent.includes('*'))"
+        page.wait_for_function(current(f"return {queued};"), timeout=10_000)
+        status = "window.jupyterapp.shell.currentWidget.sessionContext.kernelDisplayStatus"
+        page.wait_for_function(current(f"return {status} === 'idle' && !{queued};"),
+                               timeout=RUN_ALL_TIMEOUT_S * 1000, polling=500)
+        cells = page.evaluate(current(
+            "return [...root.querySelectorAll('.jp-CodeCell')].map(c => ({text: c.querySelector('.jp-OutputArea')"
+            "?.innerText || '', prompt: c.querySelector('.jp-InputPrompt').textContent}));"))
+        failed = [k for k, c in enumerate(cells) if "✗" in c["text"]]
+        assert len(failed) == 1, [c["text"][:200] for c in cells]
+        block = cells[failed[0]]["text"]
+        assert "01.1 form: not well formed yet" in block and "expected:" in block and "hint:" in block, block
+        assert "Traceback" not in block and "labutils" not in block and ".py" not in block, block
+        assert all(c["prompt"].strip() in ("[ ]:", "[ ]") for c in cells[failed[0] + 1:]), "Run All did not stop"
+    finally:
+        close(page)

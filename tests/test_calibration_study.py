@@ -165,13 +165,15 @@ def test_the_dense_model_is_never_modified(study):
     assert all(torch.equal(before[k], v) for k, v in study.dense.state_dict().items())
 
 
-def test_the_window_check_passes_the_package_and_fails_a_shifted_sampler():
-    def shifted(tokens, nsamples, seqlen, seed):
+def test_the_window_check_passes_a_sampler_like_the_package_and_fails_a_shifted_or_delegating_one():
+    def shifted(tokens, nsamples, seqlen, seed, shift=1):
         starts = torch.randint(0, tokens.numel() - seqlen, (nsamples,), generator=torch.Generator().manual_seed(seed))
-        return torch.stack([tokens[s + 1: s + 1 + seqlen] for s in starts.tolist()])
-    assert lu.check_random_windows(lambda t, n, s, seed: data.random_windows(t, n, s, seed), points=3).points == 3
+        return torch.stack([tokens[s + shift: s + shift + seqlen] for s in starts.tolist()])
+    assert lu.check_random_windows(lambda t, n, s, seed: shifted(t, n, s, seed, shift=0), points=3).points == 3
     with pytest.raises(lu.CheckFailed, match="other windows than the package's"):
         lu.check_random_windows(shifted)
+    with pytest.raises(lu.CheckFailed, match="calls the lab's own code"):  # the package's own sampler scores 0
+        lu.check_random_windows(lambda t, n, s, seed: data.random_windows(t, n, s, seed))
 
 
 def test_the_plots_have_titled_axes(study):

@@ -183,7 +183,7 @@ def one_line(argv, capsys, code=2) -> str:
     (["prunee"], "invalid choice: 'prunee'"),
     ([], "the following arguments are required: command"),
     (["bench-prune", "--seed"], "argument --seed: expected one argument"),
-    (["grade"], "the following arguments are required: SUBMISSIONS"),
+    (["grade", "--timeout"], "argument --timeout: expected one argument"),  # no SUBMISSIONS: test_grading_nbgrader.py
 ])
 def test_option_errors_are_one_line_not_the_usage_block(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:

@@ -31,7 +31,8 @@ def test_the_masters_get_full_marks_under_two_kernel_sets(tmp_path, monkeypatch,
     instructor.mkdir(parents=True)
     for master in MASTERS:
         shutil.copy(master, instructor / master.name)
-    table = grading.grade(tmp_path / "submissions", MASTERS, tmp_path / "grades.csv", progress=False)
+    table = grading.grade(tmp_path / "submissions", MASTERS, tmp_path / "grades.csv",
+                          settings=grading.GradingSettings(progress=False))
     short = table[table["points"] < table["max"]]
     assert short.empty, short.to_dict("records")
     assert len(table) == sum(len(course.exercises(course.read_notebook(m), m.name)) for m in MASTERS)

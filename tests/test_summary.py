@@ -44,4 +44,14 @@ def test_summary_figure_has_titled_panels():
     assert all(ax.get_xlabel() for ax in fig.axes)
     accuracy_panel, speed_panel = fig.axes[1], fig.axes[2]
     assert [t.get_text() for t in accuracy_panel.texts] == ["not evaluated"]  # wanda 2:4's row is labelled, not blank
-    assert speed_panel.get_xlabel() == "× dense: dense time ÷ model time (higher is faster)"
+    assert speed_panel.get_xlabel() == "× dense: dense time ÷ model time\n(higher is faster)"
+
+
+def test_summary_figure_labels_do_not_collide():
+    """Issue E2: the four panels' x labels ran into each other; each label now stays within its own panel's width."""
+    fig = lu.plot_benchmark_summary(lu.benchmark_summary(*_parts()), "test")
+    renderer = fig.canvas.get_renderer()
+    boxes = [ax.xaxis.label.get_window_extent(renderer) for ax in fig.axes[:4]]
+    gap = 0.01 * fig.bbox.width  # a visible gap between neighbours, not labels that touch
+    for left, right in zip(boxes, boxes[1:]):
+        assert left.x1 + gap < right.x0, (left, right)

@@ -10,15 +10,19 @@ guesses:
   cell still defines its names. The cell's ``metadata.task`` is one line saying what to write.
 - ``check:<id>`` — a check cell scoring exercise ``<id>``, after it: ``lu.check_…(…, points=N)`` calls. The exercise
   is worth the sum of those ``points=`` numbers, read from the source, so a tool knows the maximum without running
-  anything.
-- ``instructor`` — for instructors only (the answer key of the open and predict questions): left out of student
-  copies and of graded runs.
+  anything. The calls sit between ``### BEGIN HIDDEN TESTS`` and ``### END HIDDEN TESTS`` (nbgrader's hidden-test
+  markers), after a visible ``lu.sanity("<id>", …)`` line: student copies keep only the visible part, so no cell a
+  student receives computes the expected answer or holds a prediction's answer; grading runs the master's cell.
+- ``answers`` — the markdown cell at the end of a notebook where a student writes the explanations (the questions
+  marked *(explain)*), graded by hand. In the master its solution region holds the answer key and the rubric; a
+  student copy (and nbgrader's release) has ``YOUR ANSWER HERE`` in its place. Worth one point per explain question.
+- ``instructor`` — for instructors only: left out of student copies and of graded runs.
 
-Open questions have no code cell and no tag: a markdown cell asks, an ``instructor`` cell answers.
+Open questions have no code cell and no tag: a markdown cell asks, the ``answers`` cell takes the answer.
 
 A student copy (``student_copy``) is the master with outputs and execution counts cleared, execution timings and
 widget state dropped, every solution region replaced by ``raise NotImplementedError("Exercise <id>: <task>")`` at
-the region's indentation, and the instructor cells removed. Everything else, cell ids included, is kept, so two
+the region's indentation, every hidden-test region removed, and the instructor cells removed. Everything else, cell ids included, is kept, so two
 runs write byte-identical files, and every cell outside the exercises runs as in the master.
 """
 from __future__ import annotations
@@ -34,8 +38,12 @@ from ..core.errors import BadInput
 
 NOTEBOOKS = ("01-Setup.ipynb", "02-Prune.ipynb", "03-Inference.ipynb", "04-Benchmark.ipynb", "05-Recover.ipynb",
              "06-Calibrate.ipynb", "07-Quantize.ipynb", "08-Deploy.ipynb")
+CORE = NOTEBOOKS[:4]  # graded by default; 05–08 are optional (grade --optional)
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
-INSTRUCTOR = "instructor"
+HIDDEN_BEGIN, HIDDEN_END = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
+INSTRUCTOR, ANSWERS = "instructor", "answers"
+ANSWER_STUB = "YOUR ANSWER HERE"  # nbgrader's text stub, so both tools hand out the same cell
+EXPLAIN = re.compile(r"^\*\*(\d+)\.[^\n]*\((?:measure and )?explain\b", re.M)  # **5. … (explain).**
 EXERCISE_ID = re.compile(r"\d\d\.\d+")
 
 
@@ -58,6 +66,23 @@ def tagged(cell, kind: str) -> str | None:
 
 def is_instructor(cell) -> bool:
     return INSTRUCTOR in cell.get("metadata", {}).get("tags", [])
+
+
+def is_answers(cell) -> bool:
+    return ANSWERS in cell.get("metadata", {}).get("tags", []) and cell.cell_type == "markdown"
+
+
+def explain_questions(nb) -> list[str]:
+    """The numbers of a notebook's explain questions, in order (the manually graded part, a point each)."""
+    return [number for cell in nb.cells if cell.cell_type == "markdown" and not is_answers(cell)
+            for number in EXPLAIN.findall(cell.source)]
+
+
+def answer_text(source: str, handed_out: str) -> str:
+    """What a student wrote in an answers cell: its lines less those of the cell as handed out (``handed_out``: the
+    heading, the instructions, the stub); '' when nothing else is there."""
+    given = set(handed_out.split("\n"))
+    return "\n".join(line for line in source.split("\n") if line not in given).strip()
 
 
 def read_notebook(path: str | Path, what: str = "notebook"):
@@ -92,22 +117,31 @@ def check_points(source: str, where: str) -> int:
     return sum(points)
 
 
-def solution_regions(source: str, where: str) -> list[tuple[int, int]]:
-    """(BEGIN line, END line) index pairs of a cell's solution regions, checked to be well nested."""
-    lines, regions, begin = source.split("\n"), [], None
+def solution_regions(source: str, where: str, markers: tuple[str, str] = (BEGIN, END)) -> list[tuple[int, int]]:
+    """(BEGIN line, END line) index pairs of a cell's solution regions (or, with ``markers``, its hidden-test
+    regions), checked to be well nested."""
+    (opening, closing), lines, regions, begin = markers, source.split("\n"), [], None
     for i, line in enumerate(lines):
         marker = line.strip()
-        if marker == BEGIN and begin is None:
+        if marker == opening and begin is None:
             begin = i
-        elif marker == END and begin is not None:
+        elif marker == closing and begin is not None:
             regions.append((begin, i))
             begin = None
-        elif marker in (BEGIN, END):
-            other = END if begin is None else BEGIN
+        elif marker in (opening, closing):
+            other = closing if begin is None else opening
             raise BadInput(f"{where}: {marker!r} on line {i + 1} does not pair with a {other!r}")
     if begin is not None:
-        raise BadInput(f"{where}: {BEGIN!r} on line {begin + 1} has no {END!r}")
+        raise BadInput(f"{where}: {opening!r} on line {begin + 1} has no {closing!r}")
     return regions
+
+
+def without_hidden_tests(source: str, where: str) -> str:
+    """A check cell's source with its hidden-test regions (markers included) removed."""
+    lines, drop = source.split("\n"), set()
+    for begin, end in solution_regions(source, where, (HIDDEN_BEGIN, HIDDEN_END)):
+        drop.update(range(begin, end + 1))
+    return "\n".join(line for i, line in enumerate(lines) if i not in drop).rstrip("\n")
 
 
 def exercises(nb, name: str) -> dict[str, Exercise]:
@@ -124,8 +158,10 @@ def exercises(nb, name: str) -> dict[str, Exercise]:
             if exercise in cells or not EXERCISE_ID.fullmatch(exercise):
                 raise BadInput(f"{where}: exercise id {exercise!r} is repeated or not like 02.1")
             cells[exercise] = index
-        elif regions:
-            raise BadInput(f"{where}: solution markers outside an exercise cell (tag it exercise:<id>)")
+        elif regions and not is_answers(cell):
+            raise BadInput(f"{where}: solution markers outside an exercise or answers cell (tag it exercise:<id>)")
+        if solution_regions(cell.source, where, (HIDDEN_BEGIN, HIDDEN_END)) and check is None:
+            raise BadInput(f"{where}: hidden-test markers outside a check cell (tag it check:<id>)")
         if check is not None:
             if check not in cells:
                 raise BadInput(f"{where}: check:{check} comes before (or without) its exercise cell")
@@ -154,6 +190,20 @@ def stub_source(source: str, exercise: str, task: str) -> str:
     return "\n".join(out)
 
 
+def answer_stub(source: str) -> str:
+    """An answers cell as handed out: each solution region (the key and rubric) replaced by ``YOUR ANSWER HERE``."""
+    lines, out, skipping = source.split("\n"), [], False
+    for line in lines:
+        if line.strip() == BEGIN:
+            out.append(ANSWER_STUB)
+            skipping = True
+        elif line.strip() == END:
+            skipping = False
+        elif not skipping:
+            out.append(line)
+    return "\n".join(out)
+
+
 def student_copy(nb, name: str):
     """A student's copy of a master notebook (see the module docstring); the master is left unchanged."""
     found = exercises(nb, name)
@@ -167,13 +217,26 @@ def student_copy(nb, name: str):
         exercise = tagged(cell, "exercise")
         if exercise is not None:
             cell.source = stub_source(cell.source, exercise, found[exercise].task)
+        if is_answers(cell):
+            cell.source = answer_stub(cell.source)
+        if tagged(cell, "check") is not None:
+            cell.source = without_hidden_tests(cell.source, f"{name} cell {cell.get('id')}")
     nbformat.validate(copy)
     return copy
 
 
-def master_paths(folder: str | Path) -> list[Path]:
-    """The four master notebooks in ``folder`` (the lab's root); BadInput naming the first one missing."""
-    paths = [Path(folder) / name for name in NOTEBOOKS]
+def master_paths(folder: str | Path, optional: list[str] | None = None) -> list[Path]:
+    """The master notebooks in ``folder`` (the lab's root): the core four (01–04) and the optional ones named in
+    ``optional`` (by number, ``"05"``; None: every optional one present). BadInput naming the first one missing."""
+    core, extra = NOTEBOOKS[:len(CORE)], NOTEBOOKS[len(CORE):]
+    if optional is not None:
+        unknown = sorted(set(optional) - {name[:2] for name in extra})
+        if unknown:
+            raise BadInput(f"--optional {unknown[0]}: the optional notebooks are {', '.join(n[:2] for n in extra)}")
+        extra = [name for name in extra if name[:2] in optional]
+    else:
+        extra = [name for name in extra if (Path(folder) / name).is_file()]
+    paths = [Path(folder) / name for name in (*core, *extra)]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise BadInput(f"master notebook {missing[0]} not found: run from the lab's folder or pass --masters")

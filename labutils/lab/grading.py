@@ -23,9 +23,11 @@ For each student and each master notebook:
 5. Score each exercise: the points of the check results recorded for its check cells (all or nothing per check);
    the error is the reason it lost points: its check's message and hint, or its own cell's error.
 
-Output: ``grades.csv`` (student, notebook, exercise, points, max, error): one row per student and exercise of
-every master; a notebook not submitted scores 0. And ``<student>.md`` in the feedback folder: the points and,
-for each exercise short of full marks, why and the hint.
+Output: ``grades.csv`` (student, notebook, exercise, points, max, error, grading): one row per student and exercise
+of every master, ``grading`` = ``auto``; a notebook not submitted scores 0. Then one row per student and notebook for
+the answers cell, graded by hand (``review.py``: ``manual: to grade`` or ``manual: no answer``, 0 points until an
+instructor enters them), with ``review/<notebook>.md`` beside the grades to read them. And ``<student>.md`` in the
+feedback folder: the points and, for each exercise short of full marks, why and the hint.
 
 Not guarded against: code written to subvert the kernel itself (replacing the lab's check functions at run time)
 shares the process with the checks, which no executed notebook can rule out; instructors read the submissions.
@@ -34,9 +36,11 @@ from __future__ import annotations
 
 import ast
 import json
+import multiprocessing
 import os
 import secrets
 import tempfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,14 +51,18 @@ from nbclient.exceptions import DeadKernelError
 from tqdm import tqdm
 
 from ..core.errors import BadInput
-from ..core.validation import check_number
+from ..core.validation import check_count, check_number
 from ..jobs.compare import RESULTS_ENV
 from .course import Exercise, exercises, is_check_call, is_instructor, read_notebook, stub_source, tagged
+from .feedback import feedback_folder, feedback_text
+from .review import AUTO, manual_rows, write_reviews
 
-COLUMNS = ["student", "notebook", "exercise", "points", "max", "error"]
+COLUMNS = ["student", "notebook", "exercise", "points", "max", "error", "grading"]
 MARKER = "labutils-grade"  # first word of a closing cell's line; the nonce and the JSON results follow
 RESULTS = "__grading_results__"  # the kernel's list of what a check cell's checks returned
 MASTER_TIMEOUT = 600  # seconds for each of the master's own cells (make test's nbval limit)
+RUN_MEMORY = 5 * 2**30  # bytes a notebook run may take: 02's kernel held about 4.2 GB resident (ps, while it ran)
+EXERCISE_TIMEOUT = 400  # seconds for an exercise or check cell: a correct 01.3 took 175 s on a busy 2-core machine
 PROBE_TIMEOUT = 30    # seconds an interrupted kernel has to answer again before it counts as stuck
 TIMED_OUT = "CellTimeout"
 
@@ -229,14 +237,48 @@ def grade_notebook(master_path: Path, master, found: dict[str, Exercise], submis
         reasons[culprit] = f"{run.stop_reason}: scored 0, and the notebook was run again with this exercise's stub"
 
 
+def memory_jobs(jobs: int) -> int:
+    """``jobs``, lowered so that that many notebook runs fit in the memory available now (``RUN_MEMORY`` each)."""
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(1, min(jobs, available // RUN_MEMORY))
+
+
+def run_tasks(tasks: list[tuple], jobs: int, progress: bool) -> list[dict]:
+    """``grade_notebook(*task)`` for every task, in order: here, or in ``jobs`` worker processes (each starts its
+    own kernels, so students run side by side)."""
+    bar = tqdm(total=len(tasks), desc="grading", unit="notebook", disable=not progress)
+    if jobs == 1:
+        results = []
+        for task in tasks:
+            results.append(grade_notebook(*task))
+            bar.update()
+        return results
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(grade_notebook, *task) for task in tasks]
+        for future in as_completed(futures):
+            bar.update()
+        return [future.result() for future in futures]
+
+
+@dataclass(frozen=True)
+class GradingSettings:
+    """How a class is graded: ``timeout`` seconds per exercise and check cell, ``jobs`` notebooks at once (lowered
+    to what the free memory holds, ``memory_jobs``), a progress bar or not."""
+
+    timeout: float = EXERCISE_TIMEOUT
+    jobs: int = 1
+    progress: bool = True
+
+
 def grade(submissions: str | Path, masters: list[Path], out: str | Path, feedback: str | Path | None = None,
-          timeout: float = 120, progress: bool = True) -> pd.DataFrame:
+          settings: GradingSettings = GradingSettings()) -> pd.DataFrame:
     """Grade every student folder in ``submissions`` against ``masters``; write ``out`` (CSV) and one feedback
     file per student in ``feedback`` (default: ``feedback/`` next to ``out``). Returns the grades table.
 
     Every input is checked before anything runs or is written."""
     submissions, out = Path(submissions), Path(out)
-    timeout = check_number("timeout", timeout, 0, interval="(]")
+    timeout = check_number("timeout", settings.timeout, 0, interval="(]")
+    jobs = check_count("jobs", settings.jobs, minimum=1)
     if not submissions.is_dir():
         raise BadInput(f"submissions folder {submissions} does not exist or is not a folder")
     students = sorted(p for p in submissions.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
@@ -249,35 +291,18 @@ def grade(submissions: str | Path, masters: list[Path], out: str | Path, feedbac
         raise BadInput(f"feedback folder {feedback} exists and is not a folder")
     loaded = {path: read_notebook(path, "master notebook") for path in masters}
     found = {path: exercises(nb, path.name) for path, nb in loaded.items()}
+    pairs = [(student, path) for student in students for path in loaded]
+    scored = run_tasks([(path, loaded[path], found[path], student / path.name, timeout) for student, path in pairs],
+                       memory_jobs(jobs), settings.progress)
     rows = []
-    for student in tqdm(students, desc="grading", unit="student", disable=not progress):
-        for path, nb in loaded.items():
-            scores = grade_notebook(path, nb, found[path], student / path.name, timeout)
-            rows += [(student.name, path.stem, ex, points, found[path][ex].max_points, error)
-                     for ex, (points, error) in scores.items()]
+    for (student, path), scores in zip(pairs, scored):
+        rows += [(student.name, path.stem, ex, points, found[path][ex].max_points, error, AUTO)
+                 for ex, (points, error) in scores.items()]
+        rows += manual_rows(student.name, path, loaded[path], student / path.name)
     table = pd.DataFrame(rows, columns=COLUMNS)
     table.to_csv(out, index=False)
+    write_reviews(out.parent / "review", {student.name: student for student in students}, loaded)
     feedback.mkdir(parents=True, exist_ok=True)
     for student, rows in table.groupby("student", sort=True):
         (feedback / f"{student}.md").write_text(feedback_text(student, rows))
     return table
-
-
-def feedback_folder(out: str | Path, feedback: str | Path | None) -> Path:
-    """Where the feedback files go: ``feedback``, or ``feedback/`` next to the grades file ``out``."""
-    return Path(out).parent / "feedback" if feedback is None else Path(feedback)
-
-
-def feedback_text(student: str, rows: pd.DataFrame) -> str:
-    """A student's feedback in markdown: the total, each notebook's points, and why each exercise lost points."""
-    lines = [f"# Feedback for {student}", "", f"Total: {rows['points'].sum()} / {rows['max'].sum()} points.", ""]
-    for notebook, part in rows.groupby("notebook", sort=False):
-        lines += [f"## {notebook}: {part['points'].sum()} / {part['max'].sum()}", ""]
-        if part["error"].str.startswith("not submitted").all():
-            lines += [f"N{part['error'].iloc[0][1:]}.", ""]
-            continue
-        for row in part.itertuples():
-            verdict = "full marks" if row.points == row.max else row.error
-            lines.append(f"- **{row.exercise}** {row.points} / {row.max}: {verdict}")
-        lines.append("")
-    return "\n".join(lines)

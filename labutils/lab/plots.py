@@ -170,7 +170,7 @@ def plot_benchmark_summary(summary: pd.DataFrame, title: str = "Quality and cost
     axes[0].barh(y, summary["perplexity"], color=colors)
     _plain_log_axis(axes[0], "x")
     axes[0].set_xlim(left=1)  # perplexity is at least 1: bars start from a perfect model
-    axes[0].set_xlabel("test perplexity (log scale, lower is better)")
+    axes[0].set_xlabel("test perplexity\n(log scale, lower is better)")
 
     tasks = [c for c in summary.columns if c.endswith(" acc")]
     height = 0.8 / max(len(tasks), 1)
@@ -182,7 +182,7 @@ def plot_benchmark_summary(summary: pd.DataFrame, title: str = "Quality and cost
             axes[1].text(0.02, v, "not evaluated", va="center", fontsize=8, color="gray")
     axes[1].set_xlim(0, 1.6)  # room on the right for the legend
     axes[1].set_xticks([0, 0.25, 0.5, 0.75, 1])
-    axes[1].set_xlabel("zero-shot accuracy (share correct, higher is better)")
+    axes[1].set_xlabel("zero-shot accuracy\n(share correct, higher is better)")
     if tasks:
         axes[1].legend(fontsize=8, loc="lower right")
 
@@ -191,14 +191,14 @@ def plot_benchmark_summary(summary: pd.DataFrame, title: str = "Quality and cost
         axes[2].barh(offsets, summary[column], 0.4, label=column.removesuffix(" × dense"))
     axes[2].axvline(1, color="black", ls="--", lw=1)
     axes[2].set_xlim(0, 1.6 * max(1.0, summary[["prefill × dense", "decode × dense"]].max().max()))
-    axes[2].set_xlabel("× dense: dense time ÷ model time (higher is faster)")
+    axes[2].set_xlabel("× dense: dense time ÷ model time\n(higher is faster)")
     axes[2].legend(fontsize=8, loc="lower right")
 
     axes[3].barh(y, summary["MiB (params + buffers)"], color=colors)
     for v, (mib, nonzero) in zip(y, zip(summary["MiB (params + buffers)"], summary["non-zero parameters"])):
         axes[3].text(mib, v, f" {nonzero / 1e6:.0f} M non-zero", va="center", fontsize=8)
     axes[3].set_xlim(0, 1.6 * summary["MiB (params + buffers)"].max())
-    axes[3].set_xlabel("memory of the weights (MiB)")
+    axes[3].set_xlabel("memory of the weights\n(MiB)")
 
     for ax, name in zip(axes, ("quality: perplexity", "quality: zero-shot accuracy", "cost: speed",
                                "cost: memory")):
