@@ -124,8 +124,8 @@ from .lab.plots import (
                                   plot_recovery_losses,
                                   plot_sparsity_sweep,
 )
-from .lab.reference import compare_with_reference
-from .lab.tables import benchmark_summary
+from .lab.reference import compare_with_reference, reference_table
+from .lab.tables import admm_gain, benchmark_summary, method_findings
 from .prune.calibration import CalibrationData, capture_layer_inputs
 from .prune.disk import CheckpointReader, DiskLayers, LayerCallbacks, load_outer, prune_streamed, skeleton
 from .prune.driver import prune_model
@@ -195,5 +195,5 @@ __all__ = [
     "check_perplexity", "check_prediction", "check_random_windows", "check_ria_score", "check_row_mask", "check_top1_agreement",
     "check_wanda_score", "data_sources", "model_summary", "outlier_summary", "plot_admm_convergence", "plot_benchmark_summary", "plot_calibration_domains", "plot_calibration_sweep", "plot_engines", "plot_quantization", "plot_recovery_losses", "plot_drift", "plot_input_norms",
     "plot_layer_sparsity", "plot_method_comparison", "plot_perplexity", "plot_sparsity_sweep", "benchmark_summary",
-    "compare_with_reference",
+    "compare_with_reference", "reference_table", "admm_gain", "method_findings",
 ]

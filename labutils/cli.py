@@ -100,14 +100,15 @@ def _add_prune(sub) -> None:
                             "ADMM: 0.1 of the scaled Hessian)")
     prune.add_argument("--blocksize", type=int, default=None, help="SparseGPT: columns per block (default 128)")
     prune.add_argument("--selection", choices=["wanda", "gradual"], default=None,
-                       help="ADMM: the mask from Wanda's score, or chosen gradually over the first iterations "
-                            "(default wanda)")
+                       help="ADMM: the mask chosen gradually over the first iterations, or Wanda's, fixed "
+                            "(default gradual)")
     prune.add_argument("--iterations", type=int, default=None, help="ADMM: iterations (default 20)")
     prune.add_argument("--rho", type=float, default=None, help="ADMM: penalty ρ (default 1)")
     prune.add_argument("--rho-growth", type=float, default=None,
                        help="ADMM: ρ is multiplied by this every iteration (default 1: constant)")
     prune.add_argument("--gradual-steps", type=int, default=None,
-                       help="ADMM with --selection gradual: iterations over which sparsity rises (default 15)")
+                       help="ADMM with --selection gradual: iterations over which sparsity rises (default 15, at "
+                            "most --iterations)")
     target = prune.add_mutually_exclusive_group()
     target.add_argument("--sparsity", type=float, default=None, help="unstructured sparsity in [0, 1) (default 0.5)")
     target.add_argument("--nm", default=None, help="N:M semi-structured pattern, e.g. 2:4 or 4:8")

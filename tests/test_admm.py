@@ -128,3 +128,45 @@ def test_admm_on_the_command_line(tiny_with_tokenizer, tmp_path, capsys):
     assert "admm" in capsys.readouterr().out
     assert main(["prune", "--method", "admm", "--rho", "-1", "--out", str(tmp_path / "bad")]) == 2
     assert "ADMM rho must be" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_the_default_mask_is_gradual(calib_tokens):
+    """J2: `--method admm` chooses its mask gradually (the paper's default); Wanda's fixed mask is asked for."""
+    spec = lu.PruneSpec("admm", "2:4")
+    assert spec.params["selection"] == "gradual" and spec.params["gradual_steps"] == 15
+    model, explicit = make_tiny(), make_tiny()
+    lu.prune_model(model, spec, calib_tokens, progress=False)
+    lu.prune_model(explicit, lu.PruneSpec("admm", "2:4", params={"selection": "gradual"}), calib_tokens,
+                   progress=False)
+    q = "layers.0.self_attn.q_proj"
+    assert torch.equal(lu.prune.sparsity.prunable_linears(model)[q].weight,
+                       lu.prune.sparsity.prunable_linears(explicit)[q].weight)
+    with pytest.raises(lu.BadInput, match=r"gradual_steps \(15\) must not exceed iterations \(10\)"):
+        lu.prune_model(make_tiny(), lu.PruneSpec("admm", "2:4", params={"iterations": 10}), calib_tokens)
+
+
+def test_the_study_collects_each_linears_hessian_as_the_driver_does(calib_tokens):
+    """benchmarks/admm_study.py's hooked pass gives layer 0's H = 2 XᵀX, as the pruning driver's statistics do."""
+    import importlib
+    study = importlib.import_module("benchmarks.admm_study")
+    model = make_tiny()
+    got = study.hooked_hessians(model, calib_tokens, ("layers.0.self_attn.q_proj", "layers.0.mlp.down_proj"), 4,
+                                "test")
+    layer = lu.find_decoder_layers(model)[0]
+    inputs = lu.capture_layer_inputs(model, calib_tokens, 4)
+    want = lu.collect_statistics(layer, 0, inputs, {"q": layer.self_attn.q_proj, "down": layer.mlp.down_proj},
+                                 "hessian")
+    for name, key in (("layers.0.self_attn.q_proj", "q"), ("layers.0.mlp.down_proj", "down")):
+        weight, hessian = got[name]
+        assert torch.allclose(hessian, want[key].cpu().float(), rtol=1e-4, atol=1e-3)
+    assert torch.equal(got["layers.0.mlp.down_proj"][0], layer.mlp.down_proj.weight)
+    with pytest.raises(lu.BadInput, match="no linear named"):
+        study.hooked_hessians(model, calib_tokens, ("layers.9.mlp.up_proj",), 4, "test")
+
+
+def test_the_study_command_refuses_an_unknown_profile(capsys):
+    import importlib
+    study = importlib.import_module("benchmarks.admm_study")
+    assert study.main(["model", "--profile", "no-such-profile"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1

@@ -292,6 +292,19 @@ def progress_problems(page) -> list[str]:
     return [f"outputs showing a 0% progress bar: {zero}"] if zero else []
 
 
+def run_all(page) -> None:
+    """Run > Run All Cells on the open notebook, then wait until it has finished. Run All queues every code cell at
+    once ("[*]"): wait to see that, then for the queue to drain. A cell that fails stops the run and clears the
+    queue, so a failure ends the wait early too."""
+    page.locator(".lm-MenuBar-item", has_text=re.compile(r"^Run$")).click()
+    page.locator('.lm-Menu-item[data-command="runmenu:run-all"]').click()
+    queued = "[...root.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].some(p => p.textContent.includes('*'))"
+    page.wait_for_function(current(f"return {queued};"), timeout=10_000)
+    status = "window.jupyterapp.shell.currentWidget.sessionContext.kernelDisplayStatus"
+    page.wait_for_function(current(f"return {status} === 'idle' && !{queued};"),
+                           timeout=RUN_ALL_TIMEOUT_S * 1000, polling=500)
+
+
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_opens_clean(browser, lab, name):
     """As opened, before anything runs: not dirty, tables with their columns, images visible, no 0% bar."""
@@ -308,15 +321,7 @@ def test_run_all_setup_notebook(browser, lab):
     """Run > Run All Cells on 01-Setup, as a student does first: every cell runs, none leaves an error output."""
     page, expected = open_notebook(browser, lab, RUN_ALL)
     try:
-        page.locator(".lm-MenuBar-item", has_text=re.compile(r"^Run$")).click()
-        page.locator('.lm-Menu-item[data-command="runmenu:run-all"]').click()
-        # Run All queues every code cell at once ("[*]"): wait to see that, then for the queue to drain. A cell
-        # that fails stops the run and clears the queue, so a failure ends the wait early too.
-        queued = "[...root.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].some(p => p.textContent.includes('*'))"
-        page.wait_for_function(current(f"return {queued};"), timeout=10_000)
-        status = "window.jupyterapp.shell.currentWidget.sessionContext.kernelDisplayStatus"
-        page.wait_for_function(current(f"return {status} === 'idle' && !{queued};"),
-                               timeout=RUN_ALL_TIMEOUT_S * 1000, polling=500)
+        run_all(page)
         result = page.evaluate(
             """() => window.jupyterapp.shell.currentWidget.content.widgets
                 .filter(c => c.model.type === 'code')
@@ -351,13 +356,7 @@ def test_run_all_on_a_student_copy_stops_at_a_wrong_answer_with_a_short_block(br
     page, expected = open_notebook(browser, lab, name)
     try:
         assert not table_problems(page, expected) + image_problems(page, expected)
-        page.locator(".lm-MenuBar-item", has_text=re.compile(r"^Run$")).click()
-        page.locator('.lm-Menu-item[data-command="runmenu:run-all"]').click()
-        queued = "[...root.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].some(p => p.textContent.includes('*'))"
-        page.wait_for_function(current(f"return {queued};"), timeout=10_000)
-        status = "window.jupyterapp.shell.currentWidget.sessionContext.kernelDisplayStatus"
-        page.wait_for_function(current(f"return {status} === 'idle' && !{queued};"),
-                               timeout=RUN_ALL_TIMEOUT_S * 1000, polling=500)
+        run_all(page)
         cells = page.evaluate(current(
             "return [...root.querySelectorAll('.jp-CodeCell')].map(c => ({text: c.querySelector('.jp-OutputArea')"
             "?.innerText || '', prompt: c.querySelector('.jp-InputPrompt').textContent}));"))

@@ -116,3 +116,14 @@ def test_a_row_can_have_its_own_tolerance(figures, monkeypatch):
     check = lu.compare_with_reference(moved, "demo", PROFILE)
     assert str(check) == "perplexity within 5 % (wanda: 50 %) of the reference run for 3 of 3 rows: True"
     assert not lu.compare_with_reference(figures.assign(perplexity=[14.8, 36.4, 10_000.0]), "demo", PROFILE).passed
+
+
+def test_reference_table_reads_a_results_file_back_with_its_index(tmp_path, monkeypatch):
+    profile = lu.get_profile()
+    table = pd.DataFrame({"target": ["-", "2:4"], "perplexity": [14.0, 56.5]},
+                         index=pd.Index(["dense", "admm 2:4"], name="variant"))
+    lu.write_results(table, "gain-test", profile, tmp_path)
+    monkeypatch.setenv("LAB_REFERENCE", str(tmp_path))
+    back = lu.reference_table("gain-test", profile)
+    assert back.index.name == "variant" and back.loc["admm 2:4", "perplexity"] == 56.5
+    assert lu.reference_table("no-such-results", profile) is None

@@ -158,6 +158,12 @@ def _error(cell, run: Run) -> str:
     """A cell's error as one line: its timeout, a failed check's message and hint, or the exception."""
     if any(c is cell for c in run.timed_out):
         return f"timed out after {cell.metadata['grading']['timeout']:g} s (interrupted)"
+    return error_line(cell)
+
+
+def error_line(cell) -> str:
+    """The first error a code cell's outputs hold, as one line ('' if none): a failed check's message and hint, or
+    the exception's type and message. The grader's and nbgrader's grades tables both say it this way."""
     for output in cell.get("outputs", []):
         if output.output_type == "error":
             text = output.evalue.replace("\nHint: ", ". Hint: ") if output.ename == "CheckFailed" else \

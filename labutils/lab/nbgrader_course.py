@@ -27,7 +27,7 @@ import pandas as pd
 
 from ..core.errors import BadInput
 from .course import CORE, is_instructor, read_notebook
-from .grading import COLUMNS
+from .grading import COLUMNS, error_line
 from .review import AUTO, NO_ANSWER, TO_GRADE
 
 ASSIGNMENT = "lab"
@@ -84,11 +84,7 @@ def check_error(notebook: Path, grade_id: str) -> str:
     nb = nbformat.read(str(notebook), as_version=4)
     for cell in nb.cells:
         if cell.get("metadata", {}).get("nbgrader", {}).get("grade_id") == grade_id:
-            for output in cell.get("outputs", []):
-                if output.output_type == "error":
-                    text = output.evalue.replace("\nHint: ", ". Hint: ") if output.ename == "CheckFailed" else \
-                        f"{output.ename}: {output.evalue}"
-                    return " ".join(text.split())
+            return error_line(cell)
     return ""
 
 

@@ -22,6 +22,7 @@ from ..core.config import DEFAULT_PROFILE
 from ..core.errors import BadInput, LabError
 from ..jobs.calibration_study import seed_spread
 from .deploy_view import checklist_markdown, engines_markdown, loadtest_markdown
+from .tables import admm_gain
 
 BLOCK = re.compile(r"(<!-- results: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.DOTALL)
 
@@ -77,6 +78,42 @@ def _methods(rows: pd.DataFrame) -> pd.DataFrame:
         out.append({"variant": _label(r["variant"]), "perplexity": _num(r["perplexity"]),
                     "pruning time / Wanda": times[0], "method time / Wanda": times[1]})
     return pd.DataFrame(out)
+
+
+def _admm_cli(rows: pd.DataFrame) -> pd.DataFrame:
+    """benchmarks/admm_study.py model: every variant at the command line's settings, perplexity and pruning time
+    against SparseGPT's at the same target."""
+    out = []
+    for r in rows.to_dict("records"):
+        dense = r["variant"] == "dense"
+        out.append({"variant": "dense" if dense else _label(r["variant"].replace("(selection=wanda)",
+                                                                                  "(Wanda's mask)")),
+                    "perplexity": _num(r["perplexity"], 3),
+                    "÷ SparseGPT": "" if dense else _num(r["perplexity / sparsegpt"], 3),
+                    "pruning seconds": "" if dense else f"{r['seconds']:.0f}",
+                    "time ÷ SparseGPT": "" if dense else _num(r["seconds / sparsegpt"])})
+    return pd.DataFrame(out)
+
+
+def _admm_gain(rows: pd.DataFrame) -> pd.DataFrame:
+    """ADMM ÷ SparseGPT per target (``lu.admm_gain``) from one comparison's results: 05's or the command line's."""
+    gain = admm_gain({"": rows.set_index("variant")}).droplevel("setting")
+    return pd.DataFrame({"target": [_label(t) for t in gain.index],
+                         "SparseGPT perplexity": [_num(v) for v in gain["SparseGPT perplexity"]],
+                         "ADMM perplexity": [_num(v) for v in gain["ADMM perplexity"]],
+                         "ADMM ÷ SparseGPT": [_num(v, 3) for v in gain["ADMM ÷ SparseGPT"]],
+                         "pruning time ADMM ÷ SparseGPT": [_num(v, 1) for v in gain["time ADMM ÷ SparseGPT"]]})
+
+
+def _admm_layers(rows: pd.DataFrame) -> pd.DataFrame:
+    """benchmarks/admm_study.py layers: held-out output error ÷ SparseGPT's, mean of four linears, both masks."""
+    wide = rows.pivot_table(index=["target", "calibration windows", "schedule"], columns="selection",
+                            values="error / sparsegpt", sort=False).reset_index()
+    return pd.DataFrame({"target": [_label(t) for t in wide["target"]],
+                         "calibration windows": wide["calibration windows"].astype(int),
+                         "iterations and ρ": wide["schedule"],
+                         "gradual mask": [_num(v, 3) for v in wide["gradual"]],
+                         "Wanda's mask": [_num(v, 3) for v in wide["wanda"]]})
 
 
 def _nm(rows: pd.DataFrame) -> pd.DataFrame:
@@ -230,7 +267,8 @@ def _quantization(rows: pd.DataFrame) -> pd.DataFrame:
 
 NOTEBOOK_OF = {"trained": "01", "outliers": "02", "prune": "02, 03", "groups": "02", "answers": "03", "drift": "03",
                "perplexity": "04", "layer-errors": "04", "zeroshot": "04", "admm-layer": "05", "admm": "05",
-               "recovery": "05", "calibration": "06", "calibration-domain": "06",
+               "recovery": "05", "admm-cli": "benchmarks/admm_study.py", "admm-layers": "benchmarks/admm_study.py",
+               "calibration": "06", "calibration-domain": "06",
                "quantization": "07", "engines": "08", "deploy-checklist": "08", "loadtest": "08"}
 
 
@@ -249,6 +287,10 @@ README_TABLES: dict[str, ReadmeTable] = {
     "load-times": ReadmeTable("load-times", _load_times),  # 04-Benchmark
     "admm": ReadmeTable("admm", _methods),  # 05-Recover
     "recovery": ReadmeTable("recovery", _recovery),  # 05-Recover
+    "admm-cli": ReadmeTable("admm-cli", _admm_cli),  # benchmarks/admm_study.py model
+    "admm-gain-cli": ReadmeTable("admm-cli", _admm_gain),
+    "admm-gain-05": ReadmeTable("admm", _admm_gain),  # 05-Recover
+    "admm-layers": ReadmeTable("admm-layers", _admm_layers),  # benchmarks/admm_study.py layers
     "calibration": ReadmeTable("calibration", _calibration_nsamples),  # 06-Calibrate
     "calibration-seqlen": ReadmeTable("calibration", _calibration_seqlen),
     "calibration-domain": ReadmeTable("calibration-domain", _calibration_domain),

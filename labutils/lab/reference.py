@@ -185,6 +185,17 @@ def reference_rows(name: str, profile: Profile) -> list[dict] | None:
     return json.loads(path.read_text())["rows"]
 
 
+def reference_table(name: str, profile: Profile) -> pd.DataFrame | None:
+    """The reference run's results file ``name`` as the table it was written from (indexed by its index columns);
+    None when the reference run has none for this profile (e.g. on a profile the committed results do not cover)."""
+    path = reference_dir() / f"{profile.name}-{name}.json"
+    if not path.is_file():
+        return None
+    payload = json.loads(path.read_text())
+    table = pd.DataFrame(payload["rows"])
+    return table.set_index(payload["index"]) if payload.get("index") else table
+
+
 def _key(record: dict, index: list[str]) -> str:
     return " / ".join(str(record[i]) for i in index)
 
