@@ -80,16 +80,24 @@ def test_every_notebook_has_graduated_exercises_with_hints_and_an_answer_key():
     for name, nb in masters().items():
         found = course.exercises(nb, name)
         assert len(found) >= 3, name
-        kinds = []
+        kinds = {}
         for ex in found.values():
             before = [c.source for c in nb.cells[:ex.cell] if c.cell_type == "markdown"][-1]
             kind = next(k for k in KINDS if f"({k}, " in before)
             assert ex.max_points == KINDS[kind] and "*Hint:*" in before, (name, ex.id)
-            kinds.append(kind)
-        assert kinds[0] == "implement" and "predict" in kinds and "measure and explain" in kinds, name
-        first = min(ex.cell for ex in found.values())  # after it, code is exercises and checks only: every other
-        assert all(course.tagged(c, "exercise") or course.tagged(c, "check")  # cell of a student copy runs as in
-                   for c in nb.cells[first:] if c.cell_type == "code"), name  # the master
+            kinds[ex.id] = kind
+        ordered = [kinds[ex] for ex in sorted(kinds)]
+        assert ordered[0] == "implement" and "predict" in ordered and "measure and explain" in ordered, name
+        # A prediction may sit before the section that shows its result ("Predict first"); every other exercise
+        # comes at the end, and after the first of those, code is exercises and checks only: every other cell of a
+        # student copy runs as in the master
+        first = min(ex.cell for ex in found.values() if kinds[ex.id] != "predict")
+        assert all(course.tagged(c, "exercise") or course.tagged(c, "check")
+                   for c in nb.cells[first:] if c.cell_type == "code"), name
+        for ex in found.values():
+            if ex.cell < first:
+                assert kinds[ex.id] == "predict" and "Predict first" in nb.cells[ex.cell - 1].source, (name, ex.id)
+                assert list(ex.checks) == [ex.cell + 1], (name, ex.id)  # its check right after it
         questions = [c.source for c in nb.cells if c.cell_type == "markdown" and "(explain)." in c.source]
         (answers,) = [c for c in nb.cells if course.is_answers(c)]  # the key and rubric, in a solution region
         key = answers.source.split(course.BEGIN)[1]

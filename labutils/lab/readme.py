@@ -32,8 +32,9 @@ class ReadmeTable:
     """One generated table: the results file's stem and what turns its rows (a DataFrame) into the table."""
 
     stem: str
-    build: Callable[[pd.DataFrame], pd.DataFrame]
+    build: Callable[..., pd.DataFrame]
     profile: bool = True  # the file is results/<profile>-<stem>.json (False: results/<stem>.json)
+    also: tuple[str, ...] = ()  # more results files (stems) whose rows ``build`` takes too, in this order
 
 
 def _num(value: float, digits: int = 2) -> str:
@@ -95,10 +96,12 @@ def _admm_cli(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def _admm_gain(rows: pd.DataFrame) -> pd.DataFrame:
-    """ADMM ÷ SparseGPT per target (``lu.admm_gain``) from one comparison's results: 05's or the command line's."""
-    gain = admm_gain({"": rows.set_index("variant")}).droplevel("setting")
-    return pd.DataFrame({"target": [_label(t) for t in gain.index],
+def _admm_gain(notebook: pd.DataFrame, cli: pd.DataFrame) -> pd.DataFrame:
+    """ADMM ÷ SparseGPT per setting and target (``lu.admm_gain``): 05-Recover's run and the command line's."""
+    gain = admm_gain({"05-Recover (16 × 128 calibration, 1024 test tokens)": notebook.set_index("variant"),
+                      "command line (32 × 128, 8192)": cli.set_index("variant")})
+    return pd.DataFrame({"setting": gain.index.get_level_values("setting"),
+                         "target": [_label(t) for t in gain.index.get_level_values("target")],
                          "SparseGPT perplexity": [_num(v) for v in gain["SparseGPT perplexity"]],
                          "ADMM perplexity": [_num(v) for v in gain["ADMM perplexity"]],
                          "ADMM ÷ SparseGPT": [_num(v, 3) for v in gain["ADMM ÷ SparseGPT"]],
@@ -288,8 +291,7 @@ README_TABLES: dict[str, ReadmeTable] = {
     "admm": ReadmeTable("admm", _methods),  # 05-Recover
     "recovery": ReadmeTable("recovery", _recovery),  # 05-Recover
     "admm-cli": ReadmeTable("admm-cli", _admm_cli),  # benchmarks/admm_study.py model
-    "admm-gain-cli": ReadmeTable("admm-cli", _admm_gain),
-    "admm-gain-05": ReadmeTable("admm", _admm_gain),  # 05-Recover
+    "admm-gain": ReadmeTable("admm", _admm_gain, also=("admm-cli",)),  # 05-Recover and admm_study.py model
     "admm-layers": ReadmeTable("admm-layers", _admm_layers),  # benchmarks/admm_study.py layers
     "calibration": ReadmeTable("calibration", _calibration_nsamples),  # 06-Calibrate
     "calibration-seqlen": ReadmeTable("calibration", _calibration_seqlen),
@@ -336,9 +338,10 @@ def render_readme(text: str, folder: Path, profile: str = DEFAULT_PROFILE) -> st
         if name not in README_TABLES:
             raise BadInput(f"README block {name!r} is unknown; allowed: {', '.join(README_TABLES)}")
         table = README_TABLES[name]
-        rows = results_rows(folder, table, profile)
+        rows = [results_rows(folder, table, profile)]
+        rows += [results_rows(folder, ReadmeTable(stem, table.build, table.profile), profile) for stem in table.also]
         try:
-            built = table.build(rows)
+            built = table.build(*rows)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise LabError(f"the results file of README block {name!r} ({table.stem}) lacks what the table needs "
                            f"({type(exc).__name__}: {exc}); run the notebook that writes it again") from None
